@@ -1,0 +1,242 @@
+"""Calibration sets: fixed token blocks, identical for every checkpoint of a scan.
+
+A spec names where the text comes from:
+
+- ``pydoc`` (the default): the documentation that ships with every CPython
+  installation (``pydoc_data.topics``), read at run time;
+- a plain text file: one document;
+- a jsonl file whose lines hold ``{"text": ...}``: one document per line;
+- a jsonl file whose lines hold ``{"input_ids": [...]}``: pre-tokenized, used verbatim
+  (lengths may differ; padding is masked when batched);
+- ``hf:REPO[:CONFIG][:SPLIT]``: a Hugging Face dataset's ``text`` column, where the network allows.
+
+Text is tokenized, documents are joined with EOS and cut into blocks of ``seq_len``
+tokens, and ``samples`` blocks are chosen with ``seed``. The set is identified by a
+short hash of its token ids, stored beside every score.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .errors import CalibrationError, ConfigError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SPEC = "pydoc"
+
+
+@dataclass(frozen=True)
+class CalibrationSpec:
+    """What calibration set to build."""
+
+    source: str = DEFAULT_SPEC
+    """``pydoc``, a .txt/.jsonl path, or ``hf:REPO[:CONFIG][:SPLIT]``."""
+    samples: int = 64
+    """Number of blocks drawn from text sources (pre-tokenized files are used whole)."""
+    seq_len: int = 512
+    """Tokens per block for text sources."""
+    seed: int = 0
+    """Seed of the block draw."""
+
+    def __post_init__(self):
+        if self.samples < 1:
+            raise ConfigError(f"samples must be at least 1, got {self.samples}")
+        if self.seq_len < 2:
+            raise ConfigError(f"seq_len must be at least 2, got {self.seq_len}")
+
+
+@dataclass(frozen=True)
+class CalibrationSet:
+    """A fixed list of token-id sequences and where they came from."""
+
+    sequences: tuple[torch.Tensor, ...]
+    """1-D int64 tensors of token ids."""
+    source: str = ""
+    """Human-readable origin, for reports."""
+    id: str = field(init=False)
+    """Short hash of the token ids: equal ids give equal hashes, whatever the source."""
+
+    def __post_init__(self):
+        if not self.sequences or any(len(s) == 0 for s in self.sequences):
+            raise CalibrationError(f"calibration set {self.source!r} is empty or holds an empty sequence")
+        digest = hashlib.sha256()
+        for seq in self.sequences:
+            digest.update(len(seq).to_bytes(8, "little"))
+            digest.update(seq.to(torch.int64).numpy().tobytes())
+        object.__setattr__(self, "id", digest.hexdigest()[:12])
+
+    @classmethod
+    def from_ids(cls, sequences: Sequence[Sequence[int]], source: str = "token ids") -> CalibrationSet:
+        """A set from plain lists of token ids."""
+        return cls(tuple(torch.as_tensor(list(s), dtype=torch.int64) for s in sequences), source)
+
+    @property
+    def n_tokens(self) -> int:
+        return sum(len(s) for s in self.sequences)
+
+    @property
+    def max_len(self) -> int:
+        return max(len(s) for s in self.sequences)
+
+    def n_batches(self, batch_size: int) -> int:
+        return -(-len(self.sequences) // batch_size)
+
+    def check_vocab(self, vocab_size: int) -> None:
+        """Raise if any token id falls outside ``[0, vocab_size)``."""
+        low = min(int(s.min()) for s in self.sequences)
+        high = max(int(s.max()) for s in self.sequences)
+        if low < 0 or high >= vocab_size:
+            bad = low if low < 0 else high
+            raise CalibrationError(
+                f"calibration {self.source!r} has token id {bad}, outside the model's vocabulary 0..{vocab_size - 1}"
+            )
+
+    def batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Right-padded batches of (input_ids, attention_mask), longest sequences first."""
+        if batch_size < 1:
+            raise ConfigError(f"batch size must be at least 1, got {batch_size}")
+        order = sorted(range(len(self.sequences)), key=lambda i: -len(self.sequences[i]))
+        for start in range(0, len(order), batch_size):
+            chunk = [self.sequences[i] for i in order[start : start + batch_size]]
+            width = len(chunk[0])
+            ids = torch.zeros(len(chunk), width, dtype=torch.int64)
+            mask = torch.zeros(len(chunk), width, dtype=torch.int64)
+            for row, seq in enumerate(chunk):
+                ids[row, : len(seq)] = seq
+                mask[row, : len(seq)] = 1
+            yield ids, mask
+
+
+def pydoc_documents() -> list[str]:
+    """The topic pages of the running Python's bundled documentation, in a fixed order."""
+    try:
+        from pydoc_data.topics import topics
+    except ImportError as err:
+        raise CalibrationError(
+            "the default calibration text needs the standard library's pydoc_data module, which this "
+            "Python lacks; pass --calibration with a .txt or .jsonl file"
+        ) from err
+    return [topics[key] for key in sorted(topics)]
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    records = []
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise CalibrationError(f"{path}:{number} is not valid JSON ({err.msg})") from None
+            if not isinstance(record, dict) or not ({"text", "input_ids"} & record.keys()):
+                raise CalibrationError(f'{path}:{number} needs a "text" or an "input_ids" field')
+            records.append(record)
+    return records
+
+
+def _hub_documents(spec: str) -> list[str]:
+    """The ``text`` column of a Hugging Face dataset split, downloaded with huggingface_hub."""
+    import polars as pl
+    from huggingface_hub import snapshot_download
+
+    parts = spec.removeprefix("hf:").split(":")
+    repo, config, split = parts[0], (parts[1] if len(parts) > 1 else ""), (parts[2] if len(parts) > 2 else "train")
+    if not repo or len(parts) > 3:
+        raise ConfigError(f"bad dataset spec {spec!r}; expected hf:REPO[:CONFIG][:SPLIT]")
+    prefix = f"{config}/" if config else ""
+    patterns = [f"{prefix}*{split}*.parquet", f"{prefix}*/*{split}*.parquet", f"{prefix}*{split}*.jsonl"]
+    try:
+        local = Path(snapshot_download(repo, repo_type="dataset", allow_patterns=patterns))
+    except Exception as err:  # the client raises several classes for one cause: unreachable or unknown
+        raise CalibrationError(f"cannot fetch dataset {repo!r}: {err}") from err
+    files = sorted(p for p in local.rglob("*") if p.suffix in (".parquet", ".jsonl"))
+    if not files:
+        raise CalibrationError(f"dataset {repo!r} has no parquet or jsonl files for split {split!r}")
+    texts: list[str] = []
+    for file in files:
+        frame = pl.read_parquet(file) if file.suffix == ".parquet" else pl.read_ndjson(file)
+        if "text" not in frame.columns:
+            raise CalibrationError(f"dataset file {file.name} has no 'text' column (columns: {frame.columns})")
+        texts += frame["text"].drop_nulls().to_list()
+    return texts
+
+
+def read_source(spec: str) -> list[str] | list[list[int]]:
+    """Documents (strings) or, for pre-tokenized jsonl, token-id lists, named by a spec."""
+    if spec == DEFAULT_SPEC:
+        return pydoc_documents()
+    if spec.startswith("hf:"):
+        return _hub_documents(spec)
+    path = Path(spec)
+    if not path.is_file():
+        raise CalibrationError(
+            f"calibration source {spec!r} is not a file; use 'pydoc', a .txt or .jsonl path, or hf:REPO"
+        )
+    try:
+        if path.suffix == ".jsonl":
+            records = _read_jsonl(path)
+            if records and "input_ids" in records[0]:
+                return [_token_list(r.get("input_ids"), path, n) for n, r in enumerate(records, 1)]
+            return [str(r["text"]) for r in records if "text" in r]
+        return [path.read_text(encoding="utf-8")]
+    except (OSError, UnicodeDecodeError) as err:
+        raise CalibrationError(f"cannot read calibration file {spec!r}: {err}") from err
+
+
+def _token_list(ids, path: Path, number: int) -> list[int]:
+    if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise CalibrationError(f"{path} record {number}: input_ids must be a list of integers")
+    return ids
+
+
+def tokenize_blocks(documents: Sequence[str], tokenizer, spec: CalibrationSpec) -> list[list[int]]:
+    """Join documents with EOS, cut into ``seq_len`` blocks, and draw ``samples`` of them with ``seed``."""
+    eos = getattr(tokenizer, "eos_token_id", None)
+    stream: list[int] = []
+    for ids in tokenizer(list(documents), add_special_tokens=False)["input_ids"]:
+        stream += ids
+        if eos is not None:
+            stream.append(eos)
+    n_blocks = len(stream) // spec.seq_len
+    if n_blocks == 0:
+        raise CalibrationError(
+            f"calibration {spec.source!r} gives {len(stream)} tokens, fewer than one block of seq_len={spec.seq_len}"
+        )
+    if n_blocks < spec.samples:
+        log.warning(
+            "calibration %r holds %d blocks of %d tokens; using all of them instead of %d",
+            spec.source, n_blocks, spec.seq_len, spec.samples,
+        )
+    chosen = sorted(random.Random(spec.seed).sample(range(n_blocks), min(spec.samples, n_blocks)))
+    return [stream[i * spec.seq_len : (i + 1) * spec.seq_len] for i in chosen]
+
+
+def load_calibration(spec: CalibrationSpec | str, tokenizer=None) -> CalibrationSet:
+    """Build the calibration set a spec names; text sources need the model's tokenizer."""
+    if isinstance(spec, str):
+        spec = CalibrationSpec(spec)
+    docs = read_source(spec.source)
+    if not docs:
+        raise CalibrationError(f"calibration source {spec.source!r} is empty")
+    if isinstance(docs[0], list):  # pre-tokenized: verbatim
+        return CalibrationSet.from_ids(docs, spec.source)
+    if not any(d.strip() for d in docs):
+        raise CalibrationError(f"calibration source {spec.source!r} holds no text")
+    if tokenizer is None:
+        raise CalibrationError(
+            f"calibration {spec.source!r} is text, but the model has no tokenizer; "
+            'give a pre-tokenized jsonl ({"input_ids": [...]} per line)'
+        )
+    blocks = tokenize_blocks(docs, tokenizer, spec)
+    label = f"{spec.source} ({len(blocks)}x{spec.seq_len}, seed {spec.seed})"
+    return CalibrationSet.from_ids(blocks, label)

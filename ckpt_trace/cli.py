@@ -1,0 +1,82 @@
+"""The ckpt-trace command line: thin click commands over the library functions."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+import polars as pl
+
+from .calibration import DEFAULT_SPEC, CalibrationSpec
+from .errors import CkptTraceError
+
+OK, INPUT_ERROR, INTERRUPTED = 0, 2, 130
+
+
+class _OneLine(logging.Handler):
+    def emit(self, record):
+        click.echo(f"ckpt-trace: {record.levelname.lower()}: {record.getMessage()}", err=True)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="ckpt-trace")
+def cli():
+    """Which layers of a Transformer matter, and since when: score checkpoints layer by layer."""
+
+
+@cli.command()
+@click.argument("source")
+@click.option("--revisions", help="Comma-separated revision names (default: all).")
+@click.option("--calibration", default=DEFAULT_SPEC, show_default=True, help="pydoc, a .txt/.jsonl file, or hf:REPO.")
+@click.option("--samples", default=64, show_default=True, help="Calibration blocks drawn from text.")
+@click.option("--seq-len", default=512, show_default=True, help="Tokens per calibration block.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the block draw.")
+@click.option("--batch-size", default=8, show_default=True, help="Sequences per forward pass.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--dtype", default="auto", show_default=True, help="auto, float32, bfloat16 or float16.")
+@click.option("--store", default="data", show_default=True, help="Store directory.")
+@click.option("--force", is_flag=True, help="Score again what is already stored.")
+@click.option("--keep-going", is_flag=True, help="Record failing revisions and go on.")
+@click.option("--trust-remote-code", is_flag=True, help="Allow a checkpoint's own modeling code to run.")
+def scan(source, revisions, calibration, samples, seq_len, seed, **options):
+    """Score every layer of every revision of SOURCE and store the scores as Parquet."""
+    from .scan import ScanConfig, scan as run_scan
+
+    config = ScanConfig(
+        source=source,
+        revisions=[r.strip() for r in revisions.split(",") if r.strip()] if revisions else None,
+        calibration=CalibrationSpec(calibration, samples, seq_len, seed),
+        **options,
+    )
+    summary = run_scan(config)
+    with pl.Config(tbl_hide_dataframe_shape=True, tbl_hide_column_data_types=True, float_precision=4, tbl_rows=-1):
+        click.echo(summary)
+    click.echo(f"scores stored in {config.store}/scores")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; user errors become one line on stderr and exit status 2."""
+    logger = logging.getLogger("ckpt_trace")
+    if not logger.handlers:
+        logger.addHandler(_OneLine())
+        logger.setLevel(logging.INFO)
+    try:
+        result = cli.main(args=argv, prog_name="ckpt-trace", standalone_mode=False)
+    except click.exceptions.Exit as stop:
+        return stop.exit_code
+    except click.ClickException as err:
+        click.echo(f"ckpt-trace: error: {err.format_message()}", err=True)
+        return INPUT_ERROR if isinstance(err, click.UsageError) else err.exit_code
+    except CkptTraceError as err:
+        click.echo(f"ckpt-trace: error: {err}", err=True)
+        return INPUT_ERROR
+    except (click.Abort, KeyboardInterrupt):
+        click.echo("ckpt-trace: interrupted", err=True)
+        return INTERRUPTED
+    return result if isinstance(result, int) else OK
+
+
+def entry_point() -> None:
+    """Console-script entry point."""
+    sys.exit(main())

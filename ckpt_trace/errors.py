@@ -1,0 +1,36 @@
+"""Every error a user can cause, in one place.
+
+Each class is also a built-in exception (``ValueError``, ``OSError``) so that callers
+who do not know ckpt-trace can still catch it. Messages name the bad value and what
+would be valid; the command line prints them as one line and exits with status 2.
+"""
+
+from __future__ import annotations
+
+
+class CkptTraceError(Exception):
+    """Base class of the errors caused by input: a bad path, name, option or file."""
+
+
+class ConfigError(CkptTraceError, ValueError):
+    """An option has a value outside its valid range or choices."""
+
+
+class UnsupportedArchitectureError(CkptTraceError, ValueError):
+    """The model's architecture has no adapter."""
+
+
+class SourceError(CkptTraceError, OSError):
+    """A checkpoint source (directory, repo, revision) does not exist or holds no model."""
+
+
+class SelectionError(CkptTraceError, ValueError):
+    """A revision selection matches nothing or cannot be parsed."""
+
+
+class CalibrationError(CkptTraceError, ValueError):
+    """A calibration set is empty, unreadable, or does not fit the model."""
+
+
+class StoreError(CkptTraceError, OSError):
+    """The store directory cannot be used as one."""

@@ -1,0 +1,77 @@
+"""Loading checkpoints with transformers on the chosen device and dtype."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from .adapters import adapter_for_type
+from .errors import ConfigError, SourceError
+
+DEVICES = "auto, cpu, cuda or cuda:N"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """`auto` is the GPU when there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cpu" or name == "cuda" or (name.startswith("cuda:") and name[5:].isdigit()):
+        if name != "cpu" and not torch.cuda.is_available():
+            raise ConfigError(f"device {name!r} asked for, but CUDA is not available here; use --device cpu")
+        return torch.device(name)
+    raise ConfigError(f"unknown device {name!r}; use {DEVICES}")
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """`auto` is bfloat16 on a GPU that supports it, else float32."""
+    if name == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    if name not in DTYPES:
+        raise ConfigError(f"unknown dtype {name!r}; use auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def read_config(path: str | os.PathLike) -> dict:
+    """The raw config.json of a model directory, or a clear error if it is no model."""
+    file = Path(path) / "config.json"
+    if not file.is_file():
+        raise SourceError(f"{str(path)!r} is not a model directory: it has no config.json")
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise SourceError(f"cannot read {file}: {err}") from err
+
+
+def load_model(path: str | os.PathLike, device: torch.device, dtype: torch.dtype, trust_remote_code: bool = False):
+    """A causal LM from a local directory, in eval mode, checked for a supported architecture first."""
+    from transformers import AutoModelForCausalLM
+
+    adapter_for_type(read_config(path).get("model_type"))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise SourceError(f"cannot load the model in {str(path)!r}: {err}") from err
+    return model.to(device).eval()
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """The tokenizer saved beside a model, or None when there is none."""
+    from transformers import AutoTokenizer
+
+    names = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+    if not any((Path(path) / name).is_file() for name in names):
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise SourceError(f"cannot load the tokenizer in {str(path)!r}: {err}") from err

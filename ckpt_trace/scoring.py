@@ -1,0 +1,174 @@
+"""Score every layer of a model in one hooked forward pass.
+
+For decoder layer l with input residual stream x, the attention delta a and the MLP
+delta m (what each adds to the residual stream), and output y:
+
+    sequential / post-norm:  h = x + a;  y = h + m
+    parallel:                y = x + a + m   (both branches read x)
+
+`importance` is 1 - cos(in, in + delta) and `update_ratio` is ||delta|| / ||in||, for
+the block (in = x, delta = y - x), the attention (in = x, delta = a) and the MLP
+(in = h, or x when parallel; delta = m). Each is a token-weighted mean over the real
+(non-padding) calibration tokens, computed in float32 and summed in float64, so memory
+does not grow with the calibration set.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import partial
+
+import polars as pl
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .adapters import ResidualLayout, locate
+from .calibration import CalibrationSet
+
+MODULES = ("block", "attention", "mlp")
+METRICS = ("importance", "update_ratio")
+
+SCORE_SCHEMA = {
+    "layer": pl.Int32,
+    "module": pl.String,
+    "metric": pl.String,
+    "value": pl.Float64,
+    "n_tokens": pl.Int64,
+}
+
+_EPS = 1e-12
+
+
+class ResidualStats:
+    """Streaming token-weighted means of every metric, per layer and module, in constant memory."""
+
+    def __init__(self, n_layers: int, device: torch.device | str = "cpu"):
+        # [layer, module, metric] sums of per-token values, weighted by the token mask.
+        self.sums = torch.zeros(n_layers, len(MODULES), len(METRICS), dtype=torch.float64, device=device)
+        self.n_tokens = 0
+        self.weight: torch.Tensor | None = None
+
+    def begin_batch(self, attention_mask: torch.Tensor) -> None:
+        """Set the token weights (1 real, 0 padding) of the batch about to run."""
+        self.weight = attention_mask.to(torch.float32)
+        self.n_tokens += int(attention_mask.sum())
+
+    def update(self, layer: int, module: int, inp: torch.Tensor, delta: torch.Tensor, out: torch.Tensor) -> None:
+        """Add one module's per-token metrics for the current batch; out = inp + delta."""
+        assert self.weight is not None, "begin_batch() must come before update()"
+        inp, delta, out = inp.float(), delta.float(), out.float()  # no copy when already float32
+        in_norm = torch.linalg.vector_norm(inp, dim=-1)  # [B, T]
+        cos = torch.linalg.vecdot(inp, out) / (in_norm * torch.linalg.vector_norm(out, dim=-1)).clamp_min(_EPS)
+        ratio = torch.linalg.vector_norm(delta, dim=-1) / in_norm.clamp_min(_EPS)
+        values = torch.stack((1.0 - cos, ratio), dim=-1) * self.weight.unsqueeze(-1)  # [B, T, 2]
+        self.sums[layer, module] += values.sum(dim=(0, 1), dtype=torch.float64)
+
+    def compute(self) -> torch.Tensor:
+        """The means so far, shape [layer, module, metric], float64 on the CPU."""
+        if self.n_tokens == 0:
+            raise ValueError("no tokens were scored")
+        return (self.sums / self.n_tokens).cpu()
+
+    def frame(self) -> pl.DataFrame:
+        """The means as a long polars frame: layer, module, metric, value, n_tokens."""
+        means = self.compute()
+        n_layers = means.shape[0]
+        rows = [
+            (layer, module, metric, float(means[layer, i, j]), self.n_tokens)
+            for layer in range(n_layers)
+            for i, module in enumerate(MODULES)
+            for j, metric in enumerate(METRICS)
+        ]
+        return pl.DataFrame(rows, schema=SCORE_SCHEMA, orient="row")
+
+
+def _first(output):
+    return output[0] if isinstance(output, tuple) else output
+
+
+def _keep_input(cache: dict, module, args, kwargs):
+    cache["x"] = args[0] if args else kwargs["hidden_states"]
+
+
+def _keep_output(cache: dict, key: str, module, args, output):
+    cache[key] = _first(output)
+
+
+def _measure(cache: dict, layer: int, parallel: bool, stats: ResidualStats, module, args, output):
+    x, a, m, y = cache.pop("x"), cache.pop("a"), cache.pop("m"), _first(output)
+    stats.update(layer, 0, x, y.float() - x.float(), y)
+    h = x.float() + a.float()
+    stats.update(layer, 1, x, a, h)
+    mlp_in = x.float() if parallel else h
+    stats.update(layer, 2, mlp_in, m, mlp_in + m.float())
+
+
+@contextmanager
+def residual_taps(layout: ResidualLayout, stats: ResidualStats) -> Iterator[None]:
+    """Hook every layer so that each forward pass feeds `stats`; hooks go away on exit, even on error."""
+    handles = []
+    caches: list[dict] = []
+    try:
+        for index, taps in enumerate(layout.layers):
+            cache: dict = {}
+            caches.append(cache)
+            handles += [
+                taps.block.register_forward_pre_hook(partial(_keep_input, cache), with_kwargs=True),
+                taps.attention.register_forward_hook(partial(_keep_output, cache, "a")),
+                taps.mlp.register_forward_hook(partial(_keep_output, cache, "m")),
+                taps.block.register_forward_hook(partial(_measure, cache, index, layout.parallel, stats)),
+            ]
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        for cache in caches:
+            cache.clear()
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of a model's first parameter."""
+    return next(model.parameters()).device
+
+
+def score(
+    model: nn.Module,
+    calibration: CalibrationSet,
+    batch_size: int = 8,
+    progress: bool | str = False,
+) -> pl.DataFrame:
+    """Importance and update ratio of every block, attention and MLP layer, from one forward pass per batch.
+
+    Returns a long frame with columns layer, module, metric, value, n_tokens. The model
+    runs in eval mode under inference mode, and its training mode is restored afterwards.
+    `progress` shows a bar over batches; a string becomes its label.
+    """
+    layout = locate(model)
+    calibration.check_vocab(model.get_input_embeddings().num_embeddings)
+    device = model_device(model)
+    stats = ResidualStats(len(layout.layers), device)
+    # The scores need only the decoder layers, so the LM head (often the largest matmul) is skipped.
+    base = getattr(model, "base_model", model)
+    batches = calibration.batches(batch_size)
+    bar = tqdm(
+        batches,
+        total=calibration.n_batches(batch_size),
+        desc=progress if isinstance(progress, str) else "scoring",
+        unit="batch",
+        disable=None if progress else True,  # None: no bar when stderr is not a terminal
+        leave=False,
+    )
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode(), residual_taps(layout, stats):
+            for input_ids, attention_mask in bar:
+                input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+                stats.begin_batch(attention_mask)
+                base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    finally:
+        bar.close()
+        model.train(was_training)
+    return stats.frame()

@@ -1,0 +1,122 @@
+"""The Parquet store: one file per (model, revision, calibration), written atomically.
+
+Layout under the store root (``data/`` by default)::
+
+    scores/<model>/<revision>/<calibration>.parquet
+    runs/<model>/<revision>/<calibration>-<time>.parquet
+
+Names are made path-safe (``EleutherAI/pythia-160m`` becomes ``EleutherAI--pythia-160m``),
+but every column a reader needs is inside the files, so
+``polars.scan_parquet("data/scores/**/*.parquet")`` works on its own.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+from urllib.parse import quote
+
+import polars as pl
+
+from .errors import StoreError
+
+SCORES_SCHEMA: dict[str, pl.DataType] = {
+    "model": pl.String,
+    "revision": pl.String,
+    "commit": pl.String,
+    "step": pl.Int64,
+    "tokens": pl.Int64,
+    "layer": pl.Int32,
+    "module": pl.String,
+    "metric": pl.String,
+    "value": pl.Float64,
+    "n_tokens": pl.Int64,
+    "calibration": pl.String,
+    "dtype": pl.String,
+    "version": pl.String,
+}
+
+RUNS_SCHEMA: dict[str, pl.DataType] = {
+    "model": pl.String,
+    "revision": pl.String,
+    "calibration": pl.String,
+    "status": pl.String,
+    "error": pl.String,
+    "seconds": pl.Float64,
+    "finished_at": pl.Datetime("us", "UTC"),
+    "version": pl.String,
+}
+
+
+def path_part(name: str) -> str:
+    """A file-name-safe, reversible form of a model or revision name."""
+    return quote(name.replace("/", "--"), safe="-_.+=@")
+
+
+def write_parquet(frame: pl.DataFrame, path: Path) -> None:
+    """Write a frame so that `path` holds either nothing or the whole file, never a part."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        frame.write_parquet(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+class Store:
+    """A directory of Parquet tables."""
+
+    def __init__(self, root: str | os.PathLike = "data"):
+        self.root = Path(root)
+        if self.root.exists() and not self.root.is_dir():
+            raise StoreError(f"store {str(self.root)!r} is a file, not a directory; pass --store DIR")
+        for table in ("scores", "runs", "evals", "revisions"):
+            sub = self.root / table
+            if sub.exists() and not sub.is_dir():
+                raise StoreError(f"store {str(self.root)!r} is not a ckpt-trace store: {table}/ is a file")
+
+    def scores_path(self, model: str, revision: str, calibration: str) -> Path:
+        return self.root / "scores" / path_part(model) / path_part(revision) / f"{calibration}.parquet"
+
+    def has_scores(self, model: str, revision: str, calibration: str) -> bool:
+        return self.scores_path(model, revision, calibration).is_file()
+
+    def write_scores(self, frame: pl.DataFrame) -> Path:
+        """Store one revision's scores; the frame must hold exactly one (model, revision, calibration)."""
+        frame = frame.select([pl.col(c).cast(t) for c, t in SCORES_SCHEMA.items()])
+        keys = frame.select("model", "revision", "calibration").unique()
+        assert keys.height == 1, f"one file holds one (model, revision, calibration), got {keys.height}"
+        model, revision, calibration = keys.row(0)
+        path = self.scores_path(model, revision, calibration)
+        write_parquet(frame, path)
+        return path
+
+    def write_run(self, frame: pl.DataFrame) -> Path:
+        """Record one attempt at a revision (status, error, duration) in the runs table."""
+        frame = frame.select([pl.col(c).cast(t) for c, t in RUNS_SCHEMA.items()])
+        model, revision, calibration, when = frame.select("model", "revision", "calibration", "finished_at").row(0)
+        stamp = when.strftime("%Y%m%dT%H%M%S%f")
+        path = self.root / "runs" / path_part(model) / path_part(revision) / f"{calibration}-{stamp}.parquet"
+        write_parquet(frame, path)
+        return path
+
+    def _table(self, table: str, schema: dict[str, pl.DataType]) -> pl.DataFrame:
+        files = sorted((self.root / table).glob("**/*.parquet"))
+        if not files:
+            return pl.DataFrame(schema=schema)
+        return pl.read_parquet(files)
+
+    def scores(self) -> pl.DataFrame:
+        """Every stored score, one row per (model, revision, calibration, layer, module, metric)."""
+        return self._table("scores", SCORES_SCHEMA)
+
+    def runs(self) -> pl.DataFrame:
+        """Every recorded scan attempt."""
+        return self._table("runs", RUNS_SCHEMA)
+
+
+def load_scores(store: str | os.PathLike = "data") -> pl.DataFrame:
+    """All scores in a store as one polars frame."""
+    return Store(store).scores()

@@ -1,0 +1,127 @@
+"""Tiny random models of every supported family, built with from_config; no download."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+VOCAB = 384
+HIDDEN = 32
+LAYERS = 3
+
+_LLAMA_LIKE = dict(
+    vocab_size=VOCAB,
+    hidden_size=HIDDEN,
+    intermediate_size=64,
+    num_hidden_layers=LAYERS,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    bos_token_id=0,
+    eos_token_id=0,
+    pad_token_id=0,
+)
+_TOKENS = dict(bos_token_id=0, eos_token_id=0)
+
+# model_type -> config. Every family the adapters support appears here, with both
+# GPT-NeoX residual styles.
+CONFIGS: dict[str, transformers.PretrainedConfig] = {
+    "llama": transformers.LlamaConfig(**_LLAMA_LIKE),
+    "mistral": transformers.MistralConfig(**_LLAMA_LIKE, sliding_window=None),
+    "qwen2": transformers.Qwen2Config(**_LLAMA_LIKE),
+    "qwen3": transformers.Qwen3Config(**_LLAMA_LIKE, head_dim=8),
+    "gemma2": transformers.Gemma2Config(**_LLAMA_LIKE, head_dim=8, sliding_window=16),
+    "gemma3_text": transformers.Gemma3TextConfig(**_LLAMA_LIKE, head_dim=8, sliding_window=16),
+    "olmo": transformers.OlmoConfig(**_LLAMA_LIKE),
+    "olmo2": transformers.Olmo2Config(**_LLAMA_LIKE),
+    "gpt_neox": transformers.GPTNeoXConfig(
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        intermediate_size=64,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=4,
+        max_position_embeddings=128,
+        use_parallel_residual=True,
+        rotary_pct=0.25,
+        **_TOKENS,
+    ),
+    "gpt_neox_sequential": transformers.GPTNeoXConfig(
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        intermediate_size=64,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=4,
+        max_position_embeddings=128,
+        use_parallel_residual=False,
+        **_TOKENS,
+    ),
+    "gpt2": transformers.GPT2Config(vocab_size=VOCAB, n_embd=HIDDEN, n_layer=LAYERS, n_head=4, n_positions=128, **_TOKENS),
+}
+
+FAMILIES = sorted(CONFIGS)
+
+
+def make_model(family: str, seed: int = 0, dtype: torch.dtype = torch.float32):
+    """A tiny random causal LM of one family, in eval mode."""
+    torch.manual_seed(seed)
+    config = CONFIGS[family]
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+    # Random init makes layer norms identity and some biases zero; perturb every parameter so
+    # that each tap carries a distinct, non-trivial signal.
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn_like(param) * 0.05)
+    return model.eval()
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request) -> str:
+    return request.param
+
+
+def random_ids(n: int, length: int, seed: int = 0) -> list[list[int]]:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, VOCAB, (n, length), generator=generator).tolist()
+
+
+def write_tokenizer(path: Path) -> None:
+    """Save a small byte-level BPE tokenizer, trained on a little pydoc text, into `path`."""
+    from pydoc_data.topics import topics
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    texts = [topics[k] for k in sorted(topics)[:20]]
+    tokenizer.train_from_iterator(texts, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>")
+    fast.save_pretrained(path)
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("tokenizer")
+    write_tokenizer(path)
+    return path
+
+
+def save_checkpoint(path: Path, family: str = "llama", seed: int = 0, tokenizer_dir: Path | None = None) -> Path:
+    """Save a tiny random checkpoint (and optionally a tokenizer) as a Hugging Face model directory."""
+    make_model(family, seed).save_pretrained(path)
+    if tokenizer_dir is not None:
+        for file in tokenizer_dir.iterdir():
+            (path / file.name).write_bytes(file.read_bytes())
+    return path
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return path

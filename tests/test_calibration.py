@@ -1,0 +1,149 @@
+"""Calibration sets: sources, block drawing, ids, and bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from ckpt_trace.calibration import CalibrationSet, CalibrationSpec, load_calibration, pydoc_documents
+from ckpt_trace.errors import CalibrationError, ConfigError
+
+from conftest import VOCAB, write_jsonl
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tokenizer_dir):
+    return AutoTokenizer.from_pretrained(tokenizer_dir)
+
+
+def test_text_file_is_joined_with_eos_cut_and_sampled(tmp_path, tokenizer):
+    docs = ["alpha beta gamma delta " * 30, "one two three four " * 40]
+    path = write_jsonl(tmp_path / "docs.jsonl", [{"text": d} for d in docs])
+    spec = CalibrationSpec(str(path), samples=4, seq_len=16, seed=7)
+    calibration = load_calibration(spec, tokenizer)
+
+    stream = []
+    for d in docs:
+        stream += tokenizer(d, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    blocks = [stream[i * 16 : (i + 1) * 16] for i in range(len(stream) // 16)]
+    import random
+
+    chosen = sorted(random.Random(7).sample(range(len(blocks)), 4))
+    assert [s.tolist() for s in calibration.sequences] == [blocks[i] for i in chosen]
+    assert calibration.n_tokens == 64
+
+
+def test_same_spec_same_id_other_seed_other_id(tokenizer):
+    a = load_calibration(CalibrationSpec("pydoc", samples=8, seq_len=32, seed=0), tokenizer)
+    b = load_calibration(CalibrationSpec("pydoc", samples=8, seq_len=32, seed=0), tokenizer)
+    c = load_calibration(CalibrationSpec("pydoc", samples=8, seq_len=32, seed=1), tokenizer)
+    assert a.id == b.id != c.id
+    assert len(a.id) == 12
+
+
+def test_id_depends_on_ids_and_their_split():
+    assert CalibrationSet.from_ids([[1, 2], [3]]).id != CalibrationSet.from_ids([[1], [2, 3]]).id
+    assert CalibrationSet.from_ids([[1, 2, 3]], "x").id == CalibrationSet.from_ids([[1, 2, 3]], "y").id
+
+
+def test_default_text_is_read_from_the_python_installation():
+    from pydoc_data.topics import topics
+
+    docs = pydoc_documents()
+    assert docs == [topics[k] for k in sorted(topics)]
+    assert sum(map(len, docs)) > 100_000
+
+
+def test_plain_text_file(tmp_path, tokenizer):
+    path = tmp_path / "t.txt"
+    path.write_text("the quick brown fox jumps over the lazy dog. " * 50)
+    calibration = load_calibration(CalibrationSpec(str(path), samples=3, seq_len=20), tokenizer)
+    assert len(calibration.sequences) == 3 and all(len(s) == 20 for s in calibration.sequences)
+
+
+def test_pretokenized_jsonl_is_used_verbatim(tmp_path):
+    records = [{"input_ids": [5, 6, 7]}, {"input_ids": [1]}, {"input_ids": [9, 8, 7, 6, 5]}]
+    path = write_jsonl(tmp_path / "ids.jsonl", records)
+    calibration = load_calibration(str(path))
+    assert [s.tolist() for s in calibration.sequences] == [r["input_ids"] for r in records]
+
+
+def test_batches_are_right_padded_with_a_mask():
+    calibration = CalibrationSet.from_ids([[1, 2], [3, 4, 5], [6]])
+    (ids, mask), (ids2, mask2) = list(calibration.batches(2))
+    assert ids.tolist() == [[3, 4, 5], [1, 2, 0]]
+    assert mask.tolist() == [[1, 1, 1], [1, 1, 0]]
+    assert ids2.tolist() == [[6]] and mask2.tolist() == [[1]]
+
+
+def test_too_few_blocks_uses_all_and_warns(tmp_path, tokenizer, caplog):
+    path = tmp_path / "short.txt"
+    path.write_text("word " * 100)
+    calibration = load_calibration(CalibrationSpec(str(path), samples=1000, seq_len=10), tokenizer)
+    assert 0 < len(calibration.sequences) < 1000
+    assert "using all of them" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("", "empty"),
+        ("   \n  ", "no text"),
+        ("hi", "fewer than one block"),
+    ],
+)
+def test_bad_text_files(tmp_path, tokenizer, content, message):
+    path = tmp_path / "bad.txt"
+    path.write_text(content)
+    with pytest.raises(CalibrationError, match=message):
+        load_calibration(CalibrationSpec(str(path), seq_len=64), tokenizer)
+
+
+def test_bad_jsonl(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"input_ids": [1, 2]}\nnot json\n')
+    with pytest.raises(CalibrationError, match=r"bad.jsonl:2 is not valid JSON"):
+        load_calibration(str(path))
+    path.write_text('{"input_ids": [1, "a"]}\n')
+    with pytest.raises(CalibrationError, match="list of integers"):
+        load_calibration(str(path))
+    path.write_text('{"other": 1}\n')
+    with pytest.raises(CalibrationError, match='needs a "text" or an "input_ids" field'):
+        load_calibration(str(path))
+
+
+def test_unreadable_file(tmp_path, tokenizer):
+    path = tmp_path / "binary.txt"
+    path.write_bytes(b"\xff\xfe\x00\x81" * 10)
+    with pytest.raises(CalibrationError, match="cannot read calibration file"):
+        load_calibration(str(path), tokenizer)
+
+
+def test_missing_file_names_valid_choices(tmp_path):
+    with pytest.raises(CalibrationError, match="not a file; use 'pydoc'"):
+        load_calibration(str(tmp_path / "nope.txt"))
+
+
+def test_text_without_tokenizer():
+    with pytest.raises(CalibrationError, match="has no tokenizer"):
+        load_calibration("pydoc", None)
+
+
+def test_out_of_vocabulary_ids():
+    calibration = CalibrationSet.from_ids([[1, VOCAB + 5]])
+    with pytest.raises(CalibrationError, match=f"token id {VOCAB + 5}, outside the model's vocabulary 0..{VOCAB - 1}"):
+        calibration.check_vocab(VOCAB)
+    with pytest.raises(CalibrationError, match="token id -1"):
+        CalibrationSet.from_ids([[-1, 2]]).check_vocab(VOCAB)
+
+
+@pytest.mark.parametrize("kwargs", [dict(samples=0), dict(seq_len=1)])
+def test_bad_spec_numbers(kwargs):
+    with pytest.raises(ConfigError):
+        CalibrationSpec(**kwargs)
+
+
+def test_empty_sequence_rejected():
+    with pytest.raises(CalibrationError, match="empty"):
+        CalibrationSet((torch.tensor([], dtype=torch.int64),))

@@ -1,0 +1,174 @@
+"""The scorer against a straightforward reference computed from full activations."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ckpt_trace.adapters import locate
+from ckpt_trace.calibration import CalibrationSet
+from ckpt_trace.scoring import METRICS, MODULES, score
+
+from conftest import CONFIGS, LAYERS, make_model, random_ids
+
+# How each family computes its MLP delta from the MLP's residual input, written out from
+# the Hugging Face modeling code. If a tap sat on the wrong module, these would not hold.
+MLP_RECIPES = {
+    "llama": lambda layer, h: layer.mlp(layer.post_attention_layernorm(h)),
+    "mistral": lambda layer, h: layer.mlp(layer.post_attention_layernorm(h)),
+    "qwen2": lambda layer, h: layer.mlp(layer.post_attention_layernorm(h)),
+    "qwen3": lambda layer, h: layer.mlp(layer.post_attention_layernorm(h)),
+    "olmo": lambda layer, h: layer.mlp(layer.post_attention_layernorm(h)),
+    "gemma2": lambda layer, h: layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(h))),
+    "gemma3_text": lambda layer, h: layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(h))),
+    "olmo2": lambda layer, h: layer.post_feedforward_layernorm(layer.mlp(h)),
+    "gpt_neox": lambda layer, x: layer.mlp(layer.post_attention_layernorm(x)),
+    "gpt_neox_sequential": lambda layer, h: layer.mlp(layer.post_attention_layernorm(h)),
+    "gpt2": lambda layer, h: layer.mlp(layer.ln_2(h)),
+}
+PARALLEL = {"gpt_neox"}
+
+
+def capture(model, input_ids, attention_mask=None):
+    """Full activations of one forward pass: per layer x, attention delta, MLP delta, y."""
+    layout = locate(model)
+    store = [dict() for _ in layout.layers]
+    handles = []
+    for record, taps in zip(store, layout.layers):
+        handles.append(taps.attention.register_forward_hook(lambda m, a, o, r=record: r.update(a=o[0] if isinstance(o, tuple) else o)))
+        handles.append(taps.mlp.register_forward_hook(lambda m, a, o, r=record: r.update(m=o)))
+    with torch.no_grad():
+        out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+    for h in handles:
+        h.remove()
+    hidden = out.hidden_states
+    for l, record in enumerate(store):
+        record["x"] = hidden[l]
+        record["layer"] = layout.layers[l].block
+    return store, hidden
+
+
+def reference_metrics(records, mask, parallel):
+    """Token-weighted means in float64, from F.cosine_similarity over stored activations."""
+    w = mask.to(torch.float64).flatten()
+    expected = torch.zeros(len(records), 3, 2, dtype=torch.float64)
+    for l, r in enumerate(records):
+        x, a, m, y = (r[k].double().flatten(0, 1) for k in ("x", "a", "m", "y"))
+        h = x + a
+        mlp_in = x if parallel else h
+        pairs = [(x, y, y - x), (x, x + a, a), (mlp_in, mlp_in + m, m)]
+        for i, (inp, out, delta) in enumerate(pairs):
+            importance = 1 - F.cosine_similarity(inp, out, dim=-1)
+            ratio = delta.norm(dim=-1) / inp.norm(dim=-1)
+            expected[l, i, 0] = (importance * w).sum() / w.sum()
+            expected[l, i, 1] = (ratio * w).sum() / w.sum()
+    return expected
+
+
+def as_tensor(frame):
+    out = torch.zeros(frame["layer"].max() + 1, 3, 2, dtype=torch.float64)
+    for row in frame.iter_rows(named=True):
+        out[row["layer"], MODULES.index(row["module"]), METRICS.index(row["metric"])] = row["value"]
+    return out
+
+
+def test_taps_add_up_and_sit_on_the_right_modules(family):
+    model = make_model(family)
+    ids = torch.tensor(random_ids(2, 24))
+    records, hidden = capture(model, ids)
+    # The last entry of hidden_states is after the final norm, so take y of the last layer from x of none:
+    # every layer but the last is checked against the next layer's input; the last against its own hook.
+    last_out = {}
+    handle = locate(model).layers[-1].block.register_forward_hook(lambda m, a, o: last_out.update(y=o))
+    with torch.no_grad():
+        model(input_ids=ids)
+    handle.remove()
+    for l, r in enumerate(records):
+        r["y"] = hidden[l + 1] if l + 1 < len(records) else last_out["y"]
+        x, a, m, y = r["x"], r["a"], r["m"], r["y"]
+        torch.testing.assert_close(x + a + m, y, atol=1e-5, rtol=1e-5)
+        mlp_in = x if family in PARALLEL else x + a
+        with torch.no_grad():
+            torch.testing.assert_close(MLP_RECIPES[family](r["layer"], mlp_in), m, atol=1e-5, rtol=1e-5)
+        assert a.abs().max() > 1e-3 and m.abs().max() > 1e-3  # both deltas carry signal
+
+
+def test_metrics_match_reference(family):
+    model = make_model(family)
+    seqs = random_ids(3, 20, seed=1)
+    calibration = CalibrationSet.from_ids(seqs)
+    frame = score(model, calibration, batch_size=3)
+    assert frame.height == LAYERS * 3 * 2
+    assert set(frame["n_tokens"]) == {60}
+
+    records, hidden = capture(model, torch.tensor(seqs))
+    last_out = {}
+    handle = locate(model).layers[-1].block.register_forward_hook(lambda m, a, o: last_out.update(y=o))
+    with torch.no_grad():
+        model(input_ids=torch.tensor(seqs))
+    handle.remove()
+    for l, r in enumerate(records):
+        r["y"] = hidden[l + 1] if l + 1 < len(records) else last_out["y"]
+    expected = reference_metrics(records, torch.ones(3, 20), family in PARALLEL)
+    torch.testing.assert_close(as_tensor(frame), expected, atol=1e-5, rtol=0)
+    assert (expected[:, :, 0] > 1e-4).all()  # a test of nothing would pass on zeros
+
+
+def test_padding_gives_what_one_at_a_time_gives(family):
+    model = make_model(family)
+    lengths = [21, 9, 16, 4, 13]
+    seqs = [ids[:n] for ids, n in zip(random_ids(len(lengths), max(lengths), seed=2), lengths)]
+    calibration = CalibrationSet.from_ids(seqs)
+    batched = score(model, calibration, batch_size=5)
+    alone = score(model, calibration, batch_size=1)
+    assert batched["n_tokens"][0] == alone["n_tokens"][0] == sum(lengths)
+    torch.testing.assert_close(as_tensor(batched), as_tensor(alone), atol=1e-5, rtol=0)
+
+
+def test_one_forward_pass_per_batch():
+    model = make_model("llama")
+    calls = []
+    handle = model.base_model.register_forward_hook(lambda *a: calls.append(1))
+    score(model, CalibrationSet.from_ids(random_ids(7, 10)), batch_size=3)
+    handle.remove()
+    assert len(calls) == 3
+
+
+def _hook_count(model):
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def test_hooks_removed_and_mode_restored_when_forward_raises():
+    model = make_model("gpt_neox").train()
+    layout = locate(model)
+
+    def boom(*args):
+        raise RuntimeError("boom")
+
+    failing = layout.layers[1].mlp.register_forward_hook(boom)
+    with pytest.raises(RuntimeError, match="boom"):
+        score(model, CalibrationSet.from_ids(random_ids(2, 8)))
+    failing.remove()
+    assert _hook_count(model) == 0
+    assert model.training
+
+
+def test_bfloat16_scores_close_to_float32():
+    calibration = CalibrationSet.from_ids(random_ids(4, 32, seed=3))
+    full = as_tensor(score(make_model("llama"), calibration))
+    half = as_tensor(score(make_model("llama", dtype=torch.bfloat16), calibration))
+    assert torch.isfinite(half).all()
+    torch.testing.assert_close(half, full, atol=0.05, rtol=0.05)
+
+
+def test_scores_do_not_depend_on_batch_order():
+    model = make_model("qwen3")
+    seqs = random_ids(6, 12, seed=4)
+    forward = as_tensor(score(model, CalibrationSet.from_ids(seqs), batch_size=2))
+    backward = as_tensor(score(model, CalibrationSet.from_ids(seqs[::-1]), batch_size=4))
+    torch.testing.assert_close(forward, backward, atol=1e-6, rtol=0)
+
+
+def test_every_family_has_a_recipe():
+    assert set(MLP_RECIPES) == set(CONFIGS)
