@@ -22,7 +22,7 @@ import json
 import logging
 import random
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -32,6 +32,7 @@ from .errors import CalibrationError, ConfigError
 log = logging.getLogger(__name__)
 
 DEFAULT_SPEC = "pydoc"
+DEFAULT_SEQ_LEN = 512
 
 
 @dataclass(frozen=True)
@@ -42,15 +43,15 @@ class CalibrationSpec:
     """``pydoc``, a .txt/.jsonl path, or ``hf:REPO[:CONFIG][:SPLIT]``."""
     samples: int = 64
     """Number of blocks drawn from text sources (pre-tokenized files are used whole)."""
-    seq_len: int = 512
-    """Tokens per block for text sources."""
+    seq_len: int | None = None
+    """Tokens per block for text sources; None: the model's positions, at most 512."""
     seed: int = 0
     """Seed of the block draw."""
 
     def __post_init__(self):
         if self.samples < 1:
             raise ConfigError(f"samples must be at least 1, got {self.samples}")
-        if self.seq_len < 2:
+        if self.seq_len is not None and self.seq_len < 2:
             raise ConfigError(f"seq_len must be at least 2, got {self.seq_len}")
 
 
@@ -201,6 +202,8 @@ def _token_list(ids, path: Path, number: int) -> list[int]:
 
 def tokenize_blocks(documents: Sequence[str], tokenizer, spec: CalibrationSpec) -> list[list[int]]:
     """Join documents with EOS, cut into ``seq_len`` blocks, and draw ``samples`` of them with ``seed``."""
+    if spec.seq_len is None:
+        spec = replace(spec, seq_len=DEFAULT_SEQ_LEN)
     eos = getattr(tokenizer, "eos_token_id", None)
     stream: list[int] = []
     for ids in tokenizer(list(documents), add_special_tokens=False)["input_ids"]:

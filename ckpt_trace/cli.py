@@ -26,11 +26,11 @@ def cli():
 
 
 @cli.command()
-@click.argument("source")
+@click.argument("source", required=False)
 @click.option("--revisions", help="Comma-separated revision names (default: all).")
 @click.option("--calibration", default=DEFAULT_SPEC, show_default=True, help="pydoc, a .txt/.jsonl file, or hf:REPO.")
 @click.option("--samples", default=64, show_default=True, help="Calibration blocks drawn from text.")
-@click.option("--seq-len", default=512, show_default=True, help="Tokens per calibration block.")
+@click.option("--seq-len", type=int, help="Tokens per calibration block  [default: the model's positions, at most 512]")
 @click.option("--seed", default=0, show_default=True, help="Seed of the block draw.")
 @click.option("--batch-size", default=8, show_default=True, help="Sequences per forward pass.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
@@ -40,7 +40,11 @@ def cli():
 @click.option("--keep-going", is_flag=True, help="Record failing revisions and go on.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow a checkpoint's own modeling code to run.")
 def scan(source, revisions, calibration, samples, seq_len, seed, **options):
-    """Score every layer of every revision of SOURCE and store the scores as Parquet."""
+    """Score every layer of every revision of SOURCE and store the scores as Parquet.
+
+    SOURCE is a model directory or a directory of revision subdirectories (step0/,
+    step1000/, ...). Without SOURCE, the built-in micro suite is built if needed and scanned.
+    """
     from .scan import ScanConfig, scan as run_scan
 
     config = ScanConfig(
@@ -53,6 +57,21 @@ def scan(source, revisions, calibration, samples, seq_len, seed, **options):
     with pl.Config(tbl_hide_dataframe_shape=True, tbl_hide_column_data_types=True, float_precision=4, tbl_rows=-1):
         click.echo(summary)
     click.echo(f"scores stored in {config.store}/scores")
+
+
+@cli.group("micro-suite")
+def micro_suite():
+    """The built-in micro checkpoint suite, trained on Python's own documentation."""
+
+
+@micro_suite.command("build")
+@click.option("--arch", default="pythia", show_default=True, help="pythia (parallel residual) or llama (sequential).")
+@click.option("--force", is_flag=True, help="Train again even if the suite is built.")
+def micro_suite_build(arch, force):
+    """Train the micro suite (a few minutes on a laptop CPU) and print where it is."""
+    from .microsuite import MicroSuiteConfig, build
+
+    click.echo(build(MicroSuiteConfig(arch=arch), force=force))
 
 
 def main(argv: list[str] | None = None) -> int:

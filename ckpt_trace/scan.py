@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -14,12 +14,12 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .adapters import adapter_for_type
-from .calibration import CalibrationSet, CalibrationSpec, load_calibration
+from .calibration import DEFAULT_SEQ_LEN, CalibrationSet, CalibrationSpec, load_calibration
 from .errors import CalibrationError, CkptTraceError, ConfigError
 from .models import dtype_name, load_model, load_tokenizer, read_config, resolve_device, resolve_dtype
 from .scoring import score
 from .sources import Checkpoint, local_checkpoints
-from .store import Store
+from .store import REVISIONS_SCHEMA, Store
 
 log = logging.getLogger(__name__)
 
@@ -28,8 +28,8 @@ log = logging.getLogger(__name__)
 class ScanConfig:
     """Everything a scan needs; the command line only fills this in."""
 
-    source: str | os.PathLike
-    """A model directory, or a directory whose subdirectories are revisions."""
+    source: str | os.PathLike | None = None
+    """A model directory, or a directory whose subdirectories are revisions; None: the built-in micro suite."""
     revisions: list[str] | None = None
     """Revision names to scan; all when None."""
     calibration: CalibrationSpec = field(default_factory=CalibrationSpec)
@@ -76,12 +76,14 @@ def _select(checkpoints: list[Checkpoint], names: list[str] | None) -> list[Chec
 
 def _calibration_for(checkpoints: list[Checkpoint], spec: CalibrationSpec) -> CalibrationSet:
     """One calibration set for the whole scan, tokenized by the first revision that has a tokenizer."""
+    config = read_config(checkpoints[0].path)
+    limit = max_positions(config)
+    if spec.seq_len is None:
+        spec = replace(spec, seq_len=min(DEFAULT_SEQ_LEN, limit or DEFAULT_SEQ_LEN))
     tokenizer = next((t for c in checkpoints if (t := load_tokenizer(c.path)) is not None), None)
     calibration = load_calibration(spec, tokenizer)
-    config = read_config(checkpoints[0].path)
     if isinstance(config.get("vocab_size"), int):
         calibration.check_vocab(config["vocab_size"])
-    limit = max_positions(config)
     if limit is not None and calibration.max_len > limit:
         raise CalibrationError(
             f"calibration sequences have {calibration.max_len} tokens, more than the model's {limit} positions; "
@@ -110,6 +112,22 @@ def score_checkpoint(checkpoint: Checkpoint, calibration: CalibrationSet, config
     )
 
 
+def _revision_row(checkpoint: Checkpoint) -> pl.DataFrame:
+    rev = checkpoint.revision
+    return pl.DataFrame(
+        {
+            "model": [checkpoint.model],
+            "revision": [rev.name],
+            "commit": [rev.commit],
+            "step": [rev.step],
+            "tokens": [rev.tokens],
+            "stage": [rev.stage],
+            "val_loss": [checkpoint.val_loss()],
+        },
+        schema=REVISIONS_SCHEMA,
+    )
+
+
 def _run_row(checkpoint: Checkpoint, calibration: str, status: str, error: str | None, seconds: float) -> pl.DataFrame:
     return pl.DataFrame(
         {
@@ -129,7 +147,13 @@ def scan(config: ScanConfig) -> pl.DataFrame:
     """Score every selected revision that the store lacks; return one summary row per revision."""
     store = Store(config.store)
     resolve_dtype(config.dtype, resolve_device(config.device))  # fail on bad options before any work
-    checkpoints = _select(local_checkpoints(config.source), config.revisions)
+    if config.source is None:
+        from .microsuite import build
+
+        source = build(progress=config.progress)
+    else:
+        source = config.source
+    checkpoints = _select(local_checkpoints(source), config.revisions)
     for checkpoint in checkpoints:  # an unsupported revision fails the scan before any work
         adapter_for_type(read_config(checkpoint.path).get("model_type"))
     calibration = _calibration_for(checkpoints, config.calibration)
@@ -153,6 +177,7 @@ def scan(config: ScanConfig) -> pl.DataFrame:
             statuses.append((name, "failed", seconds))
             continue
         store.write_scores(frame)
+        store.write_revision(_revision_row(checkpoint))
         seconds = time.perf_counter() - start
         store.write_run(_run_row(checkpoint, calibration.id, "scored", None, seconds))
         statuses.append((name, "scored", seconds))

@@ -3,6 +3,7 @@
 Layout under the store root (``data/`` by default)::
 
     scores/<model>/<revision>/<calibration>.parquet
+    revisions/<model>/<revision>.parquet
     runs/<model>/<revision>/<calibration>-<time>.parquet
 
 Names are made path-safe (``EleutherAI/pythia-160m`` becomes ``EleutherAI--pythia-160m``),
@@ -46,6 +47,17 @@ RUNS_SCHEMA: dict[str, pl.DataType] = {
     "seconds": pl.Float64,
     "finished_at": pl.Datetime("us", "UTC"),
     "version": pl.String,
+}
+
+
+REVISIONS_SCHEMA: dict[str, pl.DataType] = {
+    "model": pl.String,
+    "revision": pl.String,
+    "commit": pl.String,
+    "step": pl.Int64,
+    "tokens": pl.Int64,
+    "stage": pl.Int64,
+    "val_loss": pl.Float64,
 }
 
 
@@ -102,6 +114,14 @@ class Store:
         write_parquet(frame, path)
         return path
 
+    def write_revision(self, frame: pl.DataFrame) -> Path:
+        """Record what is known of one revision: step, tokens, stage, validation loss."""
+        frame = frame.select([pl.col(c).cast(t) for c, t in REVISIONS_SCHEMA.items()])
+        model, revision = frame.select("model", "revision").row(0)
+        path = self.root / "revisions" / path_part(model) / f"{path_part(revision)}.parquet"
+        write_parquet(frame, path)
+        return path
+
     def _table(self, table: str, schema: dict[str, pl.DataType]) -> pl.DataFrame:
         files = sorted((self.root / table).glob("**/*.parquet"))
         if not files:
@@ -111,6 +131,10 @@ class Store:
     def scores(self) -> pl.DataFrame:
         """Every stored score, one row per (model, revision, calibration, layer, module, metric)."""
         return self._table("scores", SCORES_SCHEMA)
+
+    def revisions(self) -> pl.DataFrame:
+        """Every recorded revision."""
+        return self._table("revisions", REVISIONS_SCHEMA)
 
     def runs(self) -> pl.DataFrame:
         """Every recorded scan attempt."""

@@ -1,0 +1,125 @@
+"""Hooked scoring against a plain forward pass of the same model over the same tokens.
+
+The model is GPT-NeoX shaped like Pythia-70m (6 layers, width 512, parallel residual,
+70M parameters), random, so nothing is downloaded. Both sides run the decoder stack
+(the scorer skips the LM head, so the plain pass does too) under inference mode,
+alternating, and the medians are compared. Peak memory is measured in fresh
+subprocesses with N and 4N calibration sequences, to show that it does not grow with
+the calibration set.
+
+    python benchmarks/scorer_overhead.py [--sequences 16] [--seq-len 256] [--repeats 5] [--device cpu]
+
+The last line is ``overhead_ratio=<hooked/plain>``; the target on CPU is <= 1.10.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import transformers
+
+from ckpt_trace.calibration import CalibrationSet
+from ckpt_trace.scoring import score
+
+
+def pythia_70m_shaped(device: str, dtype: torch.dtype):
+    config = transformers.GPTNeoXConfig(
+        vocab_size=50304, hidden_size=512, intermediate_size=2048, num_hidden_layers=6,
+        num_attention_heads=8, max_position_embeddings=2048, rotary_pct=0.25, use_parallel_residual=True,
+    )
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(config, dtype=dtype).to(device).eval()
+
+
+def calibration(n: int, seq_len: int) -> CalibrationSet:
+    ids = torch.randint(0, 50304, (n, seq_len), generator=torch.Generator().manual_seed(0))
+    return CalibrationSet.from_ids(ids.tolist(), "random")
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def plain(model, cal: CalibrationSet, batch_size: int, device: str) -> None:
+    with torch.inference_mode():
+        for ids, mask in cal.batches(batch_size):
+            model.base_model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
+
+
+def timed(fn, device: str) -> float:
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def peak_memory_child(n: int, seq_len: int, batch_size: int, device: str) -> None:
+    """Score n sequences in this process and print its peak memory in bytes."""
+    model = pythia_70m_shaped(device, torch.float32)
+    cal = calibration(n, seq_len)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+        score(model, cal, batch_size)
+        print(torch.cuda.max_memory_allocated())
+    else:
+        score(model, cal, batch_size)
+        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sequences", type=int, default=16)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--peak-memory-child", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.peak_memory_child:
+        peak_memory_child(args.peak_memory_child, args.seq_len, args.batch_size, args.device)
+        return
+
+    dtype = getattr(torch, args.dtype)
+    model = pythia_70m_shaped(args.device, dtype)
+    cal = calibration(args.sequences, args.seq_len)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"model: GPT-NeoX {n_params / 1e6:.1f}M parameters, {args.dtype} on {args.device}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads")
+    print(f"calibration: {args.sequences} x {args.seq_len} tokens, batch {args.batch_size}")
+
+    plain(model, cal, args.batch_size, args.device)  # warm-up
+    score(model, cal, args.batch_size)
+    plain_times, hooked_times = [], []
+    for _ in range(args.repeats):
+        plain_times.append(timed(lambda: plain(model, cal, args.batch_size, args.device), args.device))
+        hooked_times.append(timed(lambda: score(model, cal, args.batch_size), args.device))
+    p, h = statistics.median(plain_times), statistics.median(hooked_times)
+    tokens = cal.n_tokens
+    print(f"plain forward:  median {p:.3f}s  ({tokens / p:,.0f} tokens/s)  runs {[round(t, 3) for t in plain_times]}")
+    print(f"hooked scoring: median {h:.3f}s  ({tokens / h:,.0f} tokens/s)  runs {[round(t, 3) for t in hooked_times]}")
+
+    peaks = {}
+    for n in (args.sequences, 4 * args.sequences):
+        out = subprocess.run(
+            [sys.executable, __file__, "--peak-memory-child", str(n), "--seq-len", str(args.seq_len),
+             "--batch-size", str(args.batch_size), "--device", args.device],
+            check=True, capture_output=True, text=True,
+        )
+        peaks[n] = int(out.stdout.strip().splitlines()[-1])
+        print(f"peak memory scoring {n:4d} sequences: {peaks[n] / 2**20:,.0f} MiB")
+    n, n4 = args.sequences, 4 * args.sequences
+    print(f"memory_growth_ratio={peaks[n4] / peaks[n]:.3f}  (4N / N sequences)")
+    print(f"overhead_ratio={h / p:.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,255 @@
+"""The built-in micro checkpoint suite: a small model that ckpt-trace trains itself, for real.
+
+A Pythia-style GPT-NeoX (parallel residual, rotary embeddings) or a Llama-style model
+(pre-norm, sequential) is trained on the documentation bundled with Python
+(``pydoc_data.topics``, read at run time) with a byte-level BPE tokenizer trained on the
+same text. A share of the documents is held out for validation. Checkpoints follow a
+Pythia-like schedule, log-spaced early and evenly spaced after, and each is a complete
+Hugging Face model directory named like a Hub revision (``step0``, ``step1``, ...), with
+the tokenizer and its validation loss; ``main`` points at the last.
+
+The suite is built once into ``$CKPT_TRACE_HOME/micro-suite`` (default: the user's cache
+directory) and found there afterwards. The same seed gives bit-identical checkpoints on
+the same machine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .calibration import pydoc_documents
+from .errors import ConfigError
+from .sources import EVAL_FILE
+
+ARCHS = ("pythia", "llama")
+EOS = "<|endoftext|>"
+
+
+@dataclass(frozen=True)
+class MicroSuiteConfig:
+    """How the micro suite is built; every field takes part in the suite's cache key."""
+
+    arch: str = "pythia"
+    """pythia (GPT-NeoX, parallel residual) or llama (pre-norm, sequential)."""
+    layers: int = 6
+    """Decoder layers."""
+    hidden: int = 128
+    """Residual-stream width."""
+    heads: int = 4
+    """Attention heads."""
+    vocab: int = 2048
+    """Byte-level BPE vocabulary size."""
+    seq_len: int = 128
+    """Training sequence length, and the model's positions."""
+    batch_size: int = 16
+    """Sequences per optimizer step."""
+    steps: int = 1000
+    """Optimizer steps in all."""
+    interval: int = 200
+    """Steps between evenly spaced checkpoints; powers of two below it are saved too."""
+    lr: float = 3e-3
+    """Peak learning rate (linear warm-up, cosine decay to a tenth)."""
+    holdout: float = 0.1
+    """Share of the documents held out for validation."""
+    seed: int = 0
+    """Seed of the initialisation, the data order and the split."""
+
+    def __post_init__(self):
+        if self.arch not in ARCHS:
+            raise ConfigError(f"unknown micro-suite architecture {self.arch!r}; use one of: {', '.join(ARCHS)}")
+        if self.steps < 1 or self.interval < 1:
+            raise ConfigError(f"steps and interval must be positive, got {self.steps} and {self.interval}")
+
+    @property
+    def name(self) -> str:
+        return f"micro-{self.arch}"
+
+    def key(self) -> str:
+        """A short hash of the config and the text it trains on, naming the suite's cache directory."""
+        payload = json.dumps(asdict(self), sort_keys=True) + _corpus_digest()
+        return hashlib.sha256(payload.encode()).hexdigest()[:10]
+
+
+def schedule(steps: int, interval: int) -> list[int]:
+    """Checkpoint steps: 0, then powers of two below `interval`, then every `interval`, and the last step."""
+    early = [0] + [2**i for i in range(int(math.log2(interval)) + 1) if 2**i < min(interval, steps + 1)]
+    even = list(range(interval, steps + 1, interval))
+    return sorted(set(early + even + [steps]))
+
+
+def home() -> Path:
+    """ckpt-trace's cache directory: $CKPT_TRACE_HOME, else $XDG_CACHE_HOME/ckpt-trace, else ~/.cache/ckpt-trace."""
+    if os.environ.get("CKPT_TRACE_HOME"):
+        return Path(os.environ["CKPT_TRACE_HOME"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ckpt-trace"
+
+
+def _corpus_digest() -> str:
+    return hashlib.sha256("\x00".join(pydoc_documents()).encode()).hexdigest()[:16]
+
+
+def split_documents(seed: int, holdout: float) -> tuple[list[str], list[str]]:
+    """The pydoc documents, split with `seed` into training and held-out validation documents."""
+    docs = pydoc_documents()
+    order = list(range(len(docs)))
+    random.Random(seed).shuffle(order)
+    n_val = max(1, round(len(docs) * holdout))
+    val = sorted(order[:n_val])
+    return [docs[i] for i in sorted(order[n_val:])], [docs[i] for i in val]
+
+
+def train_tokenizer(documents: list[str], vocab: int):
+    """A byte-level BPE tokenizer trained on `documents` with the tokenizers library."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab, special_tokens=[EOS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    tokenizer.train_from_iterator(documents, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOS, bos_token=EOS, unk_token=EOS)
+
+
+def _stream(tokenizer, documents: list[str]) -> torch.Tensor:
+    ids: list[int] = []
+    for doc_ids in tokenizer(documents, add_special_tokens=False)["input_ids"]:
+        ids += doc_ids + [tokenizer.eos_token_id]
+    return torch.tensor(ids, dtype=torch.int64)
+
+
+def model_config(config: MicroSuiteConfig, eos_id: int):
+    """The transformers config of the micro model."""
+    import transformers
+
+    common = dict(
+        vocab_size=config.vocab, hidden_size=config.hidden, intermediate_size=4 * config.hidden,
+        num_hidden_layers=config.layers, num_attention_heads=config.heads,
+        max_position_embeddings=config.seq_len, bos_token_id=eos_id, eos_token_id=eos_id,
+        tie_word_embeddings=False,
+    )
+    if config.arch == "pythia":
+        return transformers.GPTNeoXConfig(**common, use_parallel_residual=True, rotary_pct=0.25)
+    return transformers.LlamaConfig(**common, num_key_value_heads=config.heads)
+
+
+@torch.no_grad()
+def validation_loss(model, blocks: torch.Tensor, batch_size: int = 16) -> float:
+    """Mean next-token loss over fixed held-out blocks."""
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(blocks), batch_size):
+        batch = blocks[start : start + batch_size]
+        loss = model(input_ids=batch, labels=batch).loss
+        n = batch.numel() - len(batch)  # predicted tokens
+        total += float(loss) * n
+        count += n
+    model.train()
+    return total / count
+
+
+def _lr_factor(step: int, steps: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def train_suite(config: MicroSuiteConfig, out: Path, progress: bool = True) -> list[dict]:
+    """Train the micro model and save every scheduled checkpoint under `out`; return their records."""
+    import transformers
+
+    torch.manual_seed(config.seed)
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        train_docs, val_docs = split_documents(config.seed, config.holdout)
+        tokenizer = train_tokenizer(train_docs, config.vocab)
+        train_ids, val_ids = _stream(tokenizer, train_docs), _stream(tokenizer, val_docs)
+        n_val = len(val_ids) // config.seq_len
+        val_blocks = val_ids[: n_val * config.seq_len].view(n_val, config.seq_len)
+
+        model = transformers.AutoModelForCausalLM.from_config(model_config(config, tokenizer.eos_token_id))
+        model.train()
+        decay = [p for p in model.parameters() if p.dim() >= 2]
+        no_decay = [p for p in model.parameters() if p.dim() < 2]
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=config.lr, betas=(0.9, 0.95),
+        )
+        warmup = max(1, config.steps // 20)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, config.steps, warmup))
+        generator = torch.Generator().manual_seed(config.seed)
+        saves = set(schedule(config.steps, config.interval))
+        records = []
+
+        def save(step: int) -> None:
+            loss = validation_loss(model, val_blocks)
+            path = out / f"step{step}"
+            model.save_pretrained(path)
+            tokenizer.save_pretrained(path)
+            record = {"revision": f"step{step}", "step": step, "tokens": step * config.batch_size * config.seq_len,
+                      "val_loss": loss}
+            (path / EVAL_FILE).write_text(json.dumps(record, indent=2) + "\n")
+            records.append(record)
+
+        transformers.utils.logging.disable_progress_bar()  # one bar for the whole build, not one per save
+        bar = tqdm(total=config.steps, desc=f"training {config.name}", unit="step", disable=None if progress else True)
+        save(0)
+        for step in range(1, config.steps + 1):
+            starts = torch.randint(0, len(train_ids) - config.seq_len, (config.batch_size,), generator=generator)
+            batch = torch.stack([train_ids[s : s + config.seq_len] for s in starts.tolist()])
+            loss = model(input_ids=batch, labels=batch).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            bar.update()
+            if step in saves:
+                save(step)
+                bar.set_postfix(val_loss=f"{records[-1]['val_loss']:.3f}")
+        bar.close()
+        return records
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+
+
+def suite_path(config: MicroSuiteConfig) -> Path:
+    """Where the suite built from `config` lives."""
+    return home() / "micro-suite" / config.key() / config.name
+
+
+def build(config: MicroSuiteConfig | None = None, force: bool = False, progress: bool = True) -> Path:
+    """The suite's directory, trained first if it is not already built (or if `force`)."""
+    config = config or MicroSuiteConfig()
+    target = suite_path(config)
+    if target.is_dir() and (target / "suite.json").is_file() and not force:
+        return target
+    staging = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        start = time.perf_counter()
+        records = train_suite(config, staging, progress)
+        (staging / "main").symlink_to(records[-1]["revision"], target_is_directory=True)
+        meta = {"config": asdict(config), "revisions": records, "seconds": round(time.perf_counter() - start, 1)}
+        (staging / "suite.json").write_text(json.dumps(meta, indent=2) + "\n")
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target

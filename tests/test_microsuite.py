@@ -1,0 +1,107 @@
+"""The built-in micro suite: it learns, it is deterministic, it is built once, and scan uses it."""
+
+from __future__ import annotations
+
+import json
+
+import polars as pl
+import pytest
+
+from ckpt_trace import microsuite
+from ckpt_trace.adapters import locate
+from ckpt_trace.cli import main
+from ckpt_trace.microsuite import MicroSuiteConfig, build, schedule
+from ckpt_trace.models import load_model
+from ckpt_trace.store import Store
+
+import torch
+
+# A reduced schedule that trains in seconds.
+QUICK = dict(layers=6, hidden=64, steps=60, interval=20, batch_size=8, seq_len=64)
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    monkeypatch.setenv("CKPT_TRACE_HOME", str(tmp_path / "home"))
+    return tmp_path / "home"
+
+
+def test_schedule_is_log_spaced_then_even():
+    assert schedule(1000, 200) == [0, 1, 2, 4, 8, 16, 32, 64, 128, 200, 400, 600, 800, 1000]
+    assert schedule(60, 20) == [0, 1, 2, 4, 8, 16, 20, 40, 60]
+    assert schedule(50, 20) == [0, 1, 2, 4, 8, 16, 20, 40, 50]
+    default = MicroSuiteConfig()
+    assert len(schedule(default.steps, default.interval)) >= 12 and default.layers >= 6
+
+
+def test_the_model_learns(home):
+    path = build(MicroSuiteConfig(**QUICK), progress=False)
+    meta = json.loads((path / "suite.json").read_text())
+    losses = [r["val_loss"] for r in meta["revisions"]]
+    assert [r["revision"] for r in meta["revisions"]] == [f"step{s}" for s in schedule(60, 20)]
+    assert losses[0] > 7.0  # about ln(2048) before training
+    assert losses[-1] < losses[0] - 1.5
+    assert (path / "main").resolve() == (path / "step60").resolve()
+    model = load_model(path / "step60", torch.device("cpu"), torch.float32)
+    assert locate(model).style == "parallel" and len(locate(model).layers) == 6
+    assert (path / "step60" / "tokenizer.json").is_file()
+
+
+def test_same_seed_gives_bit_identical_checkpoints(tmp_path, monkeypatch):
+    config = MicroSuiteConfig(**{**QUICK, "steps": 6, "interval": 3})
+    built = []
+    for name in ("a", "b"):
+        monkeypatch.setenv("CKPT_TRACE_HOME", str(tmp_path / name))
+        built.append(build(config, progress=False))
+    a, b = built
+    files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file() and p.name != "suite.json")
+    assert any(f.name == "model.safetensors" for f in files)
+    for file in files:
+        assert (a / file).read_bytes() == (b / file).read_bytes(), file
+    other = build(MicroSuiteConfig(**{**QUICK, "steps": 6, "interval": 3, "seed": 1}), progress=False)
+    assert (other / "step6" / "model.safetensors").read_bytes() != (a / "step6" / "model.safetensors").read_bytes()
+
+
+def test_second_use_finds_the_suite_and_force_rebuilds(home, monkeypatch):
+    config = MicroSuiteConfig(**{**QUICK, "steps": 2, "interval": 2})
+    first = build(config, progress=False)
+    monkeypatch.setattr(microsuite, "train_suite", lambda *a, **k: pytest.fail("trained again"))
+    assert build(config, progress=False) == first
+    with pytest.raises(pytest.fail.Exception):
+        build(config, force=True, progress=False)
+    assert (first / "suite.json").is_file()  # a failed rebuild leaves the old suite in place
+
+
+def test_llama_variant_is_sequential(home):
+    path = build(MicroSuiteConfig(arch="llama", **{**QUICK, "steps": 2, "interval": 2}), progress=False)
+    assert path.name == "micro-llama"
+    assert locate(load_model(path / "step2", torch.device("cpu"), torch.float32)).style == "sequential"
+
+
+def test_scan_without_source_scans_the_micro_suite(home, tmp_path, monkeypatch, capsys):
+    config = MicroSuiteConfig(**{**QUICK, "steps": 4, "interval": 2})
+    monkeypatch.setattr(microsuite, "build", lambda progress=True: build(config, progress=progress))
+    code = main(["scan", "--store", str(tmp_path / "store"), "--samples", "4", "--device", "cpu"])
+    assert code == 0, capsys.readouterr().err
+    store = Store(tmp_path / "store")
+    scores = store.scores()
+    steps = schedule(4, 2)
+    assert set(scores["model"]) == {"micro-pythia"}
+    assert sorted(set(scores["step"])) == steps
+    assert scores.height == len(steps) * 6 * 3 * 2
+    assert set(scores["n_tokens"]) == {4 * 64}  # seq_len defaults to the model's 64 positions
+    revisions = store.revisions().sort("step")
+    assert revisions["step"].to_list() == steps
+    assert revisions["tokens"].to_list() == [s * 8 * 64 for s in steps]
+    meta = json.loads((build(config) / "suite.json").read_text())
+    assert revisions["val_loss"].to_list() == [r["val_loss"] for r in meta["revisions"]]
+    assert revisions.filter(pl.col("val_loss").is_null()).height == 0
+
+
+def test_micro_suite_build_command(home, monkeypatch, capsys):
+    config = MicroSuiteConfig(**{**QUICK, "steps": 2, "interval": 2})
+    monkeypatch.setattr(microsuite, "MicroSuiteConfig", lambda arch: MicroSuiteConfig(arch=arch, **{**QUICK, "steps": 2, "interval": 2}))
+    assert main(["micro-suite", "build", "--arch", "pythia"]) == 0
+    assert capsys.readouterr().out.strip() == str(build(config))
+    assert main(["micro-suite", "build", "--arch", "gpt5"]) == 2
+    assert "unknown micro-suite architecture 'gpt5'; use one of: pythia, llama" in capsys.readouterr().err
