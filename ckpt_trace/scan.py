@@ -10,6 +10,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import polars as pl
+import torch
 from tqdm.auto import tqdm
 
 from . import __version__
@@ -17,7 +18,7 @@ from .adapters import adapter_for_type
 from .calibration import DEFAULT_SEQ_LEN, CalibrationSet, CalibrationSpec, load_calibration
 from .errors import CalibrationError, CkptTraceError, ConfigError
 from .models import dtype_name, load_model, load_tokenizer, read_config, resolve_device, resolve_dtype
-from .scoring import score
+from .scoring import MODULES, score
 from .sources import Checkpoint, local_checkpoints
 from .store import REVISIONS_SCHEMA, Store
 
@@ -92,10 +93,10 @@ def _calibration_for(checkpoints: list[Checkpoint], spec: CalibrationSpec) -> Ca
     return calibration
 
 
-def score_checkpoint(checkpoint: Checkpoint, calibration: CalibrationSet, config: ScanConfig) -> pl.DataFrame:
+def score_checkpoint(
+    checkpoint: Checkpoint, calibration: CalibrationSet, config: ScanConfig, device: torch.device, dtype: torch.dtype
+) -> pl.DataFrame:
     """Load one checkpoint and return its rows in the store's scores schema."""
-    device = resolve_device(config.device)
-    dtype = resolve_dtype(config.dtype, device)
     model = load_model(checkpoint.path, device, dtype, config.trust_remote_code)
     label = checkpoint.revision.name if config.progress else False
     frame = score(model, calibration, config.batch_size, progress=label)
@@ -146,7 +147,8 @@ def _run_row(checkpoint: Checkpoint, calibration: str, status: str, error: str |
 def scan(config: ScanConfig) -> pl.DataFrame:
     """Score every selected revision that the store lacks; return one summary row per revision."""
     store = Store(config.store)
-    resolve_dtype(config.dtype, resolve_device(config.device))  # fail on bad options before any work
+    device = resolve_device(config.device)  # bad options fail before any work
+    dtype = resolve_dtype(config.dtype, device)
     if config.source is None:
         from .microsuite import build
 
@@ -167,7 +169,7 @@ def scan(config: ScanConfig) -> pl.DataFrame:
             continue
         start = time.perf_counter()
         try:
-            frame = score_checkpoint(checkpoint, calibration, config)
+            frame = score_checkpoint(checkpoint, calibration, config, device, dtype)
         except (CkptTraceError, OSError, RuntimeError) as err:
             seconds = time.perf_counter() - start
             store.write_run(_run_row(checkpoint, calibration.id, "failed", str(err), seconds))
@@ -188,12 +190,14 @@ def scan(config: ScanConfig) -> pl.DataFrame:
 def summarize(store: Store, model: str, calibration: str, statuses: list[tuple]) -> pl.DataFrame:
     """Per revision: status, seconds, and the mean importance of each module type."""
     status = pl.DataFrame(statuses, schema={"revision": pl.String, "status": pl.String, "seconds": pl.Float64}, orient="row")
-    scores = store.scores().filter(
+    scores = store.scan_scores().filter(
         (pl.col("model") == model) & (pl.col("calibration") == calibration) & (pl.col("metric") == "importance")
     )
     means = (
         scores.group_by("revision", "step", "module")
         .agg(pl.col("value").mean())
+        .collect()
         .pivot(on="module", index=["revision", "step"], values="value")
     )
-    return status.join(means, on="revision", how="left", maintain_order="left")
+    modules = [m for m in MODULES if m in means.columns]
+    return status.join(means.select("revision", "step", *modules), on="revision", how="left", maintain_order="left")

@@ -97,12 +97,13 @@ def _keep_output(cache: dict, key: str, module, args, output):
 
 
 def _measure(cache: dict, layer: int, parallel: bool, stats: ResidualStats, module, args, output):
-    x, a, m, y = cache.pop("x"), cache.pop("a"), cache.pop("m"), _first(output)
-    stats.update(layer, 0, x, y.float() - x.float(), y)
-    h = x.float() + a.float()
+    # float32 views of the model's activations (no copy when the model is float32)
+    x, a, m, y = (t.float() for t in (cache.pop("x"), cache.pop("a"), cache.pop("m"), _first(output)))
+    stats.update(layer, 0, x, y - x, y)
+    h = x + a
     stats.update(layer, 1, x, a, h)
-    mlp_in = x.float() if parallel else h
-    stats.update(layer, 2, mlp_in, m, mlp_in + m.float())
+    mlp_in = x if parallel else h
+    stats.update(layer, 2, mlp_in, m, mlp_in + m)
 
 
 @contextmanager

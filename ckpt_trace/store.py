@@ -122,11 +122,18 @@ class Store:
         write_parquet(frame, path)
         return path
 
-    def _table(self, table: str, schema: dict[str, pl.DataType]) -> pl.DataFrame:
+    def _scan(self, table: str, schema: dict[str, pl.DataType]) -> pl.LazyFrame:
         files = sorted((self.root / table).glob("**/*.parquet"))
         if not files:
-            return pl.DataFrame(schema=schema)
-        return pl.read_parquet(files)
+            return pl.LazyFrame(schema=schema)
+        return pl.scan_parquet(files)
+
+    def _table(self, table: str, schema: dict[str, pl.DataType]) -> pl.DataFrame:
+        return self._scan(table, schema).collect()
+
+    def scan_scores(self) -> pl.LazyFrame:
+        """Every stored score, lazily: filter before collecting to read only what is needed."""
+        return self._scan("scores", SCORES_SCHEMA)
 
     def scores(self) -> pl.DataFrame:
         """Every stored score, one row per (model, revision, calibration, layer, module, metric)."""
