@@ -27,7 +27,7 @@ def cli():
 
 @cli.command()
 @click.argument("source", required=False)
-@click.option("--revisions", help="Comma-separated revision names (default: all).")
+@click.option("--revisions", help="Selection: names, A..B step ranges, every:K, log:K, first:N, last:N (default: all).")
 @click.option("--calibration", default=DEFAULT_SPEC, show_default=True, help="pydoc, a .txt/.jsonl file, or hf:REPO.")
 @click.option("--samples", default=64, show_default=True, help="Calibration blocks drawn from text.")
 @click.option("--seq-len", type=int, help="Tokens per calibration block  [default: the model's positions, at most 512]")
@@ -39,17 +39,21 @@ def cli():
 @click.option("--force", is_flag=True, help="Score again what is already stored.")
 @click.option("--keep-going", is_flag=True, help="Record failing revisions and go on.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow a checkpoint's own modeling code to run.")
+@click.option("--cache-dir", help="Hugging Face cache for Hub sources  [default: HF_HUB_CACHE]")
 def scan(source, revisions, calibration, samples, seq_len, seed, **options):
     """Score every layer of every revision of SOURCE and store the scores as Parquet.
 
-    SOURCE is a model directory or a directory of revision subdirectories (step0/,
-    step1000/, ...). Without SOURCE, the built-in micro suite is built if needed and scanned.
+    SOURCE is a Hub repo id (EleutherAI/pythia-160m), a model directory, or a directory of
+    revision subdirectories (step0/, step1000/, ...). Hub revisions are streamed: the next
+    downloads while one is scored, and each is deleted from the cache once stored, if
+    ckpt-trace downloaded it. Without SOURCE, the built-in micro suite is built if needed
+    and scanned.
     """
     from .scan import ScanConfig, scan as run_scan
 
     config = ScanConfig(
         source=source,
-        revisions=[r.strip() for r in revisions.split(",") if r.strip()] if revisions else None,
+        revisions=revisions,
         calibration=CalibrationSpec(calibration, samples, seq_len, seed),
         **options,
     )
@@ -57,6 +61,27 @@ def scan(source, revisions, calibration, samples, seq_len, seed, **options):
     with pl.Config(tbl_hide_dataframe_shape=True, tbl_hide_column_data_types=True, float_precision=4, tbl_rows=-1):
         click.echo(summary)
     click.echo(f"scores stored in {config.store}/scores")
+
+
+@cli.command()
+@click.argument("source")
+@click.option("--select", "selection", help="Selection: names, A..B step ranges, every:K, log:K, first:N, last:N.")
+@click.option("--cache-dir", help="Hugging Face cache  [default: HF_HUB_CACHE]")
+def revisions(source, selection, cache_dir):
+    """List the revisions of SOURCE (a Hub repo id or a directory) in training order.
+
+    Weight bytes and byte-identical duplicates come from the Hub's tree listing, before
+    anything is downloaded.
+    """
+    from .sources import revision_table
+
+    table = revision_table(source, selection, cache_dir).with_columns(
+        pl.col("commit").str.slice(0, 10), (pl.col("weight_bytes") / 1e6).round(1).alias("weight_MB")
+    ).drop("weight_bytes")
+    with pl.Config(tbl_hide_dataframe_shape=True, tbl_hide_column_data_types=True, tbl_rows=-1):
+        click.echo(table)
+    duplicates = table["duplicate_of"].drop_nulls().len()
+    click.echo(f"{table.height} revisions" + (f", {duplicates} with the same weights as an earlier one" if duplicates else ""))
 
 
 @cli.group("micro-suite")
@@ -88,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         click.echo(f"ckpt-trace: error: {err.format_message()}", err=True)
         return INPUT_ERROR if isinstance(err, click.UsageError) else err.exit_code
     except CkptTraceError as err:
-        click.echo(f"ckpt-trace: error: {err}", err=True)
+        click.echo(f"ckpt-trace: error: {' '.join(str(err).split())}", err=True)
         return INPUT_ERROR
     except (click.Abort, KeyboardInterrupt):
         click.echo("ckpt-trace: interrupted", err=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 from pathlib import Path
 
 import torch
@@ -58,8 +59,11 @@ def load_model(path: str | os.PathLike, device: torch.device, dtype: torch.dtype
 
     adapter_for_type(read_config(path).get("model_type"))
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as err:
+        # weights_only: .bin files go through torch's restricted unpickler, which runs no code.
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, trust_remote_code=trust_remote_code, weights_only=True
+        )
+    except (OSError, ValueError, RuntimeError, pickle.UnpicklingError) as err:
         raise SourceError(f"cannot load the model in {str(path)!r}: {err}") from err
     return model.to(device).eval()
 

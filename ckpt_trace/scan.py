@@ -1,13 +1,22 @@
-"""Scan a checkpoint suite: score every revision and store the scores."""
+"""Scan a checkpoint suite: score every revision and store the scores.
+
+Revisions are streamed: while one is scored, the next is fetched on a background
+thread. A fetched revision is released (for the Hub: deleted from the cache, if
+ckpt-trace downloaded it) once its scores are stored, and only while no fetch is in
+flight, so the cache never holds more than two revisions' weights and eviction never
+races a download that could share a blob. Revisions already in the store are skipped,
+so a scan that was interrupted, by Ctrl-C, SIGKILL or a crash, picks up where it stopped.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
-from pathlib import Path
 
 import polars as pl
 import torch
@@ -19,8 +28,8 @@ from .calibration import DEFAULT_SEQ_LEN, CalibrationSet, CalibrationSpec, load_
 from .errors import CalibrationError, CkptTraceError, ConfigError
 from .models import dtype_name, load_model, load_tokenizer, read_config, resolve_device, resolve_dtype
 from .scoring import MODULES, score
-from .sources import Checkpoint, local_checkpoints
-from .store import REVISIONS_SCHEMA, Store
+from .sources import Checkpoint, open_source
+from .store import REVISIONS_SCHEMA, RUNS_SCHEMA, Store
 
 log = logging.getLogger(__name__)
 
@@ -30,9 +39,9 @@ class ScanConfig:
     """Everything a scan needs; the command line only fills this in."""
 
     source: str | os.PathLike | None = None
-    """A model directory, or a directory whose subdirectories are revisions; None: the built-in micro suite."""
-    revisions: list[str] | None = None
-    """Revision names to scan; all when None."""
+    """A Hub repo id, a model directory, or a directory of revision subdirectories; None: the micro suite."""
+    revisions: str | None = None
+    """Selection spec (see `ckpt_trace.revisions.select`); all revisions when None."""
     calibration: CalibrationSpec = field(default_factory=CalibrationSpec)
     """Which calibration set to score on."""
     batch_size: int = 8
@@ -49,6 +58,8 @@ class ScanConfig:
     """Record a failing revision in runs/ and go on, instead of stopping."""
     trust_remote_code: bool = False
     """Allow a checkpoint's own modeling code to run."""
+    cache_dir: str | os.PathLike | None = None
+    """Hugging Face cache for Hub sources; None: the usual one (HF_HUB_CACHE)."""
     progress: bool = True
     """Show progress bars."""
 
@@ -65,24 +76,14 @@ def max_positions(config: dict) -> int | None:
     return None
 
 
-def _select(checkpoints: list[Checkpoint], names: list[str] | None) -> list[Checkpoint]:
-    if not names:
-        return checkpoints
-    known = {c.revision.name: c for c in checkpoints}
-    missing = [n for n in names if n not in known]
-    if missing:
-        raise ConfigError(f"unknown revision {missing[0]!r}; available: {', '.join(known)}")
-    return [c for c in checkpoints if c.revision.name in set(names)]
-
-
-def _calibration_for(checkpoints: list[Checkpoint], spec: CalibrationSpec) -> CalibrationSet:
-    """One calibration set for the whole scan, tokenized by the first revision that has a tokenizer."""
-    config = read_config(checkpoints[0].path)
+def build_calibration(model_dir, spec: CalibrationSpec) -> CalibrationSet:
+    """The scan's one calibration set, tokenized by (and checked against) the model in `model_dir`."""
+    config = read_config(model_dir)
+    adapter_for_type(config.get("model_type"))
     limit = max_positions(config)
     if spec.seq_len is None:
         spec = replace(spec, seq_len=min(DEFAULT_SEQ_LEN, limit or DEFAULT_SEQ_LEN))
-    tokenizer = next((t for c in checkpoints if (t := load_tokenizer(c.path)) is not None), None)
-    calibration = load_calibration(spec, tokenizer)
+    calibration = load_calibration(spec, load_tokenizer(model_dir))
     if isinstance(config.get("vocab_size"), int):
         calibration.check_vocab(config["vocab_size"])
     if limit is not None and calibration.max_len > limit:
@@ -96,7 +97,7 @@ def _calibration_for(checkpoints: list[Checkpoint], spec: CalibrationSpec) -> Ca
 def score_checkpoint(
     checkpoint: Checkpoint, calibration: CalibrationSet, config: ScanConfig, device: torch.device, dtype: torch.dtype
 ) -> pl.DataFrame:
-    """Load one checkpoint and return its rows in the store's scores schema."""
+    """Load one fetched checkpoint and return its rows in the store's scores schema."""
     model = load_model(checkpoint.path, device, dtype, config.trust_remote_code)
     label = checkpoint.revision.name if config.progress else False
     frame = score(model, calibration, config.batch_size, progress=label)
@@ -115,33 +116,74 @@ def score_checkpoint(
 
 def _revision_row(checkpoint: Checkpoint) -> pl.DataFrame:
     rev = checkpoint.revision
-    return pl.DataFrame(
-        {
-            "model": [checkpoint.model],
-            "revision": [rev.name],
-            "commit": [rev.commit],
-            "step": [rev.step],
-            "tokens": [rev.tokens],
-            "stage": [rev.stage],
-            "val_loss": [checkpoint.val_loss()],
-        },
-        schema=REVISIONS_SCHEMA,
-    )
+    row = {
+        "model": checkpoint.model, "revision": rev.name, "commit": rev.commit, "step": rev.step,
+        "tokens": rev.tokens, "stage": rev.stage, "val_loss": checkpoint.val_loss(),
+        "weight_bytes": checkpoint.weight_bytes, "duplicate_of": checkpoint.duplicate_of,
+    }
+    return pl.DataFrame([row], schema=REVISIONS_SCHEMA)
 
 
 def _run_row(checkpoint: Checkpoint, calibration: str, status: str, error: str | None, seconds: float) -> pl.DataFrame:
-    return pl.DataFrame(
-        {
-            "model": [checkpoint.model],
-            "revision": [checkpoint.revision.name],
-            "calibration": [calibration],
-            "status": [status],
-            "error": [error],
-            "seconds": [seconds],
-            "finished_at": [datetime.now(timezone.utc)],
-            "version": [__version__],
-        }
-    )
+    row = {
+        "model": checkpoint.model, "revision": checkpoint.revision.name, "calibration": calibration,
+        "status": status, "error": error, "seconds": seconds, "finished_at": datetime.now(timezone.utc),
+        "version": __version__,
+    }
+    return pl.DataFrame([row], schema=RUNS_SCHEMA)
+
+
+class _Background:
+    """fn(arg) on a daemon thread (an interrupted scan does not wait for it); result() returns or raises."""
+
+    def __init__(self, fn, arg):
+        self._done = threading.Event()
+        self._value = self._error = None
+        threading.Thread(target=self._run, args=(fn, arg), daemon=True).start()
+
+    def _run(self, fn, arg):
+        try:
+            self._value = fn(arg)
+        except BaseException as err:  # handed to the caller of result()
+            self._error = err
+        finally:
+            self._done.set()
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def result(self):
+        self._done.wait()
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
+def streamed(source, checkpoints: list[Checkpoint]) -> Iterator[tuple[Checkpoint, Exception | None]]:
+    """Yield each checkpoint fetched (or the error that stopped its fetch) while the next one is fetched.
+
+    The previous checkpoint is released when the caller asks for the next one, after the
+    fetch in flight has finished and before another starts, whether its fetch succeeded or not.
+    """
+    pending = _Background(source.fetch, checkpoints[0]) if checkpoints else None
+    previous = None
+    try:
+        for i, checkpoint in enumerate(checkpoints):
+            try:
+                fetched, error = pending.result(), None
+            except Exception as err:
+                fetched, error = checkpoint, err
+            if previous is not None:
+                source.release(previous)
+                previous = None
+            pending = _Background(source.fetch, checkpoints[i + 1]) if i + 1 < len(checkpoints) else None
+            previous = fetched  # a failed fetch may have left part of the revision behind
+            yield fetched, error
+    finally:
+        # On an early exit a fetch may still run; then the release waits for the next scan.
+        if previous is not None and (pending is None or pending.done):
+            source.release(previous)
 
 
 def scan(config: ScanConfig) -> pl.DataFrame:
@@ -152,39 +194,55 @@ def scan(config: ScanConfig) -> pl.DataFrame:
     if config.source is None:
         from .microsuite import build
 
-        source = build(progress=config.progress)
+        source = open_source(build(progress=config.progress))
     else:
-        source = config.source
-    checkpoints = _select(local_checkpoints(source), config.revisions)
-    for checkpoint in checkpoints:  # an unsupported revision fails the scan before any work
-        adapter_for_type(read_config(checkpoint.path).get("model_type"))
-    calibration = _calibration_for(checkpoints, config.calibration)
-    statuses = []
-    bar = tqdm(checkpoints, desc="revisions", unit="rev", disable=None if config.progress else True)
-    for checkpoint in bar:
+        source = open_source(config.source, config.cache_dir)
+    checkpoints = source.checkpoints(config.revisions)
+    calibration = build_calibration(source.metadata(checkpoints[0]), config.calibration)
+
+    statuses, todo = {}, []
+    for checkpoint in checkpoints:
+        name = checkpoint.revision.name
+        if checkpoint.duplicate_of is not None:
+            store.write_revision(_revision_row(checkpoint))
+            store.write_run(_run_row(checkpoint, calibration.id, "duplicate", f"same weights as {checkpoint.duplicate_of}", 0.0))
+            statuses[name] = ("duplicate", None)
+        elif store.has_scores(checkpoint.model, name, calibration.id) and not config.force:
+            statuses[name] = ("stored", None)
+        else:
+            todo.append(checkpoint)
+    for checkpoint in checkpoints:
+        if checkpoint not in todo:  # metadata fetched above, or what an interrupted scan left behind
+            source.release(checkpoint)
+
+    bar = tqdm(total=len(todo), desc="revisions", unit="rev", disable=None if config.progress else True)
+    for checkpoint, fetch_error in streamed(source, todo):
         name = checkpoint.revision.name
         bar.set_postfix_str(name)
-        if store.has_scores(checkpoint.model, name, calibration.id) and not config.force:
-            statuses.append((name, "stored", None))
-            continue
         start = time.perf_counter()
         try:
+            if fetch_error is not None:
+                raise fetch_error
             frame = score_checkpoint(checkpoint, calibration, config, device, dtype)
         except (CkptTraceError, OSError, RuntimeError) as err:
             seconds = time.perf_counter() - start
             store.write_run(_run_row(checkpoint, calibration.id, "failed", str(err), seconds))
             if not config.keep_going:
+                bar.close()
                 raise
-            log.warning("revision %s failed: %s", name, err)
-            statuses.append((name, "failed", seconds))
+            log.warning("revision %s failed: %s", name, " ".join(str(err).split()))
+            statuses[name] = ("failed", seconds)
+            bar.update()
             continue
         store.write_scores(frame)
         store.write_revision(_revision_row(checkpoint))
         seconds = time.perf_counter() - start
         store.write_run(_run_row(checkpoint, calibration.id, "scored", None, seconds))
-        statuses.append((name, "scored", seconds))
+        statuses[name] = ("scored", seconds)
+        bar.update()
     bar.close()
-    return summarize(store, checkpoints[0].model, calibration.id, statuses)
+    rows = [(c.revision.name, *statuses[c.revision.name]) for c in checkpoints]
+    return summarize(store, source.model, calibration.id, rows)
 
 
 def summarize(store: Store, model: str, calibration: str, statuses: list[tuple]) -> pl.DataFrame:

@@ -1,32 +1,49 @@
-"""Where checkpoints come from: a model directory, or a directory of revision subdirectories."""
+"""Where checkpoints come from: a local directory, or a model repo on the Hugging Face Hub.
+
+Both kinds of source answer the same four calls, so a scan does not care which it has:
+`checkpoints(selection)` lists the selected revisions in training order,
+`metadata(checkpoint)` gives a directory holding at least its config and tokenizer,
+`fetch(checkpoint)` makes its weights local, and `release(checkpoint)` frees what
+`fetch` took (for the Hub: deletes the revision from the cache if ckpt-trace downloaded it).
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import polars as pl
+
 from .errors import SourceError
-from .revisions import Revision, parse_revision, training_order
+from .revisions import Revision, parse_revision, select, training_order
 
 EVAL_FILE = "ckpt_trace_eval.json"
 """A checkpoint's own evaluation record, written beside its weights by the micro suite."""
 
+_REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """One revision of one model, ready to load from `path`."""
+    """One revision of one model; `path` is set once its files are local."""
 
     model: str
     revision: Revision
-    path: Path
+    path: Path | None = None
+    duplicate_of: str | None = None
+    """An earlier revision (in training order) with byte-identical weights."""
+    weight_bytes: int | None = None
+    files: object = None
+    """Source-specific description of what to fetch."""
 
     def record(self) -> dict:
         """The evaluation record kept beside the weights (validation loss, tokens), or {}."""
-        file = self.path / EVAL_FILE
+        file = self.path / EVAL_FILE if self.path else None
         try:
-            return json.loads(file.read_text(encoding="utf-8")) if file.is_file() else {}
+            return json.loads(file.read_text(encoding="utf-8")) if file and file.is_file() else {}
         except (OSError, ValueError) as err:
             raise SourceError(f"cannot read {file}: {err}") from err
 
@@ -40,32 +57,124 @@ def _is_model_dir(path: Path) -> bool:
     return (path / "config.json").is_file()
 
 
-def local_checkpoints(source: str | os.PathLike) -> list[Checkpoint]:
-    """The checkpoints of a local source, in training order.
+def _weight_bytes(directory: Path) -> int:
+    from .hub import choose_files
 
-    A directory with a config.json is one checkpoint, revision ``main``; a directory
-    whose subdirectories hold config.json files is a suite, one revision per
-    subdirectory, named after it (a symbolic link to a sibling, like ``main``, is not
-    scanned twice). `model` is the source directory's name.
+    return choose_files({p.name: (p.stat().st_size, "") for p in directory.iterdir() if p.is_file()}).weight_bytes
+
+
+class LocalSource:
+    """A model directory (one checkpoint, revision ``main``) or a directory of revision subdirectories.
+
+    Subdirectories are named after revisions (``step0/``, ``step1000/``); a symbolic link
+    to a sibling (``main -> step1000``) is an alias and is not scanned twice. `model` is
+    the directory's name.
     """
-    root = Path(source)
-    if not root.is_dir():
-        raise SourceError(f"source {str(source)!r} is not a directory")
-    model = root.resolve().name
-    if _is_model_dir(root):
-        return [Checkpoint(model, Revision("main"), root)]
-    subdirs = {p.name: p for p in sorted(root.iterdir()) if p.is_dir() and _is_model_dir(p)}
-    # A link to a sibling revision (``main -> step1000``) is an alias, not another checkpoint.
-    real = {p.resolve() for p in subdirs.values() if not p.is_symlink()}
-    subdirs = {n: p for n, p in subdirs.items() if not (p.is_symlink() and p.resolve() in real)}
-    if not subdirs:
-        raise SourceError(
-            f"{str(source)!r} is no model: it has no config.json and no subdirectories with one"
-        )
-    checkpoints = []
-    for rev in training_order([parse_revision(n) for n in subdirs]):
-        checkpoint = Checkpoint(model, rev, subdirs[rev.name])
-        if rev.tokens is None and isinstance(checkpoint.record().get("tokens"), int):
-            checkpoint = replace(checkpoint, revision=replace(rev, tokens=checkpoint.record()["tokens"]))
-        checkpoints.append(checkpoint)
-    return checkpoints
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise SourceError(f"source {str(root)!r} is not a directory")
+        self.model = self.root.resolve().name
+
+    def checkpoints(self, selection: str | None = None) -> list[Checkpoint]:
+        if _is_model_dir(self.root):
+            return [Checkpoint(self.model, Revision("main"), self.root)]
+        subdirs = {p.name: p for p in sorted(self.root.iterdir()) if p.is_dir() and _is_model_dir(p)}
+        real = {p.resolve() for p in subdirs.values() if not p.is_symlink()}
+        subdirs = {n: p for n, p in subdirs.items() if not (p.is_symlink() and p.resolve() in real)}
+        if not subdirs:
+            raise SourceError(f"{str(self.root)!r} is no model: it has no config.json and no subdirectories with one")
+        checkpoints = []
+        for rev in select([parse_revision(n) for n in subdirs], selection):
+            checkpoint = Checkpoint(self.model, rev, subdirs[rev.name], weight_bytes=_weight_bytes(subdirs[rev.name]))
+            tokens = checkpoint.record().get("tokens")
+            if rev.tokens is None and isinstance(tokens, int):
+                checkpoint = replace(checkpoint, revision=replace(rev, tokens=tokens))
+            checkpoints.append(checkpoint)
+        return checkpoints
+
+    def metadata(self, checkpoint: Checkpoint) -> Path:
+        return checkpoint.path
+
+    def fetch(self, checkpoint: Checkpoint) -> Checkpoint:
+        return checkpoint
+
+    def release(self, checkpoint: Checkpoint) -> None:
+        pass
+
+
+class HubSource:
+    """A model repo on the Hub, streamed revision by revision through the Hugging Face cache."""
+
+    def __init__(self, repo_id: str, cache_dir: str | os.PathLike | None = None, ledger: Path | None = None):
+        from .hub import HubRepo
+
+        self.repo = HubRepo(repo_id, cache_dir, ledger)
+        self.model = repo_id
+
+    def checkpoints(self, selection: str | None = None) -> list[Checkpoint]:
+        """Selected revisions with their files; byte-identical weights point at the first revision that has them."""
+        revisions = select(self.repo.revisions(), selection)
+        described = self.repo.describe(revisions)
+        first_with: dict[frozenset, str] = {}
+        checkpoints = []
+        for rev, files in zip(revisions, described):
+            if isinstance(files, Exception):  # fetch() raises it, so the scan records this revision as failed
+                checkpoints.append(Checkpoint(self.model, rev, files=files))
+                continue
+            duplicate = first_with.get(files.fingerprint) if files.fingerprint else None
+            if files.fingerprint and duplicate is None:
+                first_with[files.fingerprint] = rev.name
+            checkpoints.append(Checkpoint(self.model, rev, None, duplicate, files.weight_bytes, files))
+        return checkpoints
+
+    def _files(self, checkpoint: Checkpoint):
+        if isinstance(checkpoint.files, Exception):
+            raise checkpoint.files
+        return checkpoint.files
+
+    def metadata(self, checkpoint: Checkpoint) -> Path:
+        """A snapshot holding the checkpoint's config and tokenizer (no weights)."""
+        from .hub import choose_files
+
+        names = self._files(checkpoint).files
+        side = choose_files({f: (0, "") for f in names if not f.endswith((".bin", ".safetensors"))})
+        return self.repo.download(checkpoint.revision, side)
+
+    def fetch(self, checkpoint: Checkpoint) -> Checkpoint:
+        path = self.repo.download(checkpoint.revision, self._files(checkpoint))
+        return replace(checkpoint, path=path)
+
+    def release(self, checkpoint: Checkpoint) -> None:
+        self.repo.evict(checkpoint.revision)
+
+
+def open_source(source: str | os.PathLike, cache_dir: str | os.PathLike | None = None):
+    """A LocalSource for an existing directory, a HubSource for a repo id like ``org/name``."""
+    if Path(source).exists() or not _REPO_ID.match(str(source)):
+        return LocalSource(source)
+    return HubSource(str(source), cache_dir)
+
+
+def revision_table(source: str | os.PathLike, selection: str | None = None, cache_dir=None) -> pl.DataFrame:
+    """The revisions of a source in training order: step, tokens, stage, commit, weight bytes, duplicates."""
+    checkpoints = open_source(source, cache_dir).checkpoints(selection)
+    rows = [
+        {
+            "revision": c.revision.name, "step": c.revision.step, "tokens": c.revision.tokens,
+            "stage": c.revision.stage, "commit": c.revision.commit, "weight_bytes": c.weight_bytes,
+            "duplicate_of": c.duplicate_of,
+        }
+        for c in checkpoints
+    ]
+    schema = {"revision": pl.String, "step": pl.Int64, "tokens": pl.Int64, "stage": pl.Int64,
+              "commit": pl.String, "weight_bytes": pl.Int64, "duplicate_of": pl.String}
+    return pl.DataFrame(rows, schema=schema)
+
+
+def local_checkpoints(source: str | os.PathLike) -> list[Checkpoint]:
+    """The checkpoints of a local directory, in training order."""
+    return LocalSource(source).checkpoints()
+
+

@@ -58,6 +58,8 @@ REVISIONS_SCHEMA: dict[str, pl.DataType] = {
     "tokens": pl.Int64,
     "stage": pl.Int64,
     "val_loss": pl.Float64,
+    "weight_bytes": pl.Int64,
+    "duplicate_of": pl.String,
 }
 
 

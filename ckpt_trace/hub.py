@@ -1,0 +1,267 @@
+"""Checkpoint suites on the Hugging Face Hub, through huggingface_hub.
+
+Listing reads the repo's branches and, per revision, its tree: file sizes and the LFS
+sha256 of every weight file, so byte-identical revisions are found before anything is
+downloaded. A download fetches one weight format (safetensors where the revision has
+it, else ``.bin``) plus config and tokenizer files into the usual Hugging Face cache;
+eviction deletes a revision from that cache only if ckpt-trace downloaded it, which a
+small ledger beside ckpt-trace's other files remembers across interrupted runs.
+``HF_ENDPOINT``, ``HF_HUB_OFFLINE``, ``HF_HUB_CACHE`` and the usual login are honoured.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import logging
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import SourceError
+from .revisions import Revision, parse_revision, training_order
+
+log = logging.getLogger(__name__)
+
+WEIGHT_FORMATS = {
+    "safetensors": ("*.safetensors", "*.safetensors.index.json"),
+    "bin": ("pytorch_model*.bin", "pytorch_model*.bin.index.json"),
+}
+SIDE_FILES = (
+    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+    "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json", "ckpt_trace_eval.json",
+)
+# Suites whose names carry only the step: tokens seen per optimizer step.
+TOKENS_PER_STEP = {"EleutherAI/pythia-": 2_097_152}
+
+RETRIES = 4
+"""Attempts at one download before a revision counts as failed."""
+BACKOFF_S = 2.0
+"""Wait before the second attempt; doubled after each further failure."""
+
+
+@dataclass(frozen=True)
+class HubFiles:
+    """What one revision's tree says: the files to fetch, their weight bytes, and a fingerprint of the weights."""
+
+    files: tuple[str, ...]
+    weight_format: str | None
+    weight_bytes: int
+    fingerprint: frozenset
+
+
+def tokens_per_step(repo_id: str) -> int | None:
+    return next((n for prefix, n in TOKENS_PER_STEP.items() if repo_id.startswith(prefix)), None)
+
+
+def choose_files(entries: dict[str, tuple[int, str]]) -> HubFiles:
+    """Pick one weight format and the side files from {path: (size, sha256 or blob id)}."""
+    chosen_format, weights = None, []
+    for name, patterns in WEIGHT_FORMATS.items():
+        weights = [p for p in entries if any(fnmatch.fnmatch(p, pat) for pat in patterns)]
+        if any(not p.endswith(".json") for p in weights):
+            chosen_format = name
+            break
+    else:
+        weights = []
+    side = [p for p in entries if p in SIDE_FILES]
+    weight_files = [p for p in weights if not p.endswith(".json")]
+    return HubFiles(
+        files=tuple(sorted(side + weights)),
+        weight_format=chosen_format,
+        weight_bytes=sum(entries[p][0] for p in weight_files),
+        fingerprint=frozenset((p, entries[p][1]) for p in weight_files),
+    )
+
+
+def _transient(err: BaseException) -> bool:
+    """A network fault or server error worth another try (not a missing repo, revision or file)."""
+    import httpx2
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled, RepositoryNotFoundError, RevisionNotFoundError
+
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, (OfflineModeIsEnabled, RepositoryNotFoundError, RevisionNotFoundError)):
+            return False
+        if isinstance(err, HfHubHTTPError) and err.response is not None:
+            return err.response.status_code >= 500 or err.response.status_code in (408, 429)
+        if isinstance(err, (httpx2.TransportError, ConnectionError, TimeoutError)):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def with_retries(fn, what: str):
+    """Call fn, retrying transient failures with exponential backoff."""
+    for attempt in range(1, RETRIES + 1):
+        try:
+            return fn()
+        except Exception as err:
+            if attempt == RETRIES or not _transient(err):
+                raise
+            delay = BACKOFF_S * 2 ** (attempt - 1)
+            log.warning("%s failed (%s); retry %d of %d in %.0fs", what, " ".join(str(err).split()), attempt, RETRIES - 1, delay)
+            time.sleep(delay)
+
+
+class DownloadLedger:
+    """The snapshots that ckpt-trace downloaded and has not evicted yet, kept in a JSON file."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._lock = threading.Lock()
+
+    def _read(self) -> set[str]:
+        try:
+            return set(json.loads(self.path.read_text()))
+        except (OSError, ValueError):
+            return set()
+
+    def _write(self, entries: set[str]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(sorted(entries)))
+        os.replace(tmp, self.path)
+
+    def add(self, snapshot: Path) -> None:
+        with self._lock:
+            self._write(self._read() | {str(snapshot)})
+
+    def discard(self, snapshot: Path) -> None:
+        with self._lock:
+            self._write(self._read() - {str(snapshot)})
+
+    def __contains__(self, snapshot: Path) -> bool:
+        return str(snapshot) in self._read()
+
+
+class HubRepo:
+    """One model repo on the Hub (or in the local cache when offline)."""
+
+    def __init__(self, repo_id: str, cache_dir: str | os.PathLike | None = None, ledger: Path | None = None):
+        from huggingface_hub import HfApi, constants
+
+        self.repo_id = repo_id
+        self.api = HfApi()
+        self.cache_dir = Path(cache_dir or constants.HF_HUB_CACHE).expanduser().resolve()
+        self.offline = constants.HF_HUB_OFFLINE
+        from .microsuite import home
+
+        self.ledger = DownloadLedger(ledger or home() / "downloads.json")
+        self.repo_folder = self.cache_dir / ("models--" + repo_id.replace("/", "--"))
+
+    def _hub_error(self, err: Exception, action: str, revision: str | None = None) -> SourceError:
+        from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
+
+        if isinstance(err, RevisionNotFoundError):
+            return SourceError(f"revision {revision!r} not found in {self.repo_id!r}; see `ckpt-trace revisions {self.repo_id}`")
+        if isinstance(err, RepositoryNotFoundError):
+            return SourceError(
+                f"repo {self.repo_id!r} not found on {self.api.endpoint} (a private or gated repo needs `hf auth login`)"
+            )
+        where = f"{self.repo_id}@{revision}" if revision else self.repo_id
+        return SourceError(f"{action} {where} failed: {' '.join(str(err).split())}")
+
+    # -- listing ----------------------------------------------------------------------
+    def revisions(self) -> list[Revision]:
+        """Every branch, parsed and in training order."""
+        per_step = tokens_per_step(self.repo_id)
+        if self.offline:
+            refs = self._cached_refs()
+        else:
+            try:
+                refs = with_retries(lambda: self.api.list_repo_refs(self.repo_id), f"listing {self.repo_id}")
+            except Exception as err:
+                raise self._hub_error(err, "listing") from err
+            refs = {b.name: b.target_commit for b in refs.branches}
+        return training_order([parse_revision(name, per_step, commit) for name, commit in refs.items()])
+
+    def _cached_refs(self) -> dict[str, str]:
+        refs_dir = self.repo_folder / "refs"
+        if not refs_dir.is_dir():
+            raise SourceError(f"repo {self.repo_id!r} is not in the cache {self.cache_dir} and HF_HUB_OFFLINE is set")
+        return {p.relative_to(refs_dir).as_posix(): p.read_text().strip() for p in refs_dir.rglob("*") if p.is_file()}
+
+    def files(self, revision: Revision) -> HubFiles:
+        """The files of one revision, from its tree listing (or its cached snapshot when offline)."""
+        if self.offline:
+            snapshot = self.repo_folder / "snapshots" / (revision.commit or "")
+            entries = {
+                p.relative_to(snapshot).as_posix(): (p.stat().st_size, p.resolve().name)
+                for p in snapshot.rglob("*") if p.is_file()
+            }
+            return choose_files(entries)
+        ref = revision.commit or revision.name
+        try:  # huggingface_hub retries tree listings itself
+            tree = list(self.api.list_repo_tree(self.repo_id, revision=ref, recursive=True))
+        except Exception as err:
+            raise self._hub_error(err, "listing", revision.name) from err
+        entries = {
+            f.path: (f.size, f.lfs.sha256 if f.lfs is not None else f.blob_id)
+            for f in tree if hasattr(f, "blob_id")  # files, not folders
+        }
+        return choose_files(entries)
+
+    def describe(self, revisions: list[Revision], workers: int = 8) -> list[HubFiles | SourceError]:
+        """The files of many revisions, listed concurrently; a revision whose listing fails gets its error."""
+
+        def files_or_error(revision: Revision) -> HubFiles | SourceError:
+            try:
+                return self.files(revision)
+            except SourceError as err:
+                return err
+
+        with ThreadPoolExecutor(workers) as pool:
+            return list(pool.map(files_or_error, revisions))
+
+    # -- cache ------------------------------------------------------------------------
+    def snapshot(self, revision: Revision) -> Path:
+        return self.repo_folder / "snapshots" / (revision.commit or "unknown")
+
+    def is_cached(self, revision: Revision, files: HubFiles) -> bool:
+        snapshot = self.snapshot(revision)
+        return all((snapshot / f).is_file() for f in files.files)
+
+    def download(self, revision: Revision, files: HubFiles, progress: bool = True) -> Path:
+        """Fetch a revision's chosen files into the cache and return its snapshot directory."""
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError
+
+        snapshot = self.snapshot(revision)
+        if not self.is_cached(revision, files):
+            self.ledger.add(snapshot)  # before the first byte: an interrupted download is still ours
+        try:
+            path = with_retries(
+                lambda: snapshot_download(
+                    self.repo_id,
+                    revision=revision.commit or revision.name,
+                    allow_patterns=list(files.files),
+                    cache_dir=self.cache_dir,
+                    max_workers=8,
+                ),
+                f"downloading {self.repo_id}@{revision.name}",
+            )
+        except Exception as err:
+            if self.offline and isinstance(err, LocalEntryNotFoundError):
+                raise SourceError(
+                    f"revision {revision.name!r} of {self.repo_id!r} is not in the cache and HF_HUB_OFFLINE is set"
+                ) from err
+            raise self._hub_error(err, "download of", revision.name) from err
+        return Path(path)
+
+    def evict(self, revision: Revision) -> int:
+        """Delete a revision from the cache if ckpt-trace downloaded it; return the bytes freed."""
+        from huggingface_hub import scan_cache_dir
+
+        snapshot = self.snapshot(revision)
+        if snapshot not in self.ledger:
+            return 0
+        strategy = scan_cache_dir(self.cache_dir).delete_revisions(revision.commit)
+        freed = strategy.expected_freed_size
+        strategy.execute()
+        self.ledger.discard(snapshot)
+        return freed

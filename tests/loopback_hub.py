@@ -1,0 +1,274 @@
+"""A loopback HTTP server that answers like the Hugging Face Hub, for tests and benchmarks.
+
+It serves repositories whose files the tests make, through the endpoints that the real
+huggingface_hub client calls (see ../shared/HUB_NOTES.md): refs, revision info, tree
+listings, file metadata (HEAD) and file downloads with Range. LFS files (``.safetensors``
+and ``.bin``) are redirected to ``localhost`` while the server listens on ``127.0.0.1``,
+which takes the client's CDN path. Every request is logged. Faults can be injected: a
+download cut off half-way, or server errors for the next requests matching a path.
+Downloads can be throttled to a fixed bandwidth shared by all connections.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+LFS_SUFFIXES = (".safetensors", ".bin")
+
+
+def git_blob_id(data: bytes) -> str:
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def lfs_pointer(data: bytes) -> bytes:
+    sha = hashlib.sha256(data).hexdigest()
+    return f"version https://git-lfs.github.com/spec/v1\noid sha256:{sha}\nsize {len(data)}\n".encode()
+
+
+@dataclass
+class Request:
+    method: str
+    path: str
+    range: str | None
+    status: int
+
+
+@dataclass
+class Repo:
+    branches: dict[str, str] = field(default_factory=dict)  # branch -> commit
+    commits: dict[str, dict[str, bytes]] = field(default_factory=dict)  # commit -> path -> bytes
+
+
+class LoopbackHub:
+    """Serve repositories from memory on 127.0.0.1; use as a context manager."""
+
+    def __init__(self, bandwidth: float | None = None):
+        self.repos: dict[str, Repo] = {}
+        self.blobs: dict[str, bytes] = {}  # sha256 -> content, for the CDN path
+        self.log: list[Request] = []
+        self.bandwidth = bandwidth  # bytes per second over all connections, or None
+        self.cut_once: set[str] = set()  # request-path fragments whose next download stops half-way
+        self.errors: dict[str, int] = {}  # path fragment -> number of 500 answers still to give
+        self._lock = threading.Lock()
+        self._next_free = 0.0
+        self._server: ThreadingHTTPServer | None = None
+
+    # -- content ----------------------------------------------------------------------
+    def add_revision(self, repo_id: str, branch: str, files: dict[str, bytes]) -> str:
+        """Add (or move) a branch to a commit holding `files`; return the commit hash."""
+        repo = self.repos.setdefault(repo_id, Repo())
+        digest = hashlib.sha1(repo_id.encode() + branch.encode())
+        for path in sorted(files):
+            digest.update(path.encode() + hashlib.sha256(files[path]).digest())
+        commit = digest.hexdigest()
+        repo.commits[commit] = dict(files)
+        repo.branches[branch] = commit
+        for path, data in files.items():
+            if path.endswith(LFS_SUFFIXES):
+                self.blobs[hashlib.sha256(data).hexdigest()] = data
+        return commit
+
+    def add_model_dir(self, repo_id: str, branch: str, directory: Path) -> str:
+        """Add a branch holding every file of a local model directory."""
+        files = {p.relative_to(directory).as_posix(): p.read_bytes() for p in directory.rglob("*") if p.is_file()}
+        return self.add_revision(repo_id, branch, files)
+
+    def requests(self, method: str | None = None, contains: str = "") -> list[Request]:
+        with self._lock:
+            return [r for r in self.log if (method is None or r.method == method) and contains in r.path]
+
+    # -- server -----------------------------------------------------------------------
+    def __enter__(self) -> LoopbackHub:
+        hub = self
+
+        class Handler(_Handler):
+            pass
+
+        Handler.hub = hub
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        assert self._server is not None
+        self._server.shutdown()
+        self._server.server_close()
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        return self._server.server_address[1]
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def throttle(self, n: int) -> None:
+        """Wait until `n` more bytes fit in the shared bandwidth."""
+        if not self.bandwidth:
+            return
+        with self._lock:
+            start = max(time.monotonic(), self._next_free)
+            self._next_free = start + n / self.bandwidth
+            until = self._next_free
+        time.sleep(max(0.0, until - time.monotonic()))
+
+    def take_cut(self, path: str) -> bool:
+        with self._lock:
+            for fragment in list(self.cut_once):
+                if fragment in path:
+                    self.cut_once.discard(fragment)
+                    return True
+        return False
+
+    def take_error(self, path: str) -> bool:
+        with self._lock:
+            for fragment, count in self.errors.items():
+                if fragment in path and count > 0:
+                    self.errors[fragment] = count - 1
+                    return True
+        return False
+
+
+class _Handler(BaseHTTPRequestHandler):
+    hub: LoopbackHub
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):  # quiet
+        pass
+
+    # -- plumbing ---------------------------------------------------------------------
+    def _record(self, status: int) -> None:
+        with self.hub._lock:
+            self.hub.log.append(Request(self.command, self.path, self.headers.get("Range"), status))
+
+    def _send(self, status: int, body: bytes = b"", headers: dict | None = None, content_type="application/json"):
+        self._record(status)
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        for key, value in (headers or {}).items():
+            self.send_header(key, value)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _json(self, obj) -> None:
+        self._send(200, json.dumps(obj).encode())
+
+    def _error(self, code: str) -> None:
+        self._send(404, json.dumps({"error": code}).encode(), {"X-Error-Code": code})
+
+    def do_HEAD(self):
+        self._route()
+
+    def do_GET(self):
+        self._route()
+
+    def _route(self):
+        parts = [unquote(p) for p in urlsplit(self.path).path.split("/")[1:]]
+        if self.hub.take_error(self.path):
+            return self._send(500, b'{"error": "injected"}')
+        if parts[:1] == ["cdn"] and len(parts) == 2:
+            data = self.hub.blobs.get(parts[1])
+            return self._error("EntryNotFound") if data is None else self._bytes(data, parts[1])
+        if parts[:2] == ["api", "models"] and len(parts) >= 5:
+            return self._api(f"{parts[2]}/{parts[3]}", parts[4], parts[5:])
+        if len(parts) >= 5 and parts[2] == "resolve":
+            return self._resolve(f"{parts[0]}/{parts[1]}", parts[3], "/".join(parts[4:]))
+        self._error("EntryNotFound")
+
+    def _commit(self, repo: Repo, rev: str) -> str | None:
+        if rev in repo.branches:
+            return repo.branches[rev]
+        return rev if rev in repo.commits else None
+
+    # -- API --------------------------------------------------------------------------
+    def _api(self, repo_id: str, verb: str, rest: list[str]):
+        repo = self.hub.repos.get(repo_id)
+        if repo is None:
+            return self._error("RepoNotFound")
+        if verb == "refs":
+            branches = [{"name": b, "ref": f"refs/heads/{b}", "targetCommit": c} for b, c in repo.branches.items()]
+            return self._json({"branches": branches, "converts": [], "tags": []})
+        if verb not in ("revision", "tree") or not rest:
+            return self._error("EntryNotFound")
+        commit = self._commit(repo, rest[0])
+        if commit is None:
+            return self._error("RevisionNotFound")
+        files = repo.commits[commit]
+        if verb == "revision":
+            siblings = [{"rfilename": p} for p in sorted(files)]
+            return self._json({"id": repo_id, "modelId": repo_id, "sha": commit, "siblings": siblings, "private": False})
+        return self._json([self._tree_entry(path, data) for path, data in sorted(files.items())])
+
+    def _tree_entry(self, path: str, data: bytes) -> dict:
+        if path.endswith(LFS_SUFFIXES):
+            pointer = lfs_pointer(data)
+            lfs = {"oid": hashlib.sha256(data).hexdigest(), "size": len(data), "pointerSize": len(pointer)}
+            return {"type": "file", "path": path, "size": len(data), "oid": git_blob_id(pointer), "lfs": lfs}
+        return {"type": "file", "path": path, "size": len(data), "oid": git_blob_id(data)}
+
+    # -- files ------------------------------------------------------------------------
+    def _resolve(self, repo_id: str, rev: str, path: str):
+        repo = self.hub.repos.get(repo_id)
+        if repo is None:
+            return self._error("RepoNotFound")
+        commit = self._commit(repo, rev)
+        if commit is None:
+            return self._error("RevisionNotFound")
+        data = repo.commits[commit].get(path)
+        if data is None:
+            return self._error("EntryNotFound")
+        if path.endswith(LFS_SUFFIXES):
+            sha = hashlib.sha256(data).hexdigest()
+            headers = {
+                "X-Repo-Commit": commit,
+                "ETag": f'"{git_blob_id(lfs_pointer(data))}"',
+                "X-Linked-Etag": f'"{sha}"',
+                "X-Linked-Size": str(len(data)),
+                "Location": f"http://localhost:{self.hub.port}/cdn/{sha}",
+            }
+            return self._send(302, b"", headers)
+        return self._bytes(data, git_blob_id(data), {"X-Repo-Commit": commit})
+
+    def _bytes(self, data: bytes, etag: str, headers: dict | None = None):
+        headers = {"ETag": f'"{etag}"', "Accept-Ranges": "bytes", **(headers or {})}
+        start = 0
+        status = 200
+        requested = self.headers.get("Range")
+        if requested and requested.startswith("bytes="):
+            first, _, last = requested[6:].partition("-")
+            start = int(first or 0)
+            end = int(last) if last else len(data) - 1
+            headers["Content-Range"] = f"bytes {start}-{end}/{len(data)}"
+            data = data[start : end + 1]
+            status = 206
+        if self.command == "HEAD":
+            return self._send(status, data, headers, "application/octet-stream")
+        cut = self.hub.take_cut(self.path)
+        self._record(status)
+        self.send_response(status)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(len(data)))
+        for key, value in headers.items():
+            self.send_header(key, value)
+        self.end_headers()
+        limit = len(data) // 2 if cut else len(data)
+        chunk = 64 * 1024
+        for offset in range(0, limit, chunk):
+            piece = data[offset : min(offset + chunk, limit)]
+            self.hub.throttle(len(piece))
+            self.wfile.write(piece)
+        if cut:
+            self.wfile.flush()
+            self.close_connection = True
+            self.connection.shutdown(2)

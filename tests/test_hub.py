@@ -1,0 +1,261 @@
+"""Streaming scans from a loopback Hub through the real huggingface_hub client."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import pickle
+import shutil
+
+import polars as pl
+import pytest
+import torch
+from huggingface_hub import constants, snapshot_download
+
+from ckpt_trace import hub as hub_module
+from ckpt_trace.cli import main
+from ckpt_trace.errors import SourceError
+from ckpt_trace.models import load_model
+from ckpt_trace.sources import HubSource, revision_table
+from ckpt_trace.store import Store
+
+from conftest import LAYERS, make_model, write_tokenizer
+from loopback_hub import LoopbackHub
+
+REPO = "org/tiny-suite"
+SMALL = ["--samples", "2", "--seq-len", "16", "--batch-size", "2", "--device", "cpu"]
+
+
+def model_files(seed: int, formats: tuple[str, ...], tokenizer_dir) -> dict[str, bytes]:
+    """A tiny GPT-NeoX checkpoint's files in the given weight formats, plus its tokenizer."""
+    model = make_model("gpt_neox", seed)
+    files = {"config.json": model.config.to_json_string().encode()}
+    if "safetensors" in formats:
+        from safetensors.torch import save
+
+        files["model.safetensors"] = save({k: v.contiguous() for k, v in model.state_dict().items()}, {"format": "pt"})
+    if "bin" in formats:
+        buffer = io.BytesIO()
+        torch.save(model.state_dict(), buffer)
+        files["pytorch_model.bin"] = buffer.getvalue()
+    for file in tokenizer_dir.iterdir():
+        files[file.name] = file.read_bytes()
+    return files
+
+
+@pytest.fixture(scope="module")
+def suite_files(tmp_path_factory):
+    tokenizer_dir = tmp_path_factory.mktemp("tok")
+    write_tokenizer(tokenizer_dir)
+    return {
+        "step0": model_files(0, ("safetensors",), tokenizer_dir),
+        "step2": model_files(1, ("bin",), tokenizer_dir),
+        "step1000": model_files(2, ("safetensors", "bin"), tokenizer_dir),
+        "step2000": model_files(3, ("safetensors",), tokenizer_dir),
+    }
+
+
+@pytest.fixture
+def hub(suite_files, monkeypatch, tmp_path):
+    """A running loopback Hub with the suite, the client pointed at it, and a private cache and home."""
+    with LoopbackHub() as server:
+        for branch, files in suite_files.items():
+            server.add_revision(REPO, branch, files)
+        server.add_revision(REPO, "main", suite_files["step2000"])  # byte-identical to step2000
+        server.add_revision(REPO, "custom-branch", suite_files["step0"] | {"config.json": suite_files["step0"]["config.json"] + b" "})
+        monkeypatch.setattr(constants, "ENDPOINT", server.url)
+        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", server.url + "/{repo_id}/resolve/{revision}/{filename}")
+        monkeypatch.setenv("CKPT_TRACE_HOME", str(tmp_path / "home"))
+        monkeypatch.setattr(hub_module, "BACKOFF_S", 0.01)
+        yield server
+
+
+def weight_gets(server, files: dict[str, bytes]) -> list[str]:
+    """The weight files of one revision that were downloaded, by name."""
+    names = []
+    for name, data in files.items():
+        if name.endswith((".safetensors", ".bin")):
+            sha = hashlib.sha256(data).hexdigest()
+            if server.requests("GET", f"/cdn/{sha}"):
+                names.append(name)
+    return names
+
+
+def snapshots(cache) -> list[str]:
+    folder = cache / f"models--{REPO.replace('/', '--')}" / "snapshots"
+    return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+
+
+def test_revisions_in_training_order_with_bytes_and_duplicates_before_any_download(hub, suite_files):
+    table = revision_table(REPO, cache_dir=None)
+    assert table["revision"].to_list() == ["step0", "step2", "step1000", "step2000", "main", "custom-branch"]
+    assert table["step"].to_list() == [0, 2, 1000, 2000, None, None]
+    bytes_of = {r: len(suite_files[r]["model.safetensors" if "model.safetensors" in suite_files[r] else "pytorch_model.bin"])
+                for r in suite_files}
+    assert table["weight_bytes"].to_list()[:4] == [bytes_of[r] for r in ["step0", "step2", "step1000", "step2000"]]
+    assert table["duplicate_of"].to_list() == [None, None, None, None, "step2000", "step0"]
+    assert table["commit"].str.len_chars().to_list() == [40] * 6
+    assert not hub.requests("GET", "/resolve/") and not hub.requests("GET", "/cdn/")
+
+
+def test_revisions_command_and_selection(hub, capsys):
+    assert main(["revisions", REPO, "--select", "step2..step1000,main"]) == 0
+    out = capsys.readouterr().out
+    assert "step2" in out and "step1000" in out and "main" in out and "step0 " not in out
+    assert main(["revisions", REPO, "--select", "step5000..step9000"]) == 2
+    err = capsys.readouterr().err
+    assert "'step5000..step9000' matches no revision; available: step0, step2, step1000" in err
+
+
+def test_streamed_scan(hub, suite_files, tmp_path, capsys, monkeypatch):
+    cache, store = tmp_path / "cache", tmp_path / "store"
+    held = []
+    fetch = HubSource.fetch
+
+    weight_shas = {
+        hashlib.sha256(data).hexdigest()
+        for f in suite_files.values() for name, data in f.items() if name.endswith((".bin", ".safetensors"))
+    }
+
+    def watched_fetch(self, checkpoint):
+        result = fetch(self, checkpoint)
+        blobs = cache / f"models--{REPO.replace('/', '--')}" / "blobs"
+        held.append(sum(p.stat().st_size for p in blobs.iterdir() if p.name in weight_shas))
+        return result
+
+    monkeypatch.setattr(HubSource, "fetch", watched_fetch)
+    code = main(["scan", REPO, "--store", str(store), "--cache-dir", str(cache), "--revisions", "step0..,main", *SMALL])
+    assert code == 0, capsys.readouterr().err
+
+    # One weight format per revision: safetensors where there is one, else .bin.
+    assert weight_gets(hub, suite_files["step0"]) == ["model.safetensors"]
+    assert weight_gets(hub, suite_files["step2"]) == ["pytorch_model.bin"]
+    assert weight_gets(hub, suite_files["step1000"]) == ["model.safetensors"]
+    assert weight_gets(hub, suite_files["step2000"]) == ["model.safetensors"]
+    # The duplicate main was never downloaded: its weights came once, for step2000.
+    sha = hashlib.sha256(suite_files["step2000"]["model.safetensors"]).hexdigest()
+    assert len([r for r in hub.requests("GET", f"/cdn/{sha}") if r.status in (200, 206)]) == 1
+
+    # Everything downloaded was evicted, and the cache never held more than two revisions' weights.
+    assert snapshots(cache) == []
+    largest = max(len(data) for f in suite_files.values() for name, data in f.items() if name.endswith((".bin", ".safetensors")))
+    assert 0 < max(held) <= 2 * largest
+
+    frame = Store(store).scores()
+    assert sorted(set(frame["revision"])) == ["step0", "step1000", "step2", "step2000"]
+    assert frame.height == 4 * LAYERS * 6
+    revisions = Store(store).revisions()
+    assert revisions.filter(pl.col("revision") == "main")["duplicate_of"].to_list() == ["step2000"]
+    assert set(frame["commit"].str.len_chars()) == {40}
+
+    # The scores equal a scan of the same checkpoints from local directories.
+    local = tmp_path / "local" / "tiny-suite"
+    for name in ("step0", "step2", "step1000", "step2000"):
+        (local / name).mkdir(parents=True)
+        for file, data in suite_files[name].items():
+            (local / name / file).write_bytes(data)
+    assert main(["scan", str(local), "--store", str(tmp_path / "local-store"), *SMALL]) == 0
+    key = ["revision", "layer", "module", "metric"]
+    here = Store(tmp_path / "local-store").scores().sort(key)
+    assert here["value"].to_list() == frame.sort(key)["value"].to_list()
+
+
+def test_never_evicts_what_it_did_not_download(hub, tmp_path, capsys):
+    cache = tmp_path / "cache"
+    mine = snapshot_download(REPO, revision="step0", cache_dir=cache)  # the user's own download
+    code = main(["scan", REPO, "--store", str(tmp_path / "s"), "--cache-dir", str(cache), "--revisions", "step0,step2", *SMALL])
+    assert code == 0, capsys.readouterr().err
+    assert snapshots(cache) == [os.path.basename(mine)]
+    assert (cache / f"models--{REPO.replace('/', '--')}" / "snapshots" / os.path.basename(mine) / "model.safetensors").is_file()
+
+
+def test_cut_off_download_is_resumed(hub, tmp_path, capsys):
+    hub.cut_once.add("/cdn/")
+    code = main(["scan", REPO, "--store", str(tmp_path / "s"), "--cache-dir", str(tmp_path / "c"), "--revisions", "step0", *SMALL])
+    assert code == 0, capsys.readouterr().err
+    assert Store(tmp_path / "s").scores().height == LAYERS * 6
+    assert not hub.cut_once  # the fault was served
+
+
+def test_transient_server_errors_are_retried(hub, suite_files, tmp_path, capsys):
+    sha = hashlib.sha256(suite_files["step0"]["model.safetensors"]).hexdigest()
+    hub.errors["/tree/"] = 1  # retried by huggingface_hub
+    hub.errors["/refs"] = 1  # retried by ckpt-trace
+    hub.errors[f"/cdn/{sha}"] = 2  # retried by ckpt-trace
+    code = main(["scan", REPO, "--store", str(tmp_path / "s"), "--cache-dir", str(tmp_path / "c"), "--revisions", "step0", *SMALL])
+    assert code == 0, capsys.readouterr().err
+    assert set(hub.errors.values()) == {0}
+    assert len(hub.requests(contains="/refs")) == 2
+
+
+def test_a_revision_that_keeps_failing(hub, suite_files, tmp_path, capsys):
+    sha = hashlib.sha256(suite_files["step2"]["pytorch_model.bin"]).hexdigest()
+    hub.errors[f"/cdn/{sha}"] = 10_000
+    args = ["scan", REPO, "--store", str(tmp_path / "s"), "--cache-dir", str(tmp_path / "c"), "--revisions", "step0,step2,step1000", *SMALL]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("ckpt-trace: error: download of org/tiny-suite@step2 failed") and "500" in last
+    assert "Traceback" not in err
+    assert err.count("retry") == hub_module.RETRIES - 1
+    runs = Store(tmp_path / "s").runs()
+    assert runs.filter(pl.col("status") == "failed")["revision"].to_list() == ["step2"]
+
+    assert main([*args, "--keep-going"]) == 0
+    assert sorted(set(Store(tmp_path / "s").scores()["revision"])) == ["step0", "step1000"]
+    assert Store(tmp_path / "s").runs().filter(pl.col("status") == "failed").height == 2
+    assert snapshots(tmp_path / "c") == []
+
+
+def test_offline_mode_lists_and_scans_from_the_cache(hub, tmp_path, monkeypatch, capsys):
+    cache = tmp_path / "cache"
+    snapshot_download(REPO, revision="step0", cache_dir=cache)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    hub.log.clear()
+    table = revision_table(REPO, cache_dir=cache)
+    assert table["revision"].to_list() == ["step0"]
+    code = main(["scan", REPO, "--store", str(tmp_path / "s"), "--cache-dir", str(cache), *SMALL])
+    assert code == 0, capsys.readouterr().err
+    assert hub.log == []
+    assert Store(tmp_path / "s").scores().height == LAYERS * 6
+    assert main(["scan", "org/elsewhere", "--store", str(tmp_path / "s"), "--cache-dir", str(cache)]) == 2
+    assert "not in the cache" in capsys.readouterr().err
+
+
+def test_unknown_repo_and_revision(hub, tmp_path, capsys):
+    assert main(["scan", "org/nothing-here", "--store", str(tmp_path / "s"), "--cache-dir", str(tmp_path / "c")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "'org/nothing-here' not found" in err[0]
+    assert main(["scan", REPO, "--revisions", "step7", "--store", str(tmp_path / "s"), "--cache-dir", str(tmp_path / "c")]) == 2
+    assert "no revision 'step7'; available: step0, step2, step1000, step2000, main, custom-branch" in capsys.readouterr().err
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (os.system, ("touch exploited",))
+
+
+def test_bin_weights_load_only_through_the_weights_only_unpickler(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    model_dir = tmp_path / "evil"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text(make_model("gpt_neox").config.to_json_string())
+    (model_dir / "pytorch_model.bin").write_bytes(pickle.dumps({"weight": _Exploit()}, protocol=2))
+    with pytest.raises(SourceError, match="cannot load the model"):
+        load_model(model_dir, torch.device("cpu"), torch.float32)
+    assert not (tmp_path / "exploited").exists()
+
+
+def test_trust_remote_code_stays_off(tmp_path):
+    model_dir = tmp_path / "remote"
+    model_dir.mkdir()
+    config = make_model("llama").config.to_dict() | {"auto_map": {"AutoModelForCausalLM": "modeling_x.Evil"}}
+    import json
+
+    (model_dir / "config.json").write_text(json.dumps(config))
+    (model_dir / "modeling_x.py").write_text("raise SystemExit('remote code ran')\n")
+    make_model("llama").save_pretrained(tmp_path / "weights")
+    shutil.copy(tmp_path / "weights" / "model.safetensors", model_dir)
+    model = load_model(model_dir, torch.device("cpu"), torch.float32)
+    assert type(model).__name__ == "LlamaForCausalLM"
