@@ -49,7 +49,8 @@ class Repo:
 class LoopbackHub:
     """Serve repositories from memory on 127.0.0.1; use as a context manager."""
 
-    def __init__(self, bandwidth: float | None = None):
+    def __init__(self, bandwidth: float | None = None, port: int = 0):
+        self._port = port
         self.repos: dict[str, Repo] = {}
         self.blobs: dict[str, bytes] = {}  # sha256 -> content, for the CDN path
         self.log: list[Request] = []
@@ -92,7 +93,7 @@ class LoopbackHub:
             pass
 
         Handler.hub = hub
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server = ThreadingHTTPServer(("127.0.0.1", self._port), Handler)
         self._server.daemon_threads = True
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
         return self
@@ -272,3 +273,28 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.flush()
             self.close_connection = True
             self.connection.shutdown(2)
+
+
+def serve_forever() -> None:
+    """Serve a suite of model directories as one repo from a separate process (for benchmarks).
+
+    ``python tests/loopback_hub.py REPO DIR [--bandwidth BYTES_PER_S] [--port N]``: every subdirectory of
+    DIR becomes a branch. The server prints its URL on one line, then serves until killed.
+    """
+    import argparse
+
+    parser = argparse.ArgumentParser(description=serve_forever.__doc__.splitlines()[0])
+    parser.add_argument("repo")
+    parser.add_argument("directory", type=Path)
+    parser.add_argument("--bandwidth", type=float)
+    parser.add_argument("--port", type=int, default=0)
+    args = parser.parse_args()
+    with LoopbackHub(bandwidth=args.bandwidth, port=args.port) as hub:
+        for branch in sorted(p for p in args.directory.iterdir() if p.is_dir()):
+            hub.add_model_dir(args.repo, branch.name, branch)
+        print(hub.url, flush=True)
+        threading.Event().wait()
+
+
+if __name__ == "__main__":
+    serve_forever()
