@@ -171,10 +171,3 @@ def revision_table(source: str | os.PathLike, selection: str | None = None, cach
     schema = {"revision": pl.String, "step": pl.Int64, "tokens": pl.Int64, "stage": pl.Int64,
               "commit": pl.String, "weight_bytes": pl.Int64, "duplicate_of": pl.String}
     return pl.DataFrame(rows, schema=schema)
-
-
-def local_checkpoints(source: str | os.PathLike) -> list[Checkpoint]:
-    """The checkpoints of a local directory, in training order."""
-    return LocalSource(source).checkpoints()
-
-

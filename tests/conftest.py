@@ -13,19 +13,17 @@ VOCAB = 384
 HIDDEN = 32
 LAYERS = 3
 
-_LLAMA_LIKE = dict(
+_TOKENS = dict(bos_token_id=0, eos_token_id=0)
+_NEOX = dict(
     vocab_size=VOCAB,
     hidden_size=HIDDEN,
     intermediate_size=64,
     num_hidden_layers=LAYERS,
     num_attention_heads=4,
-    num_key_value_heads=2,
     max_position_embeddings=128,
-    bos_token_id=0,
-    eos_token_id=0,
-    pad_token_id=0,
+    **_TOKENS,
 )
-_TOKENS = dict(bos_token_id=0, eos_token_id=0)
+_LLAMA_LIKE = dict(_NEOX, num_key_value_heads=2, pad_token_id=0)
 
 # model_type -> config. Every family the adapters support appears here, with both
 # GPT-NeoX residual styles.
@@ -38,27 +36,8 @@ CONFIGS: dict[str, transformers.PretrainedConfig] = {
     "gemma3_text": transformers.Gemma3TextConfig(**_LLAMA_LIKE, head_dim=8, sliding_window=16),
     "olmo": transformers.OlmoConfig(**_LLAMA_LIKE),
     "olmo2": transformers.Olmo2Config(**_LLAMA_LIKE),
-    "gpt_neox": transformers.GPTNeoXConfig(
-        vocab_size=VOCAB,
-        hidden_size=HIDDEN,
-        intermediate_size=64,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=4,
-        max_position_embeddings=128,
-        use_parallel_residual=True,
-        rotary_pct=0.25,
-        **_TOKENS,
-    ),
-    "gpt_neox_sequential": transformers.GPTNeoXConfig(
-        vocab_size=VOCAB,
-        hidden_size=HIDDEN,
-        intermediate_size=64,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=4,
-        max_position_embeddings=128,
-        use_parallel_residual=False,
-        **_TOKENS,
-    ),
+    "gpt_neox": transformers.GPTNeoXConfig(**_NEOX, use_parallel_residual=True, rotary_pct=0.25),
+    "gpt_neox_sequential": transformers.GPTNeoXConfig(**_NEOX, use_parallel_residual=False),
     "gpt2": transformers.GPT2Config(vocab_size=VOCAB, n_embd=HIDDEN, n_layer=LAYERS, n_head=4, n_positions=128, **_TOKENS),
 }
 
