@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
 
 import click
 import polars as pl
@@ -82,6 +83,17 @@ def revisions(source, selection, cache_dir):
         click.echo(table)
     duplicates = table["duplicate_of"].drop_nulls().len()
     click.echo(f"{table.height} revisions" + (f", {duplicates} with the same weights as an earlier one" if duplicates else ""))
+
+
+@cli.command()
+@click.option("--store", default="data", show_default=True, help="Store directory.")
+@click.option("--out", default="figures", show_default=True, help="Where report.md, report.html and the PNGs go.")
+@click.option("--model", help="Only this model (default: every model in the store).")
+def report(store, out, model):
+    """Draw heatmaps, per-layer curves, consistency and drop-set emergence, and write the report."""
+    from .report import write_report
+
+    click.echo(f"wrote {write_report(store, out, model)} and {Path(out) / 'report.html'}")
 
 
 @cli.group("micro-suite")

@@ -128,7 +128,8 @@ class Store:
         files = sorted((self.root / table).glob("**/*.parquet"))
         if not files:
             return pl.LazyFrame(schema=schema)
-        return pl.scan_parquet(files)
+        # Files written before a column existed read it as null.
+        return pl.scan_parquet(files, schema=schema, missing_columns="insert", extra_columns="ignore")
 
     def _table(self, table: str, schema: dict[str, pl.DataType]) -> pl.DataFrame:
         return self._scan(table, schema).collect()

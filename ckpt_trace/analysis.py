@@ -1,0 +1,124 @@
+"""Analysis of stored scores: polars frames in, polars frames out, no file I/O.
+
+The questions, per model: how each layer's score moves over training; whether the
+ranking of layers is consistent across training (Spearman rank correlation of every
+checkpoint's ranking with the final checkpoint's); and when the set of layers one would
+drop emerges (Jaccard overlap of the k least important layers with the final
+checkpoint's, and the earliest checkpoint from which they stay the same).
+"""
+
+from __future__ import annotations
+
+import polars as pl
+
+from .revisions import parse_revision, training_order
+
+DROP_FRACTIONS = (0.25, 0.5)
+
+
+def training_rank(revisions: list[str]) -> dict[str, int]:
+    """Each revision name's position in training order."""
+    ordered = training_order([parse_revision(name) for name in set(revisions)])
+    return {rev.name: i for i, rev in enumerate(ordered)}
+
+
+def model_scores(scores: pl.DataFrame, model: str, calibration: str | None = None) -> pl.DataFrame:
+    """One model's scores on one calibration set (by default the one covering most revisions), with an `order` column."""
+    frame = scores.filter(pl.col("model") == model)
+    if calibration is None and frame.height:
+        calibration = (
+            frame.group_by("calibration").agg(pl.col("revision").n_unique().alias("n"))
+            .sort(["n", "calibration"], descending=[True, False])["calibration"][0]
+        )
+    frame = frame.filter(pl.col("calibration") == calibration)
+    rank = training_rank(frame["revision"].unique().to_list())
+    return frame.with_columns(order=pl.col("revision").replace_strict(rank, return_dtype=pl.Int64)).sort(
+        "order", "module", "layer"
+    )
+
+
+def checkpoint_labels(frame: pl.DataFrame) -> pl.DataFrame:
+    """One row per revision in training order: revision, order, step, tokens, and a short axis label."""
+    return (
+        frame.group_by("revision").agg(pl.col("order", "step", "tokens").first()).sort("order")
+        .with_columns(label=pl.when(pl.col("step").is_not_null()).then(pl.col("step").cast(pl.String)).otherwise(pl.col("revision")))
+    )
+
+
+def layer_matrix(frame: pl.DataFrame, module: str, metric: str) -> pl.DataFrame:
+    """Layers (rows) by revisions (columns, in training order) of one module's metric."""
+    part = frame.filter((pl.col("module") == module) & (pl.col("metric") == metric))
+    columns = checkpoint_labels(part)["revision"].to_list()
+    wide = part.pivot(on="revision", index="layer", values="value").sort("layer")
+    return wide.select("layer", *columns)
+
+
+def _with_final(frame: pl.DataFrame, metric: str, modules: tuple[str, ...]) -> pl.DataFrame:
+    part = frame.filter((pl.col("metric") == metric) & pl.col("module").is_in(modules))
+    final = part.filter(pl.col("order") == pl.col("order").max()).select("module", "layer", final=pl.col("value"))
+    return part.join(final, on=["module", "layer"])
+
+
+def rank_consistency(frame: pl.DataFrame, metric: str = "importance") -> pl.DataFrame:
+    """Spearman correlation of each checkpoint's layer ranking with the final checkpoint's, per module."""
+    part = _with_final(frame, metric, ("attention", "mlp", "block"))
+    keys = ["module", "revision"]
+    return (
+        part.with_columns(
+            pl.col("value").rank("average").over(keys).alias("rank"),
+            pl.col("final").rank("average").over(keys).alias("final_rank"),
+        )
+        .group_by(keys)
+        .agg(pl.col("order", "step").first(), pl.corr("rank", "final_rank").alias("spearman"))
+        .sort("module", "order")
+    )
+
+
+def drop_count(n_layers: int, fraction: float) -> int:
+    """How many layers a fraction of `n_layers` is, rounded half up, at least one."""
+    return max(1, int(fraction * n_layers + 0.5))
+
+
+def drop_set_overlap(
+    frame: pl.DataFrame, fractions=DROP_FRACTIONS, modules=("attention", "mlp"), metric: str = "importance"
+) -> pl.DataFrame:
+    """Jaccard overlap of each checkpoint's k least important layers with the final checkpoint's."""
+    part = frame.filter((pl.col("metric") == metric) & pl.col("module").is_in(modules))
+    n_layers = part["layer"].n_unique()
+    final_order = part["order"].max()
+    pieces = []
+    for fraction in fractions:
+        k = drop_count(n_layers, fraction)
+        lowest = (
+            part.sort("value", "layer").group_by("module", "revision", maintain_order=True).head(k)
+            .group_by("module", "revision").agg(pl.col("order", "step").first(), pl.col("layer").sort().alias("layers"))
+        )
+        final = lowest.filter(pl.col("order") == final_order).select("module", final_layers=pl.col("layers"))
+        pieces.append(
+            lowest.join(final, on="module").with_columns(
+                fraction=pl.lit(fraction),
+                k=pl.lit(k),
+                jaccard=pl.col("layers").list.set_intersection("final_layers").list.len()
+                / pl.col("layers").list.set_union("final_layers").list.len(),
+            )
+        )
+    if not pieces:
+        return pl.DataFrame()
+    return pl.concat(pieces).select(
+        "module", "fraction", "k", "revision", "order", "step", "layers", "final_layers", "jaccard"
+    ).sort("module", "fraction", "order")
+
+
+def drop_set_settled(overlap: pl.DataFrame) -> pl.DataFrame:
+    """Per module and fraction: the earliest checkpoint from which the drop set equals the final one for good."""
+    return (
+        overlap.sort("order")
+        .with_columns(
+            # Still equal from here to the end: a reversed cumulative minimum of "equal".
+            settled=(pl.col("jaccard") == 1.0).cast(pl.Int8).reverse().cum_min().reverse().over("module", "fraction")
+        )
+        .filter(pl.col("settled") == 1)
+        .group_by("module", "fraction", "k")
+        .agg(pl.col("revision", "step").first().name.prefix("settled_"), pl.col("final_layers").first())
+        .sort("module", "fraction")
+    )

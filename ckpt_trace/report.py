@@ -1,0 +1,182 @@
+"""The report: figures and the numbers behind them, per model, as Markdown and self-contained HTML."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import polars as pl
+from matplotlib.figure import Figure
+
+from . import __version__, plots
+from .analysis import drop_set_overlap, drop_set_settled, model_scores, rank_consistency
+from .errors import StoreError
+from .store import Store, path_part
+
+DPI = 110
+
+
+@dataclass
+class ModelReport:
+    """Everything the report says about one model."""
+
+    model: str
+    calibration: str
+    figures: dict[str, tuple[str, Figure]] = field(default_factory=dict)
+    """name -> (caption, figure)"""
+    tables: dict[str, tuple[str, pl.DataFrame]] = field(default_factory=dict)
+    """name -> (caption, frame)"""
+    notes: list[str] = field(default_factory=list)
+    """What could not be drawn, and why."""
+
+
+def _per_revision(frame: pl.DataFrame, module: str, metric: str) -> pl.DataFrame:
+    """Revisions (rows, in training order) by layers (columns)."""
+    part = frame.filter((pl.col("module") == module) & (pl.col("metric") == metric))
+    wide = part.pivot(on="layer", index=["order", "revision", "step"], values="value").sort("order").drop("order")
+    return wide.rename({c: f"layer {c}" for c in wide.columns if c not in ("revision", "step")})
+
+
+def build_model_report(scores: pl.DataFrame, revisions: pl.DataFrame, model: str) -> ModelReport:
+    """Analyse one model's scores and draw its figures."""
+    frame = model_scores(scores, model)
+    calibration = frame["calibration"][0]
+    report = ModelReport(model, calibration)
+    others = scores.filter((pl.col("model") == model) & (pl.col("calibration") != calibration))["calibration"].unique()
+    if len(others):
+        report.notes.append(
+            f"scores on other calibration sets ({', '.join(sorted(others))}) are left out; this report uses "
+            f"{calibration}, which covers the most revisions"
+        )
+    n_revisions = frame["revision"].n_unique()
+    metrics = set(frame["metric"].unique())
+    for metric in ("importance", "update_ratio"):
+        if metric not in metrics:
+            report.notes.append(f"no {metric} scores for this model: its heatmaps are not drawn")
+            continue
+        report.figures[f"{metric}_heatmaps"] = (
+            f"{plots.METRIC_TITLES[metric]}: layer by checkpoint, one shared colour scale", plots.heatmaps(frame, metric)
+        )
+        for module in plots.MODULE_ORDER:
+            table = _per_revision(frame, module, metric)
+            if table.height:
+                report.tables[f"{metric}_{module}"] = (f"{metric} of each {plots.MODULE_TITLES[module]} layer", table)
+    if "importance" in metrics:
+        report.figures["importance_lines"] = ("importance of each layer over training", plots.layer_lines(frame))
+        if n_revisions < 2:
+            report.notes.append(
+                "only one checkpoint is stored: consistency and drop-set emergence need at least two, so they are not drawn"
+            )
+        else:
+            consistency = rank_consistency(frame)
+            report.figures["consistency"] = (
+                "Spearman correlation of each checkpoint's layer ranking with the final checkpoint's",
+                plots.consistency(consistency),
+            )
+            report.tables["consistency"] = (
+                "Spearman ρ with the final ranking",
+                consistency.pivot(on="module", index=["order", "revision", "step"], values="spearman").sort("order").drop("order"),
+            )
+            overlap = drop_set_overlap(frame)
+            report.figures["drop_set"] = (
+                "Jaccard overlap of the k least important layers with the final checkpoint's", plots.drop_set(overlap)
+            )
+            report.tables["drop_set_settled"] = (
+                "earliest checkpoint from which the k least important layers equal the final checkpoint's for good",
+                drop_set_settled(overlap).with_columns(pl.col("final_layers").list.eval(pl.element().cast(pl.String)).list.join(", ")),
+            )
+            report.tables["drop_set"] = (
+                "Jaccard overlap with the final drop set",
+                overlap.with_columns(pl.format("{} {}", "module", "k").alias("set"))
+                .pivot(on="set", index=["order", "revision", "step"], values="jaccard").sort("order").drop("order"),
+            )
+    losses = revisions.filter((pl.col("model") == model) & pl.col("val_loss").is_not_null())
+    if losses.height:
+        report.figures["validation_loss"] = ("validation loss over training", plots.validation_loss(losses))
+        report.tables["validation_loss"] = ("validation loss", losses.sort("step").select("revision", "step", "tokens", "val_loss"))
+    else:
+        report.notes.append("the store has no validation loss for this model: its loss curve is not drawn")
+    duplicates = revisions.filter((pl.col("model") == model) & pl.col("duplicate_of").is_not_null())
+    if duplicates.height:
+        report.tables["duplicates"] = (
+            "revisions with byte-identical weights to an earlier one (scored once, under the earlier name)",
+            duplicates.select("revision", "duplicate_of"),
+        )
+    return report
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "" if value is None else str(value)
+
+
+def markdown_table(frame: pl.DataFrame) -> str:
+    lines = ["| " + " | ".join(frame.columns) + " |", "|" + "---|" * frame.width]
+    lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in frame.iter_rows()]
+    return "\n".join(lines)
+
+
+def html_table(frame: pl.DataFrame) -> str:
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in frame.columns)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(_cell(v))}</td>" for v in row) + "</tr>" for row in frame.iter_rows()
+    )
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _png(figure: Figure) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=DPI)
+    return buffer.getvalue()
+
+
+_STYLE = """body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
+img{max-width:100%}table{border-collapse:collapse;font-size:12px;margin:0.5em 0 1.5em}
+td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}th{background:#f3f3f3}
+.note{background:#fff6d6;padding:0.4em 0.8em;border-left:4px solid #e0b000}details{margin-bottom:1em}"""
+
+
+def write_report(store: str | os.PathLike = "data", out: str | os.PathLike = "figures", model: str | None = None) -> Path:
+    """Write PNG figures, report.md and a self-contained report.html for every model in the store (or one)."""
+    db = Store(store)
+    scores, revisions = db.scores(), db.revisions()
+    models = sorted(scores["model"].unique())
+    if not models:
+        raise StoreError(f"store {str(store)!r} holds no scores; run `ckpt-trace scan` first")
+    if model is not None:
+        if model not in models:
+            raise StoreError(f"no scores for model {model!r} in {str(store)!r}; models there: {', '.join(models)}")
+        models = [model]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    md = [f"# ckpt-trace report", "", f"ckpt-trace {__version__}; store `{store}`; models: {', '.join(models)}.", ""]
+    body = [f"<h1>ckpt-trace report</h1><p>ckpt-trace {html.escape(__version__)}; store <code>{html.escape(str(store))}</code></p>"]
+    for name in models:
+        report = build_model_report(scores, revisions, name)
+        folder = out / path_part(name)
+        folder.mkdir(exist_ok=True)
+        n_revisions = scores.filter((pl.col("model") == name) & (pl.col("calibration") == report.calibration))["revision"].n_unique()
+        intro = f"{n_revisions} checkpoints, calibration set `{report.calibration}`."
+        md += [f"## {name}", "", intro, ""]
+        body.append(f"<h2>{html.escape(name)}</h2><p>{html.escape(intro.replace('`', ''))}</p>")
+        for note in report.notes:
+            md += [f"> Not drawn: {note}.", ""]
+            body.append(f'<p class="note">Not drawn: {html.escape(note)}.</p>')
+        for key, (caption, figure) in report.figures.items():
+            png = _png(figure)
+            (folder / f"{key}.png").write_bytes(png)
+            md += [f"### {caption}", "", f"![{caption}]({path_part(name)}/{key}.png)", ""]
+            encoded = base64.b64encode(png).decode()
+            body.append(f"<h3>{html.escape(caption)}</h3><img alt='{html.escape(caption)}' src='data:image/png;base64,{encoded}'>")
+        for key, (caption, table) in report.tables.items():
+            md += [f"<details><summary>{caption}</summary>", "", markdown_table(table), "", "</details>", ""]
+            body.append(f"<details><summary>{html.escape(caption)}</summary>{html_table(table)}</details>")
+    (out / "report.md").write_text("\n".join(md) + "\n", encoding="utf-8")
+    page = f"<!doctype html><html><head><meta charset='utf-8'><title>ckpt-trace report</title><style>{_STYLE}</style></head><body>{''.join(body)}</body></html>"
+    (out / "report.html").write_text(page, encoding="utf-8")
+    return out / "report.md"

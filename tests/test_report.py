@@ -1,0 +1,166 @@
+"""Analysis numbers on synthetic stores with known answers, and the report around them."""
+
+from __future__ import annotations
+
+import itertools
+
+import polars as pl
+import pytest
+
+from ckpt_trace import plots
+from ckpt_trace.analysis import (
+    drop_count, drop_set_overlap, drop_set_settled, layer_matrix, model_scores, rank_consistency,
+)
+from ckpt_trace.cli import main
+from ckpt_trace.store import REVISIONS_SCHEMA, SCORES_SCHEMA, Store
+
+STEPS = [0, 1, 2, 4, 1000, 2000]
+FINAL = [0.9, 0.1, 0.5, 0.3]  # attention importance of layers 0..3 at the end: ranking 1 < 3 < 2 < 0
+# Before step 4 the attention ranking is another one; from step 4 on it is the final one.
+EARLY = {0: [0.1, 0.9, 0.3, 0.5], 1: [0.2, 0.8, 0.4, 0.6], 2: [0.3, 0.7, 0.6, 0.5]}
+
+
+def attention_values(step: int) -> list[float]:
+    if step in EARLY:
+        return EARLY[step]
+    return [v + 0.001 * step / 1000 for v in FINAL]  # same order, values still moving
+
+
+def synthetic_rows(model="m", steps=STEPS, metrics=("importance", "update_ratio"), calibration="cal") -> pl.DataFrame:
+    rows = []
+    for step, layer, metric, module in itertools.product(steps, range(4), metrics, ("attention", "mlp", "block")):
+        if module == "attention":
+            value = attention_values(step)[layer]
+        else:
+            value = 0.2 + 0.1 * layer + (0.01 if module == "mlp" else 0.02) * (step > 2)
+        if metric == "update_ratio":
+            value *= 2
+        rows.append({"model": model, "revision": f"step{step}", "commit": None, "step": step, "tokens": None,
+                     "layer": layer, "module": module, "metric": metric, "value": value, "n_tokens": 10,
+                     "calibration": calibration, "dtype": "float32", "version": "test"})
+    return pl.DataFrame(rows, schema=SCORES_SCHEMA)
+
+
+def store_with(tmp_path, frame: pl.DataFrame, losses: dict | None = None) -> Store:
+    store = Store(tmp_path / "store")
+    for _, part in frame.group_by("model", "revision", "calibration"):
+        store.write_scores(part)
+    for (model, revision, step), loss in (losses or {}).items():
+        row = dict.fromkeys(REVISIONS_SCHEMA) | {"model": model, "revision": revision, "step": step, "val_loss": loss}
+        store.write_revision(pl.DataFrame([row], schema=REVISIONS_SCHEMA))
+    return store
+
+
+def spearman(a: list[float], b: list[float]) -> float:
+    """The textbook formula, for rankings without ties."""
+    rank = lambda xs: {i: r for r, i in enumerate(sorted(range(len(xs)), key=xs.__getitem__))}
+    ra, rb = rank(a), rank(b)
+    n = len(a)
+    return 1 - 6 * sum((ra[i] - rb[i]) ** 2 for i in range(n)) / (n * (n * n - 1))
+
+
+def test_training_order_and_matrix():
+    frame = model_scores(synthetic_rows(), "m")
+    matrix = layer_matrix(frame, "attention", "importance")
+    assert matrix.columns == ["layer"] + [f"step{s}" for s in STEPS]
+    assert matrix["step0"].to_list() == EARLY[0]
+    assert matrix["step2000"].to_list() == pytest.approx([v + 0.002 for v in FINAL])
+
+
+def test_rank_consistency_exact():
+    frame = model_scores(synthetic_rows(), "m")
+    table = rank_consistency(frame).filter(pl.col("module") == "attention").sort("order")
+    expected = [spearman(attention_values(s), attention_values(2000)) for s in STEPS]
+    assert table["spearman"].to_list() == pytest.approx(expected)
+    assert expected[:3] == pytest.approx([-1.0, -1.0, -0.8])  # the reference is not trivially 1
+    assert table["spearman"].to_list()[3:] == pytest.approx([1.0, 1.0, 1.0])
+
+
+def test_drop_set_overlap_and_settling():
+    frame = model_scores(synthetic_rows(), "m")
+    overlap = drop_set_overlap(frame)
+    attention = overlap.filter(pl.col("module") == "attention")
+    # 25% of 4 layers: k=1, final set {1}; 50%: k=2, final set {1, 3}.
+    quarter = attention.filter(pl.col("fraction") == 0.25).sort("order")
+    assert quarter["k"].unique().to_list() == [1]
+    assert quarter["layers"].to_list() == [[0], [0], [0], [1], [1], [1]]
+    assert quarter["jaccard"].to_list() == [0.0, 0.0, 0.0, 1.0, 1.0, 1.0]
+    half = attention.filter(pl.col("fraction") == 0.5).sort("order")
+    assert half["layers"].to_list() == [[0, 2], [0, 2], [0, 3], [1, 3], [1, 3], [1, 3]]
+    assert half["jaccard"].to_list() == pytest.approx([0.0, 0.0, 1 / 3, 1.0, 1.0, 1.0])
+    settled = drop_set_settled(overlap).filter(pl.col("module") == "attention")
+    assert settled["settled_revision"].to_list() == ["step4", "step4"]
+    assert settled["settled_step"].to_list() == [4, 4]
+
+
+def test_a_set_that_matches_early_but_not_for_good_settles_later(tmp_path):
+    frame = model_scores(synthetic_rows(), "m")
+    # Make step1 agree with the final drop set once; it must not count as settled.
+    frame = frame.with_columns(
+        value=pl.when((pl.col("revision") == "step1") & (pl.col("module") == "attention") & (pl.col("layer") == 1))
+        .then(0.0).otherwise(pl.col("value"))
+    )
+    overlap = drop_set_overlap(frame, fractions=(0.25,))
+    assert overlap.filter(pl.col("module") == "attention").sort("order")["jaccard"].to_list() == [0, 1, 0, 1, 1, 1]
+    assert drop_set_settled(overlap).filter(pl.col("module") == "attention")["settled_revision"].to_list() == ["step4"]
+
+
+@pytest.mark.parametrize("n, fraction, k", [(4, 0.25, 1), (6, 0.25, 2), (32, 0.5, 16), (2, 0.25, 1), (10, 0.25, 3)])
+def test_drop_count(n, fraction, k):
+    assert drop_count(n, fraction) == k
+
+
+def test_figures_have_content():
+    frame = model_scores(synthetic_rows(), "m")
+    heat = plots.heatmaps(frame)
+    panels = [ax for ax in heat.axes if ax.get_title()]
+    assert [ax.get_title() for ax in panels] == ["Attention", "MLP", "Block"]
+    assert all(len(ax.collections) == 1 for ax in panels)
+    limits = {ax.collections[0].get_clim() for ax in panels}
+    assert len(limits) == 1  # one shared colour scale
+    lines = plots.layer_lines(frame)
+    assert sum(len(ax.lines) for ax in lines.axes) == 3 * 4
+    assert lines.axes[0].get_xscale() == "symlog"
+
+
+def test_report_writes_figures_tables_and_html(tmp_path, capsys):
+    store = store_with(tmp_path, synthetic_rows(), {("m", f"step{s}", s): 5.0 - s / 1000 for s in STEPS})
+    assert main(["report", "--store", str(store.root), "--out", str(tmp_path / "out")]) == 0
+    folder = tmp_path / "out" / "m"
+    names = sorted(p.name for p in folder.iterdir())
+    assert names == ["consistency.png", "drop_set.png", "importance_heatmaps.png", "importance_lines.png",
+                     "update_ratio_heatmaps.png", "validation_loss.png"]
+    assert all((folder / n).stat().st_size > 10_000 for n in names)
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "Not drawn" not in md
+    assert "| step4 | 4 | 1 | 1 | 1 |" in md  # consistency row: attention, mlp, block
+    html = (tmp_path / "out" / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 6 and "src='m/" not in html
+    assert "calibration set" in html and "ckpt-trace test" not in html
+
+
+def test_report_says_what_it_could_not_draw(tmp_path):
+    rows = pl.concat([
+        synthetic_rows("single", steps=[1000]),
+        synthetic_rows("importance-only", metrics=("importance",)),
+        synthetic_rows("two-calibrations", calibration="a"),
+        synthetic_rows("two-calibrations", steps=[0], calibration="b"),
+    ])
+    store = store_with(tmp_path, rows)
+    assert main(["report", "--store", str(store.root), "--out", str(tmp_path / "out")]) == 0
+    md = (tmp_path / "out" / "report.md").read_text()
+    single = md.split("## single")[1]
+    assert "only one checkpoint is stored" in single and "importance_heatmaps.png" in single
+    only = md.split("## importance-only")[1].split("## single")[0]
+    assert "no update_ratio scores" in only and "consistency.png" in only
+    assert "scores on other calibration sets (b) are left out" in md
+    assert md.count("the store has no validation loss") == 3
+    assert not (tmp_path / "out" / "single" / "consistency.png").exists()
+
+
+def test_report_bad_input(tmp_path, capsys):
+    assert main(["report", "--store", str(tmp_path / "empty"), "--out", str(tmp_path / "o")]) == 2
+    assert "holds no scores" in capsys.readouterr().err
+    store = store_with(tmp_path, synthetic_rows())
+    assert main(["report", "--store", str(store.root), "--model", "nope", "--out", str(tmp_path / "o")]) == 2
+    assert "no scores for model 'nope'" in capsys.readouterr().err
