@@ -38,6 +38,14 @@ class Adapter:
     """True when each delta is the output of a norm applied to the sub-layer's output."""
     parallel_flag: str | None = None
     """Config attribute that, when true, makes attention and MLP read the same input."""
+    attention_module: str = ""
+    """Path of the attention module itself, when the delta is taken after it (by a norm); default: `attention`."""
+    mlp_module: str = ""
+    """Path of the MLP module itself, when the delta is taken after it; default: `mlp`."""
+
+    def module_path(self, kind: str) -> str:
+        """The path, inside a decoder layer, of the `attention` or `mlp` module that pruning replaces."""
+        return (self.attention_module or self.attention) if kind == "attention" else (self.mlp_module or self.mlp)
 
     def style(self, config) -> ResidualStyle:
         """The residual style of a model with this config."""
@@ -47,7 +55,10 @@ class Adapter:
 
 
 _PRE_NORM = dict(layers="layers", attention="self_attn", mlp="mlp")
-_SANDWICH = dict(layers="layers", attention="post_attention_layernorm", mlp="post_feedforward_layernorm", post_norm=True)
+_SANDWICH = dict(
+    layers="layers", attention="post_attention_layernorm", mlp="post_feedforward_layernorm", post_norm=True,
+    attention_module="self_attn", mlp_module="mlp",
+)
 
 ADAPTERS: dict[str, Adapter] = {
     # Pre-norm, sequential: h = x + attn(norm(x)); y = h + mlp(norm(h)).

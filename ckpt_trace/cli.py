@@ -26,21 +26,31 @@ def cli():
     """Which layers of a Transformer matter, and since when: score checkpoints layer by layer."""
 
 
+def model_options(command):
+    """The calibration, batching, device and storage options that scan and prune share."""
+    options = [
+        click.option("--calibration", default=DEFAULT_SPEC, show_default=True, help="pydoc, a .txt/.jsonl file, or hf:REPO."),
+        click.option("--samples", default=64, show_default=True, help="Calibration blocks drawn from text."),
+        click.option("--seq-len", type=int, help="Tokens per calibration block  [default: the model's positions, at most 512]"),
+        click.option("--seed", default=0, show_default=True, help="Seed of the calibration block draw."),
+        click.option("--batch-size", default=8, show_default=True, help="Sequences per forward pass."),
+        click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
+        click.option("--dtype", default="auto", show_default=True, help="auto, float32, bfloat16 or float16."),
+        click.option("--store", default="data", show_default=True, help="Store directory."),
+        click.option("--cache-dir", help="Hugging Face cache for Hub sources  [default: HF_HUB_CACHE]"),
+        click.option("--trust-remote-code", is_flag=True, help="Allow a checkpoint's own modeling code to run."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 @cli.command()
 @click.argument("source", required=False)
 @click.option("--revisions", help="Selection: names, A..B step ranges, every:K, log:K, first:N, last:N (default: all).")
-@click.option("--calibration", default=DEFAULT_SPEC, show_default=True, help="pydoc, a .txt/.jsonl file, or hf:REPO.")
-@click.option("--samples", default=64, show_default=True, help="Calibration blocks drawn from text.")
-@click.option("--seq-len", type=int, help="Tokens per calibration block  [default: the model's positions, at most 512]")
-@click.option("--seed", default=0, show_default=True, help="Seed of the block draw.")
-@click.option("--batch-size", default=8, show_default=True, help="Sequences per forward pass.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--dtype", default="auto", show_default=True, help="auto, float32, bfloat16 or float16.")
-@click.option("--store", default="data", show_default=True, help="Store directory.")
+@model_options
 @click.option("--force", is_flag=True, help="Score again what is already stored.")
 @click.option("--keep-going", is_flag=True, help="Record failing revisions and go on.")
-@click.option("--trust-remote-code", is_flag=True, help="Allow a checkpoint's own modeling code to run.")
-@click.option("--cache-dir", help="Hugging Face cache for Hub sources  [default: HF_HUB_CACHE]")
 def scan(source, revisions, calibration, samples, seq_len, seed, **options):
     """Score every layer of every revision of SOURCE and store the scores as Parquet.
 
@@ -86,6 +96,32 @@ def revisions(source, selection, cache_dir):
 
 
 @cli.command()
+@click.argument("source")
+@click.option("--revision", help="Revision to prune  [default: the last in training order]")
+@click.option("--target", required=True, type=click.Choice(["attention", "mlp", "block", "joint"]), help="What to drop.")
+@click.option("--drop", required=True, type=int, help="How many to drop.")
+@click.option("--strategy", default="similarity", show_default=True,
+              type=click.Choice(["similarity", "iterative", "last", "random"]), help="How to choose them.")
+@click.option("--out", required=True, help="Output directory (new or empty).")
+@click.option("--random-seed", default=0, show_default=True, help="Seed of the random strategy.")
+@model_options
+def prune(source, calibration, samples, seq_len, seed, **options):
+    """Drop attention layers, MLP layers, whole blocks, or both kinds jointly, and save the pruned model.
+
+    A block-dropped model loads with plain transformers; an attention- or MLP-dropped one
+    with ckpt_trace.load_pruned (and every ckpt-trace command).
+    """
+    from .pruning import PruneConfig, manifest, prune as run_prune
+
+    config = PruneConfig(source=source, calibration=CalibrationSpec(calibration, samples, seq_len, seed), **options)
+    out = run_prune(config)
+    record = manifest(out)
+    dropped = ", ".join(f"{kind} {layers}" for kind, layers in record["dropped"].items() if layers)
+    click.echo(f"dropped {dropped} ({record['strategy']}, scores {record['scores_from'] or 'not used'})")
+    click.echo(f"parameters {record['parameters_before']:,} -> {record['parameters_after']:,}; saved to {out}")
+
+
+@cli.command()
 @click.option("--store", default="data", show_default=True, help="Store directory.")
 @click.option("--out", default="figures", show_default=True, help="Where report.md, report.html and the PNGs go.")
 @click.option("--model", help="Only this model (default: every model in the store).")
@@ -113,6 +149,9 @@ def micro_suite_build(arch, force):
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; user errors become one line on stderr and exit status 2."""
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()  # a bar per checkpoint load is noise beside ckpt-trace's own
     logger = logging.getLogger("ckpt_trace")
     if not logger.handlers:
         logger.addHandler(_OneLine())

@@ -57,7 +57,12 @@ def load_model(path: str | os.PathLike, device: torch.device, dtype: torch.dtype
     """A causal LM from a local directory, in eval mode, checked for a supported architecture first."""
     from transformers import AutoModelForCausalLM
 
-    adapter_for_type(read_config(path).get("model_type"))
+    config = read_config(path)
+    adapter_for_type(config.get("model_type"))
+    if config.get("ckpt_trace_pruned"):
+        from .pruning import load_pruned
+
+        return load_pruned(path, device, dtype, trust_remote_code)
     try:
         # weights_only: .bin files go through torch's restricted unpickler, which runs no code.
         model = AutoModelForCausalLM.from_pretrained(

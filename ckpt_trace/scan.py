@@ -34,14 +34,10 @@ from .store import REVISIONS_SCHEMA, RUNS_SCHEMA, Store
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class ScanConfig:
-    """Everything a scan needs; the command line only fills this in."""
+@dataclass(kw_only=True)
+class ScoringOptions:
+    """How checkpoints are loaded and scored; shared by scans and pruning."""
 
-    source: str | os.PathLike | None = None
-    """A Hub repo id, a model directory, or a directory of revision subdirectories; None: the micro suite."""
-    revisions: str | None = None
-    """Selection spec (see `ckpt_trace.revisions.select`); all revisions when None."""
     calibration: CalibrationSpec = field(default_factory=CalibrationSpec)
     """Which calibration set to score on."""
     batch_size: int = 8
@@ -52,20 +48,30 @@ class ScanConfig:
     """auto (bfloat16 on a GPU that supports it, else float32), float32, bfloat16 or float16."""
     store: str | os.PathLike = "data"
     """Store directory."""
-    force: bool = False
-    """Score revisions again even when their scores are stored."""
-    keep_going: bool = False
-    """Record a failing revision in runs/ and go on, instead of stopping."""
-    trust_remote_code: bool = False
-    """Allow a checkpoint's own modeling code to run."""
     cache_dir: str | os.PathLike | None = None
     """Hugging Face cache for Hub sources; None: the usual one (HF_HUB_CACHE)."""
+    trust_remote_code: bool = False
+    """Allow a checkpoint's own modeling code to run."""
     progress: bool = True
     """Show progress bars."""
 
     def __post_init__(self):
         if self.batch_size < 1:
             raise ConfigError(f"batch size must be at least 1, got {self.batch_size}")
+
+
+@dataclass
+class ScanConfig(ScoringOptions):
+    """Everything a scan needs; the command line only fills this in."""
+
+    source: str | os.PathLike | None = None
+    """A Hub repo id, a model directory, or a directory of revision subdirectories; None: the micro suite."""
+    revisions: str | None = None
+    """Selection spec (see `ckpt_trace.revisions.select`); all revisions when None."""
+    force: bool = False
+    """Score revisions again even when their scores are stored."""
+    keep_going: bool = False
+    """Record a failing revision in runs/ and go on, instead of stopping."""
 
 
 def max_positions(config: dict) -> int | None:

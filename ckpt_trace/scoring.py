@@ -55,14 +55,22 @@ class ResidualStats:
         self.weight = attention_mask.to(torch.float32)
         self.n_tokens += int(attention_mask.sum())
 
-    def update(self, layer: int, module: int, inp: torch.Tensor, delta: torch.Tensor, out: torch.Tensor) -> None:
-        """Add one module's per-token metrics for the current batch; out = inp + delta."""
+    def update(self, layer: int, module: int, inp: torch.Tensor, delta: torch.Tensor) -> None:
+        """Add one module's per-token metrics for the current batch, where out = inp + delta."""
         assert self.weight is not None, "begin_batch() must come before update()"
-        inp, delta, out = inp.float(), delta.float(), out.float()  # no copy when already float32
-        in_norm = torch.linalg.vector_norm(inp, dim=-1)  # [B, T]
-        cos = torch.linalg.vecdot(inp, out) / (in_norm * torch.linalg.vector_norm(out, dim=-1)).clamp_min(_EPS)
-        ratio = torch.linalg.vector_norm(delta, dim=-1) / in_norm.clamp_min(_EPS)
-        values = torch.stack((1.0 - cos, ratio), dim=-1) * self.weight.unsqueeze(-1)  # [B, T, 2]
+        inp, delta = inp.float(), delta.float()  # no copy when already float32
+        ii = torch.linalg.vecdot(inp, inp)  # [B, T]
+        dd = torch.linalg.vecdot(delta, delta)
+        i_d = torch.linalg.vecdot(inp, delta)
+        in_out = ii + i_d  # in . out
+        norms = (ii * (ii + 2 * i_d + dd).clamp_min(0)).sqrt()  # |in| |out|
+        cos = in_out / norms.clamp_min(_EPS)
+        # 1 - cos = (|in|^2 |d|^2 - (in . d)^2) / (|in| |out| (|in| |out| + in . out)): no cancellation when cos is
+        # near 1, where the late layers of large models sit, and exactly 0 for a zero delta.
+        near = (ii * dd - i_d.square()).clamp_min(0) / (norms * (norms + in_out)).clamp_min(_EPS)
+        importance = torch.where(cos > 0, near, 1.0 - cos)
+        ratio = (dd / ii.clamp_min(_EPS)).sqrt()
+        values = torch.stack((importance, ratio), dim=-1) * self.weight.unsqueeze(-1)  # [B, T, 2]
         self.sums[layer, module] += values.sum(dim=(0, 1), dtype=torch.float64)
 
     def compute(self) -> torch.Tensor:
@@ -99,11 +107,9 @@ def _keep_output(cache: dict, key: str, module, args, output):
 def _measure(cache: dict, layer: int, parallel: bool, stats: ResidualStats, module, args, output):
     # float32 views of the model's activations (no copy when the model is float32)
     x, a, m, y = (t.float() for t in (cache.pop("x"), cache.pop("a"), cache.pop("m"), _first(output)))
-    stats.update(layer, 0, x, y - x, y)
-    h = x + a
-    stats.update(layer, 1, x, a, h)
-    mlp_in = x if parallel else h
-    stats.update(layer, 2, mlp_in, m, mlp_in + m)
+    stats.update(layer, 0, x, y - x)
+    stats.update(layer, 1, x, a)
+    stats.update(layer, 2, x if parallel else x + a, m)
 
 
 @contextmanager

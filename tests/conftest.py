@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -47,7 +48,7 @@ FAMILIES = sorted(CONFIGS)
 def make_model(family: str, seed: int = 0, dtype: torch.dtype = torch.float32):
     """A tiny random causal LM of one family, in eval mode."""
     torch.manual_seed(seed)
-    config = CONFIGS[family]
+    config = copy.deepcopy(CONFIGS[family])  # the model keeps its config, and pruning edits it
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
     # Random init makes layer norms identity and some biases zero; perturb every parameter so
     # that each tap carries a distinct, non-trivial signal.

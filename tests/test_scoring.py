@@ -172,3 +172,25 @@ def test_scores_do_not_depend_on_batch_order():
 
 def test_every_family_has_a_recipe():
     assert set(MLP_RECIPES) == set(CONFIGS)
+
+
+@pytest.mark.parametrize("scale", [0.0, 1e-6, 1e-4, 1e-2, 1.0, 100.0])
+def test_importance_is_accurate_for_tiny_and_large_deltas(scale):
+    """1 - cos near 0 (late layers of large models) keeps its relative accuracy; a zero delta scores exactly 0."""
+    from ckpt_trace.scoring import ResidualStats
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 8, 256, generator=generator) * 30
+    d = torch.randn(2, 8, 256, generator=generator) * scale
+    stats = ResidualStats(1)
+    stats.begin_batch(torch.ones(2, 8))
+    stats.update(0, 0, x, d)
+    importance, ratio = stats.compute()[0, 0].tolist()
+    xd, dd = x.double(), d.double()
+    expected = (1 - F.cosine_similarity(xd, xd + dd, dim=-1)).mean().item()
+    expected_ratio = (dd.norm(dim=-1) / xd.norm(dim=-1)).mean().item()
+    if scale == 0.0:
+        assert importance == 0.0 and ratio == 0.0
+    else:
+        assert importance == pytest.approx(expected, rel=1e-4)
+        assert ratio == pytest.approx(expected_ratio, rel=1e-5)

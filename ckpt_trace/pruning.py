@@ -1,0 +1,401 @@
+"""Pruning: Attention, MLP, Block and Joint Layer Drop.
+
+Strategies (He et al. 2406.15786; Tyukin et al. 2407.15516):
+
+- ``similarity``: drop the K least important by ``importance``, in one shot;
+- ``iterative``: drop the least important, score the pruned model again, repeat K times;
+- ``last``: drop the K deepest, keeping the final layer (the position-based rule);
+- ``random``: K chosen with a seed, as a control.
+
+``joint`` ranks attention and MLP layers together on one scale. A dropped attention
+layer is replaced by a stand-in that adds nothing to the residual stream, computes no
+attention and holds no KV cache (its cache slot becomes transformers' ``DummyLayer``);
+a dropped MLP adds nothing and computes nothing. A dropped block is removed from the
+layer list, so a block-dropped model is a plain Hugging Face model. Attention- and
+MLP-dropped models record what they lack in their config, under ``ckpt_trace_pruned``,
+and load with `load_pruned`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import polars as pl
+import torch
+from torch import nn
+
+from . import __version__
+from .adapters import adapter_for_type, locate
+from .errors import ConfigError
+from .scan import ScoringOptions
+from .scoring import score
+
+
+TARGETS = ("attention", "mlp", "block", "joint")
+STRATEGIES = ("similarity", "iterative", "last", "random")
+PRUNED_KEY = "ckpt_trace_pruned"
+MANIFEST = "ckpt_trace_prune.json"
+
+
+def _zeros_like(x: torch.Tensor) -> torch.Tensor:
+    return x.new_zeros(()).expand_as(x)  # a broadcast view of one zero: no memory
+
+
+def _release_cache_slot(cache, layer_idx: int) -> None:
+    from transformers.cache_utils import DummyLayer
+
+    cache = getattr(cache, "self_attention_cache", cache)
+    layers = getattr(cache, "layers", None)
+    if layers is not None and layer_idx < len(layers) and not isinstance(layers[layer_idx], DummyLayer):
+        layers[layer_idx] = DummyLayer()
+
+
+class DroppedAttention(nn.Module):
+    """A dropped attention layer: it adds nothing to the residual stream, computes nothing, and caches nothing."""
+
+    def __init__(self, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+
+    def forward(self, hidden_states=None, *args, past_key_values=None, layer_past=None, **kwargs):
+        cache = past_key_values if past_key_values is not None else layer_past
+        if cache is not None:
+            _release_cache_slot(cache, self.layer_idx)
+        return _zeros_like(hidden_states), None
+
+
+class DroppedMLP(nn.Module):
+    """A dropped MLP: it adds nothing to the residual stream and computes nothing."""
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return _zeros_like(hidden_states)
+
+
+def _layer_list(model: nn.Module) -> tuple[nn.Module, str, nn.ModuleList]:
+    adapter = adapter_for_type(model.config.model_type)
+    base = getattr(model, "base_model", model)
+    parent_path, _, name = adapter.layers.rpartition(".")
+    parent = base.get_submodule(parent_path) if parent_path else base
+    return parent, name, getattr(parent, name)
+
+
+def _swap(model: nn.Module, attention: Iterable[int], mlp: Iterable[int]) -> list[tuple[nn.Module, str, nn.Module]]:
+    """Put stand-ins in place of the given modules; return (parent, name, original) for each."""
+    adapter = adapter_for_type(model.config.model_type)
+    _, _, layers = _layer_list(model)
+    swapped = []
+    for kind, indices in (("attention", attention), ("mlp", mlp)):
+        parent_path, _, name = adapter.module_path(kind).rpartition(".")
+        for index in sorted(set(indices)):
+            parent = layers[index].get_submodule(parent_path) if parent_path else layers[index]
+            original = getattr(parent, name)
+            if isinstance(original, (DroppedAttention, DroppedMLP)):
+                continue
+            stand_in = DroppedAttention(getattr(original, "layer_idx", index)) if kind == "attention" else DroppedMLP()
+            setattr(parent, name, stand_in)
+            swapped.append((parent, name, original))
+    return swapped
+
+
+@contextmanager
+def dropped(model: nn.Module, attention: Iterable[int] = (), mlp: Iterable[int] = ()) -> Iterator[nn.Module]:
+    """The model with these attention and MLP layers dropped; the originals come back on exit, even on error."""
+    swapped = _swap(model, attention, mlp)
+    try:
+        yield model
+    finally:
+        for parent, name, original in reversed(swapped):
+            setattr(parent, name, original)
+
+
+def pruned_record(config) -> dict[str, list[int]]:
+    """What a model's config says was dropped: {"attention": [...], "mlp": [...]}."""
+    record = getattr(config, PRUNED_KEY, None) or {}
+    return {"attention": list(record.get("attention", [])), "mlp": list(record.get("mlp", []))}
+
+
+def drop_modules_(model: nn.Module, attention: Iterable[int] = (), mlp: Iterable[int] = ()) -> nn.Module:
+    """Drop attention and MLP layers in place, and record them in the config (the in-place twin of `dropped`)."""
+    attention, mlp = set(attention), set(mlp)
+    _swap(model, attention, mlp)
+    record = pruned_record(model.config)
+    setattr(model.config, PRUNED_KEY, {
+        "attention": sorted(set(record["attention"]) | attention), "mlp": sorted(set(record["mlp"]) | mlp),
+    })
+    return model
+
+
+def drop_blocks_(model: nn.Module, blocks: Iterable[int]) -> nn.Module:
+    """Remove whole decoder layers in place; the result is a plain Hugging Face model of fewer layers."""
+    parent, name, layers = _layer_list(model)
+    blocks = set(blocks)
+    keep = [i for i in range(len(layers)) if i not in blocks]
+    setattr(parent, name, nn.ModuleList(layers[i] for i in keep))
+    for new_index, layer in enumerate(getattr(parent, name)):
+        for module in layer.modules():  # cache slots follow the new numbering
+            if isinstance(getattr(module, "layer_idx", None), int):
+                module.layer_idx = new_index
+    config = model.config
+    config.num_hidden_layers = len(keep)
+    if isinstance(getattr(config, "layer_types", None), list):
+        config.layer_types = [config.layer_types[i] for i in keep]
+    record = pruned_record(config)
+    if any(record.values()):  # renumber what was dropped before
+        position = {old: new for new, old in enumerate(keep)}
+        setattr(config, PRUNED_KEY, {k: [position[i] for i in v if i in position] for k, v in record.items()})
+    return model
+
+
+# -- choosing what to drop ------------------------------------------------------------
+
+def candidates(target: str, n_layers: int) -> list[tuple[str, int]]:
+    """Every (module, layer) a target may drop."""
+    modules = ("attention", "mlp") if target == "joint" else (target,)
+    return [(module, layer) for layer in range(n_layers) for module in modules]
+
+
+def check_drop(target: str, k: int, n_layers: int) -> None:
+    """A drop count must leave at least one layer (and, for joint, one attention layer)."""
+    most = 2 * n_layers - 1 if target == "joint" else n_layers - 1
+    if not 1 <= k <= most:
+        raise ConfigError(f"cannot drop {k} {target} layers of a {n_layers}-layer model; use 1 to {most}")
+
+
+def _lowest(scores: pl.DataFrame, target: str, k: int, exclude: set = frozenset()) -> list[tuple[str, int]]:
+    modules = ("attention", "mlp") if target == "joint" else (target,)
+    ranked = (
+        scores.filter((pl.col("metric") == "importance") & pl.col("module").is_in(modules))
+        .sort("value", "layer", "module")
+        .select("module", "layer").rows()
+    )
+    chosen = [(m, int(layer)) for m, layer in ranked if (m, int(layer)) not in exclude]
+    if target == "joint":  # keep at least one attention layer, so the model keeps a KV cache to read positions from
+        n_attention = scores.filter(pl.col("module") == "attention")["layer"].n_unique()
+        attention = [c for c in chosen if c[0] == "attention"]
+        if len(attention) >= n_attention:
+            chosen.remove(attention[-1])
+    return chosen[:k]
+
+
+def choose_last(target: str, k: int, n_layers: int) -> list[tuple[str, int]]:
+    """The K deepest modules, keeping the final layer (for joint: MLP before attention within a layer)."""
+    order = [(m, layer) for layer in range(n_layers - 2, -1, -1)
+             for m in (("mlp", "attention") if target == "joint" else (target,))]
+    return order[:k]
+
+
+def choose_random(target: str, k: int, n_layers: int, seed: int) -> list[tuple[str, int]]:
+    pool = candidates(target, n_layers)
+    while True:
+        chosen = random.Random(seed).sample(pool, k)
+        if target != "joint" or any(m == "attention" for m, _ in pool if (m, _) not in chosen):
+            return sorted(chosen, key=lambda c: (c[1], c[0]))
+        seed += 1
+
+
+def apply_(model: nn.Module, chosen: list[tuple[str, int]]) -> nn.Module:
+    """Drop the chosen (module, layer) pairs in place: blocks are removed, attention and MLP replaced."""
+    blocks = [layer for module, layer in chosen if module == "block"]
+    if blocks:
+        return drop_blocks_(model, blocks)
+    return drop_modules_(
+        model,
+        [layer for module, layer in chosen if module == "attention"],
+        [layer for module, layer in chosen if module == "mlp"],
+    )
+
+
+def choose_iterative(model: nn.Module, calibration, target: str, k: int, batch_size: int = 8, progress=False):
+    """Drop the least important module, score the pruned model again, and repeat; return the picks and their scores.
+
+    Picks are in the original layer numbering. Scoring runs on a model whose picks so far are
+    dropped; for blocks, the dropped layers are skipped by zeroing their deltas, so indices stay put.
+    """
+    chosen: list[tuple[str, int]] = []
+    rounds = []
+    for step in range(k):
+        attention = [layer for m, layer in chosen if m == "attention"]
+        mlp = [layer for m, layer in chosen if m == "mlp"]
+        blocks = {layer for m, layer in chosen if m == "block"}
+        with dropped(model, attention, mlp), _skipped_blocks(model, blocks):
+            scores = score(model, calibration, batch_size, progress=progress and f"iterative {step + 1}/{k}")
+        pick = _lowest(scores, target, 1, exclude=set(chosen))[0]
+        chosen.append(pick)
+        rounds.append(scores.with_columns(round=pl.lit(step, pl.Int32)))
+    return chosen, pl.concat(rounds)
+
+
+@contextmanager
+def _skipped_blocks(model: nn.Module, blocks: set[int]) -> Iterator[None]:
+    """Blocks that pass their input through unchanged, by forward hooks removed on exit."""
+    _, _, layers = _layer_list(model)
+    handles = [
+        layers[i].register_forward_hook(
+            lambda module, args, kwargs, output: args[0] if args else kwargs["hidden_states"], with_kwargs=True
+        )
+        for i in sorted(blocks)
+    ]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+# -- loading and the whole job ----------------------------------------------------------
+
+def _module_prefixes(model: nn.Module, record: dict[str, list[int]]) -> list[str]:
+    adapter = adapter_for_type(model.config.model_type)
+    names = {id(m): n for n, m in model.named_modules()}
+    _, _, layers = _layer_list(model)
+    return [
+        names[id(layers[index].get_submodule(adapter.module_path(kind)))] + "."
+        for kind, indices in record.items() for index in indices
+    ]
+
+
+def load_pruned(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                trust_remote_code: bool = False) -> nn.Module:
+    """Load a model saved by ckpt-trace, pruned or not; attention and MLP layers dropped before saving stay dropped."""
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    from .errors import SourceError
+
+    config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    record = pruned_record(config)
+    verbosity = transformers.logging.get_verbosity()
+    if any(record.values()):  # the dropped modules' weights are missing by design; they are checked below
+        transformers.logging.set_verbosity_error()
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, trust_remote_code=trust_remote_code, weights_only=True, output_loading_info=True
+        )
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    prefixes = _module_prefixes(model, record)
+    unexpected = [k for k in info.get("missing_keys", []) if not k.startswith(tuple(prefixes))]
+    if unexpected:
+        raise SourceError(f"{str(path)!r} lacks weights that were not dropped: {', '.join(sorted(unexpected)[:5])}")
+    drop_modules_(model, record["attention"], record["mlp"])
+    return model.to(device).eval()
+
+
+@dataclass
+class PruneConfig(ScoringOptions):
+    """A pruning job; the command line only fills this in."""
+
+    source: str | os.PathLike
+    """A Hub repo id, a model directory, or a directory of revision subdirectories."""
+    target: str
+    """attention, mlp, block or joint (attention and MLP ranked together)."""
+    drop: int
+    """How many modules to drop."""
+    out: str | os.PathLike
+    """Output directory for the pruned model; must not exist or be empty."""
+    strategy: str = "similarity"
+    """similarity, iterative, last or random."""
+    revision: str | None = None
+    """Revision to prune; default: the last in training order."""
+    random_seed: int = 0
+    """Seed of the `random` strategy."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.target not in TARGETS:
+            raise ConfigError(f"unknown target {self.target!r}; use one of: {', '.join(TARGETS)}")
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(f"unknown strategy {self.strategy!r}; use one of: {', '.join(STRATEGIES)}")
+        out = Path(self.out)
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise ConfigError(f"output directory {str(out)!r} exists and is not empty; choose a new --out")
+
+
+def _stored_scores(store_dir, model: str, revision: str, calibration: str, n_layers: int) -> pl.DataFrame | None:
+    from .store import Store
+
+    stored = Store(store_dir).scan_scores().filter(
+        (pl.col("model") == model) & (pl.col("revision") == revision) & (pl.col("calibration") == calibration)
+        & (pl.col("metric") == "importance")
+    ).collect()
+    complete = stored.height == 3 * n_layers
+    return stored.select("layer", "module", "metric", "value", "n_tokens") if complete else None
+
+
+def prune(config: PruneConfig) -> Path:
+    """Choose what to drop, drop it, and save the pruned model with a manifest; return the output directory."""
+    from .models import load_model, load_tokenizer, resolve_device, resolve_dtype
+    from .scan import build_calibration
+    from .sources import open_source
+
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
+    source = open_source(config.source, config.cache_dir)
+    checkpoint = source.checkpoints(config.revision or "last:1")[-1]
+    fetched = source.fetch(checkpoint)
+    try:
+        model = load_model(fetched.path, device, dtype, config.trust_remote_code)
+        n_layers = len(locate(model).layers)
+        check_drop("attention" if config.target == "block" else config.target, config.drop, n_layers)
+        scores, scores_from, calibration = None, None, None
+        if config.strategy in ("similarity", "iterative"):
+            calibration = build_calibration(fetched.path, config.calibration)
+        if config.strategy == "similarity":
+            scores = _stored_scores(config.store, source.model, checkpoint.revision.name, calibration.id, n_layers)
+            scores_from = "store" if scores is not None else "computed"
+            if scores is None:
+                scores = score(model, calibration, config.batch_size, progress=config.progress and "scoring")
+            chosen = _lowest(scores, config.target, config.drop)
+        elif config.strategy == "iterative":
+            chosen, scores = choose_iterative(model, calibration, config.target, config.drop, config.batch_size, config.progress)
+            scores_from = "computed"
+        elif config.strategy == "last":
+            chosen = choose_last(config.target, config.drop, n_layers)
+        else:
+            chosen = choose_random(config.target, config.drop, n_layers, config.random_seed)
+        before = sum(p.numel() for p in model.parameters())
+        apply_(model, chosen)
+        manifest = {
+            "source": str(config.source), "model": source.model, "revision": checkpoint.revision.name,
+            "commit": checkpoint.revision.commit, "target": config.target, "strategy": config.strategy,
+            "drop": config.drop, "dropped": {kind: sorted(l for m, l in chosen if m == kind) for kind in ("attention", "mlp", "block")},
+            "order": [f"{m} {l}" for m, l in chosen], "scores_from": scores_from,
+            "calibration": calibration.id if calibration else None,
+            "random_seed": config.random_seed if config.strategy == "random" else None,
+            "scores": scores.to_dicts() if scores is not None else None,
+            "parameters_before": before, "parameters_after": sum(p.numel() for p in model.parameters()),
+            "dtype": str(dtype).removeprefix("torch."), "version": __version__,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        out = Path(config.out)
+        staging = out.with_name(f".{out.name}.tmp")
+        shutil.rmtree(staging, ignore_errors=True)
+        try:
+            model.save_pretrained(staging)
+            tokenizer = load_tokenizer(fetched.path)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(staging)
+            (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+            if out.exists():
+                out.rmdir()  # empty, checked above
+            os.replace(staging, out)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return out
+    finally:
+        source.release(fetched)
+
+
+def manifest(path: str | os.PathLike) -> dict:
+    """The manifest of a pruned model directory."""
+    return json.loads((Path(path) / MANIFEST).read_text())
+
+

@@ -1,0 +1,210 @@
+"""Pruning: equivalence with zeroed deltas, the KV cache, strategies, saving and loading."""
+
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+
+import polars as pl
+import pytest
+import torch
+import transformers
+
+from ckpt_trace.adapters import locate
+from ckpt_trace.calibration import CalibrationSet
+from ckpt_trace.cli import main
+from ckpt_trace.pruning import (
+    MANIFEST, DroppedAttention, apply_, choose_iterative, choose_last, choose_random, dropped, load_pruned,
+)
+from ckpt_trace.scoring import score
+from ckpt_trace.store import SCORES_SCHEMA, Store
+
+from conftest import FAMILIES, LAYERS, make_model, random_ids, save_checkpoint
+
+# What each target drops in the equivalence test: (module, layer) pairs, layer 0 included somewhere.
+DROPS = {
+    "attention": [("attention", 0), ("attention", 2)],
+    "mlp": [("mlp", 1)],
+    "block": [("block", 0)],
+    "joint": [("attention", 1), ("mlp", 0), ("mlp", 2)],
+}
+
+
+@contextmanager
+def zeroed(model, chosen):
+    """The reference: the original model with the same residual deltas zeroed by hooks."""
+    layout = locate(model)
+    handles = []
+    for module, layer in chosen:
+        taps = layout.layers[layer]
+        if module == "block":
+            handles.append(taps.block.register_forward_hook(
+                lambda m, args, kwargs, out: args[0] if args else kwargs["hidden_states"], with_kwargs=True))
+        else:
+            tap = taps.attention if module == "attention" else taps.mlp
+            handles.append(tap.register_forward_hook(
+                lambda m, a, out: (torch.zeros_like(out[0]),) + tuple(out[1:]) if isinstance(out, tuple) else torch.zeros_like(out)))
+    try:
+        yield model
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+@pytest.mark.parametrize("target", sorted(DROPS))
+@pytest.mark.parametrize("family", FAMILIES)
+def test_pruned_equals_zeroed_deltas_before_and_after_saving(family, target, tmp_path):
+    ids = torch.tensor(random_ids(2, 12, seed=5))
+    original = make_model(family)
+    with zeroed(original, DROPS[target]):
+        expected = logits(original, ids)
+    assert (expected - logits(original, ids)).abs().max() > 1e-4  # the drop changes something
+
+    pruned = apply_(make_model(family), DROPS[target])
+    torch.testing.assert_close(logits(pruned, ids), expected, atol=1e-5, rtol=1e-5)
+
+    pruned.save_pretrained(tmp_path)
+    reloaded = (transformers.AutoModelForCausalLM.from_pretrained(tmp_path) if target == "block"
+                else load_pruned(tmp_path))
+    torch.testing.assert_close(logits(reloaded, ids), expected, atol=1e-5, rtol=1e-5)
+    saved = sum(p.numel() for p in reloaded.parameters())
+    assert saved < sum(p.numel() for p in original.parameters())
+
+
+def kv_bytes(cache) -> int:
+    cache = getattr(cache, "self_attention_cache", cache)
+    return sum(
+        layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
+        for layer in cache.layers if getattr(layer, "keys", None) is not None
+    )
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_generate_with_kv_cache_holds_only_kept_attention(family):
+    prompt = torch.tensor(random_ids(1, 6, seed=7))
+    settings = dict(max_new_tokens=5, do_sample=False, return_dict_in_generate=True, pad_token_id=0)
+    original = make_model(family)
+    full = original.generate(prompt, **settings)
+    chosen = [("attention", 0)]  # layer 0: the cache must find positions in a later layer
+    with zeroed(original, chosen):
+        reference = original.generate(prompt, **settings)
+    pruned = apply_(make_model(family), chosen)
+    out = pruned.generate(prompt, **settings)
+    assert out.sequences.tolist() == reference.sequences.tolist()
+    assert kv_bytes(out.past_key_values) * LAYERS == kv_bytes(full.past_key_values) * (LAYERS - 1)
+
+
+def test_context_manager_restores_and_scorer_scores_a_pruned_model():
+    model = make_model("llama")
+    calibration = CalibrationSet.from_ids(random_ids(3, 10))
+    before = score(model, calibration)
+    with dropped(model, attention=[1], mlp=[2]):
+        assert isinstance(model.model.layers[1].self_attn, DroppedAttention)
+        pruned_scores = score(model, calibration)
+    assert not isinstance(model.model.layers[1].self_attn, DroppedAttention)
+    assert score(model, calibration).equals(before)
+    zero = pruned_scores.filter(
+        ((pl.col("module") == "attention") & (pl.col("layer") == 1)) | ((pl.col("module") == "mlp") & (pl.col("layer") == 2))
+    )
+    assert zero["value"].to_list() == [0.0] * 4
+
+
+def test_last_and_random():
+    assert choose_last("attention", 2, 6) == [("attention", 4), ("attention", 3)]
+    assert choose_last("block", 1, 6) == [("block", 4)]
+    assert choose_last("joint", 3, 6) == [("mlp", 4), ("attention", 4), ("mlp", 3)]
+    a, b = choose_random("mlp", 3, 12, seed=1), choose_random("mlp", 3, 12, seed=1)
+    assert a == b and len(set(a)) == 3
+    assert any(choose_random("mlp", 3, 12, seed=s) != a for s in range(2, 6))
+
+
+def test_iterative_rescores_after_each_drop():
+    model = make_model("qwen2")
+    calibration = CalibrationSet.from_ids(random_ids(4, 16, seed=3))
+    chosen, rounds = choose_iterative(model, calibration, "joint", 3)
+    # Reference: the same loop written out by hand.
+    expected = []
+    for _ in range(3):
+        with dropped(model, [l for m, l in expected if m == "attention"], [l for m, l in expected if m == "mlp"]):
+            frame = score(model, calibration).filter(pl.col("metric") == "importance")
+        ranked = [(m, l) for m, l in frame.filter(pl.col("module") != "block").sort("value", "layer", "module")
+                  .select("module", "layer").rows() if (m, l) not in expected]
+        expected.append(ranked[0])
+    assert chosen == expected
+    assert rounds["round"].unique().sort().to_list() == [0, 1, 2]
+
+
+@pytest.fixture
+def checkpoint(tmp_path, tokenizer_dir):
+    return save_checkpoint(tmp_path / "model", "gpt_neox", seed=4, tokenizer_dir=tokenizer_dir)
+
+
+SMALL = ["--samples", "4", "--seq-len", "16", "--device", "cpu"]
+
+
+def test_similarity_uses_stored_scores(checkpoint, tmp_path, monkeypatch, capsys):
+    store = tmp_path / "store"
+    assert main(["scan", str(checkpoint), "--store", str(store), *SMALL]) == 0
+    stored = Store(store).scores()
+    # Rewrite the stored attention importance so the answer is known: layers 2 and 0 are lowest.
+    values = {0: 0.2, 1: 0.9, 2: 0.1}
+    stored = stored.with_columns(value=pl.when((pl.col("module") == "attention") & (pl.col("metric") == "importance"))
+                                 .then(pl.col("layer").replace_strict(values, return_dtype=pl.Float64)).otherwise("value"))
+    Store(store).write_scores(stored.select(list(SCORES_SCHEMA)))
+    import ckpt_trace.pruning as pruning
+
+    monkeypatch.setattr(pruning, "score", lambda *a, **k: pytest.fail("scored although the store has the scores"))
+    out = tmp_path / "pruned"
+    code = main(["prune", str(checkpoint), "--target", "attention", "--drop", "2", "--out", str(out),
+                 "--store", str(store), *SMALL])
+    assert code == 0, capsys.readouterr().err
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert manifest["dropped"]["attention"] == [0, 2] and manifest["order"] == ["attention 2", "attention 0"]
+    assert manifest["scores_from"] == "store" and manifest["revision"] == "main"
+    assert json.loads((out / "config.json").read_text())["ckpt_trace_pruned"] == {"attention": [0, 2], "mlp": []}
+    assert (out / "model.safetensors").stat().st_size < (checkpoint / "model.safetensors").stat().st_size
+    assert (out / "tokenizer.json").is_file()
+    # The pruned model scans like any other, through the CLI.
+    assert main(["scan", str(out), "--store", str(tmp_path / "s2"), *SMALL]) == 0
+    rescored = Store(tmp_path / "s2").scores().filter((pl.col("module") == "attention") & pl.col("layer").is_in([0, 2]))
+    assert set(rescored["value"]) == {0.0}
+
+
+def test_block_prune_from_the_cli_loads_with_plain_transformers(checkpoint, tmp_path, capsys):
+    out = tmp_path / "blocks"
+    code = main(["prune", str(checkpoint), "--target", "block", "--drop", "1", "--strategy", "last",
+                 "--out", str(out), "--store", str(tmp_path / "s"), *SMALL])
+    assert code == 0, capsys.readouterr().err
+    model = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.num_hidden_layers == LAYERS - 1 and len(model.gpt_neox.layers) == LAYERS - 1
+    assert json.loads((out / MANIFEST).read_text())["dropped"]["block"] == [LAYERS - 2]
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["--target", "attention", "--drop", "0"], "cannot drop 0 attention layers of a 3-layer model; use 1 to 2"),
+        (["--target", "block", "--drop", "3"], "use 1 to 2"),
+        (["--target", "joint", "--drop", "9"], "use 1 to 5"),
+        (["--target", "heads", "--drop", "1"], "'heads' is not one of"),
+        (["--target", "mlp", "--drop", "1", "--strategy", "best"], "'best' is not one of"),
+    ],
+)
+def test_bad_prune_input(checkpoint, tmp_path, capsys, args, fragment):
+    code = main(["prune", str(checkpoint), "--out", str(tmp_path / "o"), "--store", str(tmp_path / "s"), *args, *SMALL])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and fragment in err[0], err
+    assert not (tmp_path / "o").exists()
+
+
+def test_output_that_exists_is_refused(checkpoint, tmp_path, capsys):
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "mine.txt").write_text("keep")
+    code = main(["prune", str(checkpoint), "--target", "mlp", "--drop", "1", "--out", str(tmp_path / "o")])
+    assert code == 2 and "exists and is not empty" in capsys.readouterr().err
+    assert (tmp_path / "o" / "mine.txt").read_text() == "keep"
