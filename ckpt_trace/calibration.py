@@ -200,16 +200,27 @@ def _token_list(ids, path: Path, number: int) -> list[int]:
     return ids
 
 
-def tokenize_blocks(documents: Sequence[str], tokenizer, spec: CalibrationSpec) -> list[list[int]]:
-    """Join documents with EOS, cut into ``seq_len`` blocks, and draw ``samples`` of them with ``seed``."""
-    if spec.seq_len is None:
-        spec = replace(spec, seq_len=DEFAULT_SEQ_LEN)
+def token_stream(documents: Sequence[str], tokenizer) -> list[int]:
+    """Documents tokenized without special tokens and joined with EOS."""
     eos = getattr(tokenizer, "eos_token_id", None)
     stream: list[int] = []
     for ids in tokenizer(list(documents), add_special_tokens=False)["input_ids"]:
         stream += ids
         if eos is not None:
             stream.append(eos)
+    return stream
+
+
+def drawn_blocks(n_blocks: int, samples: int, seed: int) -> list[int]:
+    """The indices of the blocks a calibration set with this seed takes, in stream order."""
+    return sorted(random.Random(seed).sample(range(n_blocks), min(samples, n_blocks)))
+
+
+def tokenize_blocks(documents: Sequence[str], tokenizer, spec: CalibrationSpec) -> list[list[int]]:
+    """Join documents with EOS, cut into ``seq_len`` blocks, and draw ``samples`` of them with ``seed``."""
+    if spec.seq_len is None:
+        spec = replace(spec, seq_len=DEFAULT_SEQ_LEN)
+    stream = token_stream(documents, tokenizer)
     n_blocks = len(stream) // spec.seq_len
     if n_blocks == 0:
         raise CalibrationError(
@@ -220,8 +231,25 @@ def tokenize_blocks(documents: Sequence[str], tokenizer, spec: CalibrationSpec) 
             "calibration %r holds %d blocks of %d tokens; using all of them instead of %d",
             spec.source, n_blocks, spec.seq_len, spec.samples,
         )
-    chosen = sorted(random.Random(spec.seed).sample(range(n_blocks), min(spec.samples, n_blocks)))
-    return [stream[i * spec.seq_len : (i + 1) * spec.seq_len] for i in chosen]
+    return [stream[i * spec.seq_len : (i + 1) * spec.seq_len] for i in drawn_blocks(n_blocks, spec.samples, spec.seed)]
+
+
+def heldout_set(spec: CalibrationSpec, tokenizer, samples: int = 32) -> CalibrationSet:
+    """Blocks of the same text that the calibration set `spec` does not take: disjoint from it by construction."""
+    if spec.seq_len is None:
+        spec = replace(spec, seq_len=DEFAULT_SEQ_LEN)
+    docs = read_source(spec.source)
+    if not docs or isinstance(docs[0], list):
+        raise CalibrationError(f"held-out blocks need a text source; {spec.source!r} is pre-tokenized")
+    stream = token_stream(docs, tokenizer)
+    n_blocks = len(stream) // spec.seq_len
+    taken = set(drawn_blocks(n_blocks, spec.samples, spec.seed))
+    rest = [i for i in range(n_blocks) if i not in taken]
+    if not rest:
+        raise CalibrationError(f"{spec.source!r} has no blocks left beyond the {len(taken)} the calibration set takes")
+    chosen = sorted(random.Random(spec.seed + 1).sample(rest, min(samples, len(rest))))
+    blocks = [stream[i * spec.seq_len : (i + 1) * spec.seq_len] for i in chosen]
+    return CalibrationSet.from_ids(blocks, f"{spec.source} held out ({len(blocks)}x{spec.seq_len})")
 
 
 def load_calibration(spec: CalibrationSpec | str, tokenizer=None) -> CalibrationSet:

@@ -121,6 +121,38 @@ def prune(source, calibration, samples, seq_len, seed, **options):
     click.echo(f"parameters {record['parameters_before']:,} -> {record['parameters_after']:,}; saved to {out}")
 
 
+@cli.command("eval")
+@click.argument("model_dirs", nargs=-1, required=True)
+@click.option("--tasks", help="Comma-separated lm-eval tasks, task YAML paths, 'paper', or ckpt_trace_python_mc  "
+              "[default: paper, unless only --perplexity or --speed is asked for]")
+@click.option("--num-fewshot", type=int, help="Shots for every task  [default: each task's own; the paper's for its tasks]")
+@click.option("--limit", type=int, help="At most this many items per task.")
+@click.option("--perplexity", is_flag=True, help="Perplexity on held-out text (or --perplexity-data).")
+@click.option("--perplexity-data", help="Any calibration spec, pre-tokenized jsonl included.")
+@click.option("--speed", is_flag=True, help="Prefill latency, decode throughput, peak memory, KV-cache bytes.")
+@click.option("--calibration", default=DEFAULT_SPEC, show_default=True, help="Calibration text the default perplexity blocks avoid.")
+@click.option("--samples", default=64, show_default=True, help="Calibration blocks (kept out of perplexity).")
+@click.option("--seq-len", type=int, help="Tokens per block  [default: the model's positions, at most 512]")
+@click.option("--seed", default=0, show_default=True, help="Seed of the calibration block draw.")
+@click.option("--batch-size", default=8, show_default=True, help="Sequences per forward pass.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--dtype", default="auto", show_default=True, help="auto, float32, bfloat16 or float16.")
+@click.option("--store", default="data", show_default=True, help="Store directory.")
+def eval_command(model_dirs, tasks, calibration, samples, seq_len, seed, **options):
+    """Evaluate original and pruned MODEL_DIRS: lm-eval benchmarks, perplexity and speed, into the store."""
+    from .evaluation import EvalConfig, evaluate
+
+    config = EvalConfig(
+        models=list(model_dirs), tasks=[t.strip() for t in tasks.split(",") if t.strip()] if tasks else None,
+        calibration=CalibrationSpec(calibration, samples, seq_len, seed), **options,
+    )
+    results = evaluate(config)
+    table = results.filter(~pl.col("metric").str.ends_with("_spread")).select("model", "task", "metric", "value")
+    with pl.Config(tbl_hide_dataframe_shape=True, tbl_hide_column_data_types=True, tbl_rows=-1, float_precision=4):
+        click.echo(table)
+    click.echo(f"results stored in {config.store}/evals")
+
+
 @cli.command()
 @click.option("--store", default="data", show_default=True, help="Store directory.")
 @click.option("--out", default="figures", show_default=True, help="Where report.md, report.html and the PNGs go.")

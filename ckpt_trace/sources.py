@@ -63,23 +63,32 @@ def _weight_bytes(directory: Path) -> int:
     return choose_files({p.name: (p.stat().st_size, "") for p in directory.iterdir() if p.is_file()}).weight_bytes
 
 
+def single_checkpoint(path: Path) -> Checkpoint:
+    """One model directory: a directory named like a revision (``suite/step1000``) is that revision of
+    its parent, as in a scan of the whole suite; any other is revision ``main`` of a model named after it."""
+    revision = parse_revision(path.name)
+    if revision.parsed:
+        return Checkpoint(path.resolve().parent.name, revision, path, weight_bytes=_weight_bytes(path))
+    return Checkpoint(path.resolve().name, Revision("main"), path, weight_bytes=_weight_bytes(path))
+
+
 class LocalSource:
-    """A model directory (one checkpoint, revision ``main``) or a directory of revision subdirectories.
+    """A model directory (one checkpoint) or a directory of revision subdirectories.
 
     Subdirectories are named after revisions (``step0/``, ``step1000/``); a symbolic link
     to a sibling (``main -> step1000``) is an alias and is not scanned twice. `model` is
-    the directory's name.
+    the suite directory's name; for one model directory, see `single_checkpoint`.
     """
 
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
         if not self.root.is_dir():
             raise SourceError(f"source {str(root)!r} is not a directory")
-        self.model = self.root.resolve().name
+        self.model = single_checkpoint(self.root).model if _is_model_dir(self.root) else self.root.resolve().name
 
     def checkpoints(self, selection: str | None = None) -> list[Checkpoint]:
         if _is_model_dir(self.root):
-            return [Checkpoint(self.model, Revision("main"), self.root)]
+            return [single_checkpoint(self.root)]
         subdirs = {p.name: p for p in sorted(self.root.iterdir()) if p.is_dir() and _is_model_dir(p)}
         real = {p.resolve() for p in subdirs.values() if not p.is_symlink()}
         subdirs = {n: p for n, p in subdirs.items() if not (p.is_symlink() and p.resolve() in real)}

@@ -68,6 +68,10 @@ def path_part(name: str) -> str:
     return quote(name.replace("/", "--"), safe="-_.+=@")
 
 
+def _stamp(when) -> str:
+    return when.strftime("%Y%m%dT%H%M%S%f")
+
+
 def write_parquet(frame: pl.DataFrame, path: Path) -> None:
     """Write a frame so that `path` holds either nothing or the whole file, never a part."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -97,32 +101,41 @@ class Store:
     def has_scores(self, model: str, revision: str, calibration: str) -> bool:
         return self.scores_path(model, revision, calibration).is_file()
 
-    def write_scores(self, frame: pl.DataFrame) -> Path:
-        """Store one revision's scores; the frame must hold exactly one (model, revision, calibration)."""
-        frame = frame.select([pl.col(c).cast(t) for c, t in SCORES_SCHEMA.items()])
-        keys = frame.select("model", "revision", "calibration").unique()
-        assert keys.height == 1, f"one file holds one (model, revision, calibration), got {keys.height}"
-        model, revision, calibration = keys.row(0)
-        path = self.scores_path(model, revision, calibration)
+    def _write(self, frame: pl.DataFrame, schema: dict[str, pl.DataType], path_of) -> Path:
+        """Cast a frame to a table's schema and write it atomically where `path_of(first row)` says."""
+        frame = frame.select([pl.col(c).cast(t) for c, t in schema.items()])
+        path = path_of(frame.row(0, named=True))
         write_parquet(frame, path)
         return path
+
+    def write_scores(self, frame: pl.DataFrame) -> Path:
+        """Store one revision's scores; the frame must hold exactly one (model, revision, calibration)."""
+        keys = frame.select("model", "revision", "calibration").unique()
+        assert keys.height == 1, f"one file holds one (model, revision, calibration), got {keys.height}"
+        return self._write(frame, SCORES_SCHEMA, lambda r: self.scores_path(r["model"], r["revision"], r["calibration"]))
 
     def write_run(self, frame: pl.DataFrame) -> Path:
         """Record one attempt at a revision (status, error, duration) in the runs table."""
-        frame = frame.select([pl.col(c).cast(t) for c, t in RUNS_SCHEMA.items()])
-        model, revision, calibration, when = frame.select("model", "revision", "calibration", "finished_at").row(0)
-        stamp = when.strftime("%Y%m%dT%H%M%S%f")
-        path = self.root / "runs" / path_part(model) / path_part(revision) / f"{calibration}-{stamp}.parquet"
-        write_parquet(frame, path)
-        return path
+        return self._write(frame, RUNS_SCHEMA, lambda r: self.root / "runs" / path_part(r["model"])
+                           / path_part(r["revision"]) / f"{r['calibration']}-{_stamp(r['finished_at'])}.parquet")
 
     def write_revision(self, frame: pl.DataFrame) -> Path:
-        """Record what is known of one revision: step, tokens, stage, validation loss."""
-        frame = frame.select([pl.col(c).cast(t) for c, t in REVISIONS_SCHEMA.items()])
-        model, revision = frame.select("model", "revision").row(0)
-        path = self.root / "revisions" / path_part(model) / f"{path_part(revision)}.parquet"
-        write_parquet(frame, path)
-        return path
+        """Record what is known of one revision: step, tokens, stage, validation loss, duplicates."""
+        return self._write(frame, REVISIONS_SCHEMA,
+                           lambda r: self.root / "revisions" / path_part(r["model"]) / f"{path_part(r['revision'])}.parquet")
+
+    def write_evals(self, frame: pl.DataFrame) -> Path:
+        """Store one evaluation run of one model."""
+        from .evaluation import EVALS_SCHEMA
+
+        return self._write(frame, EVALS_SCHEMA,
+                           lambda r: self.root / "evals" / path_part(r["model"]) / f"{_stamp(r['created'])}.parquet")
+
+    def evals(self) -> pl.DataFrame:
+        """Every stored evaluation result."""
+        from .evaluation import EVALS_SCHEMA
+
+        return self._table("evals", EVALS_SCHEMA)
 
     def _scan(self, table: str, schema: dict[str, pl.DataType]) -> pl.LazyFrame:
         files = sorted((self.root / table).glob("**/*.parquet"))

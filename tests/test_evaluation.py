@@ -1,0 +1,124 @@
+"""Evaluation: perplexity, an offline lm-eval task, speed and the KV cache, and the evals table."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import polars as pl
+import pytest
+import torch
+import transformers
+
+from ckpt_trace.calibration import CalibrationSet
+from ckpt_trace.cli import main
+from ckpt_trace.evaluation import BUILTIN_TASK, TASK_DATA, measure_speed, perplexity, run_tasks
+from ckpt_trace.pruning import apply_
+from ckpt_trace.store import Store
+
+from conftest import CONFIGS, make_model, random_ids, save_checkpoint
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def test_perplexity_equals_a_direct_computation():
+    model = make_model("llama")
+    lengths = [12, 5, 9]
+    seqs = [ids[:n] for ids, n in zip(random_ids(3, 12, seed=8), lengths)]
+    ppl, n = perplexity(model, CalibrationSet.from_ids(seqs), batch_size=2)
+    total, count = 0.0, 0
+    for seq in seqs:  # one sequence at a time, no padding, float64 log-softmax
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=torch.tensor([seq])).logits[0].double(), dim=-1)
+        total -= sum(logp[t - 1, seq[t]].item() for t in range(1, len(seq)))
+        count += len(seq) - 1
+    assert n == count == sum(lengths) - 3
+    assert ppl == pytest.approx(math.exp(total / count), rel=1e-6)
+
+
+def direct_choice_accuracy(model, tokenizer) -> tuple[float, float]:
+    """Pick the choice with the highest log-likelihood after the prompt, item by item."""
+    correct = correct_norm = 0
+    items = [json.loads(line) for line in TASK_DATA.read_text().splitlines()]
+    for item in items:
+        context = f"Question: {item['question']}\nAnswer:"
+        scores = []
+        for choice in item["choices"]:
+            whole = tokenizer(context + " " + choice, add_special_tokens=False)["input_ids"]
+            prefix = tokenizer(context, add_special_tokens=False)["input_ids"]
+            with torch.no_grad():
+                logp = torch.log_softmax(model(input_ids=torch.tensor([whole])).logits[0].double(), dim=-1)
+            scores.append(sum(logp[t - 1, whole[t]].item() for t in range(len(prefix), len(whole))))
+        correct += max(range(4), key=scores.__getitem__) == item["answer"]
+        normed = [s / len(c) for s, c in zip(scores, item["choices"])]
+        correct_norm += max(range(4), key=normed.__getitem__) == item["answer"]
+    return correct / len(items), correct_norm / len(items)
+
+
+@pytest.fixture(scope="module")
+def task_model(tmp_path_factory, tokenizer_dir):
+    path = save_checkpoint(tmp_path_factory.mktemp("m") / "model", "gpt_neox", seed=11, tokenizer_dir=tokenizer_dir)
+    return transformers.AutoModelForCausalLM.from_pretrained(path).eval(), transformers.AutoTokenizer.from_pretrained(path)
+
+
+def test_local_task_accuracy_equals_direct_log_likelihood(task_model, tmp_path):
+    model, tokenizer = task_model
+    acc, acc_norm = direct_choice_accuracy(model, tokenizer)
+    rows = {r["metric"]: r for r in run_tasks(model, tokenizer, [BUILTIN_TASK], batch_size=4)}
+    assert rows["acc"]["value"] == pytest.approx(acc) and rows["acc"]["n"] == 24
+    assert rows["acc_norm"]["value"] == pytest.approx(acc_norm)
+    # The same task as a local YAML file, as a user would write one.
+    yaml = tmp_path / "my_task.yaml"
+    yaml.write_text(
+        "task: my_python_mc\ndataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {TASK_DATA}\n"
+        "test_split: test\noutput_type: multiple_choice\n"
+        'doc_to_text: "Question: {{question}}\\nAnswer:"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: "{{answer}}"\n'
+        "metric_list:\n  - metric: acc\n"
+    )
+    from_yaml = {r["metric"]: r for r in run_tasks(model, tokenizer, [str(yaml)])}
+    assert from_yaml["acc"]["value"] == pytest.approx(acc)
+
+
+def test_half_the_attention_dropped_holds_exactly_half_the_kv_cache():
+    config = CONFIGS["llama"].__class__(**{**CONFIGS["llama"].to_dict(), "num_hidden_layers": 4})
+    torch.manual_seed(0)
+    original = transformers.AutoModelForCausalLM.from_config(config).eval()
+    pruned = apply_(transformers.AutoModelForCausalLM.from_config(config).eval(), [("attention", 0), ("attention", 2)])
+    full = measure_speed(original, prompt_tokens=16, new_tokens=4, repeats=2)
+    half = measure_speed(pruned, prompt_tokens=16, new_tokens=4, repeats=2)
+    assert half["kv_cache_bytes"] * 2 == full["kv_cache_bytes"] > 0
+    # Speedups are reported, not asserted: on a tiny CPU model they are noise.
+    for key in ("prefill_latency_s", "decode_tokens_per_s", "peak_memory_bytes"):
+        assert full[key] > 0 and half[key] > 0
+
+
+def test_eval_command_stores_results_for_original_and_pruned(task_model, tmp_path, tokenizer_dir, capsys):
+    original = save_checkpoint(tmp_path / "suite" / "step100", "gpt_neox", seed=3, tokenizer_dir=tokenizer_dir)
+    out = tmp_path / "pruned"
+    assert main(["prune", str(original), "--target", "attention", "--drop", "1", "--strategy", "last",
+                 "--out", str(out), "--device", "cpu"]) == 0
+    code = main(["eval", str(original), str(out), "--tasks", BUILTIN_TASK, "--perplexity", "--speed",
+                 "--seq-len", "16", "--samples", "4", "--store", str(tmp_path / "store"), "--device", "cpu"])
+    assert code == 0, capsys.readouterr().err
+    evals = Store(tmp_path / "store").evals()
+    assert set(evals["model"]) == {"step100", "pruned"}
+    assert set(evals["source_model"]) == {"suite"} and set(evals["revision"]) == {"step100"}
+    assert evals.filter(pl.col("model") == "pruned")["pruning"].unique().to_list() == ["attention [1] (last)"]
+    for metric in ("perplexity", "acc", "prefill_latency_s", "decode_tokens_per_s", "peak_memory_bytes", "kv_cache_bytes"):
+        assert evals.filter(pl.col("metric") == metric).height == 2, metric
+    kv = dict(evals.filter(pl.col("metric") == "kv_cache_bytes").select("model", "value").rows())
+    assert kv["pruned"] * 3 == kv["step100"] * 2
+
+
+def test_unknown_task_is_one_line(task_model, tmp_path, tokenizer_dir, capsys):
+    model_dir = save_checkpoint(tmp_path / "m", "gpt_neox", tokenizer_dir=tokenizer_dir)
+    code = main(["eval", str(model_dir), "--tasks", "no_such_task_anywhere", "--store", str(tmp_path / "s"), "--device", "cpu"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and "no_such_task_anywhere" in err[-1] and err[-1].startswith("ckpt-trace: error:")
+    code = main(["eval", str(model_dir), "--tasks", str(tmp_path / "missing.yaml"), "--device", "cpu"])
+    assert code == 2 and "does not exist" in capsys.readouterr().err
