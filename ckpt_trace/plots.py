@@ -114,3 +114,21 @@ def validation_loss(revisions: pl.DataFrame) -> Figure:
     ax.set_ylabel("validation loss")
     _step_axis(ax)
     return figure
+
+
+def quality_speed(tradeoff: pl.DataFrame) -> Figure:
+    """Quality kept against decode speedup, one point per pruned model and quality metric."""
+    figure = Figure(figsize=(6.4, 4.2), layout="constrained")
+    ax = figure.subplots()
+    for (task, metric), part in tradeoff.group_by("task", "metric", maintain_order=True):
+        label = task if task == metric else f"{task} {metric}"
+        ax.scatter(part["speedup"].to_numpy(), part["quality_kept"].to_numpy(), label=label, s=40)
+        for x, y, name in part.select("speedup", "quality_kept", "model").rows():
+            ax.annotate(name, (x, y), fontsize=7, xytext=(4, 3), textcoords="offset points")
+    ax.axhline(1.0, color="grey", lw=0.8, ls=":")
+    ax.axvline(1.0, color="grey", lw=0.8, ls=":")
+    ax.set_xlabel("decode speedup over the original")
+    ax.set_ylabel("quality kept (relative to the original)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return figure

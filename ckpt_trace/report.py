@@ -13,7 +13,9 @@ import polars as pl
 from matplotlib.figure import Figure
 
 from . import __version__, plots
-from .analysis import drop_set_overlap, drop_set_settled, model_scores, rank_consistency
+from .analysis import (
+    drop_set_overlap, drop_set_settled, model_scores, pruned_vs_original, rank_consistency, tradeoff,
+)
 from .errors import StoreError
 from .store import Store, path_part
 
@@ -109,6 +111,24 @@ def build_model_report(scores: pl.DataFrame, revisions: pl.DataFrame, model: str
     return report
 
 
+def build_pruning_report(evals: pl.DataFrame, model: str) -> ModelReport | None:
+    """Pruned models of one source model against the original: the trade-off figure and the relative table."""
+    comparison = pruned_vs_original(evals.filter(pl.col("source_model") == model))
+    if comparison.height == 0:
+        return None
+    report = ModelReport(f"{model}: pruned models", "")
+    points = tradeoff(comparison)
+    if points.height:
+        report.figures["tradeoff"] = ("quality kept against decode speedup", plots.quality_speed(points))
+    else:
+        report.notes.append("no pruned model has both a quality metric and decode speed beside its original's")
+    report.tables["relative"] = (
+        "each pruned model relative to the original (relative > 1 is better: quality kept, speedup, memory saved)",
+        comparison.drop("source_model"),
+    )
+    return report
+
+
 def _cell(value) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
@@ -144,7 +164,7 @@ td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}th{background:#f3f3
 def write_report(store: str | os.PathLike = "data", out: str | os.PathLike = "figures", model: str | None = None) -> Path:
     """Write PNG figures, report.md and a self-contained report.html for every model in the store (or one)."""
     db = Store(store)
-    scores, revisions = db.scores(), db.revisions()
+    scores, revisions, evals = db.scores(), db.revisions(), db.evals()
     models = sorted(scores["model"].unique())
     if not models:
         raise StoreError(f"store {str(store)!r} holds no scores; run `ckpt-trace scan` first")
@@ -156,12 +176,18 @@ def write_report(store: str | os.PathLike = "data", out: str | os.PathLike = "fi
     out.mkdir(parents=True, exist_ok=True)
     md = [f"# ckpt-trace report", "", f"ckpt-trace {__version__}; store `{store}`; models: {', '.join(models)}.", ""]
     body = [f"<h1>ckpt-trace report</h1><p>ckpt-trace {html.escape(__version__)}; store <code>{html.escape(str(store))}</code></p>"]
+    sections = []
     for name in models:
         report = build_model_report(scores, revisions, name)
-        folder = out / path_part(name)
-        folder.mkdir(exist_ok=True)
         n_revisions = scores.filter((pl.col("model") == name) & (pl.col("calibration") == report.calibration))["revision"].n_unique()
-        intro = f"{n_revisions} checkpoints, calibration set `{report.calibration}`."
+        sections.append((report, name, f"{n_revisions} checkpoints, calibration set `{report.calibration}`."))
+        pruning = build_pruning_report(evals, name) if evals.height else None
+        if pruning is not None:
+            sections.append((pruning, f"{name}-pruned", "Pruned models evaluated beside the original (`ckpt-trace eval`)."))
+    for report, slug, intro in sections:
+        folder = out / path_part(slug)
+        folder.mkdir(exist_ok=True)
+        name = report.model
         md += [f"## {name}", "", intro, ""]
         body.append(f"<h2>{html.escape(name)}</h2><p>{html.escape(intro.replace('`', ''))}</p>")
         for note in report.notes:
@@ -170,7 +196,7 @@ def write_report(store: str | os.PathLike = "data", out: str | os.PathLike = "fi
         for key, (caption, figure) in report.figures.items():
             png = _png(figure)
             (folder / f"{key}.png").write_bytes(png)
-            md += [f"### {caption}", "", f"![{caption}]({path_part(name)}/{key}.png)", ""]
+            md += [f"### {caption}", "", f"![{caption}]({path_part(slug)}/{key}.png)", ""]
             encoded = base64.b64encode(png).decode()
             body.append(f"<h3>{html.escape(caption)}</h3><img alt='{html.escape(caption)}' src='data:image/png;base64,{encoded}'>")
         for key, (caption, table) in report.tables.items():

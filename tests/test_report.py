@@ -164,3 +164,52 @@ def test_report_bad_input(tmp_path, capsys):
     store = store_with(tmp_path, synthetic_rows())
     assert main(["report", "--store", str(store.root), "--model", "nope", "--out", str(tmp_path / "o")]) == 2
     assert "no scores for model 'nope'" in capsys.readouterr().err
+
+
+def synthetic_evals() -> pl.DataFrame:
+    from datetime import datetime, timezone
+
+    from ckpt_trace.evaluation import EVALS_SCHEMA
+
+    results = {  # model -> (pruning, perplexity, acc, decode tokens/s, prefill s, kv bytes)
+        "step2000": (None, 10.0, 0.50, 100.0, 0.20, 1000.0),
+        "attention-2": ("attention [1, 3] (similarity)", 12.5, 0.45, 150.0, 0.16, 500.0),
+        "block-1": ("block [2] (last)", 20.0, 0.25, 125.0, 0.10, 750.0),
+    }
+    rows = []
+    for model, (pruning, ppl, acc, decode, prefill, kv) in results.items():
+        for task, metric, value in [("perplexity", "perplexity", ppl), ("mc", "acc", acc), ("speed", "decode_tokens_per_s", decode),
+                                    ("speed", "prefill_latency_s", prefill), ("speed", "kv_cache_bytes", kv)]:
+            rows.append({"model": model, "path": f"/x/{model}", "source_model": "m", "revision": "step2000",
+                         "pruning": pruning, "task": task, "metric": metric, "value": value,
+                         "created": datetime(2026, 1, 1, tzinfo=timezone.utc)})
+    return pl.DataFrame([dict.fromkeys(EVALS_SCHEMA) | r for r in rows], schema=EVALS_SCHEMA)
+
+
+def test_pruned_models_relative_to_the_original():
+    from ckpt_trace.analysis import pruned_vs_original, tradeoff
+
+    comparison = pruned_vs_original(synthetic_evals())
+    relative = {(m, k): v for m, k, v in comparison.select("model", "metric", "relative").rows()}
+    assert relative[("attention-2", "perplexity")] == pytest.approx(0.8)  # 10 / 12.5
+    assert relative[("attention-2", "acc")] == pytest.approx(0.9)
+    assert relative[("attention-2", "decode_tokens_per_s")] == pytest.approx(1.5)
+    assert relative[("block-1", "prefill_latency_s")] == pytest.approx(2.0)
+    assert relative[("attention-2", "kv_cache_bytes")] == pytest.approx(2.0)  # half the cache
+    points = tradeoff(comparison)
+    assert sorted(points.select("model", "metric", "quality_kept", "speedup").rows()) == [
+        ("attention-2", "acc", pytest.approx(0.9), pytest.approx(1.5)),
+        ("attention-2", "perplexity", pytest.approx(0.8), pytest.approx(1.5)),
+        ("block-1", "acc", pytest.approx(0.5), pytest.approx(1.25)),
+        ("block-1", "perplexity", pytest.approx(0.5), pytest.approx(1.25)),
+    ]
+
+
+def test_report_has_a_pruning_section(tmp_path):
+    store = store_with(tmp_path, synthetic_rows(steps=[0, 1000, 2000]))
+    store.write_evals(synthetic_evals())
+    assert main(["report", "--store", str(store.root), "--out", str(tmp_path / "out")]) == 0
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "## m: pruned models" in md and "m-pruned/tradeoff.png" in md
+    assert (tmp_path / "out" / "m-pruned" / "tradeoff.png").stat().st_size > 10_000
+    assert "| step2000 | attention-2 | attention [1, 3] (similarity) | mc | acc | 0.45 | 0.5 | 0.9 |" in md
