@@ -7,7 +7,7 @@ alternating, and the medians are compared. Peak memory is measured in fresh
 subprocesses with N and 4N calibration sequences, to show that it does not grow with
 the calibration set.
 
-    python benchmarks/scorer_overhead.py [--sequences 16] [--seq-len 256] [--repeats 5] [--device cpu]
+    python benchmarks/scorer_overhead.py [--sequences 16] [--seq-len 256] [--repeats 7] [--device cpu]
 
 The last line is ``overhead_ratio=<hooked/plain>``; the target on CPU is <= 1.10.
 """
@@ -79,7 +79,7 @@ def main() -> None:
     parser.add_argument("--sequences", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--peak-memory-child", type=int, help=argparse.SUPPRESS)

@@ -55,11 +55,16 @@ class ResidualStats:
         self.weight = attention_mask.to(torch.float32)
         self.n_tokens += int(attention_mask.sum())
 
-    def update(self, layer: int, module: int, inp: torch.Tensor, delta: torch.Tensor) -> None:
-        """Add one module's per-token metrics for the current batch, where out = inp + delta."""
+    def update(
+        self, layer: int, module: int, inp: torch.Tensor, delta: torch.Tensor, inp_sq: torch.Tensor | None = None
+    ) -> None:
+        """Add one module's per-token metrics for the current batch, where out = inp + delta.
+
+        `inp_sq`, the per-token squared norm of `inp`, may be passed when it is already known.
+        """
         assert self.weight is not None, "begin_batch() must come before update()"
         inp, delta = inp.float(), delta.float()  # no copy when already float32
-        ii = torch.linalg.vecdot(inp, inp)  # [B, T]
+        ii = torch.linalg.vecdot(inp, inp) if inp_sq is None else inp_sq  # [B, T]
         dd = torch.linalg.vecdot(delta, delta)
         i_d = torch.linalg.vecdot(inp, delta)
         in_out = ii + i_d  # in . out
@@ -107,8 +112,9 @@ def _keep_output(cache: dict, key: str, module, args, output):
 def _measure(cache: dict, layer: int, parallel: bool, stats: ResidualStats, module, args, output):
     # float32 views of the model's activations (no copy when the model is float32)
     x, a, m, y = (t.float() for t in (cache.pop("x"), cache.pop("a"), cache.pop("m"), _first(output)))
-    stats.update(layer, 0, x, y - x)
-    stats.update(layer, 1, x, a)
+    xx = torch.linalg.vecdot(x, x)  # block and attention read the same input
+    stats.update(layer, 0, x, y - x, xx)
+    stats.update(layer, 1, x, a, xx)
     stats.update(layer, 2, x if parallel else x + a, m)
 
 
