@@ -17,6 +17,7 @@ short hash of its token ids, stored beside every score.
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import logging
@@ -160,7 +161,8 @@ def _hub_documents(spec: str) -> list[str]:
         local = Path(snapshot_download(repo, repo_type="dataset", allow_patterns=patterns))
     except Exception as err:  # the client raises several classes for one cause: unreachable or unknown
         raise CalibrationError(f"cannot fetch dataset {repo!r}: {err}") from err
-    files = sorted(p for p in local.rglob("*") if p.suffix in (".parquet", ".jsonl"))
+    # The snapshot may hold other splits from earlier downloads: take only the files this split names.
+    files = sorted(p for p in local.rglob("*") if any(fnmatch.fnmatch(p.relative_to(local).as_posix(), pat) for pat in patterns))
     if not files:
         raise CalibrationError(f"dataset {repo!r} has no parquet or jsonl files for split {split!r}")
     texts: list[str] = []

@@ -62,9 +62,10 @@ class LoopbackHub:
         self._server: ThreadingHTTPServer | None = None
 
     # -- content ----------------------------------------------------------------------
-    def add_revision(self, repo_id: str, branch: str, files: dict[str, bytes]) -> str:
+    def add_revision(self, repo_id: str, branch: str, files: dict[str, bytes], repo_type: str = "model") -> str:
         """Add (or move) a branch to a commit holding `files`; return the commit hash."""
-        repo = self.repos.setdefault(repo_id, Repo())
+        key = repo_id if repo_type == "model" else f"{repo_type}s/{repo_id}"
+        repo = self.repos.setdefault(key, Repo())
         digest = hashlib.sha1(repo_id.encode() + branch.encode())
         for path in sorted(files):
             digest.update(path.encode() + hashlib.sha256(files[path]).digest())
@@ -183,6 +184,10 @@ class _Handler(BaseHTTPRequestHandler):
             return self._error("EntryNotFound") if data is None else self._bytes(data, parts[1])
         if parts[:2] == ["api", "models"] and len(parts) >= 5:
             return self._api(f"{parts[2]}/{parts[3]}", parts[4], parts[5:])
+        if parts[:2] == ["api", "datasets"] and len(parts) >= 5:
+            return self._api(f"datasets/{parts[2]}/{parts[3]}", parts[4], parts[5:])
+        if parts[:1] == ["datasets"] and len(parts) >= 6 and parts[3] == "resolve":
+            return self._resolve(f"datasets/{parts[1]}/{parts[2]}", parts[4], "/".join(parts[5:]))
         if len(parts) >= 5 and parts[2] == "resolve":
             return self._resolve(f"{parts[0]}/{parts[1]}", parts[3], "/".join(parts[4:]))
         self._error("EntryNotFound")
@@ -208,7 +213,8 @@ class _Handler(BaseHTTPRequestHandler):
         files = repo.commits[commit]
         if verb == "revision":
             siblings = [{"rfilename": p} for p in sorted(files)]
-            return self._json({"id": repo_id, "modelId": repo_id, "sha": commit, "siblings": siblings, "private": False})
+            public_id = repo_id.removeprefix("datasets/")
+            return self._json({"id": public_id, "modelId": public_id, "sha": commit, "siblings": siblings, "private": False})
         return self._json([self._tree_entry(path, data) for path, data in sorted(files.items())])
 
     def _tree_entry(self, path: str, data: bytes) -> dict:

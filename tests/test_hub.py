@@ -259,3 +259,41 @@ def test_trust_remote_code_stays_off(tmp_path):
     shutil.copy(tmp_path / "weights" / "model.safetensors", model_dir)
     model = load_model(model_dir, torch.device("cpu"), torch.float32)
     assert type(model).__name__ == "LlamaForCausalLM"
+
+
+def test_calibration_from_a_hub_dataset(hub, tmp_path, monkeypatch):
+    """hf:REPO[:CONFIG][:SPLIT] reads a dataset's text column through huggingface_hub, config and split chosen."""
+    from transformers import AutoTokenizer
+
+    from ckpt_trace.calibration import CalibrationSpec, load_calibration, token_stream
+
+    def parquet(texts):
+        buffer = io.BytesIO()
+        pl.DataFrame({"text": texts, "id": list(range(len(texts)))}).write_parquet(buffer)
+        return buffer.getvalue()
+
+    train = ["the quick brown fox " * 40, "jumps over the lazy dog " * 40]
+    hub.add_revision("org/texts", "main", {
+        "plain/train-00000-of-00001.parquet": parquet(train),
+        "plain/test-00000-of-00001.parquet": parquet(["held out " * 50]),
+        "other/train-00000-of-00001.parquet": parquet(["another config " * 50]),
+    }, repo_type="dataset")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    tokenizer_dir = tmp_path / "tok"
+    from conftest import write_tokenizer
+
+    write_tokenizer(tokenizer_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    calibration = load_calibration(CalibrationSpec("hf:org/texts:plain:train", samples=3, seq_len=8), tokenizer)
+    stream = token_stream(train, tokenizer)
+    blocks = [stream[i * 8 : (i + 1) * 8] for i in range(len(stream) // 8)]
+    assert all(seq.tolist() in blocks for seq in calibration.sequences) and len(calibration.sequences) == 3
+    requested = {r.path for r in hub.requests("GET") if "/resolve/" in r.path or "/cdn/" in r.path}
+    assert any("plain/train" in p for p in requested)
+    assert not any("test-" in p or "other/" in p for p in requested)
+
+    with pytest.raises(Exception, match="no parquet or jsonl files for split 'validation'"):
+        load_calibration(CalibrationSpec("hf:org/texts:plain:validation", samples=3, seq_len=8), tokenizer)
+    with pytest.raises(Exception, match="cannot fetch dataset 'org/missing'"):
+        load_calibration(CalibrationSpec("hf:org/missing", samples=3, seq_len=8), tokenizer)
