@@ -226,7 +226,7 @@ class HubRepo:
         snapshot = self.snapshot(revision)
         return all((snapshot / f).is_file() for f in files.files)
 
-    def download(self, revision: Revision, files: HubFiles, progress: bool = True) -> Path:
+    def download(self, revision: Revision, files: HubFiles) -> Path:
         """Fetch a revision's chosen files into the cache and return its snapshot directory."""
         from huggingface_hub import snapshot_download
         from huggingface_hub.errors import LocalEntryNotFoundError

@@ -174,7 +174,7 @@ def write_report(store: str | os.PathLike = "data", out: str | os.PathLike = "fi
         models = [model]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    md = [f"# ckpt-trace report", "", f"ckpt-trace {__version__}; store `{store}`; models: {', '.join(models)}.", ""]
+    md = ["# ckpt-trace report", "", f"ckpt-trace {__version__}; store `{store}`; models: {', '.join(models)}.", ""]
     body = [f"<h1>ckpt-trace report</h1><p>ckpt-trace {html.escape(__version__)}; store <code>{html.escape(str(store))}</code></p>"]
     sections = []
     for name in models:
@@ -199,7 +199,7 @@ def write_report(store: str | os.PathLike = "data", out: str | os.PathLike = "fi
             md += [f"### {caption}", "", f"![{caption}]({path_part(slug)}/{key}.png)", ""]
             encoded = base64.b64encode(png).decode()
             body.append(f"<h3>{html.escape(caption)}</h3><img alt='{html.escape(caption)}' src='data:image/png;base64,{encoded}'>")
-        for key, (caption, table) in report.tables.items():
+        for caption, table in report.tables.values():
             md += [f"<details><summary>{caption}</summary>", "", markdown_table(table), "", "</details>", ""]
             body.append(f"<details><summary>{html.escape(caption)}</summary>{html_table(table)}</details>")
     (out / "report.md").write_text("\n".join(md) + "\n", encoding="utf-8")

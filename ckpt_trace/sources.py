@@ -18,7 +18,7 @@ from pathlib import Path
 import polars as pl
 
 from .errors import SourceError
-from .revisions import Revision, parse_revision, select, training_order
+from .revisions import Revision, parse_revision, select
 
 EVAL_FILE = "ckpt_trace_eval.json"
 """A checkpoint's own evaluation record, written beside its weights by the micro suite."""
