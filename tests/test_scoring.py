@@ -174,9 +174,13 @@ def test_every_family_has_a_recipe():
     assert set(MLP_RECIPES) == set(CONFIGS)
 
 
-@pytest.mark.parametrize("scale", [0.0, 1e-6, 1e-4, 1e-2, 1.0, 100.0])
+@pytest.mark.parametrize("scale", [0.0, 1e-4, 1e-2, 1.0, 100.0])
 def test_importance_is_accurate_for_tiny_and_large_deltas(scale):
-    """1 - cos near 0 (late layers of large models) keeps its relative accuracy; a zero delta scores exactly 0."""
+    """1 - cos near 0 (late layers of large models) keeps its relative accuracy; a zero delta scores exactly 0.
+
+    At scale 1e-4, 1 - cos is about 6e-12, where the float64 reference is still accurate to ~2e-5 and
+    the naive float32 1 - cos would be all rounding error.
+    """
     from ckpt_trace.scoring import ResidualStats
 
     generator = torch.Generator().manual_seed(0)
