@@ -202,6 +202,13 @@ def _token_list(ids, path: Path, number: int) -> list[int]:
     return ids
 
 
+def fit_seq_len(spec: CalibrationSpec, max_positions: int | None = None) -> CalibrationSpec:
+    """The spec with its block length settled: as given, else the model's positions, at most DEFAULT_SEQ_LEN."""
+    if spec.seq_len is not None:
+        return spec
+    return replace(spec, seq_len=min(DEFAULT_SEQ_LEN, max_positions or DEFAULT_SEQ_LEN))
+
+
 def token_stream(documents: Sequence[str], tokenizer) -> list[int]:
     """Documents tokenized without special tokens and joined with EOS."""
     eos = getattr(tokenizer, "eos_token_id", None)
@@ -220,8 +227,7 @@ def drawn_blocks(n_blocks: int, samples: int, seed: int) -> list[int]:
 
 def tokenize_blocks(documents: Sequence[str], tokenizer, spec: CalibrationSpec) -> list[list[int]]:
     """Join documents with EOS, cut into ``seq_len`` blocks, and draw ``samples`` of them with ``seed``."""
-    if spec.seq_len is None:
-        spec = replace(spec, seq_len=DEFAULT_SEQ_LEN)
+    spec = fit_seq_len(spec)
     stream = token_stream(documents, tokenizer)
     n_blocks = len(stream) // spec.seq_len
     if n_blocks == 0:
@@ -238,8 +244,7 @@ def tokenize_blocks(documents: Sequence[str], tokenizer, spec: CalibrationSpec) 
 
 def heldout_set(spec: CalibrationSpec, tokenizer, samples: int = 32) -> CalibrationSet:
     """Blocks of the same text that the calibration set `spec` does not take: disjoint from it by construction."""
-    if spec.seq_len is None:
-        spec = replace(spec, seq_len=DEFAULT_SEQ_LEN)
+    spec = fit_seq_len(spec)
     docs = read_source(spec.source)
     if not docs or isinstance(docs[0], list):
         raise CalibrationError(f"held-out blocks need a text source; {spec.source!r} is pre-tokenized")

@@ -19,7 +19,7 @@ import os
 import resource
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from . import __version__
-from .calibration import CalibrationSet, CalibrationSpec, heldout_set, load_calibration
+from .calibration import CalibrationSet, CalibrationSpec, fit_seq_len, heldout_set, load_calibration
 from .errors import ConfigError
 from .sources import single_checkpoint
 
@@ -268,14 +268,12 @@ def evaluate(config: EvalConfig) -> pl.DataFrame:
         tokenizer = load_tokenizer(model_dir)
         rows = []
         if config.perplexity:
+            spec = fit_seq_len(config.calibration, max_positions(model.config.to_dict()))
             if config.perplexity_data:
-                data = load_calibration(CalibrationSpec(config.perplexity_data, config.calibration.samples,
-                                                        config.calibration.seq_len, config.calibration.seed), tokenizer)
+                data = load_calibration(replace(spec, source=config.perplexity_data), tokenizer)
             else:
                 if tokenizer is None:
                     raise ConfigError(f"{str(model_dir)!r} has no tokenizer; give --perplexity-data with a pre-tokenized jsonl")
-                seq_len = config.calibration.seq_len or min(512, max_positions(model.config.to_dict()) or 512)
-                spec = CalibrationSpec(config.calibration.source, config.calibration.samples, seq_len, config.calibration.seed)
                 data = heldout_set(spec, tokenizer)
             ppl, n = perplexity(model, data, config.batch_size)
             rows.append({"task": "perplexity", "metric": "perplexity", "value": ppl, "n": n, "num_fewshot": None})

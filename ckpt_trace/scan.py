@@ -15,7 +15,7 @@ import os
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 import polars as pl
@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .adapters import adapter_for_type
-from .calibration import DEFAULT_SEQ_LEN, CalibrationSet, CalibrationSpec, load_calibration
+from .calibration import CalibrationSet, CalibrationSpec, fit_seq_len, load_calibration
 from .errors import CalibrationError, CkptTraceError, ConfigError
 from .models import dtype_name, load_model, load_tokenizer, read_config, resolve_device, resolve_dtype
 from .scoring import MODULES, score
@@ -87,8 +87,7 @@ def build_calibration(model_dir, spec: CalibrationSpec) -> CalibrationSet:
     config = read_config(model_dir)
     adapter_for_type(config.get("model_type"))
     limit = max_positions(config)
-    if spec.seq_len is None:
-        spec = replace(spec, seq_len=min(DEFAULT_SEQ_LEN, limit or DEFAULT_SEQ_LEN))
+    spec = fit_seq_len(spec, limit)
     calibration = load_calibration(spec, load_tokenizer(model_dir))
     if isinstance(config.get("vocab_size"), int):
         calibration.check_vocab(config["vocab_size"])
@@ -182,7 +181,6 @@ def streamed(source, checkpoints: list[Checkpoint]) -> Iterator[tuple[Checkpoint
                 fetched, error = checkpoint, err
             if previous is not None:
                 source.release(previous)
-                previous = None
             pending = _Background(source.fetch, checkpoints[i + 1]) if i + 1 < len(checkpoints) else None
             previous = fetched  # a failed fetch may have left part of the revision behind
             yield fetched, error
@@ -217,8 +215,9 @@ def scan(config: ScanConfig) -> pl.DataFrame:
             statuses[name] = ("stored", None)
         else:
             todo.append(checkpoint)
+    to_score = {c.revision.name for c in todo}
     for checkpoint in checkpoints:
-        if checkpoint not in todo:  # metadata fetched above, or what an interrupted scan left behind
+        if checkpoint.revision.name not in to_score:  # metadata fetched above, or what an interrupted scan left
             source.release(checkpoint)
 
     bar = tqdm(total=len(todo), desc="revisions", unit="rev", disable=None if config.progress else True)
