@@ -92,39 +92,55 @@ def kv_cache_bytes(cache) -> int:
 
 
 @torch.inference_mode()
+def prefill(model, ids: torch.Tensor) -> tuple[torch.Tensor, object]:
+    """Run the prompt through the model with a fresh KV cache; return the last position's logits [B, 1, V] and the cache."""
+    out = model(input_ids=ids, use_cache=True)
+    return out.logits[:, -1:], out.cache
+
+
+@torch.inference_mode()
+def decode(model, cache, token: torch.Tensor, steps: int, keep_logits: bool = False):
+    """Greedy decoding with the KV cache passed back in: feed `token` [B, 1], then each argmax, `steps` tokens in all.
+
+    Returns the tokens fed [B, steps], the logits after each (when `keep_logits`), and the cache.
+    """
+    fed, kept = [], []
+    for _ in range(steps):
+        fed.append(token)
+        logits = model(input_ids=token, cache=cache, use_cache=True).logits[:, -1:]
+        if keep_logits:
+            kept.append(logits)
+        token = logits.argmax(-1)
+    return torch.cat(fed, dim=1), kept if keep_logits else None, cache
+
+
+@torch.inference_mode()
 def measure_speed(model, prompt_tokens: int = 128, new_tokens: int = 32, repeats: int = 5, warmup: int = 1) -> dict:
     """Prefill latency, decode throughput with the KV cache, KV-cache bytes and peak memory of one model."""
     device = next(model.parameters()).device
     vocab = model.get_input_embeddings().num_embeddings
     prompt = torch.randint(0, vocab, (1, prompt_tokens), generator=torch.Generator().manual_seed(0)).to(device)
 
-    def prefill():
-        return model(input_ids=prompt, use_cache=True)
-
-    def decode():
-        out = prefill()
-        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    def timed_decode():
+        last, cache = prefill(model, prompt)
         _sync(device)
         start = time.perf_counter()
-        for _ in range(new_tokens):
-            out = model(input_ids=token, past_key_values=cache, use_cache=True)
-            token = out.logits[:, -1:].argmax(-1)
+        _, _, cache = decode(model, cache, last.argmax(-1), new_tokens)
         _sync(device)
         return time.perf_counter() - start, cache
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     for _ in range(warmup):
-        prefill()
-        decode()
+        timed_decode()
     prefill_times, decode_times = [], []
     for _ in range(repeats):
         _sync(device)
         start = time.perf_counter()
-        prefill()
+        prefill(model, prompt)
         _sync(device)
         prefill_times.append(time.perf_counter() - start)
-        seconds, cache = decode()
+        seconds, cache = timed_decode()
         decode_times.append(seconds)
     rates = [new_tokens / s for s in decode_times]
     peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"

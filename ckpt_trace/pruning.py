@@ -50,23 +50,33 @@ def _zeros_like(x: torch.Tensor) -> torch.Tensor:
 
 
 def _release_cache_slot(cache, layer_idx: int) -> None:
+    """Make a dropped layer's cache slot a DummyLayer, which holds nothing and which the cache skips when it
+    reports the sequence length and mask sizes; slots that a cache creates on first use are created up to it."""
     from transformers.cache_utils import DummyLayer
 
     cache = getattr(cache, "self_attention_cache", cache)
-    layers = getattr(cache, "layers", None)
-    if layers is not None and layer_idx < len(layers) and not isinstance(layers[layer_idx], DummyLayer):
+    layers = cache.layers
+    while len(layers) <= layer_idx and cache.layer_class_to_replicate is not None:
+        layers.append(cache.layer_class_to_replicate())
+    if layer_idx < len(layers) and not isinstance(layers[layer_idx], DummyLayer):
         layers[layer_idx] = DummyLayer()
 
 
 class DroppedAttention(nn.Module):
-    """A dropped attention layer: it adds nothing to the residual stream, computes nothing, and caches nothing."""
+    """A dropped attention layer: it adds nothing to the residual stream, computes nothing, and caches nothing.
+
+    Families hand the cache to attention under different names (``cache``, ``past_key_values``,
+    GPT-NeoX's ``layer_past``, or by position), so it is found by its type.
+    """
 
     def __init__(self, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
 
-    def forward(self, hidden_states=None, *args, past_key_values=None, layer_past=None, **kwargs):
-        cache = past_key_values if past_key_values is not None else layer_past
+    def forward(self, hidden_states=None, *args, **kwargs):
+        from transformers.cache_utils import Cache
+
+        cache = next((v for v in (*args, *kwargs.values()) if isinstance(v, Cache)), None)
         if cache is not None:
             _release_cache_slot(cache, self.layer_idx)
         return _zeros_like(hidden_states), None

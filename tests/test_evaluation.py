@@ -12,11 +12,10 @@ import transformers
 
 from ckpt_trace.calibration import CalibrationSet
 from ckpt_trace.cli import main
-from ckpt_trace.evaluation import BUILTIN_TASK, TASK_DATA, measure_speed, perplexity, run_tasks
-from ckpt_trace.pruning import apply_
+from ckpt_trace.evaluation import BUILTIN_TASK, TASK_DATA, perplexity, run_tasks
 from ckpt_trace.store import Store
 
-from conftest import CONFIGS, make_model, random_ids, save_checkpoint
+from conftest import make_model, random_ids, save_checkpoint
 
 
 @pytest.fixture(autouse=True)
@@ -82,19 +81,6 @@ def test_local_task_accuracy_equals_direct_log_likelihood(task_model, tmp_path):
     )
     from_yaml = {r["metric"]: r for r in run_tasks(model, tokenizer, [str(yaml)])}
     assert from_yaml["acc"]["value"] == pytest.approx(acc)
-
-
-def test_half_the_attention_dropped_holds_exactly_half_the_kv_cache():
-    config = CONFIGS["llama"].__class__(**{**CONFIGS["llama"].to_dict(), "num_hidden_layers": 4})
-    torch.manual_seed(0)
-    original = transformers.AutoModelForCausalLM.from_config(config).eval()
-    pruned = apply_(transformers.AutoModelForCausalLM.from_config(config).eval(), [("attention", 0), ("attention", 2)])
-    full = measure_speed(original, prompt_tokens=16, new_tokens=4, repeats=2)
-    half = measure_speed(pruned, prompt_tokens=16, new_tokens=4, repeats=2)
-    assert half["kv_cache_bytes"] * 2 == full["kv_cache_bytes"] > 0
-    # Speedups are reported, not asserted: on a tiny CPU model they are noise.
-    for key in ("prefill_latency_s", "decode_tokens_per_s", "peak_memory_bytes"):
-        assert full[key] > 0 and half[key] > 0
 
 
 def test_eval_command_stores_results_for_original_and_pruned(task_model, tmp_path, tokenizer_dir, capsys):

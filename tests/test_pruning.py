@@ -76,29 +76,6 @@ def test_pruned_equals_zeroed_deltas_before_and_after_saving(family, target, tmp
     assert saved < sum(p.numel() for p in original.parameters())
 
 
-def kv_bytes(cache) -> int:
-    cache = getattr(cache, "self_attention_cache", cache)
-    return sum(
-        layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
-        for layer in cache.layers if getattr(layer, "keys", None) is not None
-    )
-
-
-@pytest.mark.parametrize("family", FAMILIES)
-def test_generate_with_kv_cache_holds_only_kept_attention(family):
-    prompt = torch.tensor(random_ids(1, 6, seed=7))
-    settings = dict(max_new_tokens=5, do_sample=False, return_dict_in_generate=True, pad_token_id=0)
-    original = make_model(family)
-    full = original.generate(prompt, **settings)
-    chosen = [("attention", 0)]  # layer 0: the cache must find positions in a later layer
-    with zeroed(original, chosen):
-        reference = original.generate(prompt, **settings)
-    pruned = apply_(make_model(family), chosen)
-    out = pruned.generate(prompt, **settings)
-    assert out.sequences.tolist() == reference.sequences.tolist()
-    assert kv_bytes(out.past_key_values) * LAYERS == kv_bytes(full.past_key_values) * (LAYERS - 1)
-
-
 def test_context_manager_restores_and_scorer_scores_a_pruned_model():
     model = make_model("llama")
     calibration = CalibrationSet.from_ids(random_ids(3, 10))
