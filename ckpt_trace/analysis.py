@@ -129,29 +129,35 @@ _LOWER_IS_BETTER = {"perplexity", "prefill_latency_s", "kv_cache_bytes", "peak_m
 
 
 def pruned_vs_original(evals: pl.DataFrame) -> pl.DataFrame:
-    """Each pruned model's latest results beside its original's, with `relative` (> 1 is better)."""
+    """Each pruned model's latest results beside its original's, with `relative` (> 1 is better).
+
+    A result is compared only with the original's on the same task, shots, number of items,
+    dtype and device: a bfloat16 pruned model is not measured against a float32 original.
+    """
     # On the CPU, peak memory is the process's high-water mark, which only grows from one model to the next.
     comparable = ~((pl.col("metric") == "peak_memory_bytes") & pl.col("device").str.starts_with("cpu"))
-    latest = evals.filter(comparable).sort("created").group_by("model", "path", "task", "metric").last()
-    keys = ["source_model", "revision", "task", "metric"]
+    setting = ["task", "metric", "num_fewshot", "dtype", "device"]
+    latest = evals.filter(comparable).sort("created").group_by("model", "path", *setting).last()
+    keys = ["source_model", "revision", *setting, "n"]
     originals = latest.filter(pl.col("pruning").is_null()).group_by(keys).agg(original=pl.col("value").last())
     pruned = latest.filter(pl.col("pruning").is_not_null())
     return (
-        pruned.join(originals, on=keys)
+        pruned.join(originals, on=keys, nulls_equal=True)
         .with_columns(
             relative=pl.when(pl.col("metric").is_in(list(_LOWER_IS_BETTER)))
             .then(pl.col("original") / pl.col("value"))
             .otherwise(pl.col("value") / pl.col("original"))
         )
-        .select("source_model", "revision", "model", "pruning", "task", "metric", "value", "original", "relative")
-        .sort("source_model", "model", "task", "metric")
+        .select("source_model", "revision", "model", "pruning", "dtype", "device", "task", "metric", "value", "original",
+                "relative")
+        .sort("source_model", "model", "dtype", "device", "task", "metric")
     )
 
 
 def tradeoff(comparison: pl.DataFrame, speed_metric: str = "decode_tokens_per_s") -> pl.DataFrame:
     """One row per pruned model and quality metric: quality kept and speedup, both relative to the original."""
-    speed = comparison.filter(pl.col("metric") == speed_metric).select("model", speedup="relative")
+    speed = comparison.filter(pl.col("metric") == speed_metric).select("model", "dtype", "device", speedup="relative")
     quality = comparison.filter((pl.col("task") != "speed") & pl.col("metric").is_in(["perplexity", "acc"]))
-    return quality.join(speed, on="model").select(
+    return quality.join(speed, on=["model", "dtype", "device"], nulls_equal=True).select(
         "source_model", "model", "pruning", "task", "metric", quality_kept="relative", speedup="speedup"
     )

@@ -116,8 +116,10 @@ def prune(source, calibration, samples, seq_len, seed, **options):
     config = PruneConfig(source=source, calibration=CalibrationSpec(calibration, samples, seq_len, seed), **options)
     out = run_prune(config)
     record = manifest(out)
-    dropped = ", ".join(f"{kind} {layers}" for kind, layers in record["dropped"].items() if layers)
-    click.echo(f"dropped {dropped} ({record['strategy']}, scores {record['scores_from'] or 'not used'})")
+    click.echo(f"dropped {', '.join(record['order'])} ({record['strategy']}, scores {record['scores_from'] or 'not used'})")
+    if record["previous"]:
+        dropped = ", ".join(f"{kind} {layers}" for kind, layers in record["dropped"].items() if layers)
+        click.echo(f"dropped in all, in the original layer numbering: {dropped}")
     click.echo(f"parameters {record['parameters_before']:,} -> {record['parameters_after']:,}; saved to {out}")
 
 

@@ -235,8 +235,12 @@ def describe(path: Path) -> dict:
     if manifest.is_file():
         record = json.loads(manifest.read_text())
         dropped = ", ".join(f"{kind} {layers}" for kind, layers in record["dropped"].items() if layers)
+        strategies, step = [], record
+        while step:  # a model pruned again lists every step, earliest first
+            strategies.insert(0, step["strategy"])
+            step = step.get("previous")
         return {"model": path.name, "source_model": record["model"], "revision": record["revision"],
-                "pruning": f"{dropped} ({record['strategy']})"}
+                "pruning": f"{dropped} ({' then '.join(strategies)})"}
     checkpoint = single_checkpoint(path)
     return {"model": path.name, "source_model": checkpoint.model, "revision": checkpoint.revision.name, "pruning": None}
 

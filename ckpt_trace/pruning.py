@@ -165,50 +165,94 @@ def drop_blocks_(model: nn.Module, blocks: Iterable[int]) -> nn.Module:
 
 
 # -- choosing what to drop ------------------------------------------------------------
+#
+# The rules, for a model that may already be pruned (`already`: what its config says is dropped):
+# modules already dropped are not candidates; every model keeps at least one attention layer (the
+# KV cache reads the sequence length from one, and a Transformer without attention is no longer
+# one); attention, MLP and block targets also keep at least one of their own kind.
 
-def candidates(target: str, n_layers: int) -> list[tuple[str, int]]:
-    """Every (module, layer) a target may drop."""
+def candidates(target: str, n_layers: int, already: dict[str, list[int]] | None = None) -> list[tuple[str, int]]:
+    """Every (module, layer) a target may drop, in layer order; modules already dropped are not candidates."""
+    if target == "block":
+        return [("block", layer) for layer in range(n_layers)]
+    already = already or {}
     modules = ("attention", "mlp") if target == "joint" else (target,)
-    return [(module, layer) for layer in range(n_layers) for module in modules]
+    return [(m, layer) for layer in range(n_layers) for m in modules if layer not in already.get(m, ())]
 
 
-def check_drop(target: str, k: int, n_layers: int) -> None:
-    """A drop count must leave at least one layer (and, for joint, one attention layer)."""
-    most = 2 * n_layers - 1 if target == "joint" else n_layers - 1
+def keeps_attention(chosen: Iterable[tuple[str, int]], n_layers: int, already: dict[str, list[int]] | None = None) -> bool:
+    """Whether at least one attention layer is left after dropping `chosen` (blocks take their attention along)."""
+    gone = set((already or {}).get("attention", ())) | {layer for m, layer in chosen if m in ("attention", "block")}
+    return len(gone) < n_layers
+
+
+def most_droppable(target: str, n_layers: int, already: dict[str, list[int]] | None = None) -> int:
+    """The largest drop count the rules allow."""
+    already = already or {}
+    attention = n_layers - len(set(already.get("attention", ())))
+    mlp = n_layers - len(set(already.get("mlp", ())))
+    if target == "joint":
+        return attention - 1 + mlp
+    return {"attention": attention, "mlp": mlp, "block": n_layers if attention else 0}[target] - 1
+
+
+def check_drop(target: str, k: int, n_layers: int, already: dict[str, list[int]] | None = None) -> None:
+    """A drop count must leave at least one layer of the target's kind, and one attention layer."""
+    most = most_droppable(target, n_layers, already)
+    gone = sum(len(v) for v in (already or {}).values())
+    model = f"a {n_layers}-layer model" + (f" with {gone} modules already dropped" if gone else "")
+    if most < 1:
+        raise ConfigError(f"cannot drop any {target} layers of {model}: the last {'attention' if target == 'joint' else target} layer must stay")
     if not 1 <= k <= most:
-        raise ConfigError(f"cannot drop {k} {target} layers of a {n_layers}-layer model; use 1 to {most}")
+        raise ConfigError(f"cannot drop {k} {target} layers of {model}; use 1 to {most}")
 
 
-def _lowest(scores: pl.DataFrame, target: str, k: int, exclude: set = frozenset()) -> list[tuple[str, int]]:
+def _take(order: Iterable[tuple[str, int]], k: int, n_layers: int, already: dict[str, list[int]] | None) -> list[tuple[str, int]]:
+    """The first k of `order` that keep an attention layer, skipping any that would remove the last one."""
+    chosen: list[tuple[str, int]] = []
+    for candidate in order:
+        if len(chosen) == k:
+            break
+        if keeps_attention([*chosen, candidate], n_layers, already):
+            chosen.append(candidate)
+    return chosen
+
+
+def rank(scores: pl.DataFrame, target: str) -> list[tuple[str, int]]:
+    """(module, layer) pairs of a target, least important first (ties: shallower layer, then attention)."""
     modules = ("attention", "mlp") if target == "joint" else (target,)
     ranked = (
         scores.filter((pl.col("metric") == "importance") & pl.col("module").is_in(modules))
         .sort("value", "layer", "module")
         .select("module", "layer").rows()
     )
-    chosen = [(m, int(layer)) for m, layer in ranked if (m, int(layer)) not in exclude]
-    if target == "joint":  # keep at least one attention layer, so the model keeps a KV cache to read positions from
-        n_attention = scores.filter(pl.col("module") == "attention")["layer"].n_unique()
-        attention = [c for c in chosen if c[0] == "attention"]
-        if len(attention) >= n_attention:
-            chosen.remove(attention[-1])
-    return chosen[:k]
+    return [(m, int(layer)) for m, layer in ranked]
 
 
-def choose_last(target: str, k: int, n_layers: int) -> list[tuple[str, int]]:
-    """The K deepest modules, keeping the final layer (for joint: MLP before attention within a layer)."""
-    order = [(m, layer) for layer in range(n_layers - 2, -1, -1)
-             for m in (("mlp", "attention") if target == "joint" else (target,))]
-    return order[:k]
+def choose_similarity(scores: pl.DataFrame, target: str, k: int, n_layers: int,
+                      already: dict[str, list[int]] | None = None) -> list[tuple[str, int]]:
+    """The k least important candidates, in one shot."""
+    allowed = set(candidates(target, n_layers, already))
+    return _take((c for c in rank(scores, target) if c in allowed), k, n_layers, already)
 
 
-def choose_random(target: str, k: int, n_layers: int, seed: int) -> list[tuple[str, int]]:
-    pool = candidates(target, n_layers)
-    while True:
-        chosen = random.Random(seed).sample(pool, k)
-        if target != "joint" or any(m == "attention" for m, _ in pool if (m, _) not in chosen):
+def choose_last(target: str, k: int, n_layers: int, already: dict[str, list[int]] | None = None) -> list[tuple[str, int]]:
+    """The K deepest candidates, the final layer last of all (for joint: MLP before attention within a layer)."""
+    allowed = set(candidates(target, n_layers, already))
+    modules = ("mlp", "attention") if target == "joint" else (target,)
+    layers = [*range(n_layers - 2, -1, -1), n_layers - 1]
+    return _take(((m, layer) for layer in layers for m in modules if (m, layer) in allowed), k, n_layers, already)
+
+
+def choose_random(target: str, k: int, n_layers: int, seed: int,
+                  already: dict[str, list[int]] | None = None) -> list[tuple[str, int]]:
+    """K candidates drawn uniformly with a seed among the draws the rules allow."""
+    pool = candidates(target, n_layers, already)
+    rng = random.Random(seed)  # one stream: each rejected draw is followed by a fresh one
+    while True:  # a draw keeps an attention layer with probability at least 1 / len(pool), since k < len(pool)
+        chosen = rng.sample(pool, k)
+        if keeps_attention(chosen, n_layers, already):
             return sorted(chosen, key=lambda c: (c[1], c[0]))
-        seed += 1
 
 
 def apply_(model: nn.Module, chosen: list[tuple[str, int]]) -> nn.Module:
@@ -229,6 +273,8 @@ def choose_iterative(model: nn.Module, calibration, target: str, k: int, batch_s
     Picks are in the original layer numbering. Scoring runs on a model whose picks so far are
     dropped; for blocks, the dropped layers are skipped by zeroing their deltas, so indices stay put.
     """
+    n_layers = len(_layer_list(model)[2])
+    already = pruned_record(model.config)
     chosen: list[tuple[str, int]] = []
     rounds = []
     for step in range(k):
@@ -237,8 +283,10 @@ def choose_iterative(model: nn.Module, calibration, target: str, k: int, batch_s
         blocks = {layer for m, layer in chosen if m == "block"}
         with dropped(model, attention, mlp), _skipped_blocks(model, blocks):
             scores = score(model, calibration, batch_size, progress=progress and f"iterative {step + 1}/{k}")
-        pick = _lowest(scores, target, 1, exclude=set(chosen))[0]
-        chosen.append(pick)
+        allowed = set(candidates(target, n_layers, already)) - set(chosen)
+        pick = _take((c for c in rank(scores, target) if c in allowed), 1, n_layers, {
+            "attention": [*already["attention"], *attention, *blocks], "mlp": already["mlp"]})
+        chosen += pick
         rounds.append(scores.with_columns(round=pl.lit(step, pl.Int32)))
     return chosen, pl.concat(rounds)
 
@@ -354,7 +402,8 @@ def prune(config: PruneConfig) -> Path:
     try:
         model = load_model(fetched.path, device, dtype, config.trust_remote_code)
         n_layers = len(locate(model).layers)
-        check_drop("attention" if config.target == "block" else config.target, config.drop, n_layers)
+        already = pruned_record(model.config)
+        check_drop(config.target, config.drop, n_layers, already)
         scores, scores_from, calibration = None, None, None
         if config.strategy in ("similarity", "iterative"):
             calibration = build_calibration(fetched.path, config.calibration)
@@ -363,27 +412,38 @@ def prune(config: PruneConfig) -> Path:
             scores_from = "store" if scores is not None else "computed"
             if scores is None:
                 scores = score(model, calibration, config.batch_size, progress=config.progress and "scoring")
-            chosen = _lowest(scores, config.target, config.drop)
+            chosen = choose_similarity(scores, config.target, config.drop, n_layers, already)
         elif config.strategy == "iterative":
             chosen, scores = choose_iterative(model, calibration, config.target, config.drop, config.batch_size, config.progress)
             scores_from = "computed"
         elif config.strategy == "last":
-            chosen = choose_last(config.target, config.drop, n_layers)
+            chosen = choose_last(config.target, config.drop, n_layers, already)
         else:
-            chosen = choose_random(config.target, config.drop, n_layers, config.random_seed)
+            chosen = choose_random(config.target, config.drop, n_layers, config.random_seed, already)
+        assert len(chosen) == config.drop, (chosen, config.drop)  # check_drop admits only counts the rules can meet
+        previous = manifest(fetched.path) if (Path(fetched.path) / MANIFEST).is_file() else None
+        layers, total = _original_numbering(previous, n_layers), _dropped_so_far(previous)
+        for module, layer in chosen:
+            total[module].append(layers[layer])
         before = sum(p.numel() for p in model.parameters())
         apply_(model, chosen)
-        manifest = {
-            "source": str(config.source), "model": source.model, "revision": checkpoint.revision.name,
-            "commit": checkpoint.revision.commit, "target": config.target, "strategy": config.strategy,
-            "drop": config.drop, "dropped": {kind: sorted(l for m, l in chosen if m == kind) for kind in ("attention", "mlp", "block")},
-            "order": [f"{m} {l}" for m, l in chosen], "scores_from": scores_from,
-            "calibration": calibration.id if calibration else None,
+        record = {
+            # Layer numbers in `dropped`, `order` and `layers` are those of the original, unpruned model.
+            "source": str(config.source), "model": previous["model"] if previous else source.model,
+            "revision": previous["revision"] if previous else checkpoint.revision.name,
+            "commit": previous["commit"] if previous else checkpoint.revision.commit,
+            "target": config.target, "strategy": config.strategy, "drop": config.drop,
+            "dropped": {kind: sorted(set(v)) for kind, v in total.items()},
+            "order": [f"{m} {layers[l]}" for m, l in chosen],
+            "layers": [i for n, i in enumerate(layers) if ("block", n) not in chosen],
+            "scores_from": scores_from, "calibration": calibration.id if calibration else None,
             "random_seed": config.random_seed if config.strategy == "random" else None,
+            # In the numbering of the model this step pruned.
             "scores": scores.to_dicts() if scores is not None else None,
             "parameters_before": before, "parameters_after": sum(p.numel() for p in model.parameters()),
             "dtype": str(dtype).removeprefix("torch."), "version": __version__,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "previous": previous,
         }
         out = Path(config.out)
         staging = out.with_name(f".{out.name}.tmp")
@@ -393,7 +453,7 @@ def prune(config: PruneConfig) -> Path:
             tokenizer = load_tokenizer(fetched.path)
             if tokenizer is not None:
                 tokenizer.save_pretrained(staging)
-            (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+            (staging / MANIFEST).write_text(json.dumps(record, indent=2) + "\n")
             if out.exists():
                 out.rmdir()  # empty, checked above
             os.replace(staging, out)
@@ -407,5 +467,18 @@ def prune(config: PruneConfig) -> Path:
 def manifest(path: str | os.PathLike) -> dict:
     """The manifest of a pruned model directory."""
     return json.loads((Path(path) / MANIFEST).read_text())
+
+
+def _dropped_so_far(previous: dict | None) -> dict[str, list[int]]:
+    dropped = (previous or {}).get("dropped", {})
+    return {kind: list(dropped.get(kind, [])) for kind in ("attention", "mlp", "block")}
+
+
+def _original_numbering(previous: dict | None, n_layers: int) -> list[int]:
+    """The original layer index of each layer of a model that earlier pruning steps may have shortened."""
+    if previous is None:
+        return list(range(n_layers))
+    blocks = set(_dropped_so_far(previous)["block"])
+    return previous.get("layers") or [i for i in range(n_layers + len(blocks)) if i not in blocks]
 
 

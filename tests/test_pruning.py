@@ -14,8 +14,10 @@ from ckpt_trace.adapters import locate
 from ckpt_trace.calibration import CalibrationSet
 from ckpt_trace.cli import main
 from ckpt_trace.pruning import (
-    MANIFEST, DroppedAttention, apply_, choose_iterative, choose_last, choose_random, dropped, load_pruned,
+    MANIFEST, DroppedAttention, apply_, check_drop, choose_iterative, choose_last, choose_random, choose_similarity,
+    dropped, load_pruned,
 )
+from ckpt_trace.errors import ConfigError
 from ckpt_trace.scoring import score
 from ckpt_trace.store import SCORES_SCHEMA, Store
 
@@ -116,6 +118,65 @@ def test_iterative_rescores_after_each_drop():
     assert rounds["round"].unique().sort().to_list() == [0, 1, 2]
 
 
+def importance(values: dict[tuple[str, int], float]) -> pl.DataFrame:
+    return pl.DataFrame([{"module": m, "layer": l, "metric": "importance", "value": v} for (m, l), v in values.items()])
+
+
+def test_every_model_keeps_an_attention_layer():
+    # Joint, at the largest count: all MLPs and all attention layers but one, whatever the seed.
+    for seed in range(30):
+        chosen = choose_random("joint", 5, 3, seed=seed)
+        assert len(set(chosen)) == 5 and sum(m == "attention" for m, _ in chosen) == 2
+    assert len({tuple(choose_random("joint", 5, 3, seed=s)) for s in range(30)}) == 3  # each attention layer can be the one kept
+    # last, joint, 2L - 1: the final layer's MLP goes last of all, its attention stays.
+    assert choose_last("joint", 5, 3) == [("mlp", 1), ("attention", 1), ("mlp", 0), ("attention", 0), ("mlp", 2)]
+    # similarity skips a candidate that would remove the last attention layer, and takes the next one instead.
+    scores = importance({("attention", 0): 0.0, ("attention", 1): 0.1, ("attention", 2): 0.2,
+                         ("mlp", 0): 0.5, ("mlp", 1): 0.6, ("mlp", 2): 0.7})
+    assert choose_similarity(scores, "joint", 4, 3) == [("attention", 0), ("attention", 1), ("mlp", 0), ("mlp", 1)]
+    # Blocks: with attention already dropped in layers 0 and 1, block 2 holds the last attention layer.
+    blocks = importance({("block", 2): 0.0, ("block", 0): 0.1, ("block", 1): 0.2})
+    assert choose_similarity(blocks, "block", 2, 3, {"attention": [0, 1], "mlp": []}) == [("block", 0), ("block", 1)]
+    assert sorted(choose_random("block", 2, 3, seed=0, already={"attention": [0, 1], "mlp": []})) == [("block", 0), ("block", 1)]
+
+
+def test_modules_already_dropped_are_not_candidates():
+    already = {"attention": [1], "mlp": [0]}
+    scores = importance({("attention", 0): 0.3, ("attention", 1): 0.0, ("attention", 2): 0.2,
+                         ("mlp", 0): 0.0, ("mlp", 1): 0.1, ("mlp", 2): 0.4})
+    assert choose_similarity(scores, "attention", 1, 3, already) == [("attention", 2)]
+    assert choose_similarity(scores, "joint", 3, 3, already) == [("mlp", 1), ("attention", 2), ("mlp", 2)]
+    assert choose_last("attention", 1, 3, already) == [("attention", 0)]
+    for seed in range(10):
+        assert not {("attention", 1), ("mlp", 0)} & set(choose_random("joint", 3, 3, seed=seed, already=already))
+
+
+@pytest.mark.parametrize(
+    "target, k, n_layers, already, message",
+    [
+        ("attention", 2, 3, {"attention": [1]}, "cannot drop 2 attention layers of a 3-layer model with 1 modules already dropped; use 1 to 1"),
+        ("attention", 1, 1, None, "cannot drop any attention layers of a 1-layer model: the last attention layer must stay"),
+        ("joint", 6, 3, None, "cannot drop 6 joint layers of a 3-layer model; use 1 to 5"),
+        ("block", 3, 3, {"attention": [0, 1]}, "cannot drop 3 block layers of a 3-layer model with 2 modules already dropped; use 1 to 2"),
+    ],
+)
+def test_drop_counts_the_rules_cannot_meet(target, k, n_layers, already, message):
+    with pytest.raises(ConfigError) as err:
+        check_drop(target, k, n_layers, already)
+    assert str(err.value) == message
+
+
+def test_iterative_joint_never_drops_every_attention_layer(monkeypatch):
+    import ckpt_trace.pruning as pruning
+
+    model = make_model("llama")
+    # Every attention layer scores below every MLP, in every round: the last attention layer must still stay.
+    fixed = importance({**{("attention", l): 0.01 * l for l in range(LAYERS)}, **{("mlp", l): 1.0 + l for l in range(LAYERS)}})
+    monkeypatch.setattr(pruning, "score", lambda *a, **k: fixed)
+    chosen, _ = choose_iterative(model, None, "joint", 2 * LAYERS - 1)
+    assert chosen == [("attention", 0), ("attention", 1), ("mlp", 0), ("mlp", 1), ("mlp", 2)]
+
+
 @pytest.fixture
 def checkpoint(tmp_path, tokenizer_dir):
     return save_checkpoint(tmp_path / "model", "gpt_neox", seed=4, tokenizer_dir=tokenizer_dir)
@@ -185,3 +246,33 @@ def test_output_that_exists_is_refused(checkpoint, tmp_path, capsys):
     code = main(["prune", str(checkpoint), "--target", "mlp", "--drop", "1", "--out", str(tmp_path / "o")])
     assert code == 2 and "exists and is not empty" in capsys.readouterr().err
     assert (tmp_path / "o" / "mine.txt").read_text() == "keep"
+
+
+def test_pruning_a_pruned_model_again(checkpoint, tmp_path, capsys):
+    def run(source, out, *args):
+        code = main(["prune", str(source), "--out", str(tmp_path / out), "--store", str(tmp_path / "s"), *args, *SMALL])
+        assert code == 0, capsys.readouterr().err
+        return json.loads((tmp_path / out / MANIFEST).read_text())
+
+    first = run(checkpoint, "a1", "--target", "attention", "--drop", "1", "--strategy", "last")
+    assert first["dropped"]["attention"] == [1] and first["previous"] is None and first["layers"] == [0, 1, 2]
+    # Similarity scores the dropped layer 0.0, the lowest of all; it is not a candidate again.
+    second = run(tmp_path / "a1", "a2", "--target", "attention", "--drop", "1")
+    assert second["order"] != ["attention 1"] and len(second["dropped"]["attention"]) == 2
+    assert second["previous"] == first and second["model"] == first["model"] == "model"
+    assert second["revision"] == first["revision"]
+    config = json.loads((tmp_path / "a2" / "config.json").read_text())
+    assert config["ckpt_trace_pruned"]["attention"] == second["dropped"]["attention"]
+    # Only one attention layer is left to spare in a1; none in a2.
+    code = main(["prune", str(tmp_path / "a1"), "--target", "attention", "--drop", "2", "--out", str(tmp_path / "x"), *SMALL])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err == ["ckpt-trace: error: cannot drop 2 attention layers of a 3-layer model with 1 modules "
+                                 "already dropped; use 1 to 1"]
+    # A block dropped from a1 renumbers the layers; the manifest keeps the original numbers.
+    blocks = run(tmp_path / "a1", "b1", "--target", "block", "--drop", "1", "--strategy", "last")
+    assert blocks["order"] == ["block 1"] and blocks["layers"] == [0, 2]
+    assert blocks["dropped"] == {"attention": [1], "mlp": [], "block": [1]}
+    again = run(tmp_path / "b1", "b2", "--target", "attention", "--drop", "1", "--strategy", "last")
+    assert again["order"] == ["attention 0"] and again["dropped"]["attention"] == [0, 1] and again["layers"] == [0, 2]
+    model = load_pruned(tmp_path / "b2")
+    assert model.config.num_hidden_layers == 2 and model.config.ckpt_trace_pruned == {"attention": [0], "mlp": []}

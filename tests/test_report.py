@@ -182,7 +182,7 @@ def synthetic_evals() -> pl.DataFrame:
                                     ("speed", "prefill_latency_s", prefill), ("speed", "kv_cache_bytes", kv)]:
             rows.append({"model": model, "path": f"/x/{model}", "source_model": "m", "revision": "step2000",
                          "pruning": pruning, "task": task, "metric": metric, "value": value,
-                         "created": datetime(2026, 1, 1, tzinfo=timezone.utc)})
+                         "dtype": "float32", "device": "cpu", "created": datetime(2026, 1, 1, tzinfo=timezone.utc)})
     return pl.DataFrame([dict.fromkeys(EVALS_SCHEMA) | r for r in rows], schema=EVALS_SCHEMA)
 
 
@@ -205,6 +205,24 @@ def test_pruned_models_relative_to_the_original():
     ]
 
 
+def test_pruned_models_are_compared_only_on_the_same_dtype_device_and_items():
+    from ckpt_trace.analysis import pruned_vs_original
+
+    evals = synthetic_evals()
+    # The original again in bfloat16 on a GPU, slower there; the attention-pruned model again in bfloat16 too,
+    # and the block-pruned one on fewer items of the task.
+    bf16 = evals.filter(pl.col("model").is_in(["step2000", "attention-2"])).with_columns(
+        dtype=pl.lit("bfloat16"), device=pl.lit("cuda:0"), value=pl.col("value") * 2)
+    fewer = evals.filter((pl.col("model") == "block-1") & (pl.col("task") == "mc")).with_columns(n=pl.lit(10, pl.Int64))
+    comparison = pruned_vs_original(pl.concat([evals.filter(~((pl.col("model") == "block-1") & (pl.col("task") == "mc"))),
+                                               bf16, fewer]))
+    rows = {(m, d, k): (v, o) for m, d, k, v, o in comparison.select("model", "dtype", "metric", "value", "original").rows()}
+    assert rows[("attention-2", "float32", "perplexity")] == (12.5, 10.0)
+    assert rows[("attention-2", "bfloat16", "perplexity")] == (25.0, 20.0)
+    assert ("block-1", "float32", "acc") not in rows  # 10 items against the original's full task
+    assert ("block-1", "bfloat16", "perplexity") not in rows and comparison.height == 5 + 5 + 4
+
+
 def test_report_has_a_pruning_section(tmp_path):
     store = store_with(tmp_path, synthetic_rows(steps=[0, 1000, 2000]))
     store.write_evals(synthetic_evals())
@@ -212,4 +230,4 @@ def test_report_has_a_pruning_section(tmp_path):
     md = (tmp_path / "out" / "report.md").read_text()
     assert "## m: pruned models" in md and "m-pruned/tradeoff.png" in md
     assert (tmp_path / "out" / "m-pruned" / "tradeoff.png").stat().st_size > 10_000
-    assert "| step2000 | attention-2 | attention [1, 3] (similarity) | mc | acc | 0.45 | 0.5 | 0.9 |" in md
+    assert "| step2000 | attention-2 | attention [1, 3] (similarity) | float32 | cpu | mc | acc | 0.45 | 0.5 | 0.9 |" in md
