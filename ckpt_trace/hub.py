@@ -77,9 +77,19 @@ def choose_files(entries: dict[str, tuple[int, str]]) -> HubFiles:
     )
 
 
+def _network_error() -> type[BaseException]:
+    """The base error of the HTTP library huggingface_hub is built on (httpx in 1.x, httpx2 in 2.x).
+
+    huggingface_hub's own HTTP error derives from it; a connection refused, reset or timed out
+    is another subclass of it, raised before any status code exists.
+    """
+    from huggingface_hub.errors import HfHubHTTPError
+
+    return next(c for c in HfHubHTTPError.__mro__[1:] if c.__name__ == "HTTPError" and not c.__module__.startswith("huggingface_hub"))
+
+
 def _transient(err: BaseException) -> bool:
     """A network fault or server error worth another try (not a missing repo, revision or file)."""
-    import httpx2
     from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled, RepositoryNotFoundError, RevisionNotFoundError
 
     seen = set()
@@ -89,7 +99,7 @@ def _transient(err: BaseException) -> bool:
             return False
         if isinstance(err, HfHubHTTPError) and err.response is not None:
             return err.response.status_code >= 500 or err.response.status_code in (408, 429)
-        if isinstance(err, (httpx2.TransportError, ConnectionError, TimeoutError)):
+        if isinstance(err, (_network_error(), ConnectionError, TimeoutError)):
             return True
         err = err.__cause__ or err.__context__
     return False

@@ -57,6 +57,7 @@ class LoopbackHub:
         self.bandwidth = bandwidth  # bytes per second over all connections, or None
         self.cut_once: set[str] = set()  # request-path fragments whose next download stops half-way
         self.errors: dict[str, int] = {}  # path fragment -> number of 500 answers still to give
+        self.hang_ups: dict[str, int] = {}  # path fragment -> number of requests still to close with no answer
         self._lock = threading.Lock()
         self._next_free = 0.0
         self._server: ThreadingHTTPServer | None = None
@@ -131,11 +132,12 @@ class LoopbackHub:
                     return True
         return False
 
-    def take_error(self, path: str) -> bool:
+    def take_error(self, path: str, faults: dict[str, int] | None = None) -> bool:
+        faults = self.errors if faults is None else faults
         with self._lock:
-            for fragment, count in self.errors.items():
+            for fragment, count in faults.items():
                 if fragment in path and count > 0:
-                    self.errors[fragment] = count - 1
+                    faults[fragment] = count - 1
                     return True
         return False
 
@@ -177,6 +179,10 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _route(self):
         parts = [unquote(p) for p in urlsplit(self.path).path.split("/")[1:]]
+        if self.hub.take_error(self.path, self.hub.hang_ups):  # a network fault: the connection closes, no status line
+            self._record(0)
+            self.close_connection = True
+            return self.connection.shutdown(2)
         if self.hub.take_error(self.path):
             return self._send(500, b'{"error": "injected"}')
         if parts[:1] == ["cdn"] and len(parts) == 2:

@@ -189,6 +189,38 @@ def test_transient_server_errors_are_retried(hub, suite_files, tmp_path, capsys)
     assert len(hub.requests(contains="/refs")) == 2
 
 
+def test_network_faults_are_retried(hub, suite_files, tmp_path, capsys):
+    """Connections closed with no answer: errors of huggingface_hub's HTTP library, not HTTP statuses."""
+    from huggingface_hub import HfApi
+
+    hub.hang_ups["/refs"] = 1
+    with pytest.raises(Exception) as caught:
+        HfApi().list_repo_refs(REPO)
+    assert not hasattr(caught.value, "response") and hub_module._transient(caught.value)
+
+    sha = hashlib.sha256(suite_files["step0"]["model.safetensors"]).hexdigest()
+    hub.hang_ups["/refs"] = 1
+    hub.hang_ups[f"/cdn/{sha}"] = 2
+    code = main(["scan", REPO, "--store", str(tmp_path / "s"), "--cache-dir", str(tmp_path / "c"), "--revisions", "step0", *SMALL])
+    assert code == 0, capsys.readouterr().err
+    assert set(hub.hang_ups.values()) == {0}
+    assert Store(tmp_path / "s").scores().height == LAYERS * 6
+
+
+def test_an_unreachable_hub_is_one_line(hub, tmp_path, monkeypatch, capsys):
+    import socket
+
+    with socket.socket() as probe:  # a port that nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    monkeypatch.setattr(constants, "ENDPOINT", closed)
+    assert main(["revisions", REPO, "--cache-dir", str(tmp_path / "c")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("retry") == hub_module.RETRIES - 1 and "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"ckpt-trace: error: listing {REPO} failed: [Errno ") and last.endswith("Connection refused")
+
+
 def test_a_revision_that_keeps_failing(hub, suite_files, tmp_path, capsys):
     sha = hashlib.sha256(suite_files["step2"]["pytorch_model.bin"]).hexdigest()
     hub.errors[f"/cdn/{sha}"] = 10_000
