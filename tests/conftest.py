@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -43,6 +44,29 @@ CONFIGS: dict[str, transformers.PretrainedConfig] = {
 }
 
 FAMILIES = sorted(CONFIGS)
+
+
+class _Deprecations(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "deprecat" in record.getMessage().lower():
+            self.messages.append(record.getMessage())
+
+
+@pytest.fixture(autouse=True)
+def no_deprecated_calls():
+    """Fail a test in which transformers logs a deprecation (it logs some instead of warning, once per process)."""
+    handler = _Deprecations()
+    logger = logging.getLogger("transformers")  # it does not propagate, so pytest's capture never sees it
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+    assert not handler.messages, handler.messages
 
 
 def make_model(family: str, seed: int = 0, dtype: torch.dtype = torch.float32):
