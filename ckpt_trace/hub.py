@@ -206,8 +206,9 @@ class HubRepo:
             }
             return choose_files(entries)
         ref = revision.commit or revision.name
-        try:  # huggingface_hub retries tree listings itself
-            tree = list(self.api.list_repo_tree(self.repo_id, revision=ref, recursive=True))
+        try:  # some huggingface_hub releases retry tree listings themselves, others do not
+            tree = with_retries(lambda: list(self.api.list_repo_tree(self.repo_id, revision=ref, recursive=True)),
+                                f"listing {self.repo_id}@{revision.name}")
         except Exception as err:
             raise self._hub_error(err, "listing", revision.name) from err
         entries = {

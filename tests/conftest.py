@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
 from pathlib import Path
 
 import pytest
@@ -44,6 +45,12 @@ CONFIGS: dict[str, transformers.PretrainedConfig] = {
 }
 
 FAMILIES = sorted(CONFIGS)
+
+
+def pytest_configure(config):
+    if os.environ.get("CKPT_TRACE_CANARY"):  # .ci/latest: show what pyproject's filters ignore, instead of hiding it
+        for line in ("default::DeprecationWarning:torch.*", "default::FutureWarning:transformers.*"):
+            config.addinivalue_line("filterwarnings", line)
 
 
 class _Deprecations(logging.Handler):

@@ -180,7 +180,7 @@ def test_cut_off_download_is_resumed(hub, tmp_path, capsys):
 
 def test_transient_server_errors_are_retried(hub, suite_files, tmp_path, capsys):
     sha = hashlib.sha256(suite_files["step0"]["model.safetensors"]).hexdigest()
-    hub.errors["/tree/"] = 1  # retried by huggingface_hub
+    hub.errors["/tree/"] = 1  # retried by ckpt-trace (and by huggingface_hub 2)
     hub.errors["/refs"] = 1  # retried by ckpt-trace
     hub.errors[f"/cdn/{sha}"] = 2  # retried by ckpt-trace
     code = main(["scan", REPO, "--store", str(tmp_path / "s"), "--cache-dir", str(tmp_path / "c"), "--revisions", "step0", *SMALL])
