@@ -137,7 +137,7 @@ def pruned_vs_original(evals: pl.DataFrame) -> pl.DataFrame:
     # On the CPU, peak memory is the process's high-water mark, which only grows from one model to the next.
     comparable = ~((pl.col("metric") == "peak_memory_bytes") & pl.col("device").str.starts_with("cpu"))
     setting = ["task", "metric", "num_fewshot", "dtype", "device"]
-    latest = evals.filter(comparable).sort("created").group_by("model", "path", *setting).last()
+    latest = evals.filter(comparable).sort("created").group_by("model", "path", *setting, "n").last()
     keys = ["source_model", "revision", *setting, "n"]
     originals = latest.filter(pl.col("pruning").is_null()).group_by(keys).agg(original=pl.col("value").last())
     pruned = latest.filter(pl.col("pruning").is_not_null())

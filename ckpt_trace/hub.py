@@ -12,9 +12,11 @@ small ledger beside ckpt-trace's other files remembers across interrupted runs.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import json
 import logging
 import os
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -32,7 +34,7 @@ WEIGHT_FORMATS = {
 }
 SIDE_FILES = (
     "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-    "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json", "ckpt_trace_eval.json",
+    "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json", "ckpt_trace_eval.json", "ckpt_trace_prune.json",
 )
 # Suites whose names carry only the step: tokens seen per optimizer step.
 TOKENS_PER_STEP = {"EleutherAI/pythia-": 2_097_152}
@@ -77,15 +79,18 @@ def choose_files(entries: dict[str, tuple[int, str]]) -> HubFiles:
     )
 
 
-def _network_error() -> type[BaseException]:
-    """The base error of the HTTP library huggingface_hub is built on (httpx in 1.x, httpx2 in 2.x).
-
-    huggingface_hub's own HTTP error derives from it; a connection refused, reset or timed out
-    is another subclass of it, raised before any status code exists.
-    """
+@functools.cache
+def _network_errors() -> tuple[type[BaseException], ...]:
+    """The transport errors (connection refused, reset, timed out: no status code exists) of the HTTP
+    library huggingface_hub is built on, httpx in 1.x and httpx2 in 2.x, found through the base class
+    of huggingface_hub's own HTTP error rather than by importing either by name."""
     from huggingface_hub.errors import HfHubHTTPError
 
-    return next(c for c in HfHubHTTPError.__mro__[1:] if c.__name__ == "HTTPError" and not c.__module__.startswith("huggingface_hub"))
+    for base in HfHubHTTPError.__mro__[1:]:
+        library = sys.modules.get(base.__module__.partition(".")[0])
+        if base.__name__ == "HTTPError" and isinstance(getattr(library, "TransportError", None), type):
+            return (library.TransportError,)
+    return ()
 
 
 def _transient(err: BaseException) -> bool:
@@ -99,7 +104,7 @@ def _transient(err: BaseException) -> bool:
             return False
         if isinstance(err, HfHubHTTPError) and err.response is not None:
             return err.response.status_code >= 500 or err.response.status_code in (408, 429)
-        if isinstance(err, (_network_error(), ConnectionError, TimeoutError)):
+        if isinstance(err, (*_network_errors(), ConnectionError, TimeoutError)):
             return True
         err = err.__cause__ or err.__context__
     return False

@@ -200,7 +200,7 @@ def check_drop(target: str, k: int, n_layers: int, already: dict[str, list[int]]
     """A drop count must leave at least one layer of the target's kind, and one attention layer."""
     most = most_droppable(target, n_layers, already)
     gone = sum(len(v) for v in (already or {}).values())
-    model = f"a {n_layers}-layer model" + (f" with {gone} modules already dropped" if gone else "")
+    model = f"a {n_layers}-layer model" + (f" with {gone} module{'s' if gone > 1 else ''} already dropped" if gone else "")
     if most < 1:
         raise ConfigError(f"cannot drop any {target} layers of {model}: the last {'attention' if target == 'joint' else target} layer must stay")
     if not 1 <= k <= most:
@@ -422,7 +422,7 @@ def prune(config: PruneConfig) -> Path:
             chosen = choose_random(config.target, config.drop, n_layers, config.random_seed, already)
         assert len(chosen) == config.drop, (chosen, config.drop)  # check_drop admits only counts the rules can meet
         previous = manifest(fetched.path) if (Path(fetched.path) / MANIFEST).is_file() else None
-        layers, total = _original_numbering(previous, n_layers), _dropped_so_far(previous)
+        layers, total = _original_numbering(previous, n_layers), _dropped_so_far(previous, already)
         for module, layer in chosen:
             total[module].append(layers[layer])
         before = sum(p.numel() for p in model.parameters())
@@ -433,7 +433,8 @@ def prune(config: PruneConfig) -> Path:
             "revision": previous["revision"] if previous else checkpoint.revision.name,
             "commit": previous["commit"] if previous else checkpoint.revision.commit,
             "target": config.target, "strategy": config.strategy, "drop": config.drop,
-            "dropped": {kind: sorted(set(v)) for kind, v in total.items()},
+            # A block dropped takes its attention and MLP with it: they are listed under block only.
+            "dropped": {kind: sorted(set(v) - (set(total["block"]) if kind != "block" else set())) for kind, v in total.items()},
             "order": [f"{m} {layers[l]}" for m, l in chosen],
             "layers": [i for n, i in enumerate(layers) if ("block", n) not in chosen],
             "scores_from": scores_from, "calibration": calibration.id if calibration else None,
@@ -469,8 +470,10 @@ def manifest(path: str | os.PathLike) -> dict:
     return json.loads((Path(path) / MANIFEST).read_text())
 
 
-def _dropped_so_far(previous: dict | None) -> dict[str, list[int]]:
-    dropped = (previous or {}).get("dropped", {})
+def _dropped_so_far(previous: dict | None, already: dict[str, list[int]] | None = None) -> dict[str, list[int]]:
+    """What earlier steps dropped, in the original numbering: from their manifest, or (a model pruned in
+    Python and saved without one) from its config, whose numbering is then the original one."""
+    dropped = previous["dropped"] if previous else (already or {})
     return {kind: list(dropped.get(kind, [])) for kind in ("attention", "mlp", "block")}
 
 

@@ -7,6 +7,7 @@ import io
 import os
 import pickle
 import shutil
+import sys
 
 import polars as pl
 import pytest
@@ -197,6 +198,9 @@ def test_network_faults_are_retried(hub, suite_files, tmp_path, capsys):
     with pytest.raises(Exception) as caught:
         HfApi().list_repo_refs(REPO)
     assert not hasattr(caught.value, "response") and hub_module._transient(caught.value)
+    library = sys.modules[type(caught.value).__module__.partition(".")[0]]  # httpx or httpx2
+    status = library.HTTPStatusError("404", request=library.Request("GET", "http://x"), response=library.Response(404))
+    assert not hub_module._transient(status)  # an answer, not a network fault
 
     sha = hashlib.sha256(suite_files["step0"]["model.safetensors"]).hexdigest()
     hub.hang_ups["/refs"] = 1

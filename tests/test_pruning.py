@@ -154,7 +154,7 @@ def test_modules_already_dropped_are_not_candidates():
 @pytest.mark.parametrize(
     "target, k, n_layers, already, message",
     [
-        ("attention", 2, 3, {"attention": [1]}, "cannot drop 2 attention layers of a 3-layer model with 1 modules already dropped; use 1 to 1"),
+        ("attention", 2, 3, {"attention": [1]}, "cannot drop 2 attention layers of a 3-layer model with 1 module already dropped; use 1 to 1"),
         ("attention", 1, 1, None, "cannot drop any attention layers of a 1-layer model: the last attention layer must stay"),
         ("joint", 6, 3, None, "cannot drop 6 joint layers of a 3-layer model; use 1 to 5"),
         ("block", 3, 3, {"attention": [0, 1]}, "cannot drop 3 block layers of a 3-layer model with 2 modules already dropped; use 1 to 2"),
@@ -266,13 +266,27 @@ def test_pruning_a_pruned_model_again(checkpoint, tmp_path, capsys):
     # Only one attention layer is left to spare in a1; none in a2.
     code = main(["prune", str(tmp_path / "a1"), "--target", "attention", "--drop", "2", "--out", str(tmp_path / "x"), *SMALL])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and err == ["ckpt-trace: error: cannot drop 2 attention layers of a 3-layer model with 1 modules "
+    assert code == 2 and err == ["ckpt-trace: error: cannot drop 2 attention layers of a 3-layer model with 1 module "
                                  "already dropped; use 1 to 1"]
     # A block dropped from a1 renumbers the layers; the manifest keeps the original numbers.
     blocks = run(tmp_path / "a1", "b1", "--target", "block", "--drop", "1", "--strategy", "last")
     assert blocks["order"] == ["block 1"] and blocks["layers"] == [0, 2]
-    assert blocks["dropped"] == {"attention": [1], "mlp": [], "block": [1]}
+    assert blocks["dropped"] == {"attention": [], "mlp": [], "block": [1]}  # the block took its attention along
     again = run(tmp_path / "b1", "b2", "--target", "attention", "--drop", "1", "--strategy", "last")
-    assert again["order"] == ["attention 0"] and again["dropped"]["attention"] == [0, 1] and again["layers"] == [0, 2]
+    assert again["order"] == ["attention 0"] and again["dropped"] == {"attention": [0], "mlp": [], "block": [1]}
+    assert again["layers"] == [0, 2] and again["previous"]["previous"] == first
     model = load_pruned(tmp_path / "b2")
     assert model.config.num_hidden_layers == 2 and model.config.ckpt_trace_pruned == {"attention": [0], "mlp": []}
+
+
+def test_a_model_pruned_in_python_and_saved_without_a_manifest(tmp_path, tokenizer_dir, capsys):
+    from ckpt_trace.pruning import drop_modules_
+
+    source = tmp_path / "by-hand"
+    drop_modules_(make_model("llama"), attention=[1]).save_pretrained(source)
+    code = main(["prune", str(source), "--target", "attention", "--drop", "1", "--strategy", "last",
+                 "--out", str(tmp_path / "again"), "--store", str(tmp_path / "s"), *SMALL])
+    assert code == 0, capsys.readouterr().err
+    record = json.loads((tmp_path / "again" / MANIFEST).read_text())
+    assert record["order"] == ["attention 0"] and record["previous"] is None
+    assert record["dropped"] == {"attention": [0, 1], "mlp": [], "block": []}  # what the config said, and this step

@@ -221,6 +221,11 @@ def test_pruned_models_are_compared_only_on_the_same_dtype_device_and_items():
     assert rows[("attention-2", "bfloat16", "perplexity")] == (25.0, 20.0)
     assert ("block-1", "float32", "acc") not in rows  # 10 items against the original's full task
     assert ("block-1", "bfloat16", "perplexity") not in rows and comparison.height == 5 + 5 + 4
+    # A later run of the original on fewer items does not hide its full run from the pruned model's full run.
+    later = evals.filter((pl.col("model") == "step2000") & (pl.col("task") == "mc")).with_columns(
+        n=pl.lit(10, pl.Int64), value=pl.lit(0.3), created=pl.col("created") + pl.duration(days=1))
+    rows = pruned_vs_original(pl.concat([evals, later])).filter(pl.col("metric") == "acc").select("model", "original").rows()
+    assert sorted(rows) == [("attention-2", 0.5), ("block-1", 0.5)]
 
 
 def test_report_has_a_pruning_section(tmp_path):
