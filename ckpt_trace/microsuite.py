@@ -21,6 +21,7 @@ import math
 import os
 import random
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -241,6 +242,9 @@ def build(config: MicroSuiteConfig | None = None, force: bool = False, progress:
         return target
     staging = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     shutil.rmtree(staging, ignore_errors=True)
+    if progress:  # said once, also where the bar is hidden (no terminal): the build takes minutes
+        tqdm.write(f"building the micro suite {config.name} into {target} ({config.steps} training steps, "
+                   "minutes on a CPU); later runs find it there", file=sys.stderr)
     try:
         start = time.perf_counter()
         records = train_suite(config, staging, progress)
