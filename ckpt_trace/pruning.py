@@ -207,13 +207,15 @@ def check_drop(target: str, k: int, n_layers: int, already: dict[str, list[int]]
         raise ConfigError(f"cannot drop {k} {target} layers of {model}; use 1 to {most}")
 
 
-def _take(order: Iterable[tuple[str, int]], k: int, n_layers: int, already: dict[str, list[int]] | None) -> list[tuple[str, int]]:
-    """The first k of `order` that keep an attention layer, skipping any that would remove the last one."""
+def _take(order: Iterable[tuple[str, int]], k: int, target: str, n_layers: int,
+          already: dict[str, list[int]] | None, exclude: Iterable[tuple[str, int]] = ()) -> list[tuple[str, int]]:
+    """The first k candidates in `order`, skipping any that would remove the last attention layer."""
+    allowed = set(candidates(target, n_layers, already)) - set(exclude)
     chosen: list[tuple[str, int]] = []
     for candidate in order:
         if len(chosen) == k:
             break
-        if keeps_attention([*chosen, candidate], n_layers, already):
+        if candidate in allowed and keeps_attention([*chosen, candidate], n_layers, already):
             chosen.append(candidate)
     return chosen
 
@@ -232,16 +234,14 @@ def rank(scores: pl.DataFrame, target: str) -> list[tuple[str, int]]:
 def choose_similarity(scores: pl.DataFrame, target: str, k: int, n_layers: int,
                       already: dict[str, list[int]] | None = None) -> list[tuple[str, int]]:
     """The k least important candidates, in one shot."""
-    allowed = set(candidates(target, n_layers, already))
-    return _take((c for c in rank(scores, target) if c in allowed), k, n_layers, already)
+    return _take(rank(scores, target), k, target, n_layers, already)
 
 
 def choose_last(target: str, k: int, n_layers: int, already: dict[str, list[int]] | None = None) -> list[tuple[str, int]]:
     """The K deepest candidates, the final layer last of all (for joint: MLP before attention within a layer)."""
-    allowed = set(candidates(target, n_layers, already))
     modules = ("mlp", "attention") if target == "joint" else (target,)
     layers = [*range(n_layers - 2, -1, -1), n_layers - 1]
-    return _take(((m, layer) for layer in layers for m in modules if (m, layer) in allowed), k, n_layers, already)
+    return _take(((m, layer) for layer in layers for m in modules), k, target, n_layers, already)
 
 
 def choose_random(target: str, k: int, n_layers: int, seed: int,
@@ -283,10 +283,8 @@ def choose_iterative(model: nn.Module, calibration, target: str, k: int, batch_s
         blocks = {layer for m, layer in chosen if m == "block"}
         with dropped(model, attention, mlp), _skipped_blocks(model, blocks):
             scores = score(model, calibration, batch_size, progress=progress and f"iterative {step + 1}/{k}")
-        allowed = set(candidates(target, n_layers, already)) - set(chosen)
-        pick = _take((c for c in rank(scores, target) if c in allowed), 1, n_layers, {
-            "attention": [*already["attention"], *attention, *blocks], "mlp": already["mlp"]})
-        chosen += pick
+        now = {"attention": [*already["attention"], *attention, *blocks], "mlp": [*already["mlp"], *mlp]}
+        chosen += _take(rank(scores, target), 1, target, n_layers, now, exclude=chosen)
         rounds.append(scores.with_columns(round=pl.lit(step, pl.Int32)))
     return chosen, pl.concat(rounds)
 
