@@ -76,10 +76,12 @@ def no_deprecated_calls():
     assert not handler.messages, handler.messages
 
 
-def make_model(family: str, seed: int = 0, dtype: torch.dtype = torch.float32):
-    """A tiny random causal LM of one family, in eval mode."""
+def make_model(family: str, seed: int = 0, dtype: torch.dtype = torch.float32, **config_changes):
+    """A tiny random causal LM of one family, in eval mode; `config_changes` are set on its config first."""
     torch.manual_seed(seed)
     config = copy.deepcopy(CONFIGS[family])  # the model keeps its config, and pruning edits it
+    for key, value in config_changes.items():
+        setattr(config, key, value)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
     # Random init makes layer norms identity and some biases zero; perturb every parameter so
     # that each tap carries a distinct, non-trivial signal.

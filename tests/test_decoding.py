@@ -7,17 +7,14 @@ Sliding windows are shorter than the sequences, so sliding-window layers roll ov
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
-import transformers
 from transformers.cache_utils import DummyLayer, DynamicCache
 
 from ckpt_trace.evaluation import decode, kv_cache_bytes, measure_speed, prefill
 from ckpt_trace.pruning import DroppedAttention, apply_
 
-from conftest import CONFIGS, FAMILIES, LAYERS, random_ids
+from conftest import CONFIGS, FAMILIES, LAYERS, make_model, random_ids
 from test_pruning import zeroed
 
 WINDOW = 4
@@ -33,16 +30,8 @@ SLIDING = {
 DROPS = {"first": [0], "middle": [1], "all but last": [0, 1], "all but first": [1, 2]}
 
 
-def build(family: str, seed: int = 0) -> torch.nn.Module:
-    config = copy.deepcopy(CONFIGS[family])
-    for key, value in SLIDING.get(family, {}).items():
-        setattr(config, key, value)
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(config)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(torch.randn_like(param) * 0.05)
-    return model.eval()
+def build(family: str) -> torch.nn.Module:
+    return make_model(family, **SLIDING.get(family, {}))
 
 
 def full_pass_logits(family: str, chosen, ids: torch.Tensor) -> torch.Tensor:
@@ -123,17 +112,14 @@ def test_dropped_attention_finds_the_cache_under_any_keyword_or_position():
 
 
 def test_eval_speed_on_half_the_attention_dropped():
-    config = copy.deepcopy(CONFIGS["llama"])
-    config.num_hidden_layers = 4
-    torch.manual_seed(0)
-    original = transformers.AutoModelForCausalLM.from_config(config).eval()
+    original = make_model("llama", num_hidden_layers=4)
     chosen = [("attention", 0), ("attention", 2)]
-    pruned = apply_(copy.deepcopy(original), chosen)
+    pruned = apply_(make_model("llama", num_hidden_layers=4), chosen)
     full = measure_speed(original, prompt_tokens=16, new_tokens=4, repeats=2)
     half = measure_speed(pruned, prompt_tokens=16, new_tokens=4, repeats=2)
     assert half["kv_cache_bytes"] * 2 == full["kv_cache_bytes"] > 0
     # The decode that was timed computes what a full pass computes.
-    prompt = torch.randint(0, config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
+    prompt = torch.randint(0, original.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
     last, cache = prefill(pruned, prompt)
     tokens, logits, _ = decode(pruned, cache, last.argmax(-1), 4, keep_logits=True)
     with zeroed(original, chosen), torch.no_grad():
