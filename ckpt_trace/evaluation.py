@@ -31,28 +31,13 @@ from . import __version__
 from .calibration import CalibrationSet, CalibrationSpec, fit_seq_len, heldout_set, load_calibration
 from .errors import ConfigError
 from .sources import single_checkpoint
+from .store import EVALS_SCHEMA
 
 PAPER_TASKS = {"boolq": 0, "rte": 0, "openbookqa": 0, "piqa": 0, "mmlu": 5, "winogrande": 5, "hellaswag": 10,
                "arc_challenge": 25}
 BUILTIN_TASK = "ckpt_trace_python_mc"
 TASK_DATA = Path(__file__).parent / "tasks" / "python_mc.jsonl"
 
-EVALS_SCHEMA: dict[str, pl.DataType] = {
-    "model": pl.String,
-    "path": pl.String,
-    "source_model": pl.String,
-    "revision": pl.String,
-    "pruning": pl.String,
-    "task": pl.String,
-    "metric": pl.String,
-    "value": pl.Float64,
-    "n": pl.Int64,
-    "num_fewshot": pl.Int64,
-    "dtype": pl.String,
-    "device": pl.String,
-    "version": pl.String,
-    "created": pl.Datetime("us", "UTC"),
-}
 
 
 # -- perplexity -------------------------------------------------------------------------
@@ -275,8 +260,7 @@ class EvalConfig:
 
 def evaluate(config: EvalConfig) -> pl.DataFrame:
     """Evaluate every model directory and store the results in the store's evals/ table."""
-    from .models import dtype_name, load_model, load_tokenizer, resolve_device, resolve_dtype
-    from .scan import max_positions
+    from .models import dtype_name, load_model, load_tokenizer, max_positions, resolve_device, resolve_dtype
     from .store import Store
 
     store = Store(config.store)

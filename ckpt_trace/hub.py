@@ -164,7 +164,7 @@ class HubRepo:
         self.api = HfApi()
         self.cache_dir = Path(cache_dir or constants.HF_HUB_CACHE).expanduser().resolve()
         self.offline = constants.HF_HUB_OFFLINE
-        from .microsuite import home
+        from .paths import home
 
         self.ledger = DownloadLedger(ledger or home() / "downloads.json")
         self.repo_folder = self.cache_dir / ("models--" + repo_id.replace("/", "--"))

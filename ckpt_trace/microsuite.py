@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from .calibration import pydoc_documents
 from .errors import ConfigError
+from .paths import home
 from .sources import EVAL_FILE
 
 ARCHS = ("pythia", "llama")
@@ -87,13 +88,6 @@ def schedule(steps: int, interval: int) -> list[int]:
     early = [0] + [2**i for i in range(int(math.log2(interval)) + 1) if 2**i < min(interval, steps + 1)]
     even = list(range(interval, steps + 1, interval))
     return sorted(set(early + even + [steps]))
-
-
-def home() -> Path:
-    """ckpt-trace's cache directory: $CKPT_TRACE_HOME, else $XDG_CACHE_HOME/ckpt-trace, else ~/.cache/ckpt-trace."""
-    if os.environ.get("CKPT_TRACE_HOME"):
-        return Path(os.environ["CKPT_TRACE_HOME"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ckpt-trace"
 
 
 def _corpus_digest() -> str:

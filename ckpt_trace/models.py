@@ -11,6 +11,7 @@ import torch
 
 from .adapters import adapter_for_type
 from .errors import ConfigError, SourceError
+from .surgery import PRUNED_KEY, drop_modules_, module_prefixes, pruned_record
 
 DEVICES = "auto, cpu, cuda or cuda:N"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -42,6 +43,14 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def max_positions(config: dict) -> int | None:
+    """The longest sequence a model's config allows, where it says."""
+    for key in ("max_position_embeddings", "n_positions"):
+        if isinstance(config.get(key), int):
+            return config[key]
+    return None
+
+
 def read_config(path: str | os.PathLike) -> dict:
     """The raw config.json of a model directory, or a clear error if it is no model."""
     file = Path(path) / "config.json"
@@ -59,9 +68,7 @@ def load_model(path: str | os.PathLike, device: torch.device, dtype: torch.dtype
 
     config = read_config(path)
     adapter_for_type(config.get("model_type"))
-    if config.get("ckpt_trace_pruned"):
-        from .pruning import load_pruned
-
+    if config.get(PRUNED_KEY):
         return load_pruned(path, device, dtype, trust_remote_code)
     try:
         # weights_only: .bin files go through torch's restricted unpickler, which runs no code.
@@ -70,6 +77,31 @@ def load_model(path: str | os.PathLike, device: torch.device, dtype: torch.dtype
         )
     except (OSError, ValueError, RuntimeError, pickle.UnpicklingError) as err:
         raise SourceError(f"cannot load the model in {str(path)!r}: {err}") from err
+    return model.to(device).eval()
+
+
+def load_pruned(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                trust_remote_code: bool = False) -> torch.nn.Module:
+    """Load a model saved with attention or MLP layers dropped (or none); they stay dropped, and every other weight must be there."""
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    record = pruned_record(config)
+    verbosity = transformers.logging.get_verbosity()
+    if any(record.values()):  # the dropped modules' weights are missing by design; they are checked below
+        transformers.logging.set_verbosity_error()
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, trust_remote_code=trust_remote_code, weights_only=True, output_loading_info=True
+        )
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    prefixes = module_prefixes(model, record)
+    unexpected = [k for k in info.get("missing_keys", []) if not k.startswith(tuple(prefixes))]
+    if unexpected:
+        raise SourceError(f"{str(path)!r} lacks weights that were not dropped: {', '.join(sorted(unexpected)[:5])}")
+    drop_modules_(model, record["attention"], record["mlp"])
     return model.to(device).eval()
 
 

@@ -7,13 +7,8 @@ Strategies (He et al. 2406.15786; Tyukin et al. 2407.15516):
 - ``last``: drop the K deepest, keeping the final layer (the position-based rule);
 - ``random``: K chosen with a seed, as a control.
 
-``joint`` ranks attention and MLP layers together on one scale. A dropped attention
-layer is replaced by a stand-in that adds nothing to the residual stream, computes no
-attention and holds no KV cache (its cache slot becomes transformers' ``DummyLayer``);
-a dropped MLP adds nothing and computes nothing. A dropped block is removed from the
-layer list, so a block-dropped model is a plain Hugging Face model. Attention- and
-MLP-dropped models record what they lack in their config, under ``ckpt_trace_pruned``,
-and load with `load_pruned`.
+``joint`` ranks attention and MLP layers together on one scale. How modules are taken out
+is `ckpt_trace.surgery`; a pruned model loads with `ckpt_trace.models.load_pruned`.
 """
 
 from __future__ import annotations
@@ -22,146 +17,25 @@ import json
 import os
 import random
 import shutil
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 import polars as pl
-import torch
 from torch import nn
 
 from . import __version__
-from .adapters import adapter_for_type, locate
+from .adapters import locate
 from .errors import ConfigError
 from .scan import ScoringOptions
 from .scoring import score
+from .surgery import apply_, dropped, layer_list, pruned_record, skipped_blocks
 
 
 TARGETS = ("attention", "mlp", "block", "joint")
 STRATEGIES = ("similarity", "iterative", "last", "random")
-PRUNED_KEY = "ckpt_trace_pruned"
 MANIFEST = "ckpt_trace_prune.json"
-
-
-def _zeros_like(x: torch.Tensor) -> torch.Tensor:
-    return x.new_zeros(()).expand_as(x)  # a broadcast view of one zero: no memory
-
-
-def _release_cache_slot(cache, layer_idx: int) -> None:
-    """Make a dropped layer's cache slot a DummyLayer, which holds nothing and which the cache skips when it
-    reports the sequence length and mask sizes; slots that a cache creates on first use are created up to it."""
-    from transformers.cache_utils import DummyLayer
-
-    cache = getattr(cache, "self_attention_cache", cache)
-    layers = cache.layers
-    while len(layers) <= layer_idx and cache.layer_class_to_replicate is not None:
-        layers.append(cache.layer_class_to_replicate())
-    if layer_idx < len(layers) and not isinstance(layers[layer_idx], DummyLayer):
-        layers[layer_idx] = DummyLayer()
-
-
-class DroppedAttention(nn.Module):
-    """A dropped attention layer: it adds nothing to the residual stream, computes nothing, and caches nothing.
-
-    Families hand the cache to attention under different names (``cache``, ``past_key_values``,
-    GPT-NeoX's ``layer_past``, or by position), so it is found by its type.
-    """
-
-    def __init__(self, layer_idx: int):
-        super().__init__()
-        self.layer_idx = layer_idx
-
-    def forward(self, hidden_states=None, *args, **kwargs):
-        from transformers.cache_utils import Cache
-
-        cache = next((v for v in (*args, *kwargs.values()) if isinstance(v, Cache)), None)
-        if cache is not None:
-            _release_cache_slot(cache, self.layer_idx)
-        return _zeros_like(hidden_states), None
-
-
-class DroppedMLP(nn.Module):
-    """A dropped MLP: it adds nothing to the residual stream and computes nothing."""
-
-    def forward(self, hidden_states, *args, **kwargs):
-        return _zeros_like(hidden_states)
-
-
-def _layer_list(model: nn.Module) -> tuple[nn.Module, str, nn.ModuleList]:
-    adapter = adapter_for_type(model.config.model_type)
-    base = getattr(model, "base_model", model)
-    parent_path, _, name = adapter.layers.rpartition(".")
-    parent = base.get_submodule(parent_path) if parent_path else base
-    return parent, name, getattr(parent, name)
-
-
-def _swap(model: nn.Module, attention: Iterable[int], mlp: Iterable[int]) -> list[tuple[nn.Module, str, nn.Module]]:
-    """Put stand-ins in place of the given modules; return (parent, name, original) for each."""
-    adapter = adapter_for_type(model.config.model_type)
-    _, _, layers = _layer_list(model)
-    swapped = []
-    for kind, indices in (("attention", attention), ("mlp", mlp)):
-        parent_path, _, name = adapter.module_path(kind).rpartition(".")
-        for index in sorted(set(indices)):
-            parent = layers[index].get_submodule(parent_path) if parent_path else layers[index]
-            original = getattr(parent, name)
-            if isinstance(original, (DroppedAttention, DroppedMLP)):
-                continue
-            stand_in = DroppedAttention(getattr(original, "layer_idx", index)) if kind == "attention" else DroppedMLP()
-            setattr(parent, name, stand_in)
-            swapped.append((parent, name, original))
-    return swapped
-
-
-@contextmanager
-def dropped(model: nn.Module, attention: Iterable[int] = (), mlp: Iterable[int] = ()) -> Iterator[nn.Module]:
-    """The model with these attention and MLP layers dropped; the originals come back on exit, even on error."""
-    swapped = _swap(model, attention, mlp)
-    try:
-        yield model
-    finally:
-        for parent, name, original in reversed(swapped):
-            setattr(parent, name, original)
-
-
-def pruned_record(config) -> dict[str, list[int]]:
-    """What a model's config says was dropped: {"attention": [...], "mlp": [...]}."""
-    record = getattr(config, PRUNED_KEY, None) or {}
-    return {"attention": list(record.get("attention", [])), "mlp": list(record.get("mlp", []))}
-
-
-def drop_modules_(model: nn.Module, attention: Iterable[int] = (), mlp: Iterable[int] = ()) -> nn.Module:
-    """Drop attention and MLP layers in place, and record them in the config (the in-place twin of `dropped`)."""
-    attention, mlp = set(attention), set(mlp)
-    _swap(model, attention, mlp)
-    record = pruned_record(model.config)
-    setattr(model.config, PRUNED_KEY, {
-        "attention": sorted(set(record["attention"]) | attention), "mlp": sorted(set(record["mlp"]) | mlp),
-    })
-    return model
-
-
-def drop_blocks_(model: nn.Module, blocks: Iterable[int]) -> nn.Module:
-    """Remove whole decoder layers in place; the result is a plain Hugging Face model of fewer layers."""
-    parent, name, layers = _layer_list(model)
-    blocks = set(blocks)
-    keep = [i for i in range(len(layers)) if i not in blocks]
-    setattr(parent, name, nn.ModuleList(layers[i] for i in keep))
-    for new_index, layer in enumerate(getattr(parent, name)):
-        for module in layer.modules():  # cache slots follow the new numbering
-            if isinstance(getattr(module, "layer_idx", None), int):
-                module.layer_idx = new_index
-    config = model.config
-    config.num_hidden_layers = len(keep)
-    if isinstance(getattr(config, "layer_types", None), list):
-        config.layer_types = [config.layer_types[i] for i in keep]
-    record = pruned_record(config)
-    if any(record.values()):  # renumber what was dropped before
-        position = {old: new for new, old in enumerate(keep)}
-        setattr(config, PRUNED_KEY, {k: [position[i] for i in v if i in position] for k, v in record.items()})
-    return model
 
 
 # -- choosing what to drop ------------------------------------------------------------
@@ -255,25 +129,13 @@ def choose_random(target: str, k: int, n_layers: int, seed: int,
             return sorted(chosen, key=lambda c: (c[1], c[0]))
 
 
-def apply_(model: nn.Module, chosen: list[tuple[str, int]]) -> nn.Module:
-    """Drop the chosen (module, layer) pairs in place: blocks are removed, attention and MLP replaced."""
-    blocks = [layer for module, layer in chosen if module == "block"]
-    if blocks:
-        return drop_blocks_(model, blocks)
-    return drop_modules_(
-        model,
-        [layer for module, layer in chosen if module == "attention"],
-        [layer for module, layer in chosen if module == "mlp"],
-    )
-
-
 def choose_iterative(model: nn.Module, calibration, target: str, k: int, batch_size: int = 8, progress=False):
     """Drop the least important module, score the pruned model again, and repeat; return the picks and their scores.
 
     Picks are in the original layer numbering. Scoring runs on a model whose picks so far are
     dropped; for blocks, the dropped layers are skipped by zeroing their deltas, so indices stay put.
     """
-    n_layers = len(_layer_list(model)[2])
+    n_layers = len(layer_list(model)[2])
     already = pruned_record(model.config)
     chosen: list[tuple[str, int]] = []
     rounds = []
@@ -281,7 +143,7 @@ def choose_iterative(model: nn.Module, calibration, target: str, k: int, batch_s
         attention = [layer for m, layer in chosen if m == "attention"]
         mlp = [layer for m, layer in chosen if m == "mlp"]
         blocks = {layer for m, layer in chosen if m == "block"}
-        with dropped(model, attention, mlp), _skipped_blocks(model, blocks):
+        with dropped(model, attention, mlp), skipped_blocks(model, blocks):
             scores = score(model, calibration, batch_size, progress=progress and f"iterative {step + 1}/{k}")
         now = {"attention": [*already["attention"], *attention, *blocks], "mlp": [*already["mlp"], *mlp]}
         chosen += _take(rank(scores, target), 1, target, n_layers, now, exclude=chosen)
@@ -289,61 +151,7 @@ def choose_iterative(model: nn.Module, calibration, target: str, k: int, batch_s
     return chosen, pl.concat(rounds)
 
 
-@contextmanager
-def _skipped_blocks(model: nn.Module, blocks: set[int]) -> Iterator[None]:
-    """Blocks that pass their input through unchanged, by forward hooks removed on exit."""
-    _, _, layers = _layer_list(model)
-    handles = [
-        layers[i].register_forward_hook(
-            lambda module, args, kwargs, output: args[0] if args else kwargs["hidden_states"], with_kwargs=True
-        )
-        for i in sorted(blocks)
-    ]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
 # -- loading and the whole job ----------------------------------------------------------
-
-def _module_prefixes(model: nn.Module, record: dict[str, list[int]]) -> list[str]:
-    adapter = adapter_for_type(model.config.model_type)
-    names = {id(m): n for n, m in model.named_modules()}
-    _, _, layers = _layer_list(model)
-    return [
-        names[id(layers[index].get_submodule(adapter.module_path(kind)))] + "."
-        for kind, indices in record.items() for index in indices
-    ]
-
-
-def load_pruned(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-                trust_remote_code: bool = False) -> nn.Module:
-    """Load a model saved by ckpt-trace, pruned or not; attention and MLP layers dropped before saving stay dropped."""
-    import transformers
-    from transformers import AutoModelForCausalLM
-
-    from .errors import SourceError
-
-    config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    record = pruned_record(config)
-    verbosity = transformers.logging.get_verbosity()
-    if any(record.values()):  # the dropped modules' weights are missing by design; they are checked below
-        transformers.logging.set_verbosity_error()
-    try:
-        model, info = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, trust_remote_code=trust_remote_code, weights_only=True, output_loading_info=True
-        )
-    finally:
-        transformers.logging.set_verbosity(verbosity)
-    prefixes = _module_prefixes(model, record)
-    unexpected = [k for k in info.get("missing_keys", []) if not k.startswith(tuple(prefixes))]
-    if unexpected:
-        raise SourceError(f"{str(path)!r} lacks weights that were not dropped: {', '.join(sorted(unexpected)[:5])}")
-    drop_modules_(model, record["attention"], record["mlp"])
-    return model.to(device).eval()
-
 
 @dataclass
 class PruneConfig(ScoringOptions):

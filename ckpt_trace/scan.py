@@ -26,7 +26,7 @@ from . import __version__
 from .adapters import adapter_for_type
 from .calibration import CalibrationSet, CalibrationSpec, fit_seq_len, load_calibration
 from .errors import CalibrationError, CkptTraceError, ConfigError
-from .models import dtype_name, load_model, load_tokenizer, read_config, resolve_device, resolve_dtype
+from .models import dtype_name, load_model, load_tokenizer, max_positions, read_config, resolve_device, resolve_dtype
 from .scoring import MODULES, score
 from .sources import Checkpoint, open_source
 from .store import REVISIONS_SCHEMA, RUNS_SCHEMA, Store
@@ -72,14 +72,6 @@ class ScanConfig(ScoringOptions):
     """Score revisions again even when their scores are stored."""
     keep_going: bool = False
     """Record a failing revision in runs/ and go on, instead of stopping."""
-
-
-def max_positions(config: dict) -> int | None:
-    """The longest sequence a model's config allows, where it says."""
-    for key in ("max_position_embeddings", "n_positions"):
-        if isinstance(config.get(key), int):
-            return config[key]
-    return None
 
 
 def build_calibration(model_dir, spec: CalibrationSpec) -> CalibrationSet:

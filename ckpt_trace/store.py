@@ -62,6 +62,23 @@ REVISIONS_SCHEMA: dict[str, pl.DataType] = {
     "duplicate_of": pl.String,
 }
 
+EVALS_SCHEMA: dict[str, pl.DataType] = {
+    "model": pl.String,
+    "path": pl.String,
+    "source_model": pl.String,
+    "revision": pl.String,
+    "pruning": pl.String,
+    "task": pl.String,
+    "metric": pl.String,
+    "value": pl.Float64,
+    "n": pl.Int64,
+    "num_fewshot": pl.Int64,
+    "dtype": pl.String,
+    "device": pl.String,
+    "version": pl.String,
+    "created": pl.Datetime("us", "UTC"),
+}
+
 
 def path_part(name: str) -> str:
     """A file-name-safe, reversible form of a model or revision name."""
@@ -126,15 +143,11 @@ class Store:
 
     def write_evals(self, frame: pl.DataFrame) -> Path:
         """Store one evaluation run of one model."""
-        from .evaluation import EVALS_SCHEMA
-
         return self._write(frame, EVALS_SCHEMA,
                            lambda r: self.root / "evals" / path_part(r["model"]) / f"{_stamp(r['created'])}.parquet")
 
     def evals(self) -> pl.DataFrame:
         """Every stored evaluation result."""
-        from .evaluation import EVALS_SCHEMA
-
         return self._table("evals", EVALS_SCHEMA)
 
     def _scan(self, table: str, schema: dict[str, pl.DataType]) -> pl.LazyFrame:

@@ -12,7 +12,7 @@ import torch
 from transformers.cache_utils import DummyLayer, DynamicCache
 
 from ckpt_trace.evaluation import decode, kv_cache_bytes, measure_speed, prefill
-from ckpt_trace.pruning import DroppedAttention, apply_
+from ckpt_trace.surgery import DroppedAttention, apply_
 
 from conftest import CONFIGS, FAMILIES, LAYERS, make_model, random_ids
 from test_pruning import zeroed

@@ -13,13 +13,14 @@ import transformers
 from ckpt_trace.adapters import locate
 from ckpt_trace.calibration import CalibrationSet
 from ckpt_trace.cli import main
-from ckpt_trace.pruning import (
-    MANIFEST, DroppedAttention, apply_, check_drop, choose_iterative, choose_last, choose_random, choose_similarity,
-    dropped, load_pruned,
-)
 from ckpt_trace.errors import ConfigError
+from ckpt_trace.models import load_pruned
+from ckpt_trace.pruning import (
+    MANIFEST, check_drop, choose_iterative, choose_last, choose_random, choose_similarity,
+)
 from ckpt_trace.scoring import score
 from ckpt_trace.store import SCORES_SCHEMA, Store
+from ckpt_trace.surgery import DroppedAttention, apply_, drop_modules_, dropped
 
 from conftest import FAMILIES, LAYERS, make_model, random_ids, save_checkpoint
 
@@ -280,8 +281,6 @@ def test_pruning_a_pruned_model_again(checkpoint, tmp_path, capsys):
 
 
 def test_a_model_pruned_in_python_and_saved_without_a_manifest(tmp_path, tokenizer_dir, capsys):
-    from ckpt_trace.pruning import drop_modules_
-
     source = tmp_path / "by-hand"
     drop_modules_(make_model("llama"), attention=[1]).save_pretrained(source)
     code = main(["prune", str(source), "--target", "attention", "--drop", "1", "--strategy", "last",

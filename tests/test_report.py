@@ -169,7 +169,7 @@ def test_report_bad_input(tmp_path, capsys):
 def synthetic_evals() -> pl.DataFrame:
     from datetime import datetime, timezone
 
-    from ckpt_trace.evaluation import EVALS_SCHEMA
+    from ckpt_trace.store import EVALS_SCHEMA
 
     results = {  # model -> (pruning, perplexity, acc, decode tokens/s, prefill s, kv bytes)
         "step2000": (None, 10.0, 0.50, 100.0, 0.20, 1000.0),
