@@ -7,7 +7,7 @@ delta m (what each adds to the residual stream), and output y:
     parallel:                y = x + a + m   (both branches read x)
 
 `importance` is 1 - cos(in, in + delta) and `update_ratio` is ||delta|| / ||in||, for
-the block (in = x, delta = y - x), the attention (in = x, delta = a) and the MLP
+the block (in = x, delta = y - x, taken as a + m), the attention (in = x, delta = a) and the MLP
 (in = h, or x when parallel; delta = m). Each is a token-weighted mean over the real
 (non-padding) calibration tokens, computed in float32 and summed in float64, so memory
 does not grow with the calibration set.
@@ -111,9 +111,11 @@ def _keep_output(cache: dict, key: str, module, args, output):
 
 def _measure(cache: dict, layer: int, parallel: bool, stats: ResidualStats, module, args, output):
     # float32 views of the model's activations (no copy when the model is float32)
-    x, a, m, y = (t.float() for t in (cache.pop("x"), cache.pop("a"), cache.pop("m"), _first(output)))
+    x, a, m = (t.float() for t in (cache.pop("x"), cache.pop("a"), cache.pop("m")))
     xx = torch.linalg.vecdot(x, x)  # block and attention read the same input
-    stats.update(layer, 0, x, y - x, xx)
+    # The block delta y - x is a + m, summed here in float32: in bfloat16, y and x are each rounded at the scale
+    # of the residual stream, so their difference loses percents where the update is small.
+    stats.update(layer, 0, x, a + m, xx)
     stats.update(layer, 1, x, a, xx)
     stats.update(layer, 2, x if parallel else x + a, m)
 
