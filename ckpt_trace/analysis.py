@@ -22,15 +22,31 @@ def training_rank(revisions: list[str]) -> dict[str, int]:
     return {rev.name: i for i, rev in enumerate(ordered)}
 
 
-def model_scores(scores: pl.DataFrame, model: str, calibration: str | None = None) -> pl.DataFrame:
-    """One model's scores on one calibration set (by default the one covering most revisions), with an `order` column."""
+def _most_covering(frame: pl.DataFrame, column: str) -> str | None:
+    """The value of `column` under which most revisions are scored (ties: the first by name)."""
+    if not frame.height:
+        return None
+    counts = frame.group_by(column).agg(pl.col("revision").n_unique().alias("n"))
+    return counts.sort(["n", column], descending=[True, False])[column][0]
+
+
+def latest_scans(frame: pl.DataFrame) -> pl.DataFrame:
+    """Per revision, only the rows of its latest scan: the newest scorer, then the latest time written.
+
+    A store keeps the scores of earlier weights, dtypes and scorer versions beside the new ones;
+    analysis takes one scan per revision, never a mix.
+    """
+    key = ["weights", "dtype", "scorer", "created"]
+    latest = frame.select("revision", *key).unique().sort("scorer", "created", nulls_last=False).group_by("revision").last()
+    return frame.join(latest, on=["revision", *key], nulls_equal=True)
+
+
+def model_scores(scores: pl.DataFrame, model: str, calibration: str | None = None, dtype: str | None = None) -> pl.DataFrame:
+    """One model's scores on one calibration set and dtype (by default those covering most revisions), each
+    revision's latest scan, with an `order` column."""
     frame = scores.filter(pl.col("model") == model)
-    if calibration is None and frame.height:
-        calibration = (
-            frame.group_by("calibration").agg(pl.col("revision").n_unique().alias("n"))
-            .sort(["n", "calibration"], descending=[True, False])["calibration"][0]
-        )
-    frame = frame.filter(pl.col("calibration") == calibration)
+    frame = frame.filter(pl.col("calibration") == (calibration or _most_covering(frame, "calibration")))
+    frame = latest_scans(frame.filter(pl.col("dtype") == (dtype or _most_covering(frame, "dtype"))))
     rank = training_rank(frame["revision"].unique().to_list())
     return frame.with_columns(order=pl.col("revision").replace_strict(rank, return_dtype=pl.Int64)).sort(
         "order", "module", "layer"

@@ -11,27 +11,25 @@ small ledger beside ckpt-trace's other files remembers across interrupted runs.
 
 from __future__ import annotations
 
-import fnmatch
 import functools
 import json
 import logging
 import os
 import sys
-import threading
 import time
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import SourceError
+from .identity import fingerprint, weight_files
+from .paths import atomic_write_bytes
 from .revisions import Revision, parse_revision, training_order
 
 log = logging.getLogger(__name__)
 
-WEIGHT_FORMATS = {
-    "safetensors": ("*.safetensors", "*.safetensors.index.json"),
-    "bin": ("pytorch_model*.bin", "pytorch_model*.bin.index.json"),
-}
 SIDE_FILES = (
     "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
     "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json", "ckpt_trace_eval.json", "ckpt_trace_prune.json",
@@ -52,7 +50,8 @@ class HubFiles:
     files: tuple[str, ...]
     weight_format: str | None
     weight_bytes: int
-    fingerprint: frozenset
+    fingerprint: str | None
+    """`identity.fingerprint` of the weight files (None when the revision has none)."""
 
 
 def tokens_per_step(repo_id: str) -> int | None:
@@ -61,21 +60,14 @@ def tokens_per_step(repo_id: str) -> int | None:
 
 def choose_files(entries: dict[str, tuple[int, str]]) -> HubFiles:
     """Pick one weight format and the side files from {path: (size, sha256 or blob id)}."""
-    chosen_format, weights = None, []
-    for name, patterns in WEIGHT_FORMATS.items():
-        weights = [p for p in entries if any(fnmatch.fnmatch(p, pat) for pat in patterns)]
-        if any(not p.endswith(".json") for p in weights):
-            chosen_format = name
-            break
-    else:
-        weights = []
+    chosen_format, weights = weight_files(entries)
     side = [p for p in entries if p in SIDE_FILES]
-    weight_files = [p for p in weights if not p.endswith(".json")]
+    tensors = [p for p in weights if not p.endswith(".json")]
     return HubFiles(
         files=tuple(sorted(side + weights)),
         weight_format=chosen_format,
-        weight_bytes=sum(entries[p][0] for p in weight_files),
-        fingerprint=frozenset((p, entries[p][1]) for p in weight_files),
+        weight_bytes=sum(entries[p][0] for p in tensors),
+        fingerprint=fingerprint({p: entries[p][1] for p in tensors}),
     )
 
 
@@ -124,11 +116,26 @@ def with_retries(fn, what: str):
 
 
 class DownloadLedger:
-    """The snapshots that ckpt-trace downloaded and has not evicted yet, kept in a JSON file."""
+    """The cache files that ckpt-trace downloaded and has not evicted yet, kept in a JSON file.
+
+    Several scans (threads, processes, jobs of an array) may share it: every change is a
+    read-modify-write under a file lock, written atomically.
+    """
 
     def __init__(self, path: Path):
         self.path = path
-        self._lock = threading.Lock()
+
+    @contextmanager
+    def _locked(self) -> Iterator[set[str]]:
+        from filelock import FileLock
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(f"{self.path}.lock"):
+            entries = self._read()
+            before = set(entries)
+            yield entries
+            if entries != before:
+                atomic_write_bytes(self.path, json.dumps(sorted(entries)).encode())
 
     def _read(self) -> set[str]:
         try:
@@ -136,22 +143,18 @@ class DownloadLedger:
         except (OSError, ValueError):
             return set()
 
-    def _write(self, entries: set[str]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(sorted(entries)))
-        os.replace(tmp, self.path)
+    def add(self, files: Iterable[Path]) -> None:
+        with self._locked() as entries:
+            entries.update(map(str, files))
 
-    def add(self, snapshot: Path) -> None:
-        with self._lock:
-            self._write(self._read() | {str(snapshot)})
+    def discard(self, files: Iterable[Path]) -> None:
+        with self._locked() as entries:
+            entries.difference_update(map(str, files))
 
-    def discard(self, snapshot: Path) -> None:
-        with self._lock:
-            self._write(self._read() - {str(snapshot)})
-
-    def __contains__(self, snapshot: Path) -> bool:
-        return str(snapshot) in self._read()
+    def under(self, folder: Path) -> list[Path]:
+        """The recorded files inside `folder`."""
+        prefix = f"{folder}{os.sep}"
+        return sorted(Path(e) for e in self._read() if e.startswith(prefix))
 
 
 class HubRepo:
@@ -248,8 +251,9 @@ class HubRepo:
         from huggingface_hub.errors import LocalEntryNotFoundError
 
         snapshot = self.snapshot(revision)
-        if not self.is_cached(revision, files):
-            self.ledger.add(snapshot)  # before the first byte: an interrupted download is still ours
+        # Recorded before the first byte, so that an interrupted download is still ours to evict;
+        # files that were in the cache before are not ours and are never evicted.
+        self.ledger.add(snapshot / f for f in files.files if not (snapshot / f).is_file())
         try:
             path = with_retries(
                 lambda: snapshot_download(
@@ -269,15 +273,28 @@ class HubRepo:
             raise self._hub_error(err, "download of", revision.name) from err
         return Path(path)
 
-    def evict(self, revision: Revision) -> int:
-        """Delete a revision from the cache if ckpt-trace downloaded it; return the bytes freed."""
-        from huggingface_hub import scan_cache_dir
+    def eviction_plan(self, revision: Revision) -> tuple[list[Path], list[Path]]:
+        """What evicting a revision deletes: the snapshot entries ckpt-trace downloaded, and the blobs
+        behind them that no other snapshot of the repo points to. Only this repo's folder is read."""
+        mine = self.ledger.under(self.snapshot(revision))
+        blobs = {p.resolve() for p in mine if p.is_symlink()}
+        snapshots = self.repo_folder / "snapshots"
+        kept = {p.resolve() for p in snapshots.rglob("*") if p.is_symlink() and p not in set(mine)} if blobs else set()
+        return mine, sorted(b for b in blobs - kept if b.is_file())
 
+    def evict(self, revision: Revision) -> int:
+        """Delete from the cache the files of a revision that ckpt-trace downloaded; return the bytes freed."""
+        entries, blobs = self.eviction_plan(revision)
+        freed = sum(b.stat().st_size for b in blobs) + sum(
+            e.stat().st_size for e in entries if e.is_file() and not e.is_symlink())
+        for entry in entries:
+            entry.unlink(missing_ok=True)
+        for blob in blobs:
+            blob.unlink(missing_ok=True)
         snapshot = self.snapshot(revision)
-        if snapshot not in self.ledger:
-            return 0
-        strategy = scan_cache_dir(self.cache_dir).delete_revisions(revision.commit)
-        freed = strategy.expected_freed_size
-        strategy.execute()
-        self.ledger.discard(snapshot)
+        for folder in sorted({e.parent for e in entries} | {snapshot}, key=lambda p: len(p.parts), reverse=True):
+            while folder != snapshot.parent and folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()  # empty folders the eviction left, up to and including the snapshot
+                folder = folder.parent
+        self.ledger.discard(entries)
         return freed

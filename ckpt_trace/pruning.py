@@ -183,21 +183,11 @@ class PruneConfig(ScoringOptions):
             raise ConfigError(f"output directory {str(out)!r} exists and is not empty; choose a new --out")
 
 
-def _stored_scores(store_dir, model: str, revision: str, calibration: str, n_layers: int) -> pl.DataFrame | None:
-    from .store import Store
-
-    stored = Store(store_dir).scan_scores().filter(
-        (pl.col("model") == model) & (pl.col("revision") == revision) & (pl.col("calibration") == calibration)
-        & (pl.col("metric") == "importance")
-    ).collect()
-    complete = stored.height == 3 * n_layers
-    return stored.select("layer", "module", "metric", "value", "n_tokens") if complete else None
-
-
 def prune(config: PruneConfig) -> Path:
     """Choose what to drop, drop it, and save the pruned model with a manifest; return the output directory."""
     from .models import load_model, load_tokenizer, resolve_device, resolve_dtype
-    from .scan import build_calibration
+    from .scan import build_calibration, score_key
+    from .store import Store
     from .sources import open_source
 
     device = resolve_device(config.device)
@@ -214,7 +204,9 @@ def prune(config: PruneConfig) -> Path:
         if config.strategy in ("similarity", "iterative"):
             calibration = build_calibration(fetched.path, config.calibration)
         if config.strategy == "similarity":
-            scores = _stored_scores(config.store, source.model, checkpoint.revision.name, calibration.id, n_layers)
+            # Only scores of exactly these weights, dtype, calibration set and scorer are reused.
+            stored = Store(config.store).read_scores(score_key(checkpoint, dtype, calibration.id))
+            scores = stored.select("layer", "module", "metric", "value", "n_tokens") if stored is not None else None
             scores_from = "store" if scores is not None else "computed"
             if scores is None:
                 scores = score(model, calibration, config.batch_size, progress=config.progress and "scoring")

@@ -28,6 +28,8 @@ class ModelReport:
 
     model: str
     calibration: str
+    intro: str = ""
+    """What was scored: checkpoints, calibration set, dtype, scorer."""
     figures: dict[str, tuple[str, Figure]] = field(default_factory=dict)
     """name -> (caption, figure)"""
     tables: dict[str, tuple[str, pl.DataFrame]] = field(default_factory=dict)
@@ -46,15 +48,28 @@ def _per_revision(frame: pl.DataFrame, module: str, metric: str) -> pl.DataFrame
 def build_model_report(scores: pl.DataFrame, revisions: pl.DataFrame, model: str) -> ModelReport:
     """Analyse one model's scores and draw its figures."""
     frame = model_scores(scores, model)
-    calibration = frame["calibration"][0]
-    report = ModelReport(model, calibration)
-    others = scores.filter((pl.col("model") == model) & (pl.col("calibration") != calibration))["calibration"].unique()
+    calibration, dtype = frame["calibration"][0], frame["dtype"][0]
+    n_revisions = frame["revision"].n_unique()
+    scorers = ", ".join(str(s) for s in sorted(frame["scorer"].drop_nulls().unique()))
+    report = ModelReport(model, calibration, f"{n_revisions} checkpoints, calibration set `{calibration}`, dtype "
+                         f"{dtype}, scorer {scorers or 'unknown'}; each checkpoint's latest scan of the weights it names.")
+    mine = scores.filter(pl.col("model") == model)
+    others = mine.filter(pl.col("calibration") != calibration)["calibration"].unique()
     if len(others):
         report.notes.append(
             f"scores on other calibration sets ({', '.join(sorted(others))}) are left out; this report uses "
             f"{calibration}, which covers the most revisions"
         )
-    n_revisions = frame["revision"].n_unique()
+    other_dtypes = mine.filter((pl.col("calibration") == calibration) & (pl.col("dtype") != dtype))["dtype"].unique()
+    if len(other_dtypes):
+        report.notes.append(f"scores in {', '.join(sorted(other_dtypes))} are left out; this report uses {dtype}, "
+                            "which covers the most revisions")
+    older = mine.filter((pl.col("calibration") == calibration) & (pl.col("dtype") == dtype)).join(
+        frame.select("revision", "weights", "scorer", "created").unique(), on=["revision", "weights", "scorer", "created"],
+        how="anti", nulls_equal=True)["revision"].unique()
+    if len(older):
+        report.notes.append(f"earlier scans (other weights or an older scorer) of {len(older)} checkpoint"
+                            f"{'s' if len(older) > 1 else ''} are left out; each checkpoint's latest scan is used")
     metrics = set(frame["metric"].unique())
     for metric in ("importance", "update_ratio"):
         if metric not in metrics:
@@ -96,13 +111,16 @@ def build_model_report(scores: pl.DataFrame, revisions: pl.DataFrame, model: str
                 overlap.with_columns(pl.format("{} {}", "module", "k").alias("set"))
                 .pivot(on="set", index=["order", "revision", "step"], values="jaccard").sort("order").drop("order"),
             )
-    losses = revisions.filter((pl.col("model") == model) & pl.col("val_loss").is_not_null())
+    scanned = frame.select("revision", "weights").unique()  # the loss of the weights scored, not of others by that name
+    losses = revisions.filter((pl.col("model") == model) & pl.col("val_loss").is_not_null()).join(
+        scanned, on=["revision", "weights"], nulls_equal=True)
     if losses.height:
         report.figures["validation_loss"] = ("validation loss over training", plots.validation_loss(losses))
         report.tables["validation_loss"] = ("validation loss", losses.sort("step").select("revision", "step", "tokens", "val_loss"))
     else:
         report.notes.append("the store has no validation loss for this model: its loss curve is not drawn")
-    duplicates = revisions.filter((pl.col("model") == model) & pl.col("duplicate_of").is_not_null())
+    duplicates = revisions.filter((pl.col("model") == model) & pl.col("duplicate_of").is_not_null()).unique(
+        ["revision", "duplicate_of"], maintain_order=True)
     if duplicates.height:
         report.tables["duplicates"] = (
             "revisions with byte-identical weights to an earlier one (scored once, under the earlier name)",
@@ -179,8 +197,7 @@ def write_report(store: str | os.PathLike = "data", out: str | os.PathLike = "fi
     sections = []
     for name in models:
         report = build_model_report(scores, revisions, name)
-        n_revisions = scores.filter((pl.col("model") == name) & (pl.col("calibration") == report.calibration))["revision"].n_unique()
-        sections.append((report, name, f"{n_revisions} checkpoints, calibration set `{report.calibration}`."))
+        sections.append((report, name, report.intro))
         pruning = build_pruning_report(evals, name) if evals.height else None
         if pruning is not None:
             sections.append((pruning, f"{name}-pruned", "Pruned models evaluated beside the original (`ckpt-trace eval`)."))

@@ -27,9 +27,9 @@ from .adapters import adapter_for_type
 from .calibration import CalibrationSet, CalibrationSpec, fit_seq_len, load_calibration
 from .errors import CalibrationError, CkptTraceError, ConfigError
 from .models import dtype_name, load_model, load_tokenizer, max_positions, read_config, resolve_device, resolve_dtype
-from .scoring import MODULES, score
+from .scoring import MODULES, SCORER_VERSION, score
 from .sources import Checkpoint, open_source
-from .store import REVISIONS_SCHEMA, RUNS_SCHEMA, Store
+from .store import REVISIONS_SCHEMA, RUNS_SCHEMA, ScoreKey, Store
 
 log = logging.getLogger(__name__)
 
@@ -103,27 +103,51 @@ def score_checkpoint(
         model=pl.lit(checkpoint.model),
         revision=pl.lit(rev.name),
         commit=pl.lit(rev.commit, pl.String),
+        weights=pl.lit(checkpoint.weights, pl.String),
         step=pl.lit(rev.step, pl.Int64),
         tokens=pl.lit(rev.tokens, pl.Int64),
         calibration=pl.lit(calibration.id),
         dtype=pl.lit(dtype_name(dtype)),
+        scorer=pl.lit(SCORER_VERSION, pl.Int32),
         version=pl.lit(__version__),
+        created=pl.lit(datetime.now(timezone.utc), pl.Datetime("us", "UTC")),
     )
+
+
+def score_key(checkpoint: Checkpoint, dtype: torch.dtype, calibration: str) -> ScoreKey:
+    """What the scores of a checkpoint scanned with this dtype and calibration set are stored under."""
+    return ScoreKey(checkpoint.model, checkpoint.revision.name, checkpoint.weights, dtype_name(dtype), calibration,
+                    SCORER_VERSION)
+
+
+def why_score(store: Store, key: ScoreKey, force: bool) -> str | None:
+    """Why a checkpoint is to be scored, or None when whole scores of exactly its key are stored."""
+    if force:
+        return "--force"
+    if store.has_scores(key):
+        return None
+    others = store.stored_keys(key.model, key.revision)
+    if not others:
+        return "no scores yet"
+    closest = min((key.differences(other) for other in others), key=len)
+    names = {"weights": "weights", "dtype": "dtype", "calibration": "calibration set", "scorer": "scorer version"}
+    return "the stored scores are of other " + ", ".join(names.get(f, f) for f in closest)
 
 
 def _revision_row(checkpoint: Checkpoint) -> pl.DataFrame:
     rev = checkpoint.revision
     row = {
-        "model": checkpoint.model, "revision": rev.name, "commit": rev.commit, "step": rev.step,
+        "model": checkpoint.model, "revision": rev.name, "commit": rev.commit, "weights": checkpoint.weights, "step": rev.step,
         "tokens": rev.tokens, "stage": rev.stage, "val_loss": checkpoint.val_loss(),
         "weight_bytes": checkpoint.weight_bytes, "duplicate_of": checkpoint.duplicate_of,
     }
     return pl.DataFrame([row], schema=REVISIONS_SCHEMA)
 
 
-def _run_row(checkpoint: Checkpoint, calibration: str, status: str, error: str | None, seconds: float) -> pl.DataFrame:
+def _run_row(checkpoint: Checkpoint, key: ScoreKey, status: str, error: str | None, seconds: float) -> pl.DataFrame:
     row = {
-        "model": checkpoint.model, "revision": checkpoint.revision.name, "calibration": calibration,
+        "model": checkpoint.model, "revision": checkpoint.revision.name, "weights": checkpoint.weights,
+        "dtype": key.dtype, "calibration": key.calibration,
         "status": status, "error": error, "seconds": seconds, "finished_at": datetime.now(timezone.utc),
         "version": __version__,
     }
@@ -196,16 +220,19 @@ def scan(config: ScanConfig) -> pl.DataFrame:
     checkpoints = source.checkpoints(config.revisions)
     calibration = build_calibration(source.metadata(checkpoints[0]), config.calibration)
 
-    statuses, todo = {}, []
+    statuses, todo, keys = {}, [], {}
     for checkpoint in checkpoints:
         name = checkpoint.revision.name
+        key = keys[name] = score_key(checkpoint, dtype, calibration.id)
         if checkpoint.duplicate_of is not None:
+            why = f"same weights as {checkpoint.duplicate_of}"
             store.write_revision(_revision_row(checkpoint))
-            store.write_run(_run_row(checkpoint, calibration.id, "duplicate", f"same weights as {checkpoint.duplicate_of}", 0.0))
-            statuses[name] = ("duplicate", None)
-        elif store.has_scores(checkpoint.model, name, calibration.id) and not config.force:
-            statuses[name] = ("stored", None)
+            store.write_run(_run_row(checkpoint, key, "duplicate", why, 0.0))
+            statuses[name] = ("duplicate", None, why)
+        elif (why := why_score(store, key, config.force)) is None:
+            statuses[name] = ("stored", None, "same weights, dtype, calibration set and scorer")
         else:
+            statuses[name] = ("to score", None, why)
             todo.append(checkpoint)
     to_score = {c.revision.name for c in todo}
     for checkpoint in checkpoints:
@@ -215,6 +242,7 @@ def scan(config: ScanConfig) -> pl.DataFrame:
     bar = tqdm(total=len(todo), desc="revisions", unit="rev", disable=None if config.progress else True)
     for checkpoint, fetch_error in streamed(source, todo):
         name = checkpoint.revision.name
+        key, why = keys[name], statuses[name][2]
         bar.set_postfix_str(name)
         start = time.perf_counter()
         try:
@@ -223,31 +251,36 @@ def scan(config: ScanConfig) -> pl.DataFrame:
             frame = score_checkpoint(checkpoint, calibration, config, device, dtype)
         except (CkptTraceError, OSError, RuntimeError) as err:
             seconds = time.perf_counter() - start
-            store.write_run(_run_row(checkpoint, calibration.id, "failed", str(err), seconds))
+            store.write_run(_run_row(checkpoint, key, "failed", str(err), seconds))
             if not config.keep_going:
                 bar.close()
                 raise
             log.warning("revision %s failed: %s", name, " ".join(str(err).split()))
-            statuses[name] = ("failed", seconds)
+            statuses[name] = ("failed", seconds, " ".join(str(err).split()))
             bar.update()
             continue
         store.write_scores(frame)
         store.write_revision(_revision_row(checkpoint))
         seconds = time.perf_counter() - start
-        store.write_run(_run_row(checkpoint, calibration.id, "scored", None, seconds))
-        statuses[name] = ("scored", seconds)
+        store.write_run(_run_row(checkpoint, key, "scored", None, seconds))
+        statuses[name] = ("scored", seconds, why)
         bar.update()
     bar.close()
-    rows = [(c.revision.name, *statuses[c.revision.name]) for c in checkpoints]
-    return summarize(store, source.model, calibration.id, rows)
+    return summarize(store, [keys[c.revision.name] for c in checkpoints], statuses)
 
 
-def summarize(store: Store, model: str, calibration: str, statuses: list[tuple]) -> pl.DataFrame:
-    """Per revision: status, seconds, and the mean importance of each module type."""
-    status = pl.DataFrame(statuses, schema={"revision": pl.String, "status": pl.String, "seconds": pl.Float64}, orient="row")
-    scores = store.scan_scores().filter(
-        (pl.col("model") == model) & (pl.col("calibration") == calibration) & (pl.col("metric") == "importance")
+def summarize(store: Store, keys: list[ScoreKey], statuses: dict[str, tuple]) -> pl.DataFrame:
+    """Per revision: status, why, seconds, and the mean importance of each module type, from the scores of its key."""
+    status = pl.DataFrame(
+        [(k.revision, *statuses[k.revision]) for k in keys], orient="row",
+        schema={"revision": pl.String, "status": pl.String, "seconds": pl.Float64, "why": pl.String},
     )
+    wanted = pl.DataFrame([(k.revision, k.weights) for k in keys], schema={"revision": pl.String, "weights": pl.String},
+                          orient="row")
+    scores = store.scan_scores().filter(
+        (pl.col("model") == keys[0].model) & (pl.col("calibration") == keys[0].calibration)
+        & (pl.col("dtype") == keys[0].dtype) & (pl.col("scorer") == keys[0].scorer) & (pl.col("metric") == "importance")
+    ).join(wanted.lazy(), on=["revision", "weights"], nulls_equal=True)
     means = (
         scores.group_by("revision", "step", "module")
         .agg(pl.col("value").mean())
@@ -255,4 +288,7 @@ def summarize(store: Store, model: str, calibration: str, statuses: list[tuple])
         .pivot(on="module", index=["revision", "step"], values="value")
     )
     modules = [m for m in MODULES if m in means.columns]
-    return status.join(means.select("revision", "step", *modules), on="revision", how="left", maintain_order="left")
+    return (status.join(means.select("revision", "step", *modules), on="revision", how="left", maintain_order="left")
+            .join(wanted, on="revision", how="left", maintain_order="left")
+            .with_columns(dtype=pl.lit(keys[0].dtype), calibration=pl.lit(keys[0].calibration), scorer=pl.lit(keys[0].scorer))
+            .select("revision", "status", "seconds", "step", *modules, "why", "weights", "dtype", "calibration", "scorer"))

@@ -29,6 +29,8 @@ from .calibration import CalibrationSet
 
 MODULES = ("block", "attention", "mlp")
 METRICS = ("importance", "update_ratio")
+SCORER_VERSION = 2
+"""Bumped whenever the same weights, dtype and calibration would score differently (2: block delta as a + m)."""
 
 SCORE_SCHEMA = {
     "layer": pl.Int32,

@@ -18,6 +18,7 @@ from pathlib import Path
 import polars as pl
 
 from .errors import SourceError
+from .identity import local_weights
 from .revisions import Revision, parse_revision, select
 
 EVAL_FILE = "ckpt_trace_eval.json"
@@ -38,6 +39,8 @@ class Checkpoint:
     weight_bytes: int | None = None
     files: object = None
     """Source-specific description of what to fetch."""
+    weights: str | None = None
+    """Fingerprint of the weight files (see `ckpt_trace.identity`): what is scored, whatever the name."""
 
     def record(self) -> dict:
         """The evaluation record kept beside the weights (validation loss, tokens), or {}."""
@@ -57,10 +60,20 @@ def _is_model_dir(path: Path) -> bool:
     return (path / "config.json").is_file()
 
 
-def _weight_bytes(directory: Path) -> int:
-    from .hub import choose_files
+def _local(model: str, revision: Revision, path: Path) -> Checkpoint:
+    weights, size = local_weights(path)
+    return Checkpoint(model, revision, path, weight_bytes=size, weights=weights)
 
-    return choose_files({p.name: (p.stat().st_size, "") for p in directory.iterdir() if p.is_file()}).weight_bytes
+
+def mark_duplicates(checkpoints: list[Checkpoint]) -> list[Checkpoint]:
+    """Point each checkpoint whose weights equal an earlier one's (in the given order) at that one."""
+    first: dict[str, str] = {}
+    marked = []
+    for checkpoint in checkpoints:
+        earlier = first.setdefault(checkpoint.weights, checkpoint.revision.name) if checkpoint.weights else None
+        duplicate = earlier if earlier != checkpoint.revision.name else None
+        marked.append(replace(checkpoint, duplicate_of=duplicate))
+    return marked
 
 
 def single_checkpoint(path: Path) -> Checkpoint:
@@ -68,8 +81,8 @@ def single_checkpoint(path: Path) -> Checkpoint:
     its parent, as in a scan of the whole suite; any other is revision ``main`` of a model named after it."""
     revision = parse_revision(path.name)
     if revision.parsed:
-        return Checkpoint(path.resolve().parent.name, revision, path, weight_bytes=_weight_bytes(path))
-    return Checkpoint(path.resolve().name, Revision("main"), path, weight_bytes=_weight_bytes(path))
+        return _local(path.resolve().parent.name, revision, path)
+    return _local(path.resolve().name, Revision("main"), path)
 
 
 class LocalSource:
@@ -96,12 +109,12 @@ class LocalSource:
             raise SourceError(f"{str(self.root)!r} is no model: it has no config.json and no subdirectories with one")
         checkpoints = []
         for rev in select([parse_revision(n) for n in subdirs], selection):
-            checkpoint = Checkpoint(self.model, rev, subdirs[rev.name], weight_bytes=_weight_bytes(subdirs[rev.name]))
+            checkpoint = _local(self.model, rev, subdirs[rev.name])
             tokens = checkpoint.record().get("tokens")
             if rev.tokens is None and isinstance(tokens, int):
                 checkpoint = replace(checkpoint, revision=replace(rev, tokens=tokens))
             checkpoints.append(checkpoint)
-        return checkpoints
+        return mark_duplicates(checkpoints)
 
     def metadata(self, checkpoint: Checkpoint) -> Path:
         return checkpoint.path
@@ -125,18 +138,13 @@ class HubSource:
     def checkpoints(self, selection: str | None = None) -> list[Checkpoint]:
         """Selected revisions with their files; byte-identical weights point at the first revision that has them."""
         revisions = select(self.repo.revisions(), selection)
-        described = self.repo.describe(revisions)
-        first_with: dict[frozenset, str] = {}
-        checkpoints = []
-        for rev, files in zip(revisions, described):
-            if isinstance(files, Exception):  # fetch() raises it, so the scan records this revision as failed
-                checkpoints.append(Checkpoint(self.model, rev, files=files))
-                continue
-            duplicate = first_with.get(files.fingerprint) if files.fingerprint else None
-            if files.fingerprint and duplicate is None:
-                first_with[files.fingerprint] = rev.name
-            checkpoints.append(Checkpoint(self.model, rev, None, duplicate, files.weight_bytes, files))
-        return checkpoints
+        checkpoints = [
+            # A listing that failed is kept as the files: fetch() raises it, so the scan records the revision as failed.
+            Checkpoint(self.model, rev, files=files) if isinstance(files, Exception)
+            else Checkpoint(self.model, rev, weight_bytes=files.weight_bytes, files=files, weights=files.fingerprint)
+            for rev, files in zip(revisions, self.repo.describe(revisions))
+        ]
+        return mark_duplicates(checkpoints)
 
     def _files(self, checkpoint: Checkpoint):
         if isinstance(checkpoint.files, Exception):

@@ -1,31 +1,38 @@
-"""The Parquet store: one file per (model, revision, calibration), written atomically.
+"""The Parquet store: one file per scored input, written atomically.
 
-Layout under the store root (``data/`` by default)::
+A score is stored under what was scored (a `ScoreKey`: model, revision, weights
+fingerprint, dtype, calibration set and scorer version), never under a name alone, so
+other weights under the same name, another dtype or another calibration are stored
+beside it, and a reader picks rows by those columns. Layout under the store root
+(``data/`` by default)::
 
-    scores/<model>/<revision>/<calibration>.parquet
-    revisions/<model>/<revision>.parquet
+    scores/<model>/<revision>/<calibration>-<dtype>-<weights>-s<scorer>.parquet
+    revisions/<model>/<revision>/<weights>.parquet
     runs/<model>/<revision>/<calibration>-<time>.parquet
+    evals/<model>/<time>.parquet
 
-Names are made path-safe (``EleutherAI/pythia-160m`` becomes ``EleutherAI--pythia-160m``),
-but every column a reader needs is inside the files, so
+Names are made path-safe and reversible (``EleutherAI/pythia-160m`` becomes
+``EleutherAI%2Fpythia-160m``), but every column a reader needs is inside the files, so
 ``polars.scan_parquet("data/scores/**/*.parquet")`` works on its own.
 """
 
 from __future__ import annotations
 
 import os
-import uuid
+from dataclasses import dataclass, fields
 from pathlib import Path
 from urllib.parse import quote
 
 import polars as pl
 
 from .errors import StoreError
+from .paths import atomic_write
 
 SCORES_SCHEMA: dict[str, pl.DataType] = {
     "model": pl.String,
     "revision": pl.String,
     "commit": pl.String,
+    "weights": pl.String,
     "step": pl.Int64,
     "tokens": pl.Int64,
     "layer": pl.Int32,
@@ -35,12 +42,16 @@ SCORES_SCHEMA: dict[str, pl.DataType] = {
     "n_tokens": pl.Int64,
     "calibration": pl.String,
     "dtype": pl.String,
+    "scorer": pl.Int32,
     "version": pl.String,
+    "created": pl.Datetime("us", "UTC"),
 }
 
 RUNS_SCHEMA: dict[str, pl.DataType] = {
     "model": pl.String,
     "revision": pl.String,
+    "weights": pl.String,
+    "dtype": pl.String,
     "calibration": pl.String,
     "status": pl.String,
     "error": pl.String,
@@ -54,6 +65,7 @@ REVISIONS_SCHEMA: dict[str, pl.DataType] = {
     "model": pl.String,
     "revision": pl.String,
     "commit": pl.String,
+    "weights": pl.String,
     "step": pl.Int64,
     "tokens": pl.Int64,
     "stage": pl.Int64,
@@ -81,8 +93,30 @@ EVALS_SCHEMA: dict[str, pl.DataType] = {
 
 
 def path_part(name: str) -> str:
-    """A file-name-safe, reversible form of a model or revision name."""
-    return quote(name.replace("/", "--"), safe="-_.+=@")
+    """A file-name-safe, reversible form of a model or revision name (`unquote` gives it back)."""
+    return quote(name, safe="-_.+=@") if name not in (".", "..") else name.replace(".", "%2E")
+
+
+@dataclass(frozen=True)
+class ScoreKey:
+    """What a stored score is the score of; each field is also a column of the scores table."""
+
+    model: str
+    revision: str
+    weights: str | None
+    """Fingerprint of the weight files (`ckpt_trace.identity`)."""
+    dtype: str
+    calibration: str
+    scorer: int
+    """`ckpt_trace.scoring.SCORER_VERSION`: bumped whenever the same inputs would score differently."""
+
+    @classmethod
+    def of(cls, row: dict) -> ScoreKey:
+        return cls(*(row[f.name] for f in fields(cls)))
+
+    def differences(self, other: ScoreKey) -> list[str]:
+        """The fields in which another key differs from this one."""
+        return [f.name for f in fields(self) if getattr(self, f.name) != getattr(other, f.name)]
 
 
 def _stamp(when) -> str:
@@ -91,13 +125,7 @@ def _stamp(when) -> str:
 
 def write_parquet(frame: pl.DataFrame, path: Path) -> None:
     """Write a frame so that `path` holds either nothing or the whole file, never a part."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        frame.write_parquet(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write(path, frame.write_parquet)
 
 
 class Store:
@@ -112,11 +140,37 @@ class Store:
             if sub.exists() and not sub.is_dir():
                 raise StoreError(f"store {str(self.root)!r} is not a ckpt-trace store: {table}/ is a file")
 
-    def scores_path(self, model: str, revision: str, calibration: str) -> Path:
-        return self.root / "scores" / path_part(model) / path_part(revision) / f"{calibration}.parquet"
+    def scores_path(self, key: ScoreKey) -> Path:
+        name = f"{key.calibration}-{key.dtype}-{key.weights or 'none'}-s{key.scorer}.parquet"
+        return self.root / "scores" / path_part(key.model) / path_part(key.revision) / name
 
-    def has_scores(self, model: str, revision: str, calibration: str) -> bool:
-        return self.scores_path(model, revision, calibration).is_file()
+    def has_scores(self, key: ScoreKey) -> bool:
+        """Whether whole scores of exactly this key are stored: a file that is missing, unreadable, of
+        another key, or short of rows (layers 0 .. its last x modules x metrics) counts as not stored."""
+        return self.read_scores(key) is not None
+
+    def read_scores(self, key: ScoreKey) -> pl.DataFrame | None:
+        """The whole scores stored under exactly this key, or None (see `has_scores`)."""
+        return self._read_scores(self.scores_path(key), key)
+
+    def _read_scores(self, path: Path, key: ScoreKey | None = None) -> pl.DataFrame | None:
+        try:
+            frame = pl.read_parquet(path)
+        except Exception:  # missing, cut short, not Parquet: polars raises several kinds
+            return None
+        if frame.height == 0 or set(SCORES_SCHEMA) - set(frame.columns):
+            return None
+        grid = (frame["layer"].max() + 1) * frame["module"].n_unique() * frame["metric"].n_unique()
+        first = ScoreKey.of(frame.row(0, named=True))
+        if frame.height != grid or frame.select(*(f.name for f in fields(ScoreKey))).n_unique() != 1:
+            return None
+        return frame if key is None or first == key else None
+
+    def stored_keys(self, model: str, revision: str) -> list[ScoreKey]:
+        """The keys of the whole scores stored for one model and revision, whatever their weights, dtype, ..."""
+        folder = self.root / "scores" / path_part(model) / path_part(revision)
+        frames = (self._read_scores(p) for p in sorted(folder.glob("*.parquet")))
+        return [ScoreKey.of(f.row(0, named=True)) for f in frames if f is not None]
 
     def _write(self, frame: pl.DataFrame, schema: dict[str, pl.DataType], path_of) -> Path:
         """Cast a frame to a table's schema and write it atomically where `path_of(first row)` says."""
@@ -126,10 +180,10 @@ class Store:
         return path
 
     def write_scores(self, frame: pl.DataFrame) -> Path:
-        """Store one revision's scores; the frame must hold exactly one (model, revision, calibration)."""
-        keys = frame.select("model", "revision", "calibration").unique()
-        assert keys.height == 1, f"one file holds one (model, revision, calibration), got {keys.height}"
-        return self._write(frame, SCORES_SCHEMA, lambda r: self.scores_path(r["model"], r["revision"], r["calibration"]))
+        """Store one revision's scores; the frame must hold exactly one `ScoreKey`."""
+        keys = frame.select(*(f.name for f in fields(ScoreKey))).unique()
+        assert keys.height == 1, f"one file holds the scores of one key, got {keys.height}"
+        return self._write(frame, SCORES_SCHEMA, lambda r: self.scores_path(ScoreKey.of(r)))
 
     def write_run(self, frame: pl.DataFrame) -> Path:
         """Record one attempt at a revision (status, error, duration) in the runs table."""
@@ -138,8 +192,8 @@ class Store:
 
     def write_revision(self, frame: pl.DataFrame) -> Path:
         """Record what is known of one revision: step, tokens, stage, validation loss, duplicates."""
-        return self._write(frame, REVISIONS_SCHEMA,
-                           lambda r: self.root / "revisions" / path_part(r["model"]) / f"{path_part(r['revision'])}.parquet")
+        return self._write(frame, REVISIONS_SCHEMA, lambda r: self.root / "revisions" / path_part(r["model"])
+                           / path_part(r["revision"]) / f"{r['weights'] or 'none'}.parquet")
 
     def write_evals(self, frame: pl.DataFrame) -> Path:
         """Store one evaluation run of one model."""

@@ -64,6 +64,12 @@ class _Deprecations(logging.Handler):
 
 
 @pytest.fixture(autouse=True)
+def private_home(tmp_path_factory, monkeypatch):
+    """ckpt-trace's own cache (file hashes, download ledger, micro suites) in a temporary folder, never the user's."""
+    monkeypatch.setenv("CKPT_TRACE_HOME", str(tmp_path_factory.getbasetemp() / "ckpt-trace-home"))
+
+
+@pytest.fixture(autouse=True)
 def no_deprecated_calls():
     """Fail a test in which transformers logs a deprecation (it logs some instead of warning, once per process)."""
     handler = _Deprecations()

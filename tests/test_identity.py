@@ -1,0 +1,124 @@
+"""Every stored score is the score of the weights, dtype and calibration set it names, never of others."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import polars as pl
+import pytest
+import torch
+
+from ckpt_trace.calibration import CalibrationSpec, load_calibration
+from ckpt_trace.cli import main
+from ckpt_trace.identity import HashCache, local_weights
+from ckpt_trace.models import load_model, load_tokenizer
+from ckpt_trace.pruning import MANIFEST
+from ckpt_trace.scan import ScanConfig, scan
+from ckpt_trace.scoring import score
+from ckpt_trace.store import Store
+
+from conftest import LAYERS, save_checkpoint
+
+SMALL = ["--samples", "4", "--seq-len", "16", "--batch-size", "2", "--device", "cpu"]
+
+
+def reference(path, dtype=torch.float32) -> list[float]:
+    """The scores of one model directory, computed directly with the library."""
+    calibration = load_calibration(CalibrationSpec("pydoc", samples=4, seq_len=16), load_tokenizer(path))
+    frame = score(load_model(path, torch.device("cpu"), dtype), calibration, batch_size=2)
+    return frame.sort("layer", "module", "metric")["value"].to_list()
+
+
+def stored(store, **where) -> pl.DataFrame:
+    frame = Store(store).scores()
+    for column, value in where.items():
+        frame = frame.filter(pl.col(column) == value)
+    return frame.sort("layer", "module", "metric")
+
+
+def scan_summary(path, store, *args) -> dict[str, tuple[str, str]]:
+    config = ScanConfig(source=path, store=store, calibration=CalibrationSpec("pydoc", 4, 16), batch_size=2,
+                        device="cpu", progress=False, dtype=args[0] if args else "float32")
+    return {r["revision"]: (r["status"], r["why"]) for r in scan(config).iter_rows(named=True)}
+
+
+def test_float32_then_bfloat16_stores_both(tmp_path, tokenizer_dir):
+    model = save_checkpoint(tmp_path / "m", "llama", seed=1, tokenizer_dir=tokenizer_dir)
+    assert scan_summary(model, tmp_path / "s") == {"main": ("scored", "no scores yet")}
+    assert scan_summary(model, tmp_path / "s", "bfloat16") == {"main": ("scored", "the stored scores are of other dtype")}
+    assert scan_summary(model, tmp_path / "s", "bfloat16") == {
+        "main": ("stored", "same weights, dtype, calibration set and scorer")}
+    assert stored(tmp_path / "s", dtype="float32")["value"].to_list() == reference(model)
+    assert stored(tmp_path / "s", dtype="bfloat16")["value"].to_list() == reference(model, torch.bfloat16)
+
+
+def test_two_models_in_directories_of_the_same_name(tmp_path, tokenizer_dir):
+    a = save_checkpoint(tmp_path / "a" / "ckpt", "llama", seed=1, tokenizer_dir=tokenizer_dir)
+    b = save_checkpoint(tmp_path / "b" / "ckpt", "llama", seed=2, tokenizer_dir=tokenizer_dir)
+    scan_summary(a, tmp_path / "s")
+    assert scan_summary(b, tmp_path / "s") == {"main": ("scored", "the stored scores are of other weights")}
+    weights = {path: local_weights(path)[0] for path in (a, b)}
+    assert len(set(weights.values())) == 2
+    for path in (a, b):
+        assert stored(tmp_path / "s", weights=weights[path])["value"].to_list() == reference(path)
+
+
+def test_new_weights_saved_over_a_scanned_directory_are_scored_again(tmp_path, tokenizer_dir, capsys):
+    model = save_checkpoint(tmp_path / "suite" / "step100", "gpt_neox", seed=1, tokenizer_dir=tokenizer_dir)
+    assert main(["scan", str(tmp_path / "suite"), "--store", str(tmp_path / "s"), *SMALL]) == 0
+    old = local_weights(model)[0]
+    save_checkpoint(model, "gpt_neox", seed=2)  # retrained, saved over it
+    assert main(["scan", str(tmp_path / "suite"), "--store", str(tmp_path / "s"), *SMALL]) == 0
+    out = capsys.readouterr().out
+    assert "scored" in out and "the stored scores are of other weights" in out
+    new = local_weights(model)[0]
+    assert new != old
+    assert stored(tmp_path / "s", weights=new)["value"].to_list() == reference(model)
+    assert stored(tmp_path / "s", weights=old).height == LAYERS * 6  # the old scores stay, told apart by weights
+    # The report and similarity pruning use the scores of the weights at hand.
+    assert main(["report", "--store", str(tmp_path / "s"), "--out", str(tmp_path / "fig")]) == 0
+    md = (tmp_path / "fig" / "report.md").read_text()
+    assert "earlier scans (other weights or an older scorer) of 1 checkpoint are left out" in md
+    assert main(["prune", str(model), "--target", "attention", "--drop", "1", "--out", str(tmp_path / "p"),
+                 "--store", str(tmp_path / "s"), *SMALL]) == 0
+    used = json.loads((tmp_path / "p" / MANIFEST).read_text())
+    assert used["scores_from"] == "store"
+    mine = stored(tmp_path / "s", weights=new, metric="importance").select("layer", "module", "value").rows()
+    assert sorted((s["layer"], s["module"], s["value"]) for s in used["scores"] if s["metric"] == "importance") == sorted(mine)
+
+
+def test_identical_weights_under_two_names_are_scored_once(tmp_path, tokenizer_dir):
+    suite = tmp_path / "suite"
+    save_checkpoint(suite / "step100", "gpt_neox", seed=1, tokenizer_dir=tokenizer_dir)
+    shutil.copytree(suite / "step100", suite / "step200")  # a copy, not a link: found by content
+    summary = scan_summary(suite, tmp_path / "s")
+    assert summary == {"step100": ("scored", "no scores yet"), "step200": ("duplicate", "same weights as step100")}
+
+
+def test_file_hashes_are_read_once_and_again_only_when_a_file_changes(tmp_path, monkeypatch):
+    import ckpt_trace.identity as identity
+
+    file = tmp_path / "model.safetensors"
+    file.write_bytes(b"a" * 1000)
+    cache = HashCache(tmp_path / "hashes.json")
+    reads = []
+    real = identity._sha256
+    monkeypatch.setattr(identity, "_sha256", lambda path: reads.append(path) or real(path))
+    first = cache.sha256s([file])
+    assert cache.sha256s([file]) == first and len(reads) == 1
+    file.write_bytes(b"b" * 1000)  # same size, new content and time
+    assert cache.sha256s([file]) != first and len(reads) == 2
+
+
+def test_hub_and_local_copies_of_the_same_weights_share_a_fingerprint(tmp_path):
+    import hashlib
+
+    from ckpt_trace.hub import choose_files
+
+    data = bytes(range(256)) * 4
+    (tmp_path / "model.safetensors").write_bytes(data)
+    (tmp_path / "config.json").write_text("{}")
+    listing = {"model.safetensors": (len(data), hashlib.sha256(data).hexdigest()), "config.json": (2, "blob-id")}
+    assert choose_files(listing).fingerprint == local_weights(tmp_path)[0]
+    assert local_weights(tmp_path)[1] == len(data)
