@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import io
 import os
 import pickle
 import shutil
 import sys
+from pathlib import Path
 
 import polars as pl
 import pytest
@@ -169,6 +171,42 @@ def test_never_evicts_what_it_did_not_download(hub, tmp_path, capsys):
     assert code == 0, capsys.readouterr().err
     assert snapshots(cache) == [os.path.basename(mine)]
     assert (cache / f"models--{REPO.replace('/', '--')}" / "snapshots" / os.path.basename(mine) / "model.safetensors").is_file()
+
+
+def test_a_file_in_the_cache_before_the_scan_survives_it(hub, tmp_path, capsys):
+    from huggingface_hub import hf_hub_download
+
+    cache = tmp_path / "cache"
+    mine = Path(hf_hub_download(REPO, "config.json", revision="step0", cache_dir=cache))  # the user's, from before
+    code = main(["scan", REPO, "--store", str(tmp_path / "s"), "--cache-dir", str(cache), "--revisions", "step0", *SMALL])
+    assert code == 0, capsys.readouterr().err
+    assert mine.is_file() and json.loads(mine.read_text())["model_type"]
+    snapshot = mine.parent
+    assert sorted(p.name for p in snapshot.iterdir()) == ["config.json"]  # the weights and tokenizer it fetched are gone
+    blobs = cache / f"models--{REPO.replace('/', '--')}" / "blobs"
+    assert [p.resolve() for p in blobs.iterdir()] == [mine.resolve()]
+
+
+def _add_entries(path: str, worker: int, count: int) -> None:
+    ledger = hub_module.DownloadLedger(Path(path))
+    for i in range(count):
+        ledger.add([Path(f"/cache/snapshots/{worker}/file-{i}")])
+
+
+@pytest.mark.filterwarnings("ignore:This process .* fork:DeprecationWarning")  # Python 3.12+; the children use no thread
+def test_twenty_processes_writing_the_ledger_lose_no_entry(tmp_path):
+    import multiprocessing
+
+    path = tmp_path / "ledger.json"
+    context = multiprocessing.get_context("fork")  # fast: the children only read and write the ledger
+    workers = [context.Process(target=_add_entries, args=(str(path), w, 30)) for w in range(20)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=120)
+    assert [w.exitcode for w in workers] == [0] * 20
+    entries = json.loads(path.read_text())
+    assert len(entries) == len(set(entries)) == 600
 
 
 def test_cut_off_download_is_resumed(hub, tmp_path, capsys):
