@@ -76,13 +76,41 @@ def mark_duplicates(checkpoints: list[Checkpoint]) -> list[Checkpoint]:
     return marked
 
 
+def _cache_snapshot(path: Path) -> tuple[str, Revision] | None:
+    """The repo id and revision of a Hugging Face cache snapshot folder (``models--org--name/snapshots/<commit>``)."""
+    from .hub import tokens_per_step
+
+    folder, snapshots, commit = path.parts[-3:] if len(path.parts) >= 3 else ("", "", "")
+    if snapshots != "snapshots" or not folder.startswith("models--") or not re.fullmatch(r"[0-9a-f]{40}", commit):
+        return None
+    repo_id = folder.removeprefix("models--").replace("--", "/")  # the Hub forbids "--" inside names
+    refs = path.parent.parent / "refs"
+    branches = sorted(p.relative_to(refs).as_posix() for p in refs.rglob("*")
+                      if p.is_file() and p.read_text().strip() == commit) if refs.is_dir() else []
+    revisions = [parse_revision(b, tokens_per_step(repo_id), commit) for b in branches]
+    # A training checkpoint's own name rather than an alias such as main; the commit itself when no branch names it.
+    best = next((r for r in revisions if r.parsed), revisions[0] if revisions else Revision(commit, commit=commit))
+    return repo_id, best
+
+
 def single_checkpoint(path: Path) -> Checkpoint:
-    """One model directory: a directory named like a revision (``suite/step1000``) is that revision of
-    its parent, as in a scan of the whole suite; any other is revision ``main`` of a model named after it."""
-    revision = parse_revision(path.name)
+    """One model directory, named as a user would name it.
+
+    A Hugging Face cache snapshot is its repo id at the branch that points at it; a directory named like a
+    revision (``suite/step1000``) is that revision of its parent, as in a scan of the whole suite; a link
+    to one (``suite/main -> step1000``) is the revision it points at, in the suite the link is in; any
+    other directory is revision ``main`` of a model named after it.
+    """
+    given = Path(os.path.abspath(path))  # the names the user gave, links not followed
+    if (snapshot := _cache_snapshot(given)) is not None:
+        return _local(*snapshot, path)
+    target = parse_revision(given.resolve().name)
+    if given.is_symlink() and target.parsed:
+        return _local(given.parent.name, target, path)
+    revision = parse_revision(given.name)
     if revision.parsed:
-        return _local(path.resolve().parent.name, revision, path)
-    return _local(path.resolve().name, Revision("main"), path)
+        return _local(given.parent.name, revision, path)
+    return _local(given.name, Revision("main"), path)
 
 
 class LocalSource:
@@ -97,7 +125,7 @@ class LocalSource:
         self.root = Path(root)
         if not self.root.is_dir():
             raise SourceError(f"source {str(root)!r} is not a directory")
-        self.model = single_checkpoint(self.root).model if _is_model_dir(self.root) else self.root.resolve().name
+        self.model = single_checkpoint(self.root).model if _is_model_dir(self.root) else Path(os.path.abspath(root)).name
 
     def checkpoints(self, selection: str | None = None) -> list[Checkpoint]:
         if _is_model_dir(self.root):

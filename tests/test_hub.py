@@ -173,6 +173,22 @@ def test_never_evicts_what_it_did_not_download(hub, tmp_path, capsys):
     assert (cache / f"models--{REPO.replace('/', '--')}" / "snapshots" / os.path.basename(mine) / "model.safetensors").is_file()
 
 
+def test_a_cache_snapshot_is_named_by_its_repo_and_branch(hub, tmp_path, capsys):
+    cache = tmp_path / "cache"
+    step0 = Path(snapshot_download(REPO, revision="step0", cache_dir=cache))
+    step2000 = Path(snapshot_download(REPO, revision="step2000", cache_dir=cache))
+    # On the Hub, main is often the final training checkpoint's commit under a second name.
+    refs = cache / f"models--{REPO.replace('/', '--')}" / "refs"
+    (refs / "main").write_text(step2000.name)
+    store = tmp_path / "s"
+    for path in (step0, step2000):
+        assert main(["scan", str(path), "--store", str(store), *SMALL]) == 0, capsys.readouterr().err
+    frame = Store(store).scores()
+    assert set(frame["model"]) == {REPO}
+    assert sorted(set(frame["revision"])) == ["step0", "step2000"]  # the training checkpoint's name, not main
+    assert set(frame["commit"]) == {step0.name, step2000.name} and set(frame["step"]) == {0, 2000}
+
+
 def test_a_file_in_the_cache_before_the_scan_survives_it(hub, tmp_path, capsys):
     from huggingface_hub import hf_hub_download
 

@@ -122,3 +122,13 @@ def test_hub_and_local_copies_of_the_same_weights_share_a_fingerprint(tmp_path):
     listing = {"model.safetensors": (len(data), hashlib.sha256(data).hexdigest()), "config.json": (2, "blob-id")}
     assert choose_files(listing).fingerprint == local_weights(tmp_path)[0]
     assert local_weights(tmp_path)[1] == len(data)
+
+
+def test_a_link_to_a_revision_is_that_revision_of_the_suite_it_is_in(tmp_path, tokenizer_dir):
+    suite = tmp_path / "my-suite"
+    save_checkpoint(suite / "step1000", "gpt_neox", seed=1, tokenizer_dir=tokenizer_dir)
+    (suite / "main").symlink_to("step1000", target_is_directory=True)
+    assert scan_summary(suite / "main", tmp_path / "s") == {"step1000": ("scored", "no scores yet")}
+    assert set(Store(tmp_path / "s").scores()["model"]) == {"my-suite"}
+    # The whole suite lists the link once, as the revision it points at: nothing new to score.
+    assert scan_summary(suite, tmp_path / "s") == {"step1000": ("stored", "same weights, dtype, calibration set and scorer")}
