@@ -10,9 +10,12 @@ A spec names where the text comes from:
   (lengths may differ; padding is masked when batched);
 - ``hf:REPO[:CONFIG][:SPLIT]``: a Hugging Face dataset's ``text`` column, where the network allows.
 
-Text is tokenized, documents are joined with EOS and cut into blocks of ``seq_len``
-tokens, and ``samples`` blocks are chosen with ``seed``. The set is identified by a
-short hash of its token ids, stored beside every score.
+Text is tokenized as the model saw it in training: documents are joined with EOS (a
+tokenizer without one is an error for more than one document, since the documents would
+run together), cut into blocks of ``seq_len`` tokens, each block beginning with BOS where
+the tokenizer's template puts BOS before a text (Llama, Gemma, OLMo-2), and ``samples``
+blocks are chosen with ``seed``. The set is identified by a short hash of its token ids,
+BOS included, stored beside every score.
 """
 
 from __future__ import annotations
@@ -212,12 +215,30 @@ def fit_seq_len(spec: CalibrationSpec, max_positions: int | None = None) -> Cali
 def token_stream(documents: Sequence[str], tokenizer) -> list[int]:
     """Documents tokenized without special tokens and joined with EOS."""
     eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is None and len(documents) > 1:
+        raise CalibrationError(
+            f"the tokenizer has no EOS token to end each of the {len(documents)} documents with, so they would run "
+            "together; give one document (a .txt file) or a pre-tokenized jsonl ({\"input_ids\": [...]} per line)"
+        )
     stream: list[int] = []
     for ids in tokenizer(list(documents), add_special_tokens=False)["input_ids"]:
         stream += ids
         if eos is not None:
             stream.append(eos)
     return stream
+
+
+def bos_prefix(tokenizer) -> list[int]:
+    """[BOS] where the tokenizer's template puts BOS before a text (as in training), else []."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return []
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return [bos] if ids and ids[0] == bos and ids != tokenizer("a", add_special_tokens=False)["input_ids"] else []
+
+
+def _blocks(stream: list[int], indices: Sequence[int], width: int, prefix: list[int]) -> list[list[int]]:
+    return [prefix + stream[i * width : (i + 1) * width] for i in indices]
 
 
 def drawn_blocks(n_blocks: int, samples: int, seed: int) -> list[int]:
@@ -228,8 +249,9 @@ def drawn_blocks(n_blocks: int, samples: int, seed: int) -> list[int]:
 def tokenize_blocks(documents: Sequence[str], tokenizer, spec: CalibrationSpec) -> list[list[int]]:
     """Join documents with EOS, cut into ``seq_len`` blocks, and draw ``samples`` of them with ``seed``."""
     spec = fit_seq_len(spec)
-    stream = token_stream(documents, tokenizer)
-    n_blocks = len(stream) // spec.seq_len
+    stream, prefix = token_stream(documents, tokenizer), bos_prefix(tokenizer)
+    width = spec.seq_len - len(prefix)
+    n_blocks = len(stream) // width
     if n_blocks == 0:
         raise CalibrationError(
             f"calibration {spec.source!r} gives {len(stream)} tokens, fewer than one block of seq_len={spec.seq_len}"
@@ -239,7 +261,7 @@ def tokenize_blocks(documents: Sequence[str], tokenizer, spec: CalibrationSpec) 
             "calibration %r holds %d blocks of %d tokens; using all of them instead of %d",
             spec.source, n_blocks, spec.seq_len, spec.samples,
         )
-    return [stream[i * spec.seq_len : (i + 1) * spec.seq_len] for i in drawn_blocks(n_blocks, spec.samples, spec.seed)]
+    return _blocks(stream, drawn_blocks(n_blocks, spec.samples, spec.seed), width, prefix)
 
 
 def heldout_set(spec: CalibrationSpec, tokenizer, samples: int = 32) -> CalibrationSet:
@@ -248,14 +270,15 @@ def heldout_set(spec: CalibrationSpec, tokenizer, samples: int = 32) -> Calibrat
     docs = read_source(spec.source)
     if not docs or isinstance(docs[0], list):
         raise CalibrationError(f"held-out blocks need a text source; {spec.source!r} is pre-tokenized")
-    stream = token_stream(docs, tokenizer)
-    n_blocks = len(stream) // spec.seq_len
+    stream, prefix = token_stream(docs, tokenizer), bos_prefix(tokenizer)
+    width = spec.seq_len - len(prefix)
+    n_blocks = len(stream) // width
     taken = set(drawn_blocks(n_blocks, spec.samples, spec.seed))
     rest = [i for i in range(n_blocks) if i not in taken]
     if not rest:
         raise CalibrationError(f"{spec.source!r} has no blocks left beyond the {len(taken)} the calibration set takes")
     chosen = sorted(random.Random(spec.seed + 1).sample(rest, min(samples, len(rest))))
-    blocks = [stream[i * spec.seq_len : (i + 1) * spec.seq_len] for i in chosen]
+    blocks = _blocks(stream, chosen, width, prefix)
     return CalibrationSet.from_ids(blocks, f"{spec.source} held out ({len(blocks)}x{spec.seq_len})")
 
 
@@ -276,5 +299,6 @@ def load_calibration(spec: CalibrationSpec | str, tokenizer=None) -> Calibration
             'give a pre-tokenized jsonl ({"input_ids": [...]} per line)'
         )
     blocks = tokenize_blocks(docs, tokenizer, spec)
-    label = f"{spec.source} ({len(blocks)}x{spec.seq_len}, seed {spec.seed})"
+    bos = ", each after BOS" if bos_prefix(tokenizer) else ""
+    label = f"{spec.source} ({len(blocks)}x{fit_seq_len(spec).seq_len}{bos}, seed {spec.seed})"
     return CalibrationSet.from_ids(blocks, label)

@@ -107,21 +107,29 @@ def random_ids(n: int, length: int, seed: int = 0) -> list[list[int]]:
     return torch.randint(0, VOCAB, (n, length), generator=generator).tolist()
 
 
-def write_tokenizer(path: Path) -> None:
-    """Save a small byte-level BPE tokenizer, trained on a little pydoc text, into `path`."""
+def write_tokenizer(path: Path, bos: bool = False, eos: bool = True) -> None:
+    """Save a small byte-level BPE tokenizer, trained on a little pydoc text, into `path`.
+
+    With `bos`, its template puts ``<bos>`` before every text, as Llama's, Gemma's and OLMo-2's do;
+    without `eos`, it has no EOS token.
+    """
     from pydoc_data.topics import topics
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        vocab_size=VOCAB, special_tokens=["<|endoftext|>", "<bos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
     texts = [topics[k] for k in sorted(topics)[:20]]
     tokenizer.train_from_iterator(texts, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>")
+    if bos:
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single="<bos> $A", special_tokens=[("<bos>", tokenizer.token_to_id("<bos>"))])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>" if eos else None,
+                                   bos_token="<bos>" if bos else None)
     fast.save_pretrained(path)
 
 

@@ -147,3 +147,46 @@ def test_bad_spec_numbers(kwargs):
 def test_empty_sequence_rejected():
     with pytest.raises(CalibrationError, match="empty"):
         CalibrationSet((torch.tensor([], dtype=torch.int64),))
+
+
+@pytest.fixture(scope="module")
+def bos_tokenizer(tmp_path_factory):
+    from conftest import write_tokenizer
+
+    path = tmp_path_factory.mktemp("bos-tokenizer")
+    write_tokenizer(path, bos=True)
+    return AutoTokenizer.from_pretrained(path)
+
+
+def test_blocks_begin_with_bos_where_the_template_puts_it(tmp_path, tokenizer, bos_tokenizer):
+    import random
+
+    docs = ["alpha beta gamma delta " * 30, "one two three four " * 40]
+    path = write_jsonl(tmp_path / "docs.jsonl", [{"text": d} for d in docs])
+    spec = CalibrationSpec(str(path), samples=4, seq_len=16, seed=7)
+    bos = bos_tokenizer.bos_token_id
+    assert bos_tokenizer("x")["input_ids"][0] == bos  # what the model saw in training
+    calibration = load_calibration(spec, bos_tokenizer)
+    stream = []
+    for d in docs:
+        stream += bos_tokenizer(d, add_special_tokens=False)["input_ids"] + [bos_tokenizer.eos_token_id]
+    blocks = [[bos] + stream[i * 15 : (i + 1) * 15] for i in range(len(stream) // 15)]
+    chosen = sorted(random.Random(7).sample(range(len(blocks)), 4))
+    assert [s.tolist() for s in calibration.sequences] == [blocks[i] for i in chosen]
+    assert "each after BOS" in calibration.source
+    # Without BOS in the template, no block begins with one, and the id tells the two sets apart.
+    plain = load_calibration(spec, tokenizer)
+    assert all(len(s) == 16 for s in plain.sequences) and plain.id != calibration.id
+
+
+def test_a_tokenizer_without_eos_cannot_join_documents(tmp_path):
+    from conftest import write_tokenizer
+
+    write_tokenizer(tmp_path / "tok", eos=False)
+    no_eos = AutoTokenizer.from_pretrained(tmp_path / "tok")
+    assert no_eos.eos_token_id is None
+    with pytest.raises(CalibrationError, match="no EOS token to end each of the .* documents"):
+        load_calibration(CalibrationSpec("pydoc", samples=2, seq_len=16), no_eos)
+    one = tmp_path / "one.txt"
+    one.write_text("a single document, long enough to cut " * 20)
+    assert len(load_calibration(CalibrationSpec(str(one), samples=2, seq_len=16), no_eos).sequences) == 2

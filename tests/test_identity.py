@@ -132,3 +132,16 @@ def test_a_link_to_a_revision_is_that_revision_of_the_suite_it_is_in(tmp_path, t
     assert set(Store(tmp_path / "s").scores()["model"]) == {"my-suite"}
     # The whole suite lists the link once, as the revision it points at: nothing new to score.
     assert scan_summary(suite, tmp_path / "s") == {"step1000": ("stored", "same weights, dtype, calibration set and scorer")}
+
+
+def test_a_gemma_model_is_scored_with_bos(tmp_path, capsys):
+    from conftest import write_tokenizer
+
+    write_tokenizer(tmp_path / "tok", bos=True)
+    model = save_checkpoint(tmp_path / "gemma", "gemma2", seed=1, tokenizer_dir=tmp_path / "tok")
+    assert main(["scan", str(model), "--store", str(tmp_path / "s"), *SMALL]) == 0, capsys.readouterr().err
+    tokenizer = load_tokenizer(model)
+    calibration = load_calibration(CalibrationSpec("pydoc", samples=4, seq_len=16), tokenizer)
+    assert {int(s[0]) for s in calibration.sequences} == {tokenizer.bos_token_id}
+    assert set(Store(tmp_path / "s").scores()["calibration"]) == {calibration.id}
+    assert stored(tmp_path / "s")["value"].to_list() == reference(model)
