@@ -6,7 +6,9 @@
   ``ckpt_trace_python_mc`` (a small multiple-choice task shipped with ckpt-trace) are
   understood.
 - Perplexity is exp of the mean negative log-likelihood over every predicted token, by
-  default on blocks of the calibration text that the calibration set does not take.
+  default on the documents a micro suite held out from training (so it equals exp of the
+  suite's validation loss), else on blocks of the calibration text that the calibration
+  set does not take.
 - Speed: prefill latency (batch 1, T tokens), decode throughput with the KV cache, peak
   memory and KV-cache bytes, after warm-up, as medians with their spread, synchronised on GPU.
 """
@@ -29,6 +31,7 @@ import torch.nn.functional as F
 
 from . import __version__
 from .calibration import CalibrationSet, CalibrationSpec, fit_seq_len, heldout_set, load_calibration
+from .microsuite import heldout_set as suite_heldout_set
 from .errors import ConfigError
 from .sources import single_checkpoint
 from .store import EVALS_SCHEMA
@@ -278,7 +281,8 @@ def evaluate(config: EvalConfig) -> pl.DataFrame:
             else:
                 if tokenizer is None:
                     raise ConfigError(f"{str(model_dir)!r} has no tokenizer; give --perplexity-data with a pre-tokenized jsonl")
-                data = heldout_set(spec, tokenizer)
+                # A micro-suite model: the documents its suite held out from training; else calibration text left over.
+                data = suite_heldout_set(model_dir, tokenizer) or heldout_set(spec, tokenizer)
             ppl, n = perplexity(model, data, config.batch_size)
             rows.append({"task": "perplexity", "metric": "perplexity", "value": ppl, "n": n, "num_fewshot": None})
         if config.speed:

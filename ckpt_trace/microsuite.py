@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .calibration import pydoc_documents
+from .calibration import CalibrationSet, pydoc_documents
 from .errors import ConfigError
 from .paths import home
 from .sources import EVAL_FILE
@@ -90,18 +90,83 @@ def schedule(steps: int, interval: int) -> list[int]:
     return sorted(set(early + even + [steps]))
 
 
+SPLIT = "distinct-documents"
+"""How the corpus is split; part of the suite's cache key, so a suite split another way is never reused."""
+
+
 def _corpus_digest() -> str:
-    return hashlib.sha256("\x00".join(pydoc_documents()).encode()).hexdigest()[:16]
+    return hashlib.sha256(("\x00".join(pydoc_documents()) + SPLIT).encode()).hexdigest()[:16]
+
+
+def _documents() -> tuple[list[str], list[str]]:
+    """The distinct pydoc documents in topic order, and the first topic naming each (some topics share a text)."""
+    from pydoc_data.topics import topics
+
+    first: dict[str, str] = {}
+    for key in sorted(topics):
+        first.setdefault(topics[key], key)
+    return list(first), list(first.values())
+
+
+def heldout_topics(seed: int, holdout: float) -> list[str]:
+    """The pydoc topics whose documents a suite with this seed holds out from training, for validation."""
+    _, keys = _documents()
+    order = list(range(len(keys)))
+    random.Random(seed).shuffle(order)
+    return [keys[i] for i in sorted(order[: max(1, round(len(order) * holdout))])]
 
 
 def split_documents(seed: int, holdout: float) -> tuple[list[str], list[str]]:
-    """The pydoc documents, split with `seed` into training and held-out validation documents."""
-    docs = pydoc_documents()
-    order = list(range(len(docs)))
-    random.Random(seed).shuffle(order)
-    n_val = max(1, round(len(docs) * holdout))
-    val = sorted(order[:n_val])
-    return [docs[i] for i in sorted(order[n_val:])], [docs[i] for i in val]
+    """The distinct pydoc documents, split with `seed` into training and held-out validation documents:
+    no held-out text is also a training text."""
+    docs, keys = _documents()
+    val = set(heldout_topics(seed, holdout))
+    return [d for d, k in zip(docs, keys) if k not in val], [d for d, k in zip(docs, keys) if k in val]
+
+
+def validation_blocks(tokenizer, documents: list[str], seq_len: int) -> torch.Tensor:
+    """Held-out documents joined with EOS and cut into whole blocks [n, seq_len]: what validation loss is measured on."""
+    ids = _stream(tokenizer, documents)
+    n = len(ids) // seq_len
+    return ids[: n * seq_len].view(n, seq_len)
+
+
+def suite_of(model_dir: str | os.PathLike) -> tuple[Path, MicroSuiteConfig] | None:
+    """The micro suite a checkpoint directory belongs to, or that a model was pruned from, with its config; else None."""
+    model_dir = Path(model_dir)
+    places = [model_dir, model_dir.parent]
+    manifest = model_dir / "ckpt_trace_prune.json"
+    try:
+        record = json.loads(manifest.read_text()) if manifest.is_file() else {}
+    except (OSError, ValueError):
+        record = {}
+    while record:  # a model pruned from a model pruned from a checkpoint: follow the earliest source
+        source = Path(record.get("source", ""))
+        places += [source, source.parent]
+        record = record.get("previous") or {}
+    for place in places:
+        file = place / "suite.json"
+        if file.is_file():
+            try:
+                return place.resolve(), MicroSuiteConfig(**json.loads(file.read_text())["config"])
+            except (OSError, ValueError, KeyError, TypeError):
+                return None
+    return None
+
+
+def heldout_set(model_dir: str | os.PathLike, tokenizer) -> CalibrationSet | None:
+    """The held-out validation blocks of the micro suite behind `model_dir` (see `suite_of`), or None.
+
+    They are documents the suite never trained on, cut exactly as for its validation loss,
+    so a checkpoint's perplexity on them is exp(its validation loss).
+    """
+    found = suite_of(model_dir)
+    if found is None:
+        return None
+    _, config = found
+    _, val_docs = split_documents(config.seed, config.holdout)
+    blocks = validation_blocks(tokenizer, val_docs, config.seq_len)
+    return CalibrationSet(tuple(blocks), f"{config.name} held-out documents ({len(blocks)}x{config.seq_len})")
 
 
 def train_tokenizer(documents: list[str], vocab: int):
@@ -173,9 +238,7 @@ def train_suite(config: MicroSuiteConfig, out: Path, progress: bool = True) -> l
     try:
         train_docs, val_docs = split_documents(config.seed, config.holdout)
         tokenizer = train_tokenizer(train_docs, config.vocab)
-        train_ids, val_ids = _stream(tokenizer, train_docs), _stream(tokenizer, val_docs)
-        n_val = len(val_ids) // config.seq_len
-        val_blocks = val_ids[: n_val * config.seq_len].view(n_val, config.seq_len)
+        train_ids, val_blocks = _stream(tokenizer, train_docs), validation_blocks(tokenizer, val_docs, config.seq_len)
 
         model = transformers.AutoModelForCausalLM.from_config(model_config(config, tokenizer.eos_token_id))
         model.train()
@@ -243,7 +306,8 @@ def build(config: MicroSuiteConfig | None = None, force: bool = False, progress:
         start = time.perf_counter()
         records = train_suite(config, staging, progress)
         (staging / "main").symlink_to(records[-1]["revision"], target_is_directory=True)
-        meta = {"config": asdict(config), "revisions": records, "seconds": round(time.perf_counter() - start, 1)}
+        meta = {"config": asdict(config), "heldout_topics": heldout_topics(config.seed, config.holdout), "revisions": records,
+                "seconds": round(time.perf_counter() - start, 1)}
         (staging / "suite.json").write_text(json.dumps(meta, indent=2) + "\n")
         if target.exists():
             shutil.rmtree(target)
