@@ -48,6 +48,7 @@ def model_options(command):
 @cli.command()
 @click.argument("source", required=False)
 @click.option("--revisions", help="Selection: names, A..B step ranges, every:K, log:K, first:N, last:N (default: all).")
+@click.option("--branch", help="The side line of training to select from (e.g. ingredient1), with the trunk into it.")
 @model_options
 @click.option("--force", is_flag=True, help="Score again what is already stored.")
 @click.option("--keep-going", is_flag=True, help="Record failing revisions and go on.")
@@ -80,8 +81,9 @@ def scan(source, revisions, calibration, samples, seq_len, seed, **options):
 @cli.command()
 @click.argument("source")
 @click.option("--select", "selection", help="Selection: names, A..B step ranges, every:K, log:K, first:N, last:N.")
+@click.option("--branch", help="The side line of training to select from (e.g. ingredient1), with the trunk into it.")
 @click.option("--cache-dir", help="Hugging Face cache  [default: HF_HUB_CACHE]")
-def revisions(source, selection, cache_dir):
+def revisions(source, selection, branch, cache_dir):
     """List the revisions of SOURCE (a Hub repo id or a directory) in training order.
 
     Weight bytes and byte-identical duplicates come from the Hub's tree listing, before
@@ -89,13 +91,15 @@ def revisions(source, selection, cache_dir):
     """
     from .sources import revision_table
 
-    table = revision_table(source, selection, cache_dir).with_columns(
+    table = revision_table(source, selection, cache_dir, branch).with_columns(
         pl.col("commit").str.slice(0, 10), (pl.col("weight_bytes") / 1e6).round(1).alias("weight_MB")
     ).drop("weight_bytes")
     with pl.Config(tbl_hide_dataframe_shape=True, tbl_hide_column_data_types=True, tbl_rows=-1):
         click.echo(table)
     duplicates = table["duplicate_of"].drop_nulls().len()
-    click.echo(f"{table.height} revisions" + (f", {duplicates} with the same weights as an earlier one" if duplicates else ""))
+    no_weights = table.filter(pl.col("weights").is_null()).height
+    click.echo(f"{table.height} revisions" + (f", {duplicates} with the same weights as an earlier one" if duplicates else "")
+               + (f", {no_weights} with no weight files (a scan skips them)" if no_weights else ""))
 
 
 @cli.command()

@@ -26,7 +26,7 @@ from pathlib import Path
 from .errors import SourceError
 from .identity import fingerprint, weight_files
 from .paths import atomic_write_bytes
-from .revisions import Revision, parse_revision, training_order
+from .revisions import Revision, parse_revision, place
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ SIDE_FILES = (
     "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json", "ckpt_trace_eval.json", "ckpt_trace_prune.json",
 )
 # Suites whose names carry only the step: tokens seen per optimizer step.
-TOKENS_PER_STEP = {"EleutherAI/pythia-": 2_097_152}
+TOKENS_PER_STEP = {"EleutherAI/pythia-": 2_097_152, "HuggingFaceTB/SmolLM3-": 2_359_296}
 
 RETRIES = 4
 """Attempts at one download before a revision counts as failed."""
@@ -186,7 +186,7 @@ class HubRepo:
 
     # -- listing ----------------------------------------------------------------------
     def revisions(self) -> list[Revision]:
-        """Every branch, parsed and in training order."""
+        """Every branch and tag (stanford-crfm's and BLOOM's checkpoints are tags), parsed and in training order."""
         per_step = tokens_per_step(self.repo_id)
         if self.offline:
             refs = self._cached_refs()
@@ -195,8 +195,8 @@ class HubRepo:
                 refs = with_retries(lambda: self.api.list_repo_refs(self.repo_id), f"listing {self.repo_id}")
             except Exception as err:
                 raise self._hub_error(err, "listing") from err
-            refs = {b.name: b.target_commit for b in refs.branches}
-        return training_order([parse_revision(name, per_step, commit) for name, commit in refs.items()])
+            refs = {t.name: t.target_commit for t in refs.tags} | {b.name: b.target_commit for b in refs.branches}
+        return place([parse_revision(name, per_step, commit) for name, commit in refs.items()], per_step)
 
     def _cached_refs(self) -> dict[str, str]:
         refs_dir = self.repo_folder / "refs"

@@ -1,86 +1,182 @@
-"""Revision names of checkpoint suites, parsed into training order.
+"""Revision names of checkpoint suites, placed in training order.
 
-Training order is by stage, then step, then tokens, never by name: ``step1000`` comes
-after ``step512``, and OLMo-2's ``stage2-...-step11931`` after every ``stage1-...``.
-A name that fits no known scheme is kept and sorted last.
+A training run is a tree, not a line: a trunk of stages and phases (pre-training,
+long-context extension, annealing) and branches that leave it (OLMo-2's stage-2
+ingredients, three anneals from one stage-1 checkpoint; OLMo-3's ablation mixes). Names
+are parsed for stage, branch, phase, step and tokens, never sorted as text: ``step1000``
+comes after ``step512``. Where a stage counts its steps (and tokens) from zero again,
+as OLMo-2's stage 2 does, `at` and `tokens` continue from where the run forked, so they
+count from the start of training. A name that fits no scheme (``main``, ``fp32``) is
+placed by commit identity, beside the revision with the same commit; if there is none it
+is reported and left out of ranges, never silently put first or last.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .errors import SelectionError
 
+log = logging.getLogger(__name__)
+
 _SCALE = {"": 1, "k": 10**3, "K": 10**3, "m": 10**6, "M": 10**6, "b": 10**9, "B": 10**9, "t": 10**12, "T": 10**12}
 
-_NUMBER = r"(\d+(?:\.\d+)?)([kKmMbBtT]?)"
+
+def _number(tag: str) -> str:
+    return rf"(?P<{tag}>\d+(?:\.\d+)?)(?P<{tag}_unit>[kKmMbBtT]?)"
+
+
+# -tokens84B (OLMo), -token-1007B (TinyLlama), -tokens15T (Apertus), -350BT (FineWeb ablations)
+_TOKENS = rf"(?:-tokens?-?{_number('tokens')}|-{_number('bt')}T)?"
 _PATTERNS = [
-    # OLMo-2: stage1-step{N}-tokens{T}B, stage2-ingredient{k}-step{N}-tokens{T}B
-    re.compile(rf"^stage(?P<stage>\d+)(?:-ingredient(?P<ingredient>\d+))?-step{_NUMBER}(?:-tokens?{_NUMBER})?$"),
-    # Pythia step{N}; OLMo-1 step{N}-tokens{T}B; SmolLM2 step-{N}; TinyLlama step-480k-token-1007B
-    re.compile(rf"^step-?{_NUMBER}(?:-tokens?-?{_NUMBER})?$"),
-    # LLM360 Amber ckpt_{N}; stanford-crfm checkpoint-{N}
-    re.compile(rf"^(?:ckpt_|checkpoint-){_NUMBER}$"),
+    # OLMo-2/3 and SmolLM3 stages: stage1-step{N}[-tokens{T}B], stage2-ingredient{k}-step{N}-tokens{T}B,
+    # stage2-step{N}-{ablation} (OLMo-3 side lines), stage1-step-{N} (SmolLM3)
+    re.compile(rf"^stage(?P<stage>\d+)(?:-ingredient(?P<ingredient>\d+))?-step-?{_number('step')}{_TOKENS}"
+               rf"(?:-(?P<suffix>[A-Za-z][\w.-]*))?$"),
+    # Pythia step{N}, OLMo step{N}-tokens{T}B, SmolLM2 step-{N}, TinyLlama step-480k-token-1007B, BLOOM global_step{N}
+    re.compile(rf"^(?:global_)?step-?{_number('step')}{_TOKENS}$"),
+    # Phases after pre-training: Apertus longctx-step{N}, SmolLM3 lc-32k-to-64k-step-{N}, Lucie extension_step{N}
+    re.compile(rf"^(?P<phase>[A-Za-z][\w-]*?)[-_]step-?{_number('step')}{_TOKENS}$"),
+    # LLM360 Amber/Crystal/K2 ckpt_{N}; stanford-crfm checkpoint-{N}
+    re.compile(rf"^(?:ckpt_|checkpoint-){_number('step')}$"),
 ]
+# Phases after pre-training, in the order runs take them; others come after pre-training too, by name.
+_PHASE_RANK = (("anneal", 3), ("", 2))
 
 
-def _number(value: str | None, suffix: str | None) -> int | None:
-    if value is None:
+def _phase_rank(phase: str | None) -> int:
+    if phase is None:
+        return 0
+    return next(rank for prefix, rank in _PHASE_RANK if phase.lower().startswith(prefix))
+
+
+def _value(match: re.Match, tag: str) -> int | None:
+    if match.groupdict().get(tag) is None:
         return None
-    return round(float(value) * _SCALE[suffix or ""])
+    return round(float(match[tag]) * _SCALE[match[f"{tag}_unit"] or ""])
 
 
 @dataclass(frozen=True)
 class Revision:
-    """One checkpoint's name and what its name says about where it sits in training."""
+    """One checkpoint's name and what it says about where the checkpoint sits in training."""
 
     name: str
     step: int | None = None
+    """The step as the name gives it (within its stage, where a stage counts from zero)."""
     tokens: int | None = None
+    """Tokens seen since the start of training, where known."""
     stage: int | None = None
-    ingredient: int | None = None
+    branch: str | None = None
+    """The side line it belongs to where the run branches (``ingredient1``, an ablation mix); None on the trunk."""
+    phase: str | None = None
+    """A named phase after pre-training (``longctx``, ``extension``, ``annealing``)."""
     commit: str | None = None
+    at: int | None = None
+    """Steps since the start of training (see `place`); ranges and ``log:K`` count in these."""
+    alias_of: str | None = None
+    """For a name that fits no scheme: the placed revision with the same commit."""
 
     @property
     def parsed(self) -> bool:
         return self.step is not None
 
     def sort_key(self) -> tuple:
-        """Training order: parsed names by stage, step, tokens; `main` after them; unknown names last."""
-        if not self.parsed:
-            return (1 if self.name == "main" else 2, 0, 0, 0, self.name)
-        return (0, self.stage or 1, self.step, self.tokens or 0, self.name)
+        """Position within its line: stage or phase, then step, then tokens."""
+        return (_phase_rank(self.phase), self.stage or 1, self.phase or "", self.step or 0, self.tokens or 0, self.name)
 
 
 def parse_revision(name: str, tokens_per_step: int | None = None, commit: str | None = None) -> Revision:
-    """Parse a revision name; `tokens_per_step` fills in tokens where the name has none."""
+    """Parse one revision name; `tokens_per_step` fills in tokens where the name has none."""
     for pattern in _PATTERNS:
         match = pattern.match(name)
         if not match:
             continue
-        groups = match.groups()
-        named = match.groupdict()
-        offset = 2 if "stage" in named else 0
-        step = _number(groups[offset], groups[offset + 1])
-        tokens = _number(groups[offset + 2], groups[offset + 3]) if len(groups) > offset + 2 else None
+        groups = match.groupdict()
+        step = _value(match, "step")
+        tokens = _value(match, "tokens") if groups.get("tokens") else _value(match, "bt")
         if tokens is None and tokens_per_step is not None:
             tokens = step * tokens_per_step
-        stage = int(named["stage"]) if named.get("stage") else None
-        ingredient = int(named["ingredient"]) if named.get("ingredient") else None
-        return Revision(name, step, tokens, stage, ingredient, commit)
+        ingredient, suffix = groups.get("ingredient"), groups.get("suffix")
+        branch = f"ingredient{ingredient}" if ingredient else suffix
+        stage = int(groups["stage"]) if groups.get("stage") else None
+        return Revision(name, step, tokens, stage, branch, groups.get("phase"), commit, at=step)
     return Revision(name, commit=commit)
 
 
+def _continue(group: list[Revision], at: int, tokens: int | None, per_step: int | None) -> list[Revision]:
+    """A stage (or side line) placed after a run that has reached step `at` and `tokens`: where its steps count
+    from zero again, its `at` and tokens continue from there."""
+    restarts = bool(group) and min(r.step for r in group) < at
+    if not restarts:
+        return group
+    return [
+        replace(r, at=at + r.step,
+                tokens=(at + r.step) * per_step if per_step else (tokens + r.tokens if tokens is not None and r.tokens is not None else None))
+        for r in group
+    ]
+
+
+def place(revisions: list[Revision], tokens_per_step: int | None = None) -> list[Revision]:
+    """All revisions in training order: the trunk, then each side line (its own revisions), then names placed by
+    commit beside their twin; names that fit no scheme and match no commit come last."""
+    parsed = [r for r in revisions if r.parsed]
+    trunk: list[Revision] = []
+    groups: dict[tuple, list[Revision]] = {}
+    for rev in sorted((r for r in parsed if r.branch is None), key=Revision.sort_key):
+        groups.setdefault((_phase_rank(rev.phase), rev.stage or 1, rev.phase or ""), []).append(rev)
+    for group in groups.values():
+        last = trunk[-1] if trunk else None
+        trunk += _continue(group, last.at if last else 0, last.tokens if last else 0, tokens_per_step)
+    lines = {}
+    for branch in sorted({r.branch for r in parsed if r.branch is not None}):
+        own = sorted((r for r in parsed if r.branch == branch), key=Revision.sort_key)
+        fork = [r for r in trunk if r.sort_key()[:4] <= own[0].sort_key()[:4]]
+        same_stage = [r for r in fork if r.stage == own[0].stage and r.phase == own[0].phase]
+        base = same_stage[0].at - same_stage[0].step if same_stage else None  # the trunk's own offset for this stage
+        last = fork[-1] if fork else None
+        if base is not None:
+            lines[branch] = [replace(r, at=base + r.step) for r in own]
+        else:
+            lines[branch] = _continue(own, last.at if last else 0, last.tokens if last else 0, tokens_per_step)
+    ordered = trunk + [r for branch in lines.values() for r in branch]
+    commits = {r.commit: r.name for r in ordered if r.commit}
+    others = sorted((r for r in revisions if not r.parsed), key=lambda r: r.name)
+    for rev in others:
+        twin = commits.get(rev.commit) if rev.commit else None
+        if twin is not None:
+            position = next(i for i, r in enumerate(ordered) if r.name == twin) + 1
+            ordered.insert(position, replace(rev, alias_of=twin))
+    return ordered + [r for r in others if not (r.commit and r.commit in commits)]
+
+
 def training_order(revisions: list[Revision]) -> list[Revision]:
-    """Revisions sorted in training order."""
-    return sorted(revisions, key=Revision.sort_key)
+    """Revisions in training order (see `place`)."""
+    return place(revisions)
+
+
+def lines(placed: list[Revision]) -> dict[str | None, list[Revision]]:
+    """Each line of training: None is the trunk; a side line is the trunk up to where it forks, then its own."""
+    trunk = [r for r in placed if r.parsed and r.branch is None]
+    result: dict[str | None, list[Revision]] = {None: trunk}
+    for rev in placed:
+        if rev.parsed and rev.branch is not None and rev.branch not in result:
+            own = [r for r in placed if r.branch == rev.branch]
+            result[rev.branch] = [r for r in trunk if r.sort_key()[:4] <= own[0].sort_key()[:4]] + own
+    return result
+
+
+def unplaced(placed: list[Revision]) -> list[Revision]:
+    """Names that fit no scheme and share no commit with a placed revision."""
+    return [r for r in placed if not r.parsed and r.alias_of is None]
 
 
 SELECT_HELP = (
     "comma-separated terms: all, a revision name (main, step1000), a step range A..B (step1000..step20000, "
-    "..5000, 1000..), every:K, log:K, first:N, last:N"
+    "..5000, 1000..), every:K, log:K, first:N, last:N; ranges and counts apply to the trunk, or to the line "
+    "--branch names"
 )
 
 
@@ -91,20 +187,18 @@ def _available(revisions: list[Revision]) -> str:
     return ", ".join(names)
 
 
-def _bound(text: str, revisions: list[Revision], spec: str) -> int | None:
-    """A range end: empty, a step number, or a revision name."""
+def _bound(text: str, line: list[Revision], spec: str) -> int | None:
+    """A range end in steps since the start of training: empty, a step number, or a revision name in the line."""
     if not text:
         return None
     if text.isdigit():
         return int(text)
-    for rev in revisions:
+    for rev in line:
         if rev.name == text:
-            if rev.step is None:
-                break
-            return rev.step
+            return rev.at
     parsed = parse_revision(text)
     if parsed.step is None:
-        raise SelectionError(f"range end {text!r} in {spec!r} is no step or revision name; {SELECT_HELP}")
+        raise SelectionError(f"range end {text!r} in {spec!r} is no step or revision name of this line; {SELECT_HELP}")
     return parsed.step
 
 
@@ -118,58 +212,72 @@ def _count(term: str, spec: str) -> int:
     return n
 
 
-def _log_spaced(revisions: list[Revision], k: int) -> list[Revision]:
-    stepped = [r for r in revisions if r.step is not None]
-    if k >= len(stepped):
-        return stepped
-    chosen = [r for r in stepped if r.step == 0][:1]
-    positive = [r for r in stepped if r.step > 0]
+def _log_spaced(line: list[Revision], k: int) -> list[Revision]:
+    if k >= len(line):
+        return line
+    chosen = [r for r in line if r.at == 0][:1]
+    positive = [r for r in line if r.at > 0]
     slots = k - len(chosen)
     if slots <= 0 or not positive:
         return chosen
-    low, high = math.log(positive[0].step), math.log(positive[-1].step)
+    low, high = math.log(positive[0].at), math.log(positive[-1].at)
     for i in range(slots):
         target = low + (high - low) * (i / (slots - 1) if slots > 1 else 1.0)
-        best = min(positive, key=lambda r: abs(math.log(r.step) - target))
+        best = min(positive, key=lambda r: abs(math.log(r.at) - target))
         if best not in chosen:
             chosen.append(best)
     return chosen
 
 
-def select(revisions: list[Revision], spec: str | None) -> list[Revision]:
-    """The revisions a selection spec names, in training order; an error shows what exists."""
-    revisions = training_order(revisions)
-    if not revisions:
+def select(revisions: list[Revision], spec: str | None, branch: str | None = None,
+           tokens_per_step: int | None = None) -> list[Revision]:
+    """The revisions a selection spec names, in training order; an error shows what exists.
+
+    Ranges, ``every``, ``log``, ``first`` and ``last`` apply to one line of training: the trunk, or the
+    side line `branch` with the trunk leading into it. ``all`` is every revision (of that line, with
+    `branch`); a name picks that revision wherever it is.
+    """
+    placed = place(revisions, tokens_per_step)
+    if not placed:
         raise SelectionError("there are no revisions to select from")
-    if spec is None or spec.strip() in ("", "all"):
-        return revisions
+    by_line = lines(placed)
+    if branch not in by_line:
+        names = ", ".join(str(b) for b in by_line if b is not None) or "none: this run does not branch"
+        raise SelectionError(f"no branch {branch!r}; branches: {names}")
+    line = by_line[branch]
+    everything = placed if branch is None else line
+    left_out = unplaced(placed)
+    terms = [t.strip() for t in (spec or "all").split(",")]
+    if not any(terms):
+        raise SelectionError(f"selection {spec!r} names nothing; {SELECT_HELP}")
+    by_name = {r.name: r for r in placed}
     chosen: set[str] = set()
-    by_name = {r.name: r for r in revisions}
-    for term in (t.strip() for t in spec.split(",")):
+    for term in terms:
         if not term:
             continue
         if term == "all":
-            matched = revisions
+            matched = everything
         elif term in by_name:
             matched = [by_name[term]]
         elif ".." in term:
             first, _, last = term.partition("..")
-            low, high = _bound(first, revisions, spec), _bound(last, revisions, spec)
-            matched = [
-                r for r in revisions
-                if r.step is not None and (low is None or r.step >= low) and (high is None or r.step <= high)
-            ]
+            low, high = _bound(first, line, spec), _bound(last, line, spec)
+            matched = [r for r in line if (low is None or r.at >= low) and (high is None or r.at <= high)]
         elif term.startswith("every:"):
-            matched = revisions[:: _count(term, spec)]
+            matched = line[:: _count(term, spec)]
         elif term.startswith("log:"):
-            matched = _log_spaced(revisions, _count(term, spec))
+            matched = _log_spaced(line, _count(term, spec))
         elif term.startswith("first:"):
-            matched = revisions[: _count(term, spec)]
+            matched = line[: _count(term, spec)]
         elif term.startswith("last:"):
-            matched = revisions[-_count(term, spec) :]
+            matched = line[-_count(term, spec) :]
         else:
-            raise SelectionError(f"no revision {term!r}; available: {_available(revisions)}")
+            raise SelectionError(f"no revision {term!r}; available: {_available(placed)}")
         if not matched:
-            raise SelectionError(f"{term!r} matches no revision; available: {_available(revisions)}")
+            raise SelectionError(f"{term!r} matches no revision; available: {_available(line)}")
         chosen.update(r.name for r in matched)
-    return [r for r in revisions if r.name in chosen]
+    missed = [r.name for r in left_out if r.name not in chosen]
+    if missed:
+        log.warning("revisions whose names fit no scheme and whose commits match no other revision are left out of "
+                    "ranges: %s; name them to select them", ", ".join(missed))
+    return [r for r in placed if r.name in chosen]

@@ -68,6 +68,8 @@ class ScanConfig(ScoringOptions):
     """A Hub repo id, a model directory, or a directory of revision subdirectories; None: the micro suite."""
     revisions: str | None = None
     """Selection spec (see `ckpt_trace.revisions.select`); all revisions when None."""
+    branch: str | None = None
+    """The side line of training that ranges and counts select from, with the trunk into it; None: the trunk."""
     force: bool = False
     """Score revisions again even when their scores are stored."""
     keep_going: bool = False
@@ -105,6 +107,7 @@ def score_checkpoint(
         commit=pl.lit(rev.commit, pl.String),
         weights=pl.lit(checkpoint.weights, pl.String),
         step=pl.lit(rev.step, pl.Int64),
+        branch=pl.lit(rev.branch, pl.String),
         tokens=pl.lit(rev.tokens, pl.Int64),
         calibration=pl.lit(calibration.id),
         dtype=pl.lit(dtype_name(dtype)),
@@ -138,7 +141,7 @@ def _revision_row(checkpoint: Checkpoint) -> pl.DataFrame:
     rev = checkpoint.revision
     row = {
         "model": checkpoint.model, "revision": rev.name, "commit": rev.commit, "weights": checkpoint.weights, "step": rev.step,
-        "tokens": rev.tokens, "stage": rev.stage, "val_loss": checkpoint.val_loss(),
+        "tokens": rev.tokens, "stage": rev.stage, "branch": rev.branch, "val_loss": checkpoint.val_loss(),
         "weight_bytes": checkpoint.weight_bytes, "duplicate_of": checkpoint.duplicate_of,
     }
     return pl.DataFrame([row], schema=REVISIONS_SCHEMA)
@@ -217,14 +220,18 @@ def scan(config: ScanConfig) -> pl.DataFrame:
         source = open_source(build(progress=config.progress))
     else:
         source = open_source(config.source, config.cache_dir)
-    checkpoints = source.checkpoints(config.revisions)
-    calibration = build_calibration(source.metadata(checkpoints[0]), config.calibration)
+    checkpoints = source.checkpoints(config.revisions, config.branch)
+    # Tokenized by the first revision that has weights (a Hub repo's main may hold only a README).
+    first = next((c for c in checkpoints if c.weights is not None), checkpoints[0])
+    calibration = build_calibration(source.metadata(first), config.calibration)
 
     statuses, todo, keys = {}, [], {}
     for checkpoint in checkpoints:
         name = checkpoint.revision.name
         key = keys[name] = score_key(checkpoint, dtype, calibration.id)
-        if checkpoint.duplicate_of is not None:
+        if checkpoint.weights is None and not isinstance(checkpoint.files, Exception):
+            statuses[name] = ("skipped", None, "no weight files in this revision")
+        elif checkpoint.duplicate_of is not None:
             why = f"same weights as {checkpoint.duplicate_of}"
             store.write_revision(_revision_row(checkpoint))
             store.write_run(_run_row(checkpoint, key, "duplicate", why, 0.0))

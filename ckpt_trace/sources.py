@@ -18,6 +18,7 @@ from pathlib import Path
 import polars as pl
 
 from .errors import SourceError
+from .hub import tokens_per_step
 from .identity import local_weights
 from .revisions import Revision, parse_revision, select
 
@@ -78,8 +79,6 @@ def mark_duplicates(checkpoints: list[Checkpoint]) -> list[Checkpoint]:
 
 def _cache_snapshot(path: Path) -> tuple[str, Revision] | None:
     """The repo id and revision of a Hugging Face cache snapshot folder (``models--org--name/snapshots/<commit>``)."""
-    from .hub import tokens_per_step
-
     folder, snapshots, commit = path.parts[-3:] if len(path.parts) >= 3 else ("", "", "")
     if snapshots != "snapshots" or not folder.startswith("models--") or not re.fullmatch(r"[0-9a-f]{40}", commit):
         return None
@@ -127,7 +126,7 @@ class LocalSource:
             raise SourceError(f"source {str(root)!r} is not a directory")
         self.model = single_checkpoint(self.root).model if _is_model_dir(self.root) else Path(os.path.abspath(root)).name
 
-    def checkpoints(self, selection: str | None = None) -> list[Checkpoint]:
+    def checkpoints(self, selection: str | None = None, branch: str | None = None) -> list[Checkpoint]:
         if _is_model_dir(self.root):
             return [single_checkpoint(self.root)]
         subdirs = {p.name: p for p in sorted(self.root.iterdir()) if p.is_dir() and _is_model_dir(p)}
@@ -136,7 +135,7 @@ class LocalSource:
         if not subdirs:
             raise SourceError(f"{str(self.root)!r} is no model: it has no config.json and no subdirectories with one")
         checkpoints = []
-        for rev in select([parse_revision(n) for n in subdirs], selection):
+        for rev in select([parse_revision(n) for n in subdirs], selection, branch):
             checkpoint = _local(self.model, rev, subdirs[rev.name])
             tokens = checkpoint.record().get("tokens")
             if rev.tokens is None and isinstance(tokens, int):
@@ -163,9 +162,9 @@ class HubSource:
         self.repo = HubRepo(repo_id, cache_dir, ledger)
         self.model = repo_id
 
-    def checkpoints(self, selection: str | None = None) -> list[Checkpoint]:
+    def checkpoints(self, selection: str | None = None, branch: str | None = None) -> list[Checkpoint]:
         """Selected revisions with their files; byte-identical weights point at the first revision that has them."""
-        revisions = select(self.repo.revisions(), selection)
+        revisions = select(self.repo.revisions(), selection, branch, tokens_per_step(self.model))
         checkpoints = [
             # A listing that failed is kept as the files: fetch() raises it, so the scan records the revision as failed.
             Checkpoint(self.model, rev, files=files) if isinstance(files, Exception)
@@ -202,17 +201,18 @@ def open_source(source: str | os.PathLike, cache_dir: str | os.PathLike | None =
     return HubSource(str(source), cache_dir)
 
 
-def revision_table(source: str | os.PathLike, selection: str | None = None, cache_dir=None) -> pl.DataFrame:
-    """The revisions of a source in training order: step, tokens, stage, commit, weight bytes, duplicates."""
-    checkpoints = open_source(source, cache_dir).checkpoints(selection)
+def revision_table(source: str | os.PathLike, selection: str | None = None, cache_dir=None,
+                   branch: str | None = None) -> pl.DataFrame:
+    """The revisions of a source in training order: step, tokens, stage, branch, commit, weight bytes, duplicates."""
+    checkpoints = open_source(source, cache_dir).checkpoints(selection, branch)
     rows = [
         {
             "revision": c.revision.name, "step": c.revision.step, "tokens": c.revision.tokens,
-            "stage": c.revision.stage, "commit": c.revision.commit, "weight_bytes": c.weight_bytes,
-            "duplicate_of": c.duplicate_of,
+            "stage": c.revision.stage, "branch": c.revision.branch, "commit": c.revision.commit,
+            "weight_bytes": c.weight_bytes, "weights": c.weights, "duplicate_of": c.duplicate_of or c.revision.alias_of,
         }
         for c in checkpoints
     ]
-    schema = {"revision": pl.String, "step": pl.Int64, "tokens": pl.Int64, "stage": pl.Int64,
-              "commit": pl.String, "weight_bytes": pl.Int64, "duplicate_of": pl.String}
+    schema = {"revision": pl.String, "step": pl.Int64, "tokens": pl.Int64, "stage": pl.Int64, "branch": pl.String,
+              "commit": pl.String, "weight_bytes": pl.Int64, "weights": pl.String, "duplicate_of": pl.String}
     return pl.DataFrame(rows, schema=schema)

@@ -43,6 +43,7 @@ class Request:
 @dataclass
 class Repo:
     branches: dict[str, str] = field(default_factory=dict)  # branch -> commit
+    tags: dict[str, str] = field(default_factory=dict)  # tag -> commit
     commits: dict[str, dict[str, bytes]] = field(default_factory=dict)  # commit -> path -> bytes
 
 
@@ -63,8 +64,9 @@ class LoopbackHub:
         self._server: ThreadingHTTPServer | None = None
 
     # -- content ----------------------------------------------------------------------
-    def add_revision(self, repo_id: str, branch: str, files: dict[str, bytes], repo_type: str = "model") -> str:
-        """Add (or move) a branch to a commit holding `files`; return the commit hash."""
+    def add_revision(self, repo_id: str, branch: str, files: dict[str, bytes], repo_type: str = "model",
+                     tag: bool = False) -> str:
+        """Add (or move) a branch, or a tag, to a commit holding `files`; return the commit hash."""
         key = repo_id if repo_type == "model" else f"{repo_type}s/{repo_id}"
         repo = self.repos.setdefault(key, Repo())
         digest = hashlib.sha1(repo_id.encode() + branch.encode())
@@ -72,11 +74,16 @@ class LoopbackHub:
             digest.update(path.encode() + hashlib.sha256(files[path]).digest())
         commit = digest.hexdigest()
         repo.commits[commit] = dict(files)
-        repo.branches[branch] = commit
+        (repo.tags if tag else repo.branches)[branch] = commit
         for path, data in files.items():
             if path.endswith(LFS_SUFFIXES):
                 self.blobs[hashlib.sha256(data).hexdigest()] = data
         return commit
+
+    def add_ref(self, repo_id: str, name: str, commit: str, tag: bool = False) -> None:
+        """Point another branch (or tag) at an existing commit, as the Hub's main often is the last checkpoint."""
+        repo = self.repos[repo_id]
+        (repo.tags if tag else repo.branches)[name] = commit
 
     def add_model_dir(self, repo_id: str, branch: str, directory: Path) -> str:
         """Add a branch holding every file of a local model directory."""
@@ -199,8 +206,8 @@ class _Handler(BaseHTTPRequestHandler):
         self._error("EntryNotFound")
 
     def _commit(self, repo: Repo, rev: str) -> str | None:
-        if rev in repo.branches:
-            return repo.branches[rev]
+        if rev in repo.branches or rev in repo.tags:
+            return repo.branches.get(rev) or repo.tags[rev]
         return rev if rev in repo.commits else None
 
     # -- API --------------------------------------------------------------------------
@@ -210,7 +217,8 @@ class _Handler(BaseHTTPRequestHandler):
             return self._error("RepoNotFound")
         if verb == "refs":
             branches = [{"name": b, "ref": f"refs/heads/{b}", "targetCommit": c} for b, c in repo.branches.items()]
-            return self._json({"branches": branches, "converts": [], "tags": []})
+            tags = [{"name": t, "ref": f"refs/tags/{t}", "targetCommit": c} for t, c in repo.tags.items()]
+            return self._json({"branches": branches, "converts": [], "tags": tags})
         if verb not in ("revision", "tree") or not rest:
             return self._error("EntryNotFound")
         commit = self._commit(repo, rest[0])

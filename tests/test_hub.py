@@ -92,12 +92,13 @@ def snapshots(cache) -> list[str]:
 
 def test_revisions_in_training_order_with_bytes_and_duplicates_before_any_download(hub, suite_files):
     table = revision_table(REPO, cache_dir=None)
-    assert table["revision"].to_list() == ["step0", "step2", "step1000", "step2000", "main", "custom-branch"]
+    # Names that fit no scheme and share no commit come last, by name; `duplicate_of` says what their weights are.
+    assert table["revision"].to_list() == ["step0", "step2", "step1000", "step2000", "custom-branch", "main"]
     assert table["step"].to_list() == [0, 2, 1000, 2000, None, None]
     bytes_of = {r: len(suite_files[r]["model.safetensors" if "model.safetensors" in suite_files[r] else "pytorch_model.bin"])
                 for r in suite_files}
     assert table["weight_bytes"].to_list()[:4] == [bytes_of[r] for r in ["step0", "step2", "step1000", "step2000"]]
-    assert table["duplicate_of"].to_list() == [None, None, None, None, "step2000", "step0"]
+    assert table["duplicate_of"].to_list() == [None, None, None, None, "step0", "step2000"]
     assert table["commit"].str.len_chars().to_list() == [40] * 6
     assert not hub.requests("GET", "/resolve/") and not hub.requests("GET", "/cdn/")
 
@@ -187,6 +188,25 @@ def test_a_cache_snapshot_is_named_by_its_repo_and_branch(hub, tmp_path, capsys)
     assert set(frame["model"]) == {REPO}
     assert sorted(set(frame["revision"])) == ["step0", "step2000"]  # the training checkpoint's name, not main
     assert set(frame["commit"]) == {step0.name, step2000.name} and set(frame["step"]) == {0, 2000}
+
+
+def test_tags_are_revisions_and_a_readme_only_main_is_skipped(hub, suite_files, tmp_path, capsys):
+    """stanford-crfm and BLOOM publish checkpoints as git tags; SmolLM2/3 checkpoint repos' main holds only a README."""
+    repo = "stanford-crfm/tiny-run"
+    for step, files in ((100, suite_files["step0"]), (20, suite_files["step2"]), (3, suite_files["step1000"])):
+        hub.add_revision(repo, f"checkpoint-{step}", files, tag=True)
+    hub.add_revision(repo, "main", {"README.md": b"# checkpoints live in the tags\n"})
+    table = revision_table(repo)
+    assert table["revision"].to_list() == ["checkpoint-3", "checkpoint-20", "checkpoint-100", "main"]
+    assert table["weights"].to_list()[3] is None
+    assert main(["revisions", repo]) == 0
+    assert "4 revisions, 1 with no weight files (a scan skips them)" in capsys.readouterr().out
+    code = main(["scan", repo, "--store", str(tmp_path / "s"), "--cache-dir", str(tmp_path / "c"), *SMALL])
+    assert code == 0, capsys.readouterr().err
+    assert sorted(set(Store(tmp_path / "s").scores()["revision"])) == ["checkpoint-100", "checkpoint-20", "checkpoint-3"]
+    assert "no weight files in this revision" in capsys.readouterr().out
+    # last:1 is the last training checkpoint, not the README.
+    assert revision_table(repo, "last:1")["revision"].to_list() == ["checkpoint-100"]
 
 
 def test_a_file_in_the_cache_before_the_scan_survives_it(hub, tmp_path, capsys):
@@ -318,7 +338,7 @@ def test_unknown_repo_and_revision(hub, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "'org/nothing-here' not found" in err[0]
     assert main(["scan", REPO, "--revisions", "step7", "--store", str(tmp_path / "s"), "--cache-dir", str(tmp_path / "c")]) == 2
-    assert "no revision 'step7'; available: step0, step2, step1000, step2000, main, custom-branch" in capsys.readouterr().err
+    assert "no revision 'step7'; available: step0, step2, step1000, step2000, custom-branch, main" in capsys.readouterr().err
 
 
 class _Exploit:

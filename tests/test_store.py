@@ -16,7 +16,7 @@ def rows(model="org/m", revision="step1", calibration="abc", value=0.5, weights=
     return pl.DataFrame(
         {
             "model": [model] * 2, "revision": [revision] * 2, "commit": [None] * 2, "weights": [weights] * 2,
-            "step": [1] * 2, "tokens": [None] * 2, "layer": [0, 1], "module": ["attention"] * 2,
+            "step": [1] * 2, "tokens": [None] * 2, "branch": [None] * 2, "layer": [0, 1], "module": ["attention"] * 2,
             "metric": ["importance"] * 2, "value": [value, value + 1], "n_tokens": [10] * 2,
             "calibration": [calibration] * 2, "dtype": [dtype] * 2, "scorer": [2] * 2, "version": ["0"] * 2,
             "created": [datetime(2026, 1, 1, tzinfo=timezone.utc)] * 2,
