@@ -71,7 +71,7 @@ def scan(source, revisions, calibration, samples, seq_len, seed, **options):
     )
     summary = run_scan(config)
     with pl.Config(tbl_hide_dataframe_shape=True, tbl_hide_column_data_types=True, float_precision=4, tbl_rows=-1,
-                   fmt_str_lengths=60, tbl_width_chars=200):
+                   fmt_str_lengths=60, tbl_width_chars=220, tbl_cols=-1):
         click.echo(summary.drop("dtype", "calibration", "scorer"))
     first = summary.row(0, named=True)
     click.echo(f"scores stored in {config.store}/scores (dtype {first['dtype']}, calibration set {first['calibration']}, "
