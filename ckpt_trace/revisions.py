@@ -112,11 +112,15 @@ def _continue(group: list[Revision], at: int, tokens: int | None, per_step: int 
     restarts = bool(group) and min(r.step for r in group) < at
     if not restarts:
         return group
-    return [
-        replace(r, at=at + r.step,
-                tokens=(at + r.step) * per_step if per_step else (tokens + r.tokens if tokens is not None and r.tokens is not None else None))
-        for r in group
-    ]
+    placed = []
+    for r in group:
+        counted = parse_revision(r.name).tokens  # as the name gives them: placing twice changes nothing
+        if per_step:
+            total = (at + r.step) * per_step
+        else:
+            total = tokens + counted if tokens is not None and counted is not None else None
+        placed.append(replace(r, at=at + r.step, tokens=total))
+    return placed
 
 
 def place(revisions: list[Revision], tokens_per_step: int | None = None) -> list[Revision]:

@@ -190,6 +190,31 @@ def test_a_cache_snapshot_is_named_by_its_repo_and_branch(hub, tmp_path, capsys)
     assert set(frame["commit"]) == {step0.name, step2000.name} and set(frame["step"]) == {0, 2000}
 
 
+def test_an_olmo2_style_run_with_ingredients(hub, suite_files, tmp_path, capsys):
+    """Stage-2 ingredients are side lines from the last stage-1 checkpoint; their steps and tokens count from zero."""
+    repo = "allenai/OLMo-2-tiny"
+    hub.add_revision(repo, "stage1-step100-tokens1B", suite_files["step0"])
+    hub.add_revision(repo, "stage1-step200-tokens2B", suite_files["step2"])
+    hub.add_revision(repo, "stage2-ingredient1-step10-tokens1B", suite_files["step1000"])
+    hub.add_revision(repo, "stage2-ingredient2-step10-tokens1B", suite_files["step2000"])
+    soup = dict(suite_files["step2000"], **{"config.json": suite_files["step2000"]["config.json"] + b" "})
+    hub.add_revision(repo, "main", soup)  # the average of the ingredients: a commit of its own
+    table = revision_table(repo)
+    assert table.select("revision", "tokens", "branch").rows() == [
+        ("stage1-step100-tokens1B", 10**9, None), ("stage1-step200-tokens2B", 2 * 10**9, None),
+        ("stage2-ingredient1-step10-tokens1B", 3 * 10**9, "ingredient1"),
+        ("stage2-ingredient2-step10-tokens1B", 3 * 10**9, "ingredient2"), ("main", None, None)]
+    line = revision_table(repo, "last:2", branch="ingredient2")["revision"].to_list()
+    assert line == ["stage1-step200-tokens2B", "stage2-ingredient2-step10-tokens1B"]
+    code = main(["scan", repo, "--branch", "ingredient2", "--revisions", "last:2", "--store", str(tmp_path / "s"),
+                 "--cache-dir", str(tmp_path / "c"), *SMALL])
+    assert code == 0, capsys.readouterr().err
+    stored = Store(tmp_path / "s").scores().select("revision", "tokens", "branch").unique().sort("tokens").rows()
+    assert stored == [("stage1-step200-tokens2B", 2 * 10**9, None), ("stage2-ingredient2-step10-tokens1B", 3 * 10**9, "ingredient2")]
+    assert main(["revisions", repo, "--branch", "ingredient9"]) == 2
+    assert "no branch 'ingredient9'; branches: ingredient1, ingredient2" in capsys.readouterr().err
+
+
 def test_tags_are_revisions_and_a_readme_only_main_is_skipped(hub, suite_files, tmp_path, capsys):
     """stanford-crfm and BLOOM publish checkpoints as git tags; SmolLM2/3 checkpoint repos' main holds only a README."""
     repo = "stanford-crfm/tiny-run"

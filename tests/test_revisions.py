@@ -74,6 +74,7 @@ def test_olmo2_ingredients_are_lines_from_the_last_stage1_checkpoint(caplog):
     assert names(lines(placed)["ingredient1"]) == trunk + ["stage2-ingredient1-step1000-tokens5B",
                                                           "stage2-ingredient1-step11931-tokens50B"]
     assert names(unplaced(placed)) == ["main"]
+    assert place(placed) == placed  # placing what is placed changes nothing
     # Ranges and counts stay within one line, in training order.
     assert names(select(olmo2(), "last:3", "ingredient1")) == ["stage1-step928646-tokens3896B",
                                                                "stage2-ingredient1-step1000-tokens5B",
