@@ -94,8 +94,10 @@ def revisions(source, selection, branch, cache_dir):
     table = revision_table(source, selection, cache_dir, branch).with_columns(
         pl.col("commit").str.slice(0, 10), (pl.col("weight_bytes") / 1e6).round(1).alias("weight_MB")
     ).drop("weight_bytes")
-    with pl.Config(tbl_hide_dataframe_shape=True, tbl_hide_column_data_types=True, tbl_rows=-1):
-        click.echo(table)
+    shown = table.select(c for c in table.columns if c == "revision" or table[c].null_count() < table.height)
+    with pl.Config(tbl_hide_dataframe_shape=True, tbl_hide_column_data_types=True, tbl_rows=-1, tbl_cols=-1,
+                   tbl_width_chars=220):
+        click.echo(shown)  # columns with nothing to say (no commits for a local suite, say) left out
     duplicates = table["duplicate_of"].drop_nulls().len()
     no_weights = table.filter(pl.col("weights").is_null()).height
     click.echo(f"{table.height} revisions" + (f", {duplicates} with the same weights as an earlier one" if duplicates else "")

@@ -85,7 +85,13 @@ class Revision:
 
     def sort_key(self) -> tuple:
         """Position within its line: stage or phase, then step, then tokens."""
-        return (_phase_rank(self.phase), self.stage or 1, self.phase or "", self.step or 0, self.tokens or 0, self.name)
+        return (_phase_rank(self.phase), self.stage or 1, _natural(self.phase or ""), self.step or 0, self.tokens or 0,
+                self.name)
+
+
+def _natural(text: str) -> tuple:
+    """Text with its digit runs compared as numbers: lc-4k-to-32k before lc-32k-to-64k."""
+    return tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", text) if part)
 
 
 def parse_revision(name: str, tokens_per_step: int | None = None, commit: str | None = None) -> Revision:
@@ -139,10 +145,17 @@ def place(revisions: list[Revision], tokens_per_step: int | None = None) -> list
         own = sorted((r for r in parsed if r.branch == branch), key=Revision.sort_key)
         fork = [r for r in trunk if r.sort_key()[:4] <= own[0].sort_key()[:4]]
         same_stage = [r for r in fork if r.stage == own[0].stage and r.phase == own[0].phase]
-        base = same_stage[0].at - same_stage[0].step if same_stage else None  # the trunk's own offset for this stage
         last = fork[-1] if fork else None
-        if base is not None:
-            lines[branch] = [replace(r, at=base + r.step) for r in own]
+        if same_stage:  # the side line counts as the trunk's stage it leaves does: take that stage's offsets
+            first = same_stage[0]
+            base = first.at - first.step
+            named = parse_revision(first.name).tokens
+            shift = first.tokens - named if first.tokens is not None and named is not None else None
+            named_own = [parse_revision(r.name).tokens for r in own]  # as the names give them: placing twice changes nothing
+            lines[branch] = [
+                replace(r, at=base + r.step, tokens=t + shift if shift is not None and t is not None else r.tokens)
+                for r, t in zip(own, named_own)
+            ]
         else:
             lines[branch] = _continue(own, last.at if last else 0, last.tokens if last else 0, tokens_per_step)
     ordered = trunk + [r for branch in lines.values() for r in branch]
@@ -192,7 +205,8 @@ def _available(revisions: list[Revision]) -> str:
 
 
 def _bound(text: str, line: list[Revision], spec: str) -> int | None:
-    """A range end in steps since the start of training: empty, a step number, or a revision name in the line."""
+    """A range end in steps since the start of training: empty, a step number, a revision name in the line, or a
+    plain ``step{N}`` name (which counts from the start) that no revision has."""
     if not text:
         return None
     if text.isdigit():
@@ -201,8 +215,9 @@ def _bound(text: str, line: list[Revision], spec: str) -> int | None:
         if rev.name == text:
             return rev.at
     parsed = parse_revision(text)
-    if parsed.step is None:
-        raise SelectionError(f"range end {text!r} in {spec!r} is no step or revision name of this line; {SELECT_HELP}")
+    if parsed.step is None or parsed.stage not in (None, 1) or parsed.phase or parsed.branch:
+        raise SelectionError(f"range end {text!r} in {spec!r} is no step number and no revision of this line "
+                             f"({_available(line)}); {SELECT_HELP}")
     return parsed.step
 
 

@@ -131,3 +131,34 @@ def test_a_name_that_fits_no_scheme_is_never_silently_first_or_last():
     assert names(select(list(placed), "first:5")) == ["step-2000", "step-160000"]
     with pytest.raises(SelectionError, match="names nothing"):
         select(list(placed), ",")
+
+
+def test_smollm3_long_context_phases_in_order_with_global_steps():
+    per_step = 2_359_296
+    names_ = ["lc-32k-to-64k-step-4800000", "stage3-step-4700000", "lc-4k-to-32k-step-4760000", "stage1-step-3440000",
+              "stage2-step-4200000", "lc-4k-to-32k-step-4720000"]
+    placed = place([parse_revision(n, per_step) for n in names_], per_step)
+    assert names(placed) == ["stage1-step-3440000", "stage2-step-4200000", "stage3-step-4700000",
+                             "lc-4k-to-32k-step-4720000", "lc-4k-to-32k-step-4760000", "lc-32k-to-64k-step-4800000"]
+    assert [r.at for r in placed] == [r.step for r in placed]  # steps count from the start: nothing restarts
+    assert placed[-1].tokens == 4800000 * per_step
+
+
+def test_a_side_line_on_a_trunk_stage_counts_tokens_as_that_stage():
+    names_ = ["stage1-step1000-tokens4B", "stage2-step300-tokens1B", "stage2-step500-tokens2B", "stage2-step500-tokens2B-mixA"]
+    placed = {r.name: r for r in place([parse_revision(n) for n in names_])}
+    assert placed["stage2-step500-tokens2B"].tokens == 6 * B and placed["stage2-step500-tokens2B"].at == 1500
+    assert placed["stage2-step500-tokens2B-mixA"].tokens == 6 * B and placed["stage2-step500-tokens2B-mixA"].at == 1500
+    assert place(list(placed.values())) == place([parse_revision(n) for n in names_])
+
+
+def test_range_ends_must_be_steps_or_revisions_of_the_line():
+    olmo3 = [parse_revision(n) for n in ["stage1-step1000", "stage1-step1400000", "stage2-step10000", "stage2-step47684"]]
+    assert names(select(olmo3, "stage2-step10000..stage2-step47684")) == ["stage2-step10000", "stage2-step47684"]
+    with pytest.raises(SelectionError, match="'stage2-step0' in 'stage2-step0..stage2-step20000' is no step number and no revision"):
+        select(olmo3, "stage2-step0..stage2-step20000")
+    with pytest.raises(SelectionError, match="is no step number and no revision of this line"):
+        select(olmo2(), "stage2-ingredient1-step1000-tokens5B..")  # a side line's revision, the trunk selected
+    assert names(select(olmo2(), "stage2-ingredient1-step1000-tokens5B..", "ingredient1")) == [
+        "stage2-ingredient1-step1000-tokens5B", "stage2-ingredient1-step11931-tokens50B"]
+    assert names(select(olmo3, "1000..1400000")) == ["stage1-step1000", "stage1-step1400000"]
