@@ -11,43 +11,54 @@ from __future__ import annotations
 
 import polars as pl
 
-from .revisions import parse_revision, training_order
+from .revisions import lines, parse_revision, place
 
 DROP_FRACTIONS = (0.25, 0.5)
 
 
-def training_rank(revisions: list[str]) -> dict[str, int]:
-    """Each revision name's position in training order."""
-    ordered = training_order([parse_revision(name) for name in set(revisions)])
-    return {rev.name: i for i, rev in enumerate(ordered)}
+def training_line(revisions: list[tuple[str, str | None]], branch: str | None = None) -> list[str]:
+    """The revisions, given as (name, commit), of one line of training in order: the trunk, or the side line
+    `branch` with the trunk into it (see `ckpt_trace.revisions`). A run whose names fit no scheme (one model,
+    revision main) is one line of all of them."""
+    placed = place([parse_revision(name, commit=commit) for name, commit in revisions])
+    line = lines(placed).get(branch, []) if branch else lines(placed)[None]
+    return [r.name for r in (line or placed)]
 
 
-def _most_covering(frame: pl.DataFrame, column: str) -> str | None:
-    """The value of `column` under which most revisions are scored (ties: the first by name)."""
+def _most_covering(frame: pl.DataFrame, column: str, newest: bool = False) -> object:
+    """The value of `column` under which most revisions are scored (ties: the first in sort order, or the last)."""
     if not frame.height:
         return None
     counts = frame.group_by(column).agg(pl.col("revision").n_unique().alias("n"))
-    return counts.sort(["n", column], descending=[True, False])[column][0]
+    return counts.sort(["n", column], descending=[True, newest], nulls_last=True)[column][0]
 
 
 def latest_scans(frame: pl.DataFrame) -> pl.DataFrame:
-    """Per revision, only the rows of its latest scan: the newest scorer, then the latest time written.
+    """Per revision, only the rows of its latest scan (the latest time written).
 
-    A store keeps the scores of earlier weights, dtypes and scorer versions beside the new ones;
-    analysis takes one scan per revision, never a mix.
+    A store keeps the scores of earlier weights beside the new ones; analysis takes one scan
+    per revision, never a mix.
     """
     key = ["weights", "dtype", "scorer", "created"]
-    latest = frame.select("revision", *key).unique().sort("scorer", "created", nulls_last=False).group_by("revision").last()
+    latest = frame.select("revision", *key).unique().sort("created", nulls_last=False).group_by("revision").last()
     return frame.join(latest, on=["revision", *key], nulls_equal=True)
 
 
-def model_scores(scores: pl.DataFrame, model: str, calibration: str | None = None, dtype: str | None = None) -> pl.DataFrame:
-    """One model's scores on one calibration set and dtype (by default those covering most revisions), each
-    revision's latest scan, with an `order` column."""
-    frame = scores.filter(pl.col("model") == model)
+def model_scores(scores: pl.DataFrame, model: str, calibration: str | None = None, dtype: str | None = None,
+                 branch: str | None = None) -> pl.DataFrame:
+    """One model's scores, one scan per revision, on one line of training, with an `order` column.
+
+    The calibration set, dtype and scorer version are those covering the most revisions (a
+    file written before scorer versions were recorded counts as version 1); per revision,
+    the latest scan of those; the revisions of the trunk, or of the side line `branch`.
+    """
+    frame = scores.filter(pl.col("model") == model).with_columns(pl.col("scorer").fill_null(1))
     frame = frame.filter(pl.col("calibration") == (calibration or _most_covering(frame, "calibration")))
-    frame = latest_scans(frame.filter(pl.col("dtype") == (dtype or _most_covering(frame, "dtype"))))
-    rank = training_rank(frame["revision"].unique().to_list())
+    frame = frame.filter(pl.col("dtype") == (dtype or _most_covering(frame, "dtype")))
+    frame = latest_scans(frame.filter(pl.col("scorer") == _most_covering(frame, "scorer", newest=True)))
+    named = frame.select("revision", "commit").unique("revision", keep="first").rows()
+    rank = {name: i for i, name in enumerate(training_line(named, branch))}
+    frame = frame.filter(pl.col("revision").is_in(list(rank)))
     return frame.with_columns(order=pl.col("revision").replace_strict(rank, return_dtype=pl.Int64)).sort(
         "order", "module", "layer"
     )

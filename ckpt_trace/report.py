@@ -48,28 +48,28 @@ def _per_revision(frame: pl.DataFrame, module: str, metric: str) -> pl.DataFrame
 def build_model_report(scores: pl.DataFrame, revisions: pl.DataFrame, model: str) -> ModelReport:
     """Analyse one model's scores and draw its figures."""
     frame = model_scores(scores, model)
-    calibration, dtype = frame["calibration"][0], frame["dtype"][0]
+    calibration, dtype, scorer = frame["calibration"][0], frame["dtype"][0], frame["scorer"][0]
     n_revisions = frame["revision"].n_unique()
-    scorers = ", ".join(str(s) for s in sorted(frame["scorer"].drop_nulls().unique()))
     report = ModelReport(model, calibration, f"{n_revisions} checkpoints, calibration set `{calibration}`, dtype "
-                         f"{dtype}, scorer {scorers or 'unknown'}; each checkpoint's latest scan of the weights it names.")
-    mine = scores.filter(pl.col("model") == model)
-    others = mine.filter(pl.col("calibration") != calibration)["calibration"].unique()
-    if len(others):
-        report.notes.append(
-            f"scores on other calibration sets ({', '.join(sorted(others))}) are left out; this report uses "
-            f"{calibration}, which covers the most revisions"
-        )
-    other_dtypes = mine.filter((pl.col("calibration") == calibration) & (pl.col("dtype") != dtype))["dtype"].unique()
-    if len(other_dtypes):
-        report.notes.append(f"scores in {', '.join(sorted(other_dtypes))} are left out; this report uses {dtype}, "
-                            "which covers the most revisions")
-    older = mine.filter((pl.col("calibration") == calibration) & (pl.col("dtype") == dtype)).join(
-        frame.select("revision", "weights", "scorer", "created").unique(), on=["revision", "weights", "scorer", "created"],
+                         f"{dtype}, scorer {scorer}; each checkpoint's latest scan of the weights it names.")
+    mine = scores.filter(pl.col("model") == model).with_columns(pl.col("scorer").fill_null(1))
+    for column, chosen, what in (("calibration", calibration, "calibration sets"), ("dtype", dtype, "dtypes"),
+                                 ("scorer", scorer, "scorer versions")):
+        others = sorted(str(v) for v in mine.filter(pl.col(column) != chosen)[column].unique())
+        if others:
+            report.notes.append(f"scores of other {what} ({', '.join(others)}) are left out; this report uses "
+                                f"{chosen}, which covers the most revisions")
+    same = mine.filter((pl.col("calibration") == calibration) & (pl.col("dtype") == dtype) & (pl.col("scorer") == scorer))
+    older = same.filter(pl.col("revision").is_in(frame["revision"].unique().to_list())).join(
+        frame.select("revision", "weights", "created").unique(), on=["revision", "weights", "created"],
         how="anti", nulls_equal=True)["revision"].unique()
     if len(older):
-        report.notes.append(f"earlier scans (other weights or an older scorer) of {len(older)} checkpoint"
-                            f"{'s' if len(older) > 1 else ''} are left out; each checkpoint's latest scan is used")
+        report.notes.append(f"earlier scans (other weights) of {len(older)} checkpoint{'s' if len(older) > 1 else ''} "
+                            "are left out; each checkpoint's latest scan is used")
+    off_line = sorted(set(same["revision"]) - set(frame["revision"]))
+    if off_line:
+        report.notes.append(f"revisions off the trunk of training (side lines, or names placed by commit beside a "
+                            f"revision) are left out: {', '.join(off_line)}")
     metrics = set(frame["metric"].unique())
     for metric in ("importance", "update_ratio"):
         if metric not in metrics:

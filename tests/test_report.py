@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import uuid
 
 import polars as pl
 import pytest
@@ -12,7 +13,7 @@ from ckpt_trace.analysis import (
     drop_count, drop_set_overlap, drop_set_settled, layer_matrix, model_scores, rank_consistency,
 )
 from ckpt_trace.cli import main
-from ckpt_trace.store import REVISIONS_SCHEMA, SCORES_SCHEMA, Store
+from ckpt_trace.store import REVISIONS_SCHEMA, SCORES_SCHEMA, Store, write_parquet
 
 STEPS = [0, 1, 2, 4, 1000, 2000]
 FINAL = [0.9, 0.1, 0.5, 0.3]  # attention importance of layers 0..3 at the end: ranking 1 < 3 < 2 < 0
@@ -153,7 +154,7 @@ def test_report_says_what_it_could_not_draw(tmp_path):
     assert "only one checkpoint is stored" in single and "importance_heatmaps.png" in single
     only = md.split("## importance-only")[1].split("## single")[0]
     assert "no update_ratio scores" in only and "consistency.png" in only
-    assert "scores on other calibration sets (b) are left out" in md
+    assert "scores of other calibration sets (b) are left out" in md
     assert md.count("the store has no validation loss") == 3
     assert not (tmp_path / "out" / "single" / "consistency.png").exists()
 
@@ -236,3 +237,23 @@ def test_report_has_a_pruning_section(tmp_path):
     assert "## m: pruned models" in md and "m-pruned/tradeoff.png" in md
     assert (tmp_path / "out" / "m-pruned" / "tradeoff.png").stat().st_size > 10_000
     assert "| step2000 | attention-2 | attention [1, 3] (similarity) | float32 | cpu | mc | acc | 0.45 | 0.5 | 0.9 |" in md
+
+
+def test_the_report_takes_one_scorer_and_the_trunk_and_says_what_it_left_out(tmp_path):
+    old = synthetic_rows(steps=[0, 1000]).with_columns(scorer=pl.lit(None, pl.Int32))  # written before scorer versions
+    new = synthetic_rows(steps=[1000, 2000]).with_columns(scorer=pl.lit(2, pl.Int32), value=pl.col("value") + 5)
+    ingredient = synthetic_rows(steps=[3000]).with_columns(revision=pl.lit("stage2-ingredient1-step3000-tokens1B"),
+                                                          scorer=pl.lit(2, pl.Int32))
+    frame = model_scores(pl.concat([old, new, ingredient]), "m")
+    assert frame["revision"].unique(maintain_order=True).to_list() == ["step1000", "step2000"]
+    assert set(frame["scorer"]) == {2} and frame["value"].min() >= 5  # never a mix of scorer 1 and 2
+    store = Store(tmp_path / "store")
+    for part in (old, new, ingredient):
+        for _, rows in part.group_by("revision"):
+            write_parquet(rows.select(list(SCORES_SCHEMA)), tmp_path / "store" / "scores" / f"{uuid.uuid4().hex}.parquet")
+    assert main(["report", "--store", str(store.root), "--out", str(tmp_path / "out")]) == 0
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "2 checkpoints, calibration set `cal`, dtype float32, scorer 2" in md
+    assert "scores of other scorer versions (1) are left out" in md
+    assert "revisions off the trunk of training (side lines, or names placed by commit beside a revision) are left out: " \
+           "stage2-ingredient1-step3000-tokens1B" in md
