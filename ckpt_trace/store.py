@@ -27,6 +27,7 @@ import polars as pl
 
 from .errors import StoreError
 from .paths import atomic_write
+from .scoring import METRICS, MODULES
 
 SCORES_SCHEMA: dict[str, pl.DataType] = {
     "model": pl.String,
@@ -143,8 +144,9 @@ class Store:
                 raise StoreError(f"store {str(self.root)!r} is not a ckpt-trace store: {table}/ is a file")
 
     def scores_path(self, key: ScoreKey) -> Path:
-        name = f"{key.calibration}-{key.dtype}-{key.weights or 'none'}-s{key.scorer}.parquet"
-        return self.root / "scores" / path_part(key.model) / path_part(key.revision) / name
+        parts = (key.calibration, key.dtype, key.weights or "-", f"s{key.scorer}")
+        name = "_".join(path_part(str(p)).replace("_", "%5F") for p in parts)  # "_" only between the parts
+        return self.root / "scores" / path_part(key.model) / path_part(key.revision) / f"{name}.parquet"
 
     def has_scores(self, key: ScoreKey) -> bool:
         """Whether whole scores of exactly this key are stored: a file that is missing, unreadable, of
@@ -156,17 +158,25 @@ class Store:
         return self._read_scores(self.scores_path(key), key)
 
     def _read_scores(self, path: Path, key: ScoreKey | None = None) -> pl.DataFrame | None:
+        """A scores file that is whole: one key, and for every layer from 0 to its last, every module and each
+        of the scan's metrics exactly once, with a value. Else None (a file cut short, damaged or foreign)."""
         try:
             frame = pl.read_parquet(path)
-        except Exception:  # missing, cut short, not Parquet: polars raises several kinds
+            if frame.height == 0 or set(SCORES_SCHEMA) - set(frame.columns):
+                return None
+            if frame.select(*(f.name for f in fields(ScoreKey))).n_unique() != 1:
+                return None
+            core = frame.filter(pl.col("metric").is_in(METRICS))
+            layers = core["layer"].max() + 1
+            expected = layers * len(MODULES) * len(METRICS)
+            cells = core.select("layer", "module", "metric").unique()
+            whole = (core.height == cells.height == expected and core["value"].null_count() == 0
+                     and set(core["module"]) == set(MODULES) and set(core["layer"]) == set(range(layers)))
+        except Exception:  # cut short, not Parquet, columns of other types: polars raises several kinds
             return None
-        if frame.height == 0 or set(SCORES_SCHEMA) - set(frame.columns):
+        if not whole:
             return None
-        grid = (frame["layer"].max() + 1) * frame["module"].n_unique() * frame["metric"].n_unique()
-        first = ScoreKey.of(frame.row(0, named=True))
-        if frame.height != grid or frame.select(*(f.name for f in fields(ScoreKey))).n_unique() != 1:
-            return None
-        return frame if key is None or first == key else None
+        return frame if key is None or ScoreKey.of(frame.row(0, named=True)) == key else None
 
     def stored_keys(self, model: str, revision: str) -> list[ScoreKey]:
         """The keys of the whole scores stored for one model and revision, whatever their weights, dtype, ..."""

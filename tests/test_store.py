@@ -12,14 +12,18 @@ from urllib.parse import unquote
 from ckpt_trace.store import SCORES_SCHEMA, ScoreKey, Store, load_scores, path_part, write_parquet
 
 
-def rows(model="org/m", revision="step1", calibration="abc", value=0.5, weights="w1", dtype="float32"):
+def rows(model="org/m", revision="step1", calibration="abc", value=0.5, weights="w1", dtype="float32", layers=2):
+    """Whole scores of one key: every layer, module and metric once; values value, value + 1, ... by row."""
+    grid = [(layer, module, metric) for layer in range(layers) for module in ("block", "attention", "mlp")
+            for metric in ("importance", "update_ratio")]
+    n = len(grid)
     return pl.DataFrame(
         {
-            "model": [model] * 2, "revision": [revision] * 2, "commit": [None] * 2, "weights": [weights] * 2,
-            "step": [1] * 2, "tokens": [None] * 2, "branch": [None] * 2, "layer": [0, 1], "module": ["attention"] * 2,
-            "metric": ["importance"] * 2, "value": [value, value + 1], "n_tokens": [10] * 2,
-            "calibration": [calibration] * 2, "dtype": [dtype] * 2, "scorer": [2] * 2, "version": ["0"] * 2,
-            "created": [datetime(2026, 1, 1, tzinfo=timezone.utc)] * 2,
+            "model": [model] * n, "revision": [revision] * n, "commit": [None] * n, "weights": [weights] * n,
+            "step": [1] * n, "tokens": [None] * n, "branch": [None] * n, "layer": [g[0] for g in grid],
+            "module": [g[1] for g in grid], "metric": [g[2] for g in grid], "value": [value + i for i in range(n)],
+            "n_tokens": [10] * n, "calibration": [calibration] * n, "dtype": [dtype] * n, "scorer": [2] * n,
+            "version": ["0"] * n, "created": [datetime(2026, 1, 1, tzinfo=timezone.utc)] * n,
         }
     )
 
@@ -30,15 +34,16 @@ KEY = ScoreKey("org/m", "step1", "w1", "float32", "abc", 2)
 def test_write_and_read_back(tmp_path):
     store = Store(tmp_path)
     path = store.write_scores(rows())
-    assert path == tmp_path / "scores" / "org%2Fm" / "step1" / "abc-float32-w1-s2.parquet"
+    assert path == tmp_path / "scores" / "org%2Fm" / "step1" / "abc_float32_w1_s2.parquet"
     assert store.has_scores(KEY)
     store.write_scores(rows(revision="step2", value=0.25))
     frame = load_scores(tmp_path)
     assert frame.schema == pl.Schema(SCORES_SCHEMA)
-    assert frame.sort("revision", "layer")["value"].to_list() == [0.5, 1.5, 0.25, 1.25]
+    assert frame.filter(pl.col("layer") == 0, pl.col("module") == "block").sort("revision", "metric")["value"].to_list() == [
+        0.5, 1.5, 0.25, 1.25]
     # Plain polars reads the store with no help from ckpt-trace.
     direct = pl.scan_parquet(str(tmp_path / "scores/**/*.parquet")).collect()
-    assert direct.height == 4 and set(direct["model"]) == {"org/m"}
+    assert direct.height == 24 and set(direct["model"]) == {"org/m"}
 
 
 def test_empty_store_gives_empty_frame_with_schema(tmp_path):
@@ -60,7 +65,7 @@ def test_failed_write_leaves_old_file_and_no_temporary(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         store.write_scores(rows(value=9.0))
     assert path.read_bytes() == before
-    assert [p.name for p in path.parent.iterdir()] == ["abc-float32-w1-s2.parquet"]
+    assert [p.name for p in path.parent.iterdir()] == ["abc_float32_w1_s2.parquet"]
 
 
 def test_store_that_is_a_file(tmp_path):
@@ -90,11 +95,21 @@ def test_other_weights_dtype_or_calibration_are_stored_beside_and_kept_apart(tmp
     store.write_scores(rows(calibration="def", value=9.0))
     assert len(list((tmp_path / "scores" / "org%2Fm" / "step1").iterdir())) == 4
     assert sorted(k.differences(KEY) for k in store.stored_keys("org/m", "step1")) == [[], ["calibration"], ["dtype"], ["weights"]]
-    assert store.scores().filter(pl.col("weights") == "w1", pl.col("dtype") == "float32",
-                                 pl.col("calibration") == "abc")["value"].to_list() == [0.5, 1.5]
+    kept = store.scores().filter(pl.col("weights") == "w1", pl.col("dtype") == "float32", pl.col("calibration") == "abc")
+    assert kept["value"].to_list() == rows()["value"].to_list()
 
 
-@pytest.mark.parametrize("damage", ["cut", "garbage", "short", "foreign"])
+DAMAGE = {
+    "short": lambda f: f.filter(pl.col("layer") != 0),  # layer 0 of two is missing
+    "no block rows": lambda f: f.filter(pl.col("module") != "block"),
+    "a null value": lambda f: f.with_columns(value=pl.when(pl.col("layer") == 1).then(None).otherwise("value")),
+    "a row twice, one missing": lambda f: pl.concat([f.head(1), f.head(1), f.slice(2)]),
+    "layer as text": lambda f: f.with_columns(pl.col("layer").cast(pl.String)),
+    "foreign": lambda f: rows(weights="w2"),  # whole scores, but of other weights, under this key's name
+}
+
+
+@pytest.mark.parametrize("damage", ["cut", "garbage", *DAMAGE])
 def test_a_damaged_or_foreign_file_is_not_stored_scores(tmp_path, damage):
     store = Store(tmp_path)
     path = store.write_scores(rows())
@@ -102,13 +117,28 @@ def test_a_damaged_or_foreign_file_is_not_stored_scores(tmp_path, damage):
         path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     elif damage == "garbage":
         path.write_bytes(b"not parquet")
-    elif damage == "short":  # layer 0 of two is missing
-        write_parquet(rows().tail(1), path)
-    else:  # whole scores, but of other weights, under this key's name
-        write_parquet(rows(weights="w2"), path)
+    else:
+        write_parquet(DAMAGE[damage](rows()), path)
     assert not store.has_scores(KEY)
     assert store.stored_keys("org/m", "step1") == ([ScoreKey("org/m", "step1", "w2", "float32", "abc", 2)]
                                                    if damage == "foreign" else [])
+
+
+def test_metrics_beyond_the_scans_own_do_not_spoil_whole_scores(tmp_path):
+    extra = rows().filter(pl.col("module") == "block", pl.col("metric") == "importance").with_columns(
+        metric=pl.lit("ablation_loss"))
+    store = Store(tmp_path)
+    store.write_scores(pl.concat([rows(), extra]))
+    assert store.has_scores(KEY)
+
+
+def test_file_names_of_keys_are_distinct_and_safe(tmp_path):
+    store = Store(tmp_path)
+    keys = [ScoreKey("m", "r", "w", "a-b", "c", 2), ScoreKey("m", "r", "w", "a", "b-c", 2),
+            ScoreKey("m", "r", None, "x", "c", 2), ScoreKey("m", "r", "none", "x", "c", 2),
+            ScoreKey("m", "r", "w", "x_y", "c", 2), ScoreKey("m", "r", "w", "x", "y_c", 2), ScoreKey("m", "r", "w", "x", "../c", 2)]
+    paths = [store.scores_path(k) for k in keys]
+    assert len(set(paths)) == len(keys) and all(p.parent == tmp_path / "scores" / "m" / "r" for p in paths)
 
 
 def test_write_parquet_creates_parents(tmp_path):
