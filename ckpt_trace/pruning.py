@@ -30,7 +30,7 @@ from .adapters import locate
 from .errors import ConfigError
 from .scan import ScoringOptions
 from .scoring import score
-from .surgery import apply_, dropped, layer_list, pruned_record, skipped_blocks
+from .surgery import apply_, dropped, layer_list, pruned_record
 
 
 TARGETS = ("attention", "mlp", "block", "joint")
@@ -133,7 +133,8 @@ def choose_iterative(model: nn.Module, calibration, target: str, k: int, batch_s
     """Drop the least important module, score the pruned model again, and repeat; return the picks and their scores.
 
     Picks are in the original layer numbering. Scoring runs on a model whose picks so far are
-    dropped; for blocks, the dropped layers are skipped by zeroing their deltas, so indices stay put.
+    dropped; a dropped block is its attention and MLP dropped (it passes its input through, and
+    scores 0), so indices stay put.
     """
     n_layers = len(layer_list(model)[2])
     already = pruned_record(model.config)
@@ -142,8 +143,8 @@ def choose_iterative(model: nn.Module, calibration, target: str, k: int, batch_s
     for step in range(k):
         attention = [layer for m, layer in chosen if m == "attention"]
         mlp = [layer for m, layer in chosen if m == "mlp"]
-        blocks = {layer for m, layer in chosen if m == "block"}
-        with dropped(model, attention, mlp), skipped_blocks(model, blocks):
+        blocks = [layer for m, layer in chosen if m == "block"]
+        with dropped(model, attention + blocks, mlp + blocks):
             scores = score(model, calibration, batch_size, progress=progress and f"iterative {step + 1}/{k}")
         now = {"attention": [*already["attention"], *attention, *blocks], "mlp": [*already["mlp"], *mlp]}
         chosen += _take(rank(scores, target), 1, target, n_layers, now, exclude=chosen)

@@ -153,23 +153,6 @@ def apply_(model: nn.Module, chosen: list[tuple[str, int]]) -> nn.Module:
     )
 
 
-@contextmanager
-def skipped_blocks(model: nn.Module, blocks: set[int]) -> Iterator[None]:
-    """Blocks that pass their input through unchanged, by forward hooks removed on exit."""
-    _, _, layers = layer_list(model)
-    handles = [
-        layers[i].register_forward_hook(
-            lambda module, args, kwargs, output: args[0] if args else kwargs["hidden_states"], with_kwargs=True
-        )
-        for i in sorted(blocks)
-    ]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
 def module_prefixes(model: nn.Module, record: dict[str, list[int]]) -> list[str]:
     adapter = adapter_for_type(model.config.model_type)
     names = {id(m): n for n, m in model.named_modules()}

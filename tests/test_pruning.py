@@ -289,3 +289,18 @@ def test_a_model_pruned_in_python_and_saved_without_a_manifest(tmp_path, tokeniz
     record = json.loads((tmp_path / "again" / MANIFEST).read_text())
     assert record["order"] == ["attention 0"] and record["previous"] is None
     assert record["dropped"] == {"attention": [0, 1], "mlp": [], "block": []}  # what the config said, and this step
+
+
+def test_iterative_block_pruning_scores_a_dropped_block_as_nothing():
+    model = make_model("llama")
+    calibration = CalibrationSet.from_ids(random_ids(4, 16, seed=3))
+    chosen, rounds = choose_iterative(model, calibration, "block", 2)
+    first = chosen[0][1]
+    later = rounds.filter((pl.col("round") == 1) & (pl.col("layer") == first))
+    assert later.height == 6 and set(later["value"]) == {0.0}  # block, attention and MLP: both metrics
+    # A block with its attention and MLP dropped passes its input through: the next layer sees the same input.
+    with dropped(model, [first], [first]):
+        ids = torch.tensor(random_ids(1, 8, seed=4))
+        with torch.no_grad():
+            hidden = model(input_ids=ids, output_hidden_states=True).hidden_states
+        torch.testing.assert_close(hidden[first + 1], hidden[first], atol=0, rtol=0)
