@@ -131,8 +131,9 @@ def validation_blocks(tokenizer, documents: list[str], seq_len: int) -> torch.Te
     return ids[: n * seq_len].view(n, seq_len)
 
 
-def suite_of(model_dir: str | os.PathLike) -> tuple[Path, MicroSuiteConfig] | None:
-    """The micro suite a checkpoint directory belongs to, or that a model was pruned from, with its config; else None."""
+def suite_of(model_dir: str | os.PathLike) -> tuple[dict, MicroSuiteConfig] | None:
+    """The micro suite a checkpoint directory belongs to, or that a model was pruned from: its suite.json and
+    config; else None."""
     model_dir = Path(model_dir)
     places = [model_dir, model_dir.parent]
     manifest = model_dir / "ckpt_trace_prune.json"
@@ -148,7 +149,8 @@ def suite_of(model_dir: str | os.PathLike) -> tuple[Path, MicroSuiteConfig] | No
         file = place / "suite.json"
         if file.is_file():
             try:
-                return place.resolve(), MicroSuiteConfig(**json.loads(file.read_text())["config"])
+                meta = json.loads(file.read_text())
+                return meta, MicroSuiteConfig(**meta["config"])
             except (OSError, ValueError, KeyError, TypeError):
                 return None
     return None
@@ -160,11 +162,20 @@ def heldout_set(model_dir: str | os.PathLike, tokenizer) -> CalibrationSet | Non
     They are documents the suite never trained on, cut exactly as for its validation loss,
     so a checkpoint's perplexity on them is exp(its validation loss).
     """
+    from pydoc_data.topics import topics
+
     found = suite_of(model_dir)
     if found is None:
         return None
-    _, config = found
-    _, val_docs = split_documents(config.seed, config.holdout)
+    meta, config = found
+    recorded = meta.get("heldout_topics")
+    if recorded is None:  # a suite built before the split was recorded: the split its seed gives
+        _, val_docs = split_documents(config.seed, config.holdout)
+    elif missing := [t for t in recorded if t not in topics]:
+        raise ConfigError(f"this Python's documentation lacks the held-out topics {', '.join(missing)} of the suite "
+                          f"behind {str(model_dir)!r}; give --perplexity-data")
+    else:  # the documents the suite held out, as recorded, whatever this Python's documentation adds
+        val_docs = [topics[t] for t in recorded]
     blocks = validation_blocks(tokenizer, val_docs, config.seq_len)
     return CalibrationSet(tuple(blocks), f"{config.name} held-out documents ({len(blocks)}x{config.seq_len})")
 

@@ -128,3 +128,15 @@ def test_held_out_perplexity_is_the_suites_validation_loss(home, tmp_path, capsy
     assert ppl["step60"] == pytest.approx(math.exp(meta["revisions"][-1]["val_loss"]), rel=1e-4)
     assert ppl["pruned"] > ppl["step60"]
     assert evals["n"].n_unique() == 1  # both on the same held-out tokens
+
+
+def test_held_out_documents_are_those_the_suite_recorded(home, monkeypatch):
+    from transformers import AutoTokenizer
+
+    path = build(MicroSuiteConfig(**QUICK), progress=False)
+    tokenizer = AutoTokenizer.from_pretrained(path / "step60")
+    expected = microsuite.heldout_set(path / "step60", tokenizer)
+    # Another Python's documentation would split differently; the recorded topics are what was held out.
+    monkeypatch.setattr(microsuite, "split_documents", lambda *a: pytest.fail("the split was computed again"))
+    again = microsuite.heldout_set(path / "step60", tokenizer)
+    assert again.id == expected.id and len(again.sequences) > 0
