@@ -101,7 +101,7 @@ def single_checkpoint(path: Path) -> Checkpoint:
     other directory is revision ``main`` of a model named after it.
     """
     given = Path(os.path.abspath(path))  # the names the user gave, links not followed
-    if (snapshot := _cache_snapshot(given)) is not None:
+    if (snapshot := _cache_snapshot(given) or _cache_snapshot(given.resolve())) is not None:  # or a link to one
         return _local(*snapshot, path)
     target = parse_revision(given.resolve().name)
     if given.is_symlink() and target.parsed:

@@ -182,7 +182,8 @@ def test_a_cache_snapshot_is_named_by_its_repo_and_branch(hub, tmp_path, capsys)
     refs = cache / f"models--{REPO.replace('/', '--')}" / "refs"
     (refs / "main").write_text(step2000.name)
     store = tmp_path / "s"
-    for path in (step0, step2000):
+    (tmp_path / "my-link").symlink_to(step0, target_is_directory=True)  # a link to a snapshot is that snapshot
+    for path in (tmp_path / "my-link", step2000):
         assert main(["scan", str(path), "--store", str(store), *SMALL]) == 0, capsys.readouterr().err
     frame = Store(store).scores()
     assert set(frame["model"]) == {REPO}
