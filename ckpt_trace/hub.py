@@ -15,6 +15,7 @@ import functools
 import json
 import logging
 import os
+import socket
 import sys
 import time
 from collections.abc import Iterable, Iterator
@@ -115,46 +116,96 @@ def with_retries(fn, what: str):
             time.sleep(delay)
 
 
+def _holder() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _alive(holder: str) -> bool:
+    """Whether a holder's process still runs; one on another machine is taken to run."""
+    host, _, pid = holder.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: it runs
+        pass
+    return True
+
+
+@dataclass
+class LedgerState:
+    """The cache files ckpt-trace downloaded and has not evicted yet, and which scans use which snapshot."""
+
+    files: set[str]
+    holders: dict[str, set[str]]
+    """snapshot folder -> the scans (host:pid) using it."""
+
+    def under(self, folder: Path) -> list[Path]:
+        """The recorded files inside `folder`."""
+        prefix = f"{folder}{os.sep}"
+        return sorted(Path(e) for e in self.files if e.startswith(prefix))
+
+    def hold(self, snapshot: Path) -> None:
+        self.holders.setdefault(str(snapshot), set()).add(_holder())
+
+    def release(self, snapshot: Path) -> set[str]:
+        """Stop using a snapshot; return the scans still using it (those whose processes ended are forgotten)."""
+        left = {h for h in self.holders.pop(str(snapshot), set()) if h != _holder() and _alive(h)}
+        if left:
+            self.holders[str(snapshot)] = left
+        return left
+
+
 class DownloadLedger:
-    """The cache files that ckpt-trace downloaded and has not evicted yet, kept in a JSON file.
+    """A JSON file of what ckpt-trace downloaded into a cache and who uses it (`LedgerState`).
 
     Several scans (threads, processes, jobs of an array) may share it: every change is a
-    read-modify-write under a file lock, written atomically.
+    read-modify-write under a file lock, written atomically. A scan holds a snapshot from
+    before its download until it releases it; the files ckpt-trace downloaded are evicted by
+    the last scan to release the snapshot, so one scan never deletes what another still reads.
     """
 
     def __init__(self, path: Path):
         self.path = path
 
     @contextmanager
-    def _locked(self) -> Iterator[set[str]]:
+    def locked(self) -> Iterator[LedgerState]:
+        """The ledger, for reading and changing, while no other scan can; written back on exit."""
         from filelock import FileLock
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(f"{self.path}.lock"):
-            entries = self._read()
-            before = set(entries)
-            yield entries
-            if entries != before:
-                atomic_write_bytes(self.path, json.dumps(sorted(entries)).encode())
+            state = self._read()
+            before = json.dumps(self._dump(state), sort_keys=True)
+            yield state
+            after = json.dumps(self._dump(state), sort_keys=True)
+            if after != before:
+                atomic_write_bytes(self.path, after.encode())
 
-    def _read(self) -> set[str]:
+    @staticmethod
+    def _dump(state: LedgerState) -> dict:
+        return {"files": sorted(state.files), "holders": {k: sorted(v) for k, v in sorted(state.holders.items())}}
+
+    def _read(self) -> LedgerState:
         try:
-            return set(json.loads(self.path.read_text()))
+            data = json.loads(self.path.read_text())
         except (OSError, ValueError):
-            return set()
+            data = {}
+        if isinstance(data, list):  # the earlier form: files only
+            data = {"files": data}
+        if not isinstance(data, dict):
+            data = {}
+        return LedgerState(set(data.get("files", [])), {k: set(v) for k, v in data.get("holders", {}).items()})
 
     def add(self, files: Iterable[Path]) -> None:
-        with self._locked() as entries:
-            entries.update(map(str, files))
-
-    def discard(self, files: Iterable[Path]) -> None:
-        with self._locked() as entries:
-            entries.difference_update(map(str, files))
+        with self.locked() as state:
+            state.files.update(map(str, files))
 
     def under(self, folder: Path) -> list[Path]:
         """The recorded files inside `folder`."""
-        prefix = f"{folder}{os.sep}"
-        return sorted(Path(e) for e in self._read() if e.startswith(prefix))
+        return self._read().under(folder)
 
 
 class HubRepo:
@@ -251,9 +302,11 @@ class HubRepo:
         from huggingface_hub.errors import LocalEntryNotFoundError
 
         snapshot = self.snapshot(revision)
-        # Recorded before the first byte, so that an interrupted download is still ours to evict;
+        # Held, and recorded before the first byte, so that an interrupted download is still ours to evict;
         # files that were in the cache before are not ours and are never evicted.
-        self.ledger.add(snapshot / f for f in files.files if not (snapshot / f).is_file())
+        with self.ledger.locked() as state:
+            state.hold(snapshot)
+            state.files.update(str(snapshot / f) for f in files.files if not (snapshot / f).is_file())
         try:
             path = with_retries(
                 lambda: snapshot_download(
@@ -273,28 +326,32 @@ class HubRepo:
             raise self._hub_error(err, "download of", revision.name) from err
         return Path(path)
 
-    def eviction_plan(self, revision: Revision) -> tuple[list[Path], list[Path]]:
+    def eviction_plan(self, revision: Revision, state: LedgerState) -> tuple[list[Path], list[Path]]:
         """What evicting a revision deletes: the snapshot entries ckpt-trace downloaded, and the blobs
         behind them that no other snapshot of the repo points to. Only this repo's folder is read."""
-        mine = self.ledger.under(self.snapshot(revision))
+        mine = state.under(self.snapshot(revision))
         blobs = {p.resolve() for p in mine if p.is_symlink()}
         snapshots = self.repo_folder / "snapshots"
         kept = {p.resolve() for p in snapshots.rglob("*") if p.is_symlink() and p not in set(mine)} if blobs else set()
         return mine, sorted(b for b in blobs - kept if b.is_file())
 
     def evict(self, revision: Revision) -> int:
-        """Delete from the cache the files of a revision that ckpt-trace downloaded; return the bytes freed."""
-        entries, blobs = self.eviction_plan(revision)
-        freed = sum(b.stat().st_size for b in blobs) + sum(
-            e.stat().st_size for e in entries if e.is_file() and not e.is_symlink())
-        for entry in entries:
-            entry.unlink(missing_ok=True)
-        for blob in blobs:
-            blob.unlink(missing_ok=True)
+        """Release a revision; when no other scan uses it, delete from the cache the files of it that ckpt-trace
+        downloaded. Return the bytes freed."""
         snapshot = self.snapshot(revision)
-        for folder in sorted({e.parent for e in entries} | {snapshot}, key=lambda p: len(p.parts), reverse=True):
-            while folder != snapshot.parent and folder.is_dir() and not any(folder.iterdir()):
-                folder.rmdir()  # empty folders the eviction left, up to and including the snapshot
-                folder = folder.parent
-        self.ledger.discard(entries)
+        with self.ledger.locked() as state:  # no scan starts a download of it meanwhile
+            if state.release(snapshot):
+                return 0  # another scan still reads it; the last one to release it evicts
+            entries, blobs = self.eviction_plan(revision, state)
+            freed = sum(b.stat().st_size for b in blobs) + sum(
+                e.stat().st_size for e in entries if e.is_file() and not e.is_symlink())
+            for entry in entries:
+                entry.unlink(missing_ok=True)
+            for blob in blobs:
+                blob.unlink(missing_ok=True)
+            for folder in sorted({e.parent for e in entries} | {snapshot}, key=lambda p: len(p.parts), reverse=True):
+                while folder != snapshot.parent and folder.is_dir() and not any(folder.iterdir()):
+                    folder.rmdir()  # empty folders the eviction left, up to and including the snapshot
+                    folder = folder.parent
+            state.files.difference_update(map(str, entries))
         return freed

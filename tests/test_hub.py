@@ -249,10 +249,34 @@ def test_a_file_in_the_cache_before_the_scan_survives_it(hub, tmp_path, capsys):
     assert [p.resolve() for p in blobs.iterdir()] == [mine.resolve()]
 
 
+def test_a_snapshot_another_scan_still_uses_is_evicted_by_the_last_to_release_it(hub, tmp_path):
+    import socket
+    import subprocess
+    import sys as system
+
+    repo = hub_module.HubRepo(REPO, tmp_path / "cache", tmp_path / "ledger.json")
+    revision = next(r for r in repo.revisions() if r.name == "step0")
+    snapshot = repo.download(revision, repo.files(revision))
+    other = f"{socket.gethostname()}:{os.getppid()}"  # a process that runs: another scan of the same cache
+    ended = subprocess.run([system.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    gone = f"{socket.gethostname()}:{ended.stdout.strip()}"  # a scan that was killed without releasing
+    with repo.ledger.locked() as state:
+        state.holders[str(snapshot)] |= {other, gone}
+    assert repo.evict(revision) == 0 and (snapshot / "model.safetensors").is_file()  # the other scan still reads it
+    with repo.ledger.locked() as state:
+        assert state.holders[str(snapshot)] == {other}  # the ended one is forgotten
+        state.holders[str(snapshot)].discard(other)  # the other scan is done
+        state.hold(snapshot)  # this one takes it again
+    assert repo.evict(revision) > 0 and not snapshot.exists()
+    assert repo.ledger.under(snapshot) == []
+
+
 def _add_entries(path: str, worker: int, count: int) -> None:
     ledger = hub_module.DownloadLedger(Path(path))
     for i in range(count):
         ledger.add([Path(f"/cache/snapshots/{worker}/file-{i}")])
+        with ledger.locked() as state:
+            state.hold(Path(f"/cache/snapshots/{worker}"))
 
 
 @pytest.mark.filterwarnings("ignore:This process .* fork:DeprecationWarning")  # Python 3.12+; the children use no thread
@@ -267,8 +291,8 @@ def test_twenty_processes_writing_the_ledger_lose_no_entry(tmp_path):
     for worker in workers:
         worker.join(timeout=120)
     assert [w.exitcode for w in workers] == [0] * 20
-    entries = json.loads(path.read_text())
-    assert len(entries) == len(set(entries)) == 600
+    ledger = json.loads(path.read_text())
+    assert len(ledger["files"]) == len(set(ledger["files"])) == 600 and len(ledger["holders"]) == 20
 
 
 def test_cut_off_download_is_resumed(hub, tmp_path, capsys):
