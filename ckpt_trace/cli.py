@@ -12,7 +12,7 @@ import polars as pl
 from .calibration import DEFAULT_SPEC, CalibrationSpec
 from .errors import CkptTraceError
 
-OK, INPUT_ERROR, INTERRUPTED = 0, 2, 130
+OK, FAILED, INPUT_ERROR, INTERRUPTED = 0, 1, 2, 130
 
 
 class _OneLine(logging.Handler):
@@ -76,6 +76,11 @@ def scan(source, revisions, calibration, samples, seq_len, seed, **options):
     first = summary.row(0, named=True)
     click.echo(f"scores stored in {config.store}/scores (dtype {first['dtype']}, calibration set {first['calibration']}, "
                f"scorer {first['scorer']}; `weights` is each revision's weights fingerprint)")
+    failed = summary.filter(pl.col("status") == "failed")["revision"].to_list()
+    if failed:  # --keep-going went on past them; the exit status still says so
+        click.echo(f"ckpt-trace: {len(failed)} revision{'s' if len(failed) > 1 else ''} failed and {'are' if len(failed) > 1 else 'is'} "
+                   f"recorded in {config.store}/runs: {', '.join(failed)}", err=True)
+        return FAILED
 
 
 @cli.command()

@@ -15,7 +15,6 @@ import functools
 import json
 import logging
 import os
-import socket
 import sys
 import time
 from collections.abc import Iterable, Iterator
@@ -26,7 +25,7 @@ from pathlib import Path
 
 from .errors import SourceError
 from .identity import fingerprint, weight_files
-from .paths import atomic_write_bytes
+from .paths import alive, atomic_write_bytes, process_id
 from .revisions import Revision, parse_revision, place
 
 log = logging.getLogger(__name__)
@@ -116,24 +115,6 @@ def with_retries(fn, what: str):
             time.sleep(delay)
 
 
-def _holder() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
-
-
-def _alive(holder: str) -> bool:
-    """Whether a holder's process still runs; one on another machine is taken to run."""
-    host, _, pid = holder.rpartition(":")
-    if host != socket.gethostname() or not pid.isdigit():
-        return True
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process: it runs
-        pass
-    return True
-
-
 @dataclass
 class LedgerState:
     """The cache files ckpt-trace downloaded and has not evicted yet, and which scans use which snapshot."""
@@ -148,11 +129,11 @@ class LedgerState:
         return sorted(Path(e) for e in self.files if e.startswith(prefix))
 
     def hold(self, snapshot: Path) -> None:
-        self.holders.setdefault(str(snapshot), set()).add(_holder())
+        self.holders.setdefault(str(snapshot), set()).add(process_id())
 
     def release(self, snapshot: Path) -> set[str]:
         """Stop using a snapshot; return the scans still using it (those whose processes ended are forgotten)."""
-        left = {h for h in self.holders.pop(str(snapshot), set()) if h != _holder() and _alive(h)}
+        left = {h for h in self.holders.pop(str(snapshot), set()) if h != process_id() and alive(h)}
         if left:
             self.holders[str(snapshot)] = left
         return left

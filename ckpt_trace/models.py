@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
+import re
 from pathlib import Path
 
 import torch
 
 from .adapters import adapter_for_type
 from .errors import ConfigError, SourceError
-from .surgery import PRUNED_KEY, drop_modules_, module_prefixes, pruned_record
+from .surgery import drop_modules_, layer_list, module_prefixes, pruned_record
 
 DEVICES = "auto, cpu, cuda or cuda:N"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -57,52 +57,67 @@ def read_config(path: str | os.PathLike) -> dict:
     if not file.is_file():
         raise SourceError(f"{str(path)!r} is not a model directory: it has no config.json")
     try:
-        return json.loads(file.read_text(encoding="utf-8"))
+        config = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
         raise SourceError(f"cannot read {file}: {err}") from err
+    if not isinstance(config, dict):
+        raise SourceError(f"{file} is not a model config: it holds a JSON {type(config).__name__}, not an object")
+    return config
 
 
-def load_model(path: str | os.PathLike, device: torch.device, dtype: torch.dtype, trust_remote_code: bool = False):
-    """A causal LM from a local directory, in eval mode, checked for a supported architecture first."""
+def _names(keys: list[str]) -> str:
+    return ", ".join(sorted(keys)[:4]) + (f" and {len(keys) - 4} more" if len(keys) > 4 else "")
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+               trust_remote_code: bool = False) -> torch.nn.Module:
+    """A causal LM from a local directory, in eval mode, its weights checked against its config first.
+
+    Every parameter the config calls for must be in the weight files with its shape, and the files
+    must hold no decoder layer the config lacks: a model is never scored with random initialisation
+    or with layers left out. Attention and MLP layers dropped by pruning (recorded in the config)
+    are the exception: they stay dropped.
+    """
+    import transformers
     from transformers import AutoModelForCausalLM
 
     config = read_config(path)
-    adapter_for_type(config.get("model_type"))
-    if config.get(PRUNED_KEY):
-        return load_pruned(path, device, dtype, trust_remote_code)
+    adapter = adapter_for_type(config.get("model_type"))
+    record = pruned_record(config)
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # what transformers would warn of is checked, and raised, below
     try:
         # weights_only: .bin files go through torch's restricted unpickler, which runs no code.
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, trust_remote_code=trust_remote_code, weights_only=True
+        model, info = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, trust_remote_code=trust_remote_code, weights_only=True, output_loading_info=True
         )
-    except (OSError, ValueError, RuntimeError, pickle.UnpicklingError) as err:
-        raise SourceError(f"cannot load the model in {str(path)!r}: {err}") from err
+    except Exception as err:  # a weight file cut short, empty or not weights: each library raises its own kind
+        raise SourceError(f"cannot load the weights in {str(path)!r}: {' '.join(str(err).split())[:300]}") from err
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    prefixes = tuple(module_prefixes(model, record))
+    missing = [k for k in info.get("missing_keys", []) if not k.startswith(prefixes)]
+    if missing:
+        raise SourceError(f"the weights in {str(path)!r} lack parameters its config calls for (they would be random): "
+                          f"{_names(missing)}")
+    if info.get("mismatched_keys"):
+        raise SourceError(f"the weights in {str(path)!r} do not fit its config: {_names([str(k) for k in info['mismatched_keys']])}")
+    n_layers = len(layer_list(model)[2])
+    pattern = re.compile(rf"(?:^|\.){re.escape(adapter.layers)}\.(\d+)\.")
+    extra = [k for k in info.get("unexpected_keys", []) if (m := pattern.search(k)) and int(m[1]) >= n_layers]
+    if extra:
+        raise SourceError(f"the weights in {str(path)!r} hold decoder layers its config ({n_layers} layers) lacks: "
+                          f"{_names(extra)}")
+    if n_layers == 0:
+        raise SourceError(f"the model in {str(path)!r} has no decoder layers to score")
+    drop_modules_(model, record["attention"], record["mlp"])
     return model.to(device).eval()
 
 
 def load_pruned(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                 trust_remote_code: bool = False) -> torch.nn.Module:
-    """Load a model saved with attention or MLP layers dropped (or none); they stay dropped, and every other weight must be there."""
-    import transformers
-    from transformers import AutoModelForCausalLM
-
-    config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    record = pruned_record(config)
-    verbosity = transformers.logging.get_verbosity()
-    if any(record.values()):  # the dropped modules' weights are missing by design; they are checked below
-        transformers.logging.set_verbosity_error()
-    try:
-        model, info = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, trust_remote_code=trust_remote_code, weights_only=True, output_loading_info=True
-        )
-    finally:
-        transformers.logging.set_verbosity(verbosity)
-    prefixes = module_prefixes(model, record)
-    unexpected = [k for k in info.get("missing_keys", []) if not k.startswith(tuple(prefixes))]
-    if unexpected:
-        raise SourceError(f"{str(path)!r} lacks weights that were not dropped: {', '.join(sorted(unexpected)[:5])}")
-    drop_modules_(model, record["attention"], record["mlp"])
-    return model.to(device).eval()
+    """Load a model saved by ckpt-trace, pruned or not: `load_model`, with what was dropped still dropped."""
+    return load_model(path, device, dtype, trust_remote_code)
 
 
 def load_tokenizer(path: str | os.PathLike):

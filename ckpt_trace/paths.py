@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
+import socket
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -15,11 +17,34 @@ def home() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ckpt-trace"
 
 
+def process_id() -> str:
+    """This process, as host:pid."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def alive(process: str) -> bool:
+    """Whether a process named by `process_id` still runs; one on another machine is taken to run."""
+    host, _, pid = process.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: it runs
+        pass
+    return True
+
+
+_TEMPORARY = re.compile(r"^\..+\.(?P<host>[^.]+?)@(?P<pid>\d+)-[0-9a-f]{8}\.tmp$")
+
+
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Have `write` fill a temporary file beside `path`, flush it to disk, and move it into place in one step,
     so that `path` holds either what it held before or the whole new file, also after a crash or power loss."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    host = socket.gethostname().replace(".", "_")
+    tmp = path.with_name(f".{path.name}.{host}@{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
     try:
         write(tmp)
         with open(tmp, "rb") as file:
@@ -38,3 +63,15 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """`atomic_write` of bytes."""
     atomic_write(path, lambda tmp: tmp.write_bytes(data))
+
+
+def remove_stale_temporaries(root: Path) -> list[Path]:
+    """Delete the temporary files under `root` that a process on this machine left when it was killed."""
+    host = socket.gethostname().replace(".", "_")
+    stale = []
+    for file in root.rglob(".*.tmp") if root.is_dir() else ():
+        match = _TEMPORARY.match(file.name)
+        if match and match["host"] == host and not alive(f"{socket.gethostname()}:{match['pid']}"):
+            file.unlink(missing_ok=True)
+            stale.append(file)
+    return stale

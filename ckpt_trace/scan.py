@@ -29,7 +29,8 @@ from .errors import CalibrationError, CkptTraceError, ConfigError
 from .models import dtype_name, load_model, load_tokenizer, max_positions, read_config, resolve_device, resolve_dtype
 from .scoring import MODULES, SCORER_VERSION, score
 from .sources import Checkpoint, open_source
-from .store import REVISIONS_SCHEMA, RUNS_SCHEMA, ScoreKey, Store
+from .paths import remove_stale_temporaries
+from .store import REVISIONS_SCHEMA, RUNS_SCHEMA, SCORES_SCHEMA, ScoreKey, Store
 
 log = logging.getLogger(__name__)
 
@@ -213,6 +214,8 @@ def scan(config: ScanConfig) -> pl.DataFrame:
     """Score every selected revision that the store lacks; return one summary row per revision."""
     store = Store(config.store)
     device = resolve_device(config.device)  # bad options fail before any work
+    for file in remove_stale_temporaries(store.root):
+        log.info("removed %s, left by a scan that was killed while writing it", file)
     dtype = resolve_dtype(config.dtype, device)
     if config.source is None:
         from .microsuite import build
@@ -255,6 +258,7 @@ def scan(config: ScanConfig) -> pl.DataFrame:
         try:
             if fetch_error is not None:
                 raise fetch_error
+            row = _revision_row(checkpoint)  # reads what is recorded beside the weights: a bad record fails early
             frame = score_checkpoint(checkpoint, calibration, config, device, dtype)
         except (CkptTraceError, OSError, RuntimeError) as err:
             seconds = time.perf_counter() - start
@@ -266,8 +270,10 @@ def scan(config: ScanConfig) -> pl.DataFrame:
             statuses[name] = ("failed", seconds, " ".join(str(err).split()))
             bar.update()
             continue
+        # The revision row first, the scores last: whole scores on disk mean the revision is stored whole, and a
+        # scan killed between the two writes scores it again on resume.
+        store.write_revision(row)
         store.write_scores(frame)
-        store.write_revision(_revision_row(checkpoint))
         seconds = time.perf_counter() - start
         store.write_run(_run_row(checkpoint, key, "scored", None, seconds))
         statuses[name] = ("scored", seconds, why)
@@ -284,14 +290,11 @@ def summarize(store: Store, keys: list[ScoreKey], statuses: dict[str, tuple]) ->
     )
     wanted = pl.DataFrame([(k.revision, k.weights) for k in keys], schema={"revision": pl.String, "weights": pl.String},
                           orient="row")
-    scores = store.scan_scores().filter(
-        (pl.col("model") == keys[0].model) & (pl.col("calibration") == keys[0].calibration)
-        & (pl.col("dtype") == keys[0].dtype) & (pl.col("scorer") == keys[0].scorer) & (pl.col("metric") == "importance")
-    ).join(wanted.lazy(), on=["revision", "weights"], nulls_equal=True)
+    stored = [frame for frame in map(store.read_scores, keys) if frame is not None]  # exactly the scan's keys
+    scores = pl.concat(stored) if stored else pl.DataFrame(schema=SCORES_SCHEMA)
     means = (
-        scores.group_by("revision", "step", "module")
+        scores.filter(pl.col("metric") == "importance").group_by("revision", "step", "module")
         .agg(pl.col("value").mean())
-        .collect()
         .pivot(on="module", index=["revision", "step"], values="value")
     )
     modules = [m for m in MODULES if m in means.columns]

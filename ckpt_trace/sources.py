@@ -47,13 +47,18 @@ class Checkpoint:
         """The evaluation record kept beside the weights (validation loss, tokens), or {}."""
         file = self.path / EVAL_FILE if self.path else None
         try:
-            return json.loads(file.read_text(encoding="utf-8")) if file and file.is_file() else {}
+            record = json.loads(file.read_text(encoding="utf-8")) if file and file.is_file() else {}
         except (OSError, ValueError) as err:
             raise SourceError(f"cannot read {file}: {err}") from err
+        if not isinstance(record, dict):
+            raise SourceError(f"{file} holds a JSON {type(record).__name__}, not an object")
+        return record
 
     def val_loss(self) -> float | None:
         """The validation loss recorded beside the weights, if any."""
         value = self.record().get("val_loss")
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise SourceError(f"{self.path / EVAL_FILE}: val_loss is {value!r}, not a number")
         return float(value) if value is not None else None
 
 
@@ -137,7 +142,10 @@ class LocalSource:
         checkpoints = []
         for rev in select([parse_revision(n) for n in subdirs], selection, branch):
             checkpoint = _local(self.model, rev, subdirs[rev.name])
-            tokens = checkpoint.record().get("tokens")
+            try:
+                tokens = checkpoint.record().get("tokens")
+            except SourceError:  # a scan of this revision reports it, as that revision's failure
+                tokens = None
             if rev.tokens is None and isinstance(tokens, int):
                 checkpoint = replace(checkpoint, revision=replace(rev, tokens=tokens))
             checkpoints.append(checkpoint)

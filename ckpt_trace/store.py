@@ -18,6 +18,7 @@ Names are made path-safe and reversible (``EleutherAI/pythia-160m`` becomes
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -28,6 +29,8 @@ import polars as pl
 from .errors import StoreError
 from .paths import atomic_write
 from .scoring import METRICS, MODULES
+
+log = logging.getLogger(__name__)
 
 SCORES_SCHEMA: dict[str, pl.DataType] = {
     "model": pl.String,
@@ -93,6 +96,15 @@ EVALS_SCHEMA: dict[str, pl.DataType] = {
     "version": pl.String,
     "created": pl.Datetime("us", "UTC"),
 }
+
+
+_skipped: set[Path] = set()
+
+
+def _skip(file: Path, why: str) -> None:
+    if file not in _skipped:
+        _skipped.add(file)
+        log.warning("skipping %s: %s; it is left as it is", file, why)
 
 
 def path_part(name: str) -> str:
@@ -216,15 +228,42 @@ class Store:
         """Every stored evaluation result."""
         return self._table("evals", EVALS_SCHEMA)
 
+    def _files(self, table: str, schema: dict[str, pl.DataType]) -> list[Path]:
+        """The table's files that read as Parquet with its column types; any other is named in a warning, once,
+        and left alone, so that one foreign or damaged file does not stop every reader."""
+        good = []
+        for file in sorted((self.root / table).glob("**/*.parquet")):
+            try:
+                found = pl.read_parquet_schema(file)
+            except Exception as err:  # cut short, not Parquet: polars raises several kinds
+                _skip(file, f"not a readable Parquet file ({' '.join(str(err).split())[:120]})")
+                continue
+            clash = sorted(c for c, t in schema.items() if c in found and found[c] != t)
+            if clash:
+                _skip(file, f"its columns {', '.join(clash)} are not of the {table} table's types")
+                continue
+            good.append(file)
+        return good
+
     def _scan(self, table: str, schema: dict[str, pl.DataType]) -> pl.LazyFrame:
-        files = sorted((self.root / table).glob("**/*.parquet"))
+        files = self._files(table, schema)
         if not files:
             return pl.LazyFrame(schema=schema)
         # Files written before a column existed read it as null.
         return pl.scan_parquet(files, schema=schema, missing_columns="insert", extra_columns="ignore")
 
     def _table(self, table: str, schema: dict[str, pl.DataType]) -> pl.DataFrame:
-        return self._scan(table, schema).collect()
+        try:
+            return self._scan(table, schema).collect()
+        except Exception:  # a file whose footer reads but whose data does not: read file by file, skip it
+            frames = []
+            for file in self._files(table, schema):
+                try:
+                    frames.append(pl.scan_parquet(file, schema=schema, missing_columns="insert",
+                                                  extra_columns="ignore").collect())
+                except Exception as err:
+                    _skip(file, f"its data cannot be read ({' '.join(str(err).split())[:120]})")
+            return pl.concat(frames) if frames else pl.DataFrame(schema=schema)
 
     def scan_scores(self) -> pl.LazyFrame:
         """Every stored score, lazily: filter before collecting to read only what is needed."""

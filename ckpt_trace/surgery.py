@@ -104,8 +104,8 @@ def dropped(model: nn.Module, attention: Iterable[int] = (), mlp: Iterable[int] 
 
 
 def pruned_record(config) -> dict[str, list[int]]:
-    """What a model's config says was dropped: {"attention": [...], "mlp": [...]}."""
-    record = getattr(config, PRUNED_KEY, None) or {}
+    """What a model's config (an object, or the dict of config.json) says was dropped: {"attention": [...], "mlp": [...]}."""
+    record = (config.get(PRUNED_KEY) if isinstance(config, dict) else getattr(config, PRUNED_KEY, None)) or {}
     return {"attention": list(record.get("attention", [])), "mlp": list(record.get("mlp", []))}
 
 

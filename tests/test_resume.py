@@ -67,6 +67,7 @@ def test_sigkill_then_resume(tmp_path):
             # already fetched whole is taken from the cache).
             assert len(downloads) == 0 if name in stored else len(downloads) <= 1, name
         resumed = Store(store).scores()
+        assert not list(store.rglob("*.tmp"))  # what the killed scan was writing is cleared away
 
         # An uninterrupted scan into a fresh store and cache gives the same dataset.
         whole = subprocess.run(scan_command(tmp_path / "whole", tmp_path / "cache2"), env=env, capture_output=True,
