@@ -137,11 +137,21 @@ def prune(source, calibration, samples, seq_len, seed, **options):
     click.echo(f"parameters {record['parameters_before']:,} -> {record['parameters_after']:,}; saved to {out}")
 
 
+def _task_list(tasks: str | None) -> list[str] | None:
+    if tasks is None:
+        return None
+    names = [t.strip() for t in tasks.split(",") if t.strip()]
+    if not names:
+        raise click.BadParameter(f"{tasks!r} names no task; give lm-eval task names, task YAML paths, paper or "
+                                 "ckpt_trace_python_mc, comma-separated", param_hint="--tasks")
+    return names
+
+
 @cli.command("eval")
 @click.argument("model_dirs", nargs=-1, required=True)
 @click.option("--tasks", help="Comma-separated lm-eval tasks, task YAML paths, 'paper', or ckpt_trace_python_mc  "
               "[default: paper, unless only --perplexity or --speed is asked for]")
-@click.option("--num-fewshot", type=int, help="Shots for every task  [default: each task's own; the paper's for its tasks]")
+@click.option("--num-fewshot", type=click.IntRange(min=0), help="Shots for every task  [default: each task's own; the paper's for its tasks]")
 @click.option("--limit", type=int, help="At most this many items per task.")
 @click.option("--perplexity", is_flag=True, help="Perplexity on held-out text (or --perplexity-data).")
 @click.option("--perplexity-data", help="Any calibration spec, pre-tokenized jsonl included.")
@@ -159,7 +169,7 @@ def eval_command(model_dirs, tasks, calibration, samples, seq_len, seed, **optio
     from .evaluation import EvalConfig, evaluate
 
     config = EvalConfig(
-        models=list(model_dirs), tasks=[t.strip() for t in tasks.split(",") if t.strip()] if tasks else None,
+        models=list(model_dirs), tasks=_task_list(tasks),
         calibration=CalibrationSpec(calibration, samples, seq_len, seed), **options,
     )
     results = evaluate(config)
@@ -213,6 +223,11 @@ def main(argv: list[str] | None = None) -> int:
         return INPUT_ERROR if isinstance(err, click.UsageError) else err.exit_code
     except CkptTraceError as err:
         click.echo(f"ckpt-trace: error: {' '.join(str(err).split())}", err=True)
+        return INPUT_ERROR
+    except OSError as err:  # the disk is full, a folder is read-only, a path runs through a file
+        where = f" {err.filename}" if err.filename else ""
+        click.echo(f"ckpt-trace: error: cannot use{where}: {err.strerror or err}; what was stored before is unchanged",
+                   err=True)
         return INPUT_ERROR
     except (click.Abort, KeyboardInterrupt):
         click.echo("ckpt-trace: interrupted", err=True)

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from . import __version__
 from .calibration import CalibrationSet, CalibrationSpec, fit_seq_len, heldout_set, load_calibration
 from .microsuite import heldout_set as suite_heldout_set
-from .errors import ConfigError
+from .errors import CalibrationError, ConfigError
 from .sources import single_checkpoint
 from .store import EVALS_SCHEMA
 
@@ -59,6 +59,8 @@ def perplexity(model, data: CalibrationSet, batch_size: int = 8) -> tuple[float,
         predicted = mask[:, 1:].to(nll.dtype)  # right padding: a real target has a real context
         total += (nll * predicted).sum(dtype=torch.float64).cpu()
         count += int(predicted.sum())
+    if count == 0:
+        raise CalibrationError(f"perplexity data {data.source!r} has no token to predict: every sequence needs 2 tokens or more")
     return math.exp(float(total) / count), count
 
 

@@ -75,3 +75,11 @@ def remove_stale_temporaries(root: Path) -> list[Path]:
             file.unlink(missing_ok=True)
             stale.append(file)
     return stale
+
+
+def unmakeable(folder: Path) -> Path | None:
+    """The file in the way, when `folder` does not exist and cannot be made because a path above it is a file."""
+    if folder.exists():
+        return None
+    existing = next((p for p in folder.absolute().parents if p.exists()), None)
+    return existing if existing is not None and not existing.is_dir() else None

@@ -28,6 +28,7 @@ from torch import nn
 from . import __version__
 from .adapters import locate
 from .errors import ConfigError
+from .paths import unmakeable
 from .scan import ScoringOptions
 from .scoring import score
 from .surgery import apply_, dropped, layer_list, pruned_record
@@ -182,6 +183,8 @@ class PruneConfig(ScoringOptions):
         out = Path(self.out)
         if out.exists() and (not out.is_dir() or any(out.iterdir())):
             raise ConfigError(f"output directory {str(out)!r} exists and is not empty; choose a new --out")
+        if (blocker := unmakeable(out)) is not None:
+            raise ConfigError(f"output folder {str(out)!r} cannot be made: {str(blocker)!r} is a file; choose another --out")
 
 
 def prune(config: PruneConfig) -> Path:

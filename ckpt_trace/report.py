@@ -16,7 +16,8 @@ from . import __version__, plots
 from .analysis import (
     drop_set_overlap, drop_set_settled, model_scores, pruned_vs_original, rank_consistency, tradeoff,
 )
-from .errors import StoreError
+from .errors import ConfigError, StoreError
+from .paths import unmakeable
 from .store import Store, path_part
 
 DPI = 110
@@ -191,6 +192,8 @@ def write_report(store: str | os.PathLike = "data", out: str | os.PathLike = "fi
             raise StoreError(f"no scores for model {model!r} in {str(store)!r}; models there: {', '.join(models)}")
         models = [model]
     out = Path(out)
+    if (blocker := unmakeable(out)) is not None:
+        raise ConfigError(f"output folder {str(out)!r} cannot be made: {str(blocker)!r} is a file; choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     md = ["# ckpt-trace report", "", f"ckpt-trace {__version__}; store `{store}`; models: {', '.join(models)}.", ""]
     body = [f"<h1>ckpt-trace report</h1><p>ckpt-trace {html.escape(__version__)}; store <code>{html.escape(str(store))}</code></p>"]

@@ -128,7 +128,10 @@ class LocalSource:
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
         if not self.root.is_dir():
-            raise SourceError(f"source {str(root)!r} is not a directory")
+            hint = "" if self.root.exists() else (
+                f"; {str(self.root.parent)!r} holds: {', '.join(sorted(p.name for p in self.root.parent.iterdir())[:8])}"
+                if self.root.parent.is_dir() and str(self.root.parent) != "." else "")
+            raise SourceError(f"source {str(root)!r} is not a directory{hint}")
         self.model = single_checkpoint(self.root).model if _is_model_dir(self.root) else Path(os.path.abspath(root)).name
 
     def checkpoints(self, selection: str | None = None, branch: str | None = None) -> list[Checkpoint]:
@@ -203,8 +206,13 @@ class HubSource:
 
 
 def open_source(source: str | os.PathLike, cache_dir: str | os.PathLike | None = None):
-    """A LocalSource for an existing directory, a HubSource for a repo id like ``org/name``."""
-    if Path(source).exists() or not _REPO_ID.match(str(source)):
+    """A LocalSource for an existing directory, a HubSource for a repo id like ``org/name``.
+
+    A name like ``runs/model`` whose first part is a local directory is taken for a mistyped path,
+    not a repo id: it fails at once, instead of after the retries of a Hub lookup.
+    """
+    path = Path(source)
+    if path.exists() or not _REPO_ID.match(str(source)) or path.parent.is_dir() and str(path.parent) != ".":
         return LocalSource(source)
     return HubSource(str(source), cache_dir)
 

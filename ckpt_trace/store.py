@@ -27,7 +27,7 @@ from urllib.parse import quote
 import polars as pl
 
 from .errors import StoreError
-from .paths import atomic_write
+from .paths import atomic_write, unmakeable
 from .scoring import METRICS, MODULES
 
 log = logging.getLogger(__name__)
@@ -150,6 +150,8 @@ class Store:
         self.root = Path(root)
         if self.root.exists() and not self.root.is_dir():
             raise StoreError(f"store {str(self.root)!r} is a file, not a directory; pass --store DIR")
+        if (blocker := unmakeable(self.root)) is not None:
+            raise StoreError(f"store {str(self.root)!r} cannot be made: {str(blocker)!r} is a file; pass --store DIR")
         for table in ("scores", "runs", "evals", "revisions"):
             sub = self.root / table
             if sub.exists() and not sub.is_dir():

@@ -1,0 +1,247 @@
+"""Faults and bad input: one line and exit 2 (or a resumable state), never a traceback, and nothing stored lost.
+
+Every case runs the command line in-process as a user would, and checks that the files
+already in the store are byte for byte what they were.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from ckpt_trace.cli import main
+from ckpt_trace.store import Store
+
+from conftest import LAYERS, save_checkpoint, write_jsonl
+
+SMALL = ["--samples", "4", "--seq-len", "16", "--batch-size", "2", "--device", "cpu"]
+KEY = ["revision", "layer", "module", "metric"]
+
+
+def files_of(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def one_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [line for line in err.strip().splitlines() if line.startswith("ckpt-trace: error:")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def dataset(store: Path) -> pl.DataFrame:
+    return Store(store).scores().drop("created").sort(KEY)
+
+
+@pytest.fixture
+def suite(tmp_path, tokenizer_dir):
+    root = tmp_path / "suite"
+    for seed, name in enumerate(["step0", "step100", "step200", "step300"]):
+        save_checkpoint(root / name, "gpt_neox", seed=seed, tokenizer_dir=tokenizer_dir)
+    return root
+
+
+@pytest.fixture
+def scanned(suite, tmp_path):
+    """A store holding the scan of the first two revisions: what must never change."""
+    store = tmp_path / "store"
+    assert main(["scan", str(suite), "--revisions", "step0,step100", "--store", str(store), *SMALL]) == 0
+    return store
+
+
+WEIGHT_DAMAGE = {
+    "cut short": lambda data: data[: len(data) // 2],
+    "empty": lambda data: b"",
+    "garbage": lambda data: b"\x00garbage" * 100,
+}
+
+
+@pytest.mark.parametrize("damage", sorted(WEIGHT_DAMAGE))
+def test_unreadable_weights_in_the_middle_of_a_suite(suite, scanned, tmp_path, capsys, damage):
+    weights = suite / "step200" / "model.safetensors"
+    weights.write_bytes(WEIGHT_DAMAGE[damage](weights.read_bytes()))
+    before = files_of(scanned)
+    assert main(["scan", str(suite), "--store", str(scanned), *SMALL]) == 2
+    assert one_line(capsys).startswith(f"ckpt-trace: error: cannot load the weights in '{suite / 'step200'}'")
+    assert all(files_of(scanned)[f] == data for f, data in before.items())
+    runs = Store(scanned).runs().filter(pl.col("status") == "failed")
+    assert runs["revision"].to_list() == ["step200"] and "cannot load the weights" in runs["error"][0]
+    # --keep-going scores the rest, records the failure, and says so in its exit status.
+    assert main(["scan", str(suite), "--store", str(scanned), "--keep-going", *SMALL]) == 1
+    assert "1 revision failed" in capsys.readouterr().err
+    assert sorted(set(Store(scanned).scores()["revision"])) == ["step0", "step100", "step300"]
+
+
+def test_weights_that_do_not_fit_the_config(tmp_path, tokenizer_dir, capsys):
+    deeper = save_checkpoint(tmp_path / "deeper", "llama", tokenizer_dir=tokenizer_dir)
+    config = json.loads((deeper / "config.json").read_text())
+    (deeper / "config.json").write_text(json.dumps(config | {"num_hidden_layers": LAYERS + 2}))
+    assert main(["scan", str(deeper), "--store", str(tmp_path / "s"), *SMALL]) == 2
+    line = one_line(capsys)
+    assert "lack parameters its config calls for (they would be random): model.layers.3." in line
+    shallower = save_checkpoint(tmp_path / "shallower", "llama", tokenizer_dir=tokenizer_dir)
+    (shallower / "config.json").write_text(json.dumps(config | {"num_hidden_layers": LAYERS - 1}))
+    assert main(["scan", str(shallower), "--store", str(tmp_path / "s"), *SMALL]) == 2
+    assert f"hold decoder layers its config ({LAYERS - 1} layers) lacks: model.layers.2." in one_line(capsys)
+    assert not (tmp_path / "s" / "scores").exists()  # nothing was scored
+
+
+def test_a_model_with_no_layers_and_a_config_that_is_no_object(tmp_path, tokenizer_dir, capsys):
+    import transformers
+
+    from conftest import CONFIGS
+
+    empty = tmp_path / "empty"
+    config = CONFIGS["llama"].__class__(**{**CONFIGS["llama"].to_dict(), "num_hidden_layers": 0})
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(empty)
+    for file in tokenizer_dir.iterdir():
+        (empty / file.name).write_bytes(file.read_bytes())
+    assert main(["scan", str(empty), "--store", str(tmp_path / "s"), *SMALL]) == 2
+    assert "has no decoder layers to score" in one_line(capsys)
+    listed = save_checkpoint(tmp_path / "listed", "llama", tokenizer_dir=tokenizer_dir)
+    (listed / "config.json").write_text("[1, 2, 3]")
+    assert main(["scan", str(listed), "--store", str(tmp_path / "s"), *SMALL]) == 2
+    assert "is not a model config: it holds a JSON list, not an object" in one_line(capsys)
+
+
+def test_a_bad_record_beside_the_weights_fails_that_revision_only(suite, scanned, capsys):
+    (suite / "step200" / "ckpt_trace_eval.json").write_text(json.dumps({"val_loss": "low"}))
+    assert main(["scan", str(suite), "--store", str(scanned), "--keep-going", *SMALL]) == 1
+    failed = Store(scanned).runs().filter(pl.col("status") == "failed")
+    assert failed["revision"].to_list() == ["step200"] and "val_loss is 'low', not a number" in failed["error"][0]
+    # Every revision with scores has its revisions row: the two are written as one.
+    assert set(Store(scanned).revisions()["revision"]) == set(Store(scanned).scores()["revision"])
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["scan", "{suite}", "--revisions", ","], "',' names nothing"),
+        (["revisions", "{suite}", "--select", ","], "',' names nothing"),
+        (["scan", "{suite}", "--branch", "ingredient1"], "no branch 'ingredient1'; branches: none"),
+        (["scan", "{tmp}/no-such-dir/model"], "is not a directory"),
+        (["scan", "{suite}/step7"], "step7' is not a directory; '{suite}' holds: step0, step100, step200, step300"),
+        (["eval", "{suite}/step0", "--tasks", ","], "',' names no task"),
+        (["eval", "{suite}/step0", "--num-fewshot", "-1"], "-1 is not in the range x>=0"),
+        (["scan", "{suite}", "--store", "{tmp}/a-file/store"], "cannot be made: '{tmp}/a-file' is a file"),
+        (["report", "--store", "{store}", "--out", "{tmp}/a-file/figures"],
+         "output folder '{tmp}/a-file/figures' cannot be made: '{tmp}/a-file' is a file"),
+        (["prune", "{suite}", "--target", "attention", "--drop", "1", "--strategy", "last", "--out", "{tmp}/a-file/out"],
+         "output folder '{tmp}/a-file/out' cannot be made: '{tmp}/a-file' is a file"),
+        (["eval", "{suite}/step0", "--perplexity", "--perplexity-data", "{tmp}/one-token.jsonl"], "has no token to predict"),
+    ],
+)
+def test_bad_input_is_one_line(suite, scanned, tmp_path, capsys, args, fragment):
+    (tmp_path / "a-file").write_text("not a folder")
+    write_jsonl(tmp_path / "one-token.jsonl", [{"input_ids": [5]}, {"input_ids": [7]}])
+    fill = dict(suite=suite, tmp=tmp_path, store=scanned)
+    before = files_of(scanned)
+    start = time.perf_counter()
+    extra = {"scan": SMALL, "prune": SMALL, "eval": ["--device", "cpu"]}.get(args[0], [])
+    code = main([a.format(**fill) for a in args] + extra)
+    line = one_line(capsys)
+    assert code == 2 and fragment.format(**fill) in line, line
+    assert time.perf_counter() - start < 20  # no network retries behind a local typo
+    assert files_of(scanned) == before
+
+
+def test_disk_full_while_storing_changes_nothing_and_resumes(suite, scanned, tmp_path, monkeypatch, capsys):
+    before = files_of(scanned)
+
+    def full(self, file, *args, **kwargs):
+        Path(file).write_bytes(b"half a file")
+        raise OSError(errno.ENOSPC, "No space left on device", str(file))
+
+    with monkeypatch.context() as patch:
+        patch.setattr(pl.DataFrame, "write_parquet", full)
+        assert main(["scan", str(suite), "--store", str(scanned), *SMALL]) == 2
+    line = one_line(capsys)
+    assert "No space left on device; what was stored before is unchanged" in line and str(scanned) in line
+    assert files_of(scanned) == before and not list(scanned.rglob("*.tmp"))
+    assert main(["scan", str(suite), "--store", str(scanned), *SMALL]) == 0  # space again: it resumes
+    assert main(["scan", str(suite), "--store", str(tmp_path / "whole"), *SMALL]) == 0
+    assert dataset(scanned).equals(dataset(tmp_path / "whole"))
+
+
+def test_killed_between_the_revision_row_and_its_scores(suite, tmp_path, monkeypatch):
+    from ckpt_trace.store import Store as StoreClass
+
+    real = StoreClass.write_scores
+    calls = []
+
+    def dies_on_the_second(self, frame):
+        calls.append(frame["revision"][0])
+        if len(calls) == 2:
+            raise SystemExit("killed")  # as a kill would: no handler runs
+        return real(self, frame)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(StoreClass, "write_scores", dies_on_the_second)
+        with pytest.raises(SystemExit):
+            main(["scan", str(suite), "--store", str(tmp_path / "s"), *SMALL])
+    assert calls == ["step0", "step100"] and set(Store(tmp_path / "s").scores()["revision"]) == {"step0"}
+    assert main(["scan", str(suite), "--store", str(tmp_path / "s"), *SMALL]) == 0
+    assert main(["scan", str(suite), "--store", str(tmp_path / "whole"), *SMALL]) == 0
+    assert dataset(tmp_path / "s").equals(dataset(tmp_path / "whole"))
+    assert set(Store(tmp_path / "s").revisions()["revision"]) == {"step0", "step100", "step200", "step300"}
+
+
+def test_a_foreign_or_corrupt_file_in_the_store_is_named_and_left_alone(suite, scanned, tmp_path, capsys, caplog):
+    corrupt = scanned / "scores" / "suite" / "step0" / "stray.parquet"
+    corrupt.write_bytes(b"PAR1 not really")
+    foreign = scanned / "scores" / "notes.parquet"
+    pl.DataFrame({"layer": ["one", "two"]}).write_parquet(foreign)
+    assert main(["scan", str(suite), "--store", str(scanned), *SMALL]) == 0
+    assert main(["report", "--store", str(scanned), "--out", str(tmp_path / "fig")]) == 0
+    warned = capsys.readouterr().err + caplog.text
+    assert f"skipping {corrupt}: not a readable Parquet file" in warned
+    assert f"skipping {foreign}: its columns layer are not of the scores table's types" in warned
+    assert corrupt.read_bytes() == b"PAR1 not really" and foreign.is_file()
+    assert sorted(set(Store(scanned).scores()["revision"])) == ["step0", "step100", "step200", "step300"]
+
+
+def test_temporary_files_of_killed_writers_are_removed_and_live_ones_kept(suite, scanned, tmp_path):
+    import socket
+
+    host = socket.gethostname().replace(".", "_")
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = scanned / "scores" / f".x.parquet.{host}@{ended.stdout.strip()}-0123abcd.tmp"
+    live = scanned / "scores" / f".y.parquet.{host}@{os.getppid()}-0123abcd.tmp"  # a writer that still runs
+    dead.write_bytes(b"left by a kill")
+    live.write_bytes(b"being written")
+    assert main(["scan", str(suite), "--store", str(scanned), *SMALL]) == 0
+    assert not dead.exists() and live.read_bytes() == b"being written"
+
+
+def scan_process(suite: Path, store: Path) -> list[str]:
+    return [sys.executable, "-c", "from ckpt_trace.cli import entry_point; entry_point()", "scan", str(suite),
+            "--store", str(store), *SMALL]
+
+
+@pytest.mark.parametrize("stored", [0, 1, 3])  # killed while starting, and after one and three revisions are stored
+def test_sigkill_at_several_moments_resumes_to_the_uninterrupted_dataset(suite, tmp_path, stored):
+    store = tmp_path / "killed"
+    process = subprocess.Popen(scan_process(suite, store), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while len(list((store / "scores").rglob("*.parquet"))) < stored and process.poll() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    kept = files_of(store) if store.exists() else {}
+    resumed = subprocess.run(scan_process(suite, store), capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert all(files_of(store)[f] == data for f, data in kept.items() if f.startswith("scores"))  # nothing redone
+    assert main(["scan", str(suite), "--store", str(tmp_path / "whole"), *SMALL]) == 0
+    assert dataset(store).equals(dataset(tmp_path / "whole"))
+    assert not list(store.rglob("*.tmp"))
