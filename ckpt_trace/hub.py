@@ -17,7 +17,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -179,10 +179,6 @@ class DownloadLedger:
         if not isinstance(data, dict):
             data = {}
         return LedgerState(set(data.get("files", [])), {k: set(v) for k, v in data.get("holders", {}).items()})
-
-    def add(self, files: Iterable[Path]) -> None:
-        with self.locked() as state:
-            state.files.update(map(str, files))
 
     def under(self, folder: Path) -> list[Path]:
         """The recorded files inside `folder`."""

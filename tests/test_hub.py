@@ -274,8 +274,8 @@ def test_a_snapshot_another_scan_still_uses_is_evicted_by_the_last_to_release_it
 def _add_entries(path: str, worker: int, count: int) -> None:
     ledger = hub_module.DownloadLedger(Path(path))
     for i in range(count):
-        ledger.add([Path(f"/cache/snapshots/{worker}/file-{i}")])
         with ledger.locked() as state:
+            state.files.add(f"/cache/snapshots/{worker}/file-{i}")
             state.hold(Path(f"/cache/snapshots/{worker}"))
 
 
