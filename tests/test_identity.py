@@ -6,7 +6,6 @@ import json
 import shutil
 
 import polars as pl
-import pytest
 import torch
 
 from ckpt_trace.calibration import CalibrationSpec, load_calibration
