@@ -49,10 +49,12 @@ def model_options(command):
 @click.argument("source", required=False)
 @click.option("--revisions", help="Selection: names, A..B step ranges, every:K, log:K, first:N, last:N (default: all).")
 @click.option("--branch", help="The side line of training to select from (e.g. ingredient1), with the trunk into it.")
+@click.option("--metrics", help="Comma-separated: importance, update_ratio (always), ablation_loss (one forward pass "
+              "more per layer and module)  [default: importance,update_ratio; for the micro suite, all three]")
 @model_options
 @click.option("--force", is_flag=True, help="Score again what is already stored.")
 @click.option("--keep-going", is_flag=True, help="Record failing revisions and go on.")
-def scan(source, revisions, calibration, samples, seq_len, seed, **options):
+def scan(source, revisions, calibration, samples, seq_len, seed, metrics, **options):
     """Score every layer of every revision of SOURCE and store the scores as Parquet.
 
     SOURCE is a Hub repo id (EleutherAI/pythia-160m), a model directory, or a directory of
@@ -66,6 +68,7 @@ def scan(source, revisions, calibration, samples, seq_len, seed, **options):
     config = ScanConfig(
         source=source,
         revisions=revisions,
+        metrics=tuple(m.strip() for m in metrics.split(",")) if metrics is not None else None,
         calibration=CalibrationSpec(calibration, samples, seq_len, seed),
         **options,
     )

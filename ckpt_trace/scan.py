@@ -15,7 +15,7 @@ import os
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 
 import polars as pl
@@ -27,7 +27,7 @@ from .adapters import adapter_for_type
 from .calibration import CalibrationSet, CalibrationSpec, fit_seq_len, load_calibration
 from .errors import CalibrationError, CkptTraceError, ConfigError
 from .models import dtype_name, load_model, load_tokenizer, max_positions, read_config, resolve_device, resolve_dtype
-from .scoring import MODULES, SCORER_VERSION, score
+from .scoring import ABLATION, ALL_METRICS, METRICS, MODULES, SCORER_VERSION, ablation_losses, score
 from .sources import Checkpoint, open_source
 from .paths import remove_stale_temporaries
 from .store import REVISIONS_SCHEMA, RUNS_SCHEMA, SCORES_SCHEMA, ScoreKey, Store
@@ -75,6 +75,17 @@ class ScanConfig(ScoringOptions):
     """Score revisions again even when their scores are stored."""
     keep_going: bool = False
     """Record a failing revision in runs/ and go on, instead of stopping."""
+    metrics: tuple[str, ...] | None = None
+    """Metrics to store: importance and update_ratio always, ablation_loss where asked (one forward pass more per
+    layer and module). None: the two, and ablation_loss too for the micro suite (no source)."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.metrics is not None:
+            unknown = [m for m in self.metrics if m not in ALL_METRICS]
+            if unknown or not self.metrics:
+                raise ConfigError(f"unknown metric {', '.join(unknown) or repr('')}; use some of: {', '.join(ALL_METRICS)}")
+            self.metrics = tuple(m for m in ALL_METRICS if m in self.metrics or m in METRICS)
 
 
 def build_calibration(model_dir, spec: CalibrationSpec) -> CalibrationSet:
@@ -101,6 +112,8 @@ def score_checkpoint(
     model = load_model(checkpoint.path, device, dtype, config.trust_remote_code)
     label = checkpoint.revision.name if config.progress else False
     frame = score(model, calibration, config.batch_size, progress=label)
+    if ABLATION in (config.metrics or ()):
+        frame = pl.concat([frame, ablation_losses(model, calibration, config.batch_size, progress=label)])
     rev = checkpoint.revision
     return frame.with_columns(
         model=pl.lit(checkpoint.model),
@@ -124,12 +137,15 @@ def score_key(checkpoint: Checkpoint, dtype: torch.dtype, calibration: str) -> S
                     SCORER_VERSION)
 
 
-def why_score(store: Store, key: ScoreKey, force: bool) -> str | None:
-    """Why a checkpoint is to be scored, or None when whole scores of exactly its key are stored."""
+def why_score(store: Store, key: ScoreKey, force: bool, metrics: tuple[str, ...] = METRICS) -> str | None:
+    """Why a checkpoint is to be scored, or None when whole scores of exactly its key, with these metrics, are stored."""
     if force:
         return "--force"
-    if store.has_scores(key):
+    if store.has_scores(key, metrics):
         return None
+    if store.has_scores(key):
+        stored = set(store.read_scores(key)["metric"])
+        return f"the stored scores lack {', '.join(m for m in metrics if m not in stored)}"
     others = store.stored_keys(key.model, key.revision)
     if not others:
         return "no scores yet"
@@ -212,6 +228,8 @@ def streamed(source, checkpoints: list[Checkpoint]) -> Iterator[tuple[Checkpoint
 
 def scan(config: ScanConfig) -> pl.DataFrame:
     """Score every selected revision that the store lacks; return one summary row per revision."""
+    if config.metrics is None:  # the ground truth too where it is cheap: the micro suite
+        config = replace(config, metrics=ALL_METRICS if config.source is None else METRICS)
     store = Store(config.store)
     device = resolve_device(config.device)  # bad options fail before any work
     for file in remove_stale_temporaries(store.root):
@@ -239,7 +257,7 @@ def scan(config: ScanConfig) -> pl.DataFrame:
             store.write_revision(_revision_row(checkpoint))
             store.write_run(_run_row(checkpoint, key, "duplicate", why, 0.0))
             statuses[name] = ("duplicate", None, why)
-        elif (why := why_score(store, key, config.force)) is None:
+        elif (why := why_score(store, key, config.force, config.metrics)) is None:
             statuses[name] = ("stored", None, "same weights, dtype, calibration set and scorer")
         else:
             statuses[name] = ("to score", None, why)

@@ -16,7 +16,7 @@ does not grow with the calibration set.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from functools import partial
 
 import polars as pl
@@ -29,6 +29,10 @@ from .calibration import CalibrationSet
 
 MODULES = ("block", "attention", "mlp")
 METRICS = ("importance", "update_ratio")
+"""What one hooked pass gives, for every layer and module."""
+ABLATION = "ablation_loss"
+"""The ground truth, at one more forward pass per layer and module (see `ablation_losses`)."""
+ALL_METRICS = (*METRICS, ABLATION)
 SCORER_VERSION = 2
 """Bumped whenever the same weights, dtype and calibration would score differently (2: block delta as a + m)."""
 
@@ -189,3 +193,77 @@ def score(
         bar.close()
         model.train(was_training)
     return stats.frame()
+
+
+# -- the ground truth: what removing a module costs ------------------------------------
+
+def _returns_input(module, args, kwargs, output):
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _returns_zero(module, args, output):
+    if isinstance(output, tuple):
+        return (torch.zeros_like(output[0]), *output[1:])
+    return torch.zeros_like(output)
+
+
+@contextmanager
+def removed(layout: ResidualLayout, layer: int, module: str) -> Iterator[None]:
+    """One module's delta removed by a hook: attention a = 0, MLP m = 0, or the block's output = its input."""
+    taps = layout.layers[layer]
+    if module == "block":
+        handle = taps.block.register_forward_hook(_returns_input, with_kwargs=True)
+    else:
+        handle = (taps.attention if module == "attention" else taps.mlp).register_forward_hook(_returns_zero)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+class LossSums:
+    """Summed next-token cross-entropy over the predicted tokens, in float64, batch by batch."""
+
+    def __init__(self):
+        self.total = 0.0
+        self.count = 0
+
+    def update(self, logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
+        nll = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), input_ids[:, 1:], reduction="none")
+        predicted = attention_mask[:, 1:].to(nll.dtype)  # right padding: a real target has a real context
+        self.total += float((nll * predicted).sum(dtype=torch.float64))
+        self.count += int(predicted.sum())
+
+    def mean(self) -> float:
+        return self.total / self.count
+
+
+def ablation_losses(model: nn.Module, calibration: CalibrationSet, batch_size: int = 8,
+                    progress: bool | str = False) -> pl.DataFrame:
+    """`ablation_loss` of every layer and module: the mean next-token loss (nats per predicted token, every
+    position whose next token is real) with that module's delta removed, minus the intact model's, on the
+    same tokens. One forward pass of the whole model per batch, layer and module, plus one intact."""
+    layout = locate(model)
+    calibration.check_vocab(model.get_input_embeddings().num_embeddings)
+    device = model_device(model)
+    cells = [(layer, module) for layer in range(len(layout.layers)) for module in MODULES]
+    sums = {cell: LossSums() for cell in [None, *cells]}
+    bar = tqdm(total=calibration.n_batches(batch_size) * len(sums), desc=progress if isinstance(progress, str) else
+               "ablation", unit="pass", disable=None if progress else True, leave=False)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for input_ids, attention_mask in calibration.batches(batch_size):
+                input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+                for cell, loss in sums.items():
+                    with removed(layout, *cell) if cell else nullcontext():
+                        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+                    loss.update(logits, input_ids, attention_mask)
+                    bar.update()
+    finally:
+        bar.close()
+        model.train(was_training)
+    intact = sums[None].mean()
+    rows = [(layer, module, ABLATION, sums[(layer, module)].mean() - intact, sums[None].count) for layer, module in cells]
+    return pl.DataFrame(rows, schema=SCORE_SCHEMA, orient="row")

@@ -162,18 +162,20 @@ class Store:
         name = "_".join(path_part(str(p)).replace("_", "%5F") for p in parts)  # "_" only between the parts
         return self.root / "scores" / path_part(key.model) / path_part(key.revision) / f"{name}.parquet"
 
-    def has_scores(self, key: ScoreKey) -> bool:
-        """Whether whole scores of exactly this key are stored: a file that is missing, unreadable, of
-        another key, or short of rows (layers 0 .. its last x modules x metrics) counts as not stored."""
-        return self.read_scores(key) is not None
+    def has_scores(self, key: ScoreKey, metrics: tuple[str, ...] = METRICS) -> bool:
+        """Whether whole scores of exactly this key, with these metrics, are stored: a file that is missing,
+        unreadable, of another key, or short of rows (layers 0 .. its last x modules x metrics) counts as not."""
+        return self.read_scores(key, metrics) is not None
 
-    def read_scores(self, key: ScoreKey) -> pl.DataFrame | None:
-        """The whole scores stored under exactly this key, or None (see `has_scores`)."""
-        return self._read_scores(self.scores_path(key), key)
+    def read_scores(self, key: ScoreKey, metrics: tuple[str, ...] = METRICS) -> pl.DataFrame | None:
+        """The whole scores stored under exactly this key, holding every one of `metrics`, or None (see `has_scores`)."""
+        frame = self._read_scores(self.scores_path(key), key)
+        return frame if frame is not None and set(metrics) <= set(frame["metric"]) else None
 
     def _read_scores(self, path: Path, key: ScoreKey | None = None) -> pl.DataFrame | None:
-        """A scores file that is whole: one key, and for every layer from 0 to its last, every module and each
-        of the scan's metrics exactly once, with a value. Else None (a file cut short, damaged or foreign)."""
+        """A scores file that is whole: one key; for every layer from 0 to its last, every module and each of the
+        one-pass metrics exactly once, with a value; any other metric once per layer for the modules it has.
+        Else None (a file cut short, damaged or foreign)."""
         try:
             frame = pl.read_parquet(path)
             if frame.height == 0 or set(SCORES_SCHEMA) - set(frame.columns):
@@ -186,6 +188,9 @@ class Store:
             cells = core.select("layer", "module", "metric").unique()
             whole = (core.height == cells.height == expected and core["value"].null_count() == 0
                      and set(core["module"]) == set(MODULES) and set(core["layer"]) == set(range(layers)))
+            for _, extra in frame.filter(~pl.col("metric").is_in(METRICS)).group_by("metric"):
+                whole = whole and extra.height == layers * extra["module"].n_unique() == extra.select(
+                    "layer", "module").n_unique() and extra["value"].null_count() == 0
         except Exception:  # cut short, not Parquet, columns of other types: polars raises several kinds
             return None
         if not whole:

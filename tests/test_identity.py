@@ -144,3 +144,23 @@ def test_a_gemma_model_is_scored_with_bos(tmp_path, capsys):
     assert {int(s[0]) for s in calibration.sequences} == {tokenizer.bos_token_id}
     assert set(Store(tmp_path / "s").scores()["calibration"]) == {calibration.id}
     assert stored(tmp_path / "s")["value"].to_list() == reference(model)
+
+
+def test_asking_for_ablation_loss_scores_again_what_lacks_it(tmp_path, tokenizer_dir, capsys):
+    from ckpt_trace.scoring import ablation_losses
+
+    model = save_checkpoint(tmp_path / "m", "gpt_neox", seed=2, tokenizer_dir=tokenizer_dir)
+    assert main(["scan", str(model), "--store", str(tmp_path / "s"), *SMALL]) == 0
+    assert main(["scan", str(model), "--store", str(tmp_path / "s"), "--metrics", "ablation_loss", *SMALL]) == 0
+    assert "the stored scores lack ablation_loss" in capsys.readouterr().out
+    frame = Store(tmp_path / "s").scores()
+    assert sorted(set(frame["metric"])) == ["ablation_loss", "importance", "update_ratio"] and frame.height == LAYERS * 9
+    calibration = load_calibration(CalibrationSpec("pydoc", samples=4, seq_len=16), load_tokenizer(model))
+    direct = ablation_losses(load_model(model, torch.device("cpu"), torch.float32), calibration, batch_size=2)
+    stored_ablation = frame.filter(pl.col("metric") == "ablation_loss").sort("layer", "module")["value"].to_list()
+    assert stored_ablation == direct.sort("layer", "module")["value"].to_list()
+    # The cheap scan afterwards finds everything it asks for.
+    assert main(["scan", str(model), "--store", str(tmp_path / "s"), *SMALL]) == 0
+    assert "same weights, dtype, calibration set and scorer" in capsys.readouterr().out
+    assert main(["scan", str(model), "--store", str(tmp_path / "s"), "--metrics", "importance,loss", *SMALL]) == 2
+    assert "unknown metric loss; use some of: importance, update_ratio, ablation_loss" in capsys.readouterr().err

@@ -88,8 +88,9 @@ def test_scan_without_source_scans_the_micro_suite(home, tmp_path, monkeypatch, 
     steps = schedule(4, 2)
     assert set(scores["model"]) == {"micro-pythia"}
     assert sorted(set(scores["step"])) == steps
-    assert scores.height == len(steps) * 6 * 3 * 2
-    assert set(scores["n_tokens"]) == {4 * 64}  # seq_len defaults to the model's 64 positions
+    assert scores.height == len(steps) * 6 * 3 * 3  # the main job measures ablation_loss too
+    assert set(scores.filter(pl.col("metric") != "ablation_loss")["n_tokens"]) == {4 * 64}  # the model's 64 positions
+    assert set(scores.filter(pl.col("metric") == "ablation_loss")["n_tokens"]) == {4 * 63}  # predicted tokens
     revisions = store.revisions().sort("step")
     assert revisions["step"].to_list() == steps
     assert revisions["tokens"].to_list() == [s * 8 * 64 for s in steps]

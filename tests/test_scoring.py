@@ -220,3 +220,32 @@ def test_importance_is_accurate_for_tiny_and_large_deltas(scale):
     else:
         assert importance == pytest.approx(expected, rel=1e-4)
         assert ratio == pytest.approx(expected_ratio, rel=1e-5)
+
+
+@pytest.mark.parametrize("family", sorted(CONFIGS))
+def test_ablation_loss_equals_a_per_sequence_reference(family):
+    """Loss with one module's delta removed minus the intact loss, mean over every predicted token, from
+    unpadded sequences one at a time with an independent hook (the tests' `zeroed`)."""
+    from ckpt_trace.scoring import ablation_losses
+
+    from test_pruning import zeroed
+
+    model = make_model(family)
+    lengths = [12, 7, 10]
+    seqs = [ids[:n] for ids, n in zip(random_ids(3, 12, seed=6), lengths)]
+
+    def mean_loss(chosen) -> float:
+        total, count = 0.0, 0
+        with zeroed(model, chosen), torch.no_grad():
+            for seq in seqs:
+                logp = torch.log_softmax(model(input_ids=torch.tensor([seq])).logits[0].double(), dim=-1)
+                total -= sum(logp[t - 1, seq[t]].item() for t in range(1, len(seq)))
+                count += len(seq) - 1
+        return total / count
+
+    frame = ablation_losses(model, CalibrationSet.from_ids(seqs), batch_size=2)  # padded batches
+    intact = mean_loss([])
+    assert frame.height == LAYERS * 3 and set(frame["n_tokens"]) == {sum(lengths) - 3}
+    for layer, module, value in frame.select("layer", "module", "value").rows():
+        assert value == pytest.approx(mean_loss([(module, layer)]) - intact, abs=1e-4), (layer, module)
+    assert frame["value"].abs().max() > 1e-3  # removing modules changes the loss
