@@ -90,6 +90,20 @@ def consistency(frame: pl.DataFrame) -> Figure:
     return figure
 
 
+def agreement(frame: pl.DataFrame) -> Figure:
+    """Spearman correlation of the cheap scores with ablation_loss, over every layer and module, over training."""
+    figure = Figure(figsize=(6.4, 3.8), layout="constrained")
+    ax = figure.subplots()
+    for score, part in frame.sort("order").group_by("score", maintain_order=True):
+        ax.plot(part["step"].to_numpy(), part["spearman"].to_numpy(), marker="o", label=score[0])
+    ax.axhline(0.0, color="grey", lw=0.8, ls=":")
+    ax.set_ylabel("Spearman ρ with ablation_loss")
+    ax.set_ylim(-1.05, 1.05)
+    _step_axis(ax)
+    ax.legend()
+    return figure
+
+
 def drop_set(frame: pl.DataFrame) -> Figure:
     """Jaccard overlap of the k least important layers with the final checkpoint's, over training."""
     figure = Figure(figsize=(6.4, 3.8), layout="constrained")

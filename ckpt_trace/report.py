@@ -17,8 +17,9 @@ from .analysis import (
     drop_set_overlap, drop_set_settled, model_scores, pruned_vs_original, rank_consistency, tradeoff,
 )
 from .errors import ConfigError, StoreError
+from .findings import Finding, agreement, findings
 from .paths import unmakeable
-from .store import Store, path_part
+from .store import EVALS_SCHEMA, Store, path_part
 
 DPI = 110
 
@@ -31,6 +32,8 @@ class ModelReport:
     calibration: str
     intro: str = ""
     """What was scored: checkpoints, calibration set, dtype, scorer."""
+    findings: list[Finding] = field(default_factory=list)
+    """The papers' claims checked against this model (see `ckpt_trace.findings`)."""
     figures: dict[str, tuple[str, Figure]] = field(default_factory=dict)
     """name -> (caption, figure)"""
     tables: dict[str, tuple[str, pl.DataFrame]] = field(default_factory=dict)
@@ -46,13 +49,21 @@ def _per_revision(frame: pl.DataFrame, module: str, metric: str) -> pl.DataFrame
     return wide.rename({c: f"layer {c}" for c in wide.columns if c not in ("revision", "step")})
 
 
-def build_model_report(scores: pl.DataFrame, revisions: pl.DataFrame, model: str) -> ModelReport:
-    """Analyse one model's scores and draw its figures."""
+def build_model_report(scores: pl.DataFrame, revisions: pl.DataFrame, model: str,
+                       evals: pl.DataFrame | None = None) -> ModelReport:
+    """Analyse one model's scores (and its pruned models' evaluations) and draw its figures."""
     frame = model_scores(scores, model)
     calibration, dtype, scorer = frame["calibration"][0], frame["dtype"][0], frame["scorer"][0]
     n_revisions = frame["revision"].n_unique()
     report = ModelReport(model, calibration, f"{n_revisions} checkpoints, calibration set `{calibration}`, dtype "
                          f"{dtype}, scorer {scorer}; each checkpoint's latest scan of the weights it names.")
+    report.findings = findings(frame, evals if evals is not None else pl.DataFrame(schema=EVALS_SCHEMA), model)
+    truth = agreement(frame)
+    if truth.height:
+        report.figures["agreement"] = ("Spearman correlation of importance and update ratio with ablation_loss over "
+                                       "training: does the cheap score pick what matters?", plots.agreement(truth))
+        report.tables["agreement"] = ("Spearman ρ with ablation_loss, over every layer and module", truth.pivot(
+            on="score", index=["order", "revision", "step"], values="spearman").sort("order").drop("order"))
     mine = scores.filter(pl.col("model") == model).with_columns(pl.col("scorer").fill_null(1))
     for column, chosen, what in (("calibration", calibration, "calibration sets"), ("dtype", dtype, "dtypes"),
                                  ("scorer", scorer, "scorer versions")):
@@ -199,11 +210,25 @@ def write_report(store: str | os.PathLike = "data", out: str | os.PathLike = "fi
     body = [f"<h1>ckpt-trace report</h1><p>ckpt-trace {html.escape(__version__)}; store <code>{html.escape(str(store))}</code></p>"]
     sections = []
     for name in models:
-        report = build_model_report(scores, revisions, name)
+        report = build_model_report(scores, revisions, name, evals)
         sections.append((report, name, report.intro))
         pruning = build_pruning_report(evals, name) if evals.height else None
         if pruning is not None:
             sections.append((pruning, f"{name}-pruned", "Pruned models evaluated beside the original (`ckpt-trace eval`)."))
+    md += ["## Findings", "", "The claims of He et al. and Tyukin et al., checked against each model in the store: a "
+           "verdict by the rule given with it, the numbers behind it, and what they rest on.", ""]
+    body.append("<h2>Findings</h2><p>The claims of He et al. and Tyukin et al., checked against each model in the store: "
+                "a verdict by the rule given with it, the numbers behind it, and what they rest on.</p>")
+    for report, _, _ in sections:
+        if report.findings:
+            md += [f"**{report.model}**", ""]
+            md += [f"- {f.claim}: **{f.verdict}**. {f.evidence[:1].upper()}{f.evidence[1:]}"
+                   + (f" ({f.basis})" if f.basis else "") + "." for f in report.findings]
+            md.append("")
+            items = "".join(f"<li>{html.escape(f.claim)}: <b>{html.escape(f.verdict)}</b>. "
+                            f"{html.escape(f.evidence[:1].upper() + f.evidence[1:])}"
+                            + (f" ({html.escape(f.basis)})" if f.basis else "") + ".</li>" for f in report.findings)
+            body.append(f"<h3>{html.escape(report.model)}</h3><ul>{items}</ul>")
     for report, slug, intro in sections:
         folder = out / path_part(slug)
         folder.mkdir(exist_ok=True)

@@ -257,3 +257,19 @@ def test_the_report_takes_one_scorer_and_the_trunk_and_says_what_it_left_out(tmp
     assert "scores of other scorer versions (1) are left out" in md
     assert "revisions off the trunk of training (side lines, or names placed by commit beside a revision) are left out: " \
            "stage2-ingredient1-step3000-tokens1B" in md
+
+
+def test_the_report_opens_with_findings_for_every_model(tmp_path):
+    store = store_with(tmp_path, pl.concat([synthetic_rows(), synthetic_rows(model="n")]))
+    assert main(["report", "--store", str(store.root), "--out", str(tmp_path / "out")]) == 0
+    md = (tmp_path / "out" / "report.md").read_text()
+    findings = md.split("## Findings")[1].split("\n## ")[0]
+    assert md.index("## Findings") < md.index("## m\n")
+    for model in ("m", "n"):
+        part = findings.split(f"**{model}**")[1].split("**n**")[0]
+        assert [line[:4] for line in part.strip().splitlines()] == ["- (a", "- (b", "- (c", "- (d"]
+    # Layers 1 and 3 are the least important attention layers from step 4 on, of steps 0 .. 2000 by step.
+    assert "[1, 3] are the least important from step4 on (0% of training by step)" in findings
+    assert "(d) importance picks the modules that matter: it ranks them as ablation_loss does: **inconclusive**" in findings
+    html = (tmp_path / "out" / "report.html").read_text()
+    assert html.index("<h2>Findings</h2>") < html.index("<h2>m</h2>")

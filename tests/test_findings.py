@@ -1,0 +1,103 @@
+"""The findings: each claim's verdict follows its stated rule, and its numbers are those of a direct computation."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+import polars as pl
+import pytest
+
+from ckpt_trace.findings import FAILS, HOLDS, OPEN, agreement, cheap_versus_truth, persistence, pruning_payoff, redundancy
+from ckpt_trace.store import EVALS_SCHEMA
+
+LAYERS = 4
+
+
+def scores(values: dict[int, dict[tuple[str, str], list[float]]]) -> pl.DataFrame:
+    """{step: {(module, metric): value per layer}} -> the frame `analysis.model_scores` gives (tokens = 10 per step)."""
+    rows = []
+    for order, (step, cells) in enumerate(sorted(values.items())):
+        for (module, metric), per_layer in cells.items():
+            rows += [{"revision": f"step{step}", "order": order, "step": step, "tokens": 10 * step, "layer": layer,
+                      "module": module, "metric": metric, "value": value} for layer, value in enumerate(per_layer)]
+    return pl.DataFrame(rows)
+
+
+def spearman(a: list[float], b: list[float]) -> float:
+    """The textbook formula, for rankings without ties."""
+    rank = lambda xs: {i: r for r, i in enumerate(sorted(range(len(xs)), key=xs.__getitem__))}
+    ra, rb = rank(a), rank(b)
+    n = len(a)
+    return 1 - 6 * sum((ra[i] - rb[i]) ** 2 for i in range(n)) / (n * (n * n - 1))
+
+
+MLP = [0.5, 0.45, 0.55, 0.6]
+
+
+@pytest.mark.parametrize(
+    "attention, verdict",
+    [([0.4, 0.3, 0.2, 0.1], HOLDS), ([0.6, 0.7, 0.8, 0.9], FAILS), ([0.1, 0.2, 0.3, 0.4], OPEN)],
+)
+def test_redundancy(attention, verdict):
+    frame = scores({1000: {("attention", "importance"): attention, ("mlp", "importance"): MLP,
+                           ("attention", "ablation_loss"): [0.3] * 4, ("mlp", "ablation_loss"): [0.9] * 4}})
+    finding = redundancy(frame)
+    assert finding.verdict == verdict
+    depth = spearman(list(range(LAYERS)), attention)
+    assert (f"mean importance of attention layers {sum(attention) / 4:.4f} against MLP layers {sum(MLP) / 4:.4f}; "
+            f"Spearman ρ of attention importance with depth {depth:+.2f}") in finding.evidence
+    assert "removing one attention layer costs 0.3000 nats of loss on average, one MLP 0.9000" in finding.evidence
+
+
+def drifting(settle_at: int) -> pl.DataFrame:
+    """Attention importance whose two least important layers are {2, 3} from `settle_at` on and {0, 1} before."""
+    early, late = [0.1, 0.2, 0.8, 0.9], [0.9, 0.8, 0.2, 0.1]
+    return scores({s: {("attention", "importance"): late if s >= settle_at else early, ("mlp", "importance"): MLP}
+                   for s in (0, 100, 400, 1000)})
+
+
+@pytest.mark.parametrize("settle_at, verdict, share", [(100, HOLDS, "10%"), (400, OPEN, "40%"), (1000, FAILS, "100%")])
+def test_persistence(settle_at, verdict, share):
+    frame = drifting(settle_at)
+    finding = persistence(frame)
+    assert finding.verdict == verdict
+    assert f"[2, 3] are the least important from step{settle_at} on ({10 * settle_at:,} tokens seen, {share} of " \
+           "training by tokens)" in finding.evidence
+    # Rank agreement with the final checkpoint over the second half of training: steps 400 and 1000 (orders 2, 3).
+    late = [spearman(frame.filter(pl.col("step") == s, pl.col("module") == "attention").sort("layer")["value"].to_list(),
+                     [0.9, 0.8, 0.2, 0.1]) for s in (400, 1000)]
+    assert f"mean {sum(late) / 2:.2f}, lowest {min(late):.2f}" in finding.evidence
+
+
+def evals(pruned_perplexity: float, pruned_decode: float, pruning: str = "attention [2, 3] (similarity)") -> pl.DataFrame:
+    rows = []
+    for model, label, ppl, decode in (("orig", None, 10.0, 100.0), ("half", pruning, pruned_perplexity, pruned_decode)):
+        for task, metric, value in (("perplexity", "perplexity", ppl), ("speed", "decode_tokens_per_s", decode)):
+            rows.append({"model": model, "path": f"/x/{model}", "source_model": "m", "revision": "step1000",
+                         "pruning": label, "task": task, "metric": metric, "value": value, "dtype": "float32",
+                         "device": "cpu", "created": datetime(2026, 1, 1, tzinfo=timezone.utc)})
+    return pl.DataFrame([dict.fromkeys(EVALS_SCHEMA) | r for r in rows], schema=EVALS_SCHEMA)
+
+
+def test_pruning_payoff():
+    holds = pruning_payoff(evals(10.5, 150.0), "m", LAYERS)
+    assert holds.verdict == HOLDS
+    assert "perplexity 10.00 -> 10.50 (95% of the original's quality kept), decode 1.50x as fast" in holds.evidence
+    assert pruning_payoff(evals(20.0, 150.0), "m", LAYERS).verdict == FAILS
+    assert pruning_payoff(evals(10.1, 90.0), "m", LAYERS).verdict == FAILS  # no faster
+    missing = pruning_payoff(evals(10.5, 150.0, "attention [3] (last)"), "m", LAYERS)  # a quarter, not half
+    assert missing.verdict == OPEN and "with 2 of its 4 attention layers dropped" in missing.evidence
+
+
+def test_cheap_versus_truth():
+    truth = {"attention": [0.1, 0.2, 0.3, 0.4], "mlp": [0.5, 0.6, 0.7, 0.8], "block": [0.9, 1.0, 1.1, 1.2]}
+    cells = lambda importance: {**{(m, "ablation_loss"): v for m, v in truth.items()},
+                                **{(m, "importance"): importance(v) for m, v in truth.items()}}
+    frame = scores({0: cells(lambda v: [-x for x in v]), 100: cells(lambda v: [x * 2 for x in v]),
+                    1000: cells(lambda v: [x + 0.01 for x in v])})
+    table = agreement(frame).filter(pl.col("score") == "importance")
+    assert table["spearman"].to_list() == pytest.approx([-1.0, 1.0, 1.0])
+    finding = cheap_versus_truth(frame)
+    assert finding.verdict == HOLDS and "+1.00; at least 0.5 from step100 on" in finding.evidence
+    assert cheap_versus_truth(frame.filter(pl.col("step") == 0)).verdict == FAILS
+    assert cheap_versus_truth(frame.filter(pl.col("metric") != "ablation_loss")).verdict == OPEN
