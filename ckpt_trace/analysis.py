@@ -96,8 +96,21 @@ def rank_consistency(frame: pl.DataFrame, metric: str = "importance") -> pl.Data
             pl.col("final").rank("average").over(keys).alias("final_rank"),
         )
         .group_by(keys)
-        .agg(pl.col("order", "step").first(), pl.corr("rank", "final_rank").alias("spearman"))
+        .agg(pl.col("order", "step", "tokens").first(), pl.corr("rank", "final_rank").alias("spearman"))
         .sort("module", "order")
+    )
+
+
+def best_spans(frame: pl.DataFrame, metric: str = "span_distance") -> pl.DataFrame:
+    """Per checkpoint and span length n: the run of n blocks whose input and output are closest (the least
+    span distance), the run Gromov et al. remove: its first and last layer and its distance."""
+    part = frame.filter(pl.col("metric") == metric)
+    return (
+        part.with_columns(n=pl.col("module").str.strip_prefix("span").cast(pl.Int64))
+        .sort("value", "layer").group_by("revision", "n", maintain_order=True).first()
+        .select("revision", "order", "step", "tokens", "n", first_layer="layer", last_layer=pl.col("layer") + pl.col("n") - 1,
+                distance="value")
+        .sort("order", "n")
     )
 
 
@@ -118,7 +131,8 @@ def drop_set_overlap(
         k = drop_count(n_layers, fraction)
         lowest = (
             part.sort("value", "layer").group_by("module", "revision", maintain_order=True).head(k)
-            .group_by("module", "revision").agg(pl.col("order", "step").first(), pl.col("layer").sort().alias("layers"))
+            .group_by("module", "revision").agg(pl.col("order", "step", "tokens").first(),
+                                                pl.col("layer").sort().alias("layers"))
         )
         final = lowest.filter(pl.col("order") == final_order).select("module", final_layers=pl.col("layers"))
         pieces.append(
@@ -132,7 +146,7 @@ def drop_set_overlap(
     if not pieces:
         return pl.DataFrame()
     return pl.concat(pieces).select(
-        "module", "fraction", "k", "revision", "order", "step", "layers", "final_layers", "jaccard"
+        "module", "fraction", "k", "revision", "order", "step", "tokens", "layers", "final_layers", "jaccard"
     ).sort("module", "fraction", "order")
 
 
@@ -161,12 +175,15 @@ def pruned_vs_original(evals: pl.DataFrame) -> pl.DataFrame:
     A result is compared only with the original's on the same task, shots, number of items,
     dtype and device: a bfloat16 pruned model is not measured against a float32 original.
     """
-    # On the CPU, peak memory is the process's high-water mark, which only grows from one model to the next.
-    comparable = ~((pl.col("metric") == "peak_memory_bytes") & pl.col("device").str.starts_with("cpu"))
+    # On the CPU, peak memory is the process's high-water mark, which only grows from one model to the next; the
+    # spread of a timing is no quality of the model, and a ratio of two spreads means nothing.
+    comparable = ~((pl.col("metric") == "peak_memory_bytes") & pl.col("device").str.starts_with("cpu")) & \
+        ~pl.col("metric").str.ends_with("_spread")
     setting = ["task", "metric", "num_fewshot", "dtype", "device"]
     latest = evals.filter(comparable).sort("created").group_by("model", "path", *setting, "n").last()
     keys = ["source_model", "revision", *setting, "n"]
-    originals = latest.filter(pl.col("pruning").is_null()).group_by(keys).agg(original=pl.col("value").last())
+    originals = latest.filter(pl.col("pruning").is_null()).group_by(keys).agg(
+        original=pl.col("value").last(), original_stderr=pl.col("stderr").last())
     pruned = latest.filter(pl.col("pruning").is_not_null())
     return (
         pruned.join(originals, on=keys, nulls_equal=True)
@@ -175,16 +192,18 @@ def pruned_vs_original(evals: pl.DataFrame) -> pl.DataFrame:
             .then(pl.col("original") / pl.col("value"))
             .otherwise(pl.col("value") / pl.col("original"))
         )
-        .select("source_model", "revision", "model", "pruning", "dtype", "device", "task", "metric", "value", "original",
-                "relative")
+        .select("source_model", "revision", "model", "pruning", "dtype", "device", "task", "metric", "n", "value",
+                "stderr", "original", "original_stderr", "relative")
         .sort("source_model", "model", "dtype", "device", "task", "metric")
     )
 
 
 def tradeoff(comparison: pl.DataFrame, speed_metric: str = "decode_tokens_per_s") -> pl.DataFrame:
-    """One row per pruned model and quality metric: quality kept and speedup, both relative to the original."""
+    """One row per pruned model and quality metric: quality kept and speedup, both relative to the original, and the
+    standard error of the quality kept that the pruned model's own standard error gives (the original's held fixed)."""
     speed = comparison.filter(pl.col("metric") == speed_metric).select("model", "dtype", "device", speedup="relative")
     quality = comparison.filter((pl.col("task") != "speed") & pl.col("metric").is_in(["perplexity", "acc"]))
     return quality.join(speed, on=["model", "dtype", "device"], nulls_equal=True).select(
-        "source_model", "model", "pruning", "task", "metric", quality_kept="relative", speedup="speedup"
+        "source_model", "model", "pruning", "task", "metric", quality_kept="relative",
+        quality_kept_stderr=pl.col("stderr") / pl.col("original"), speedup="speedup",
     )

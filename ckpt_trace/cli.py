@@ -49,12 +49,16 @@ def model_options(command):
 @click.argument("source", required=False)
 @click.option("--revisions", help="Selection: names, A..B step ranges, every:K, log:K, first:N, last:N (default: all).")
 @click.option("--branch", help="The side line of training to select from (e.g. ingredient1), with the trunk into it.")
-@click.option("--metrics", help="Comma-separated: importance, update_ratio (always), ablation_loss (one forward pass "
-              "more per layer and module)  [default: importance,update_ratio; for the micro suite, all three]")
+@click.option("--metrics", help="Comma-separated: importance, update_ratio (always), angular_distance, span_distance "
+              "(the same pass), their _last variants, ablation_loss (one forward pass more per layer and module)  "
+              "[default: importance,update_ratio; for the micro suite, every one but the _last variants]")
+@click.option("--tokens", default="all", show_default=True, type=click.Choice(["all", "last"]),
+              help="Average the one-pass metrics over every real token, or over each sequence's last (stored as "
+              "their _last variants; importance and update_ratio over every token are stored too).")
 @model_options
 @click.option("--force", is_flag=True, help="Score again what is already stored.")
 @click.option("--keep-going", is_flag=True, help="Record failing revisions and go on.")
-def scan(source, revisions, calibration, samples, seq_len, seed, metrics, **options):
+def scan(source, revisions, calibration, samples, seq_len, seed, metrics, tokens, **options):
     """Score every layer of every revision of SOURCE and store the scores as Parquet.
 
     SOURCE is a Hub repo id (EleutherAI/pythia-160m), a model directory, or a directory of
@@ -69,6 +73,7 @@ def scan(source, revisions, calibration, samples, seq_len, seed, metrics, **opti
         source=source,
         revisions=revisions,
         metrics=tuple(m.strip() for m in metrics.split(",")) if metrics is not None else None,
+        tokens=tokens,
         calibration=CalibrationSpec(calibration, samples, seq_len, seed),
         **options,
     )
@@ -140,6 +145,34 @@ def prune(source, calibration, samples, seq_len, seed, **options):
     click.echo(f"parameters {record['parameters_before']:,} -> {record['parameters_after']:,}; saved to {out}")
 
 
+@cli.command()
+@click.argument("source")
+@click.option("--revision", help="Revision to measure  [default: the last in training order]")
+@click.option("--targets", default="attention,mlp,block", show_default=True,
+              help="Comma-separated: which of attention, mlp and block to draw curves for.")
+@click.option("--seeds", default=5, show_default=True, help="Random drop sets per k (seeds 0 .. N-1).")
+@click.option("--perplexity-data", help="Any calibration spec  [default: as eval --perplexity: a micro suite's "
+              "held-out documents, else calibration text the calibration set does not take]")
+@model_options
+def curves(source, targets, calibration, samples, seq_len, seed, **options):
+    """Pruning curves: held-out perplexity with k = 1 .. L-1 modules dropped by similarity, last, random and oracle.
+
+    The oracle drops the modules whose removal alone costs the least loss (ablation_loss).
+    Scores are taken from the store when it has them for these weights, else computed.
+    """
+    from .curves import CurveConfig, run_curves, summary
+
+    config = CurveConfig(source=source, targets=tuple(t.strip() for t in targets.split(",") if t.strip()),
+                         calibration=CalibrationSpec(calibration, samples, seq_len, seed), **options)
+    frame = run_curves(config)
+    with pl.Config(tbl_hide_dataframe_shape=True, tbl_hide_column_data_types=True, tbl_rows=-1, tbl_cols=-1,
+                   float_precision=2, tbl_width_chars=200):
+        click.echo(summary(frame))
+    first = frame.row(0, named=True)
+    click.echo(f"perplexity of {first['model']} {first['revision']} on {first['n_tokens']:,} held-out tokens (set "
+               f"{first['data']}), stored in {config.store}/curves; random: geometric mean, lowest and highest over seeds")
+
+
 def _task_list(tasks: str | None) -> list[str] | None:
     if tasks is None:
         return None
@@ -176,7 +209,7 @@ def eval_command(model_dirs, tasks, calibration, samples, seq_len, seed, **optio
         calibration=CalibrationSpec(calibration, samples, seq_len, seed), **options,
     )
     results = evaluate(config)
-    table = results.filter(~pl.col("metric").str.ends_with("_spread")).select("model", "task", "metric", "value")
+    table = results.filter(~pl.col("metric").str.ends_with("_spread")).select("model", "task", "metric", "value", "stderr", "n")
     with pl.Config(tbl_hide_dataframe_shape=True, tbl_hide_column_data_types=True, tbl_rows=-1, float_precision=4):
         click.echo(table)
     click.echo(f"results stored in {config.store}/evals")
@@ -184,13 +217,16 @@ def eval_command(model_dirs, tasks, calibration, samples, seq_len, seed, **optio
 
 @cli.command()
 @click.option("--store", default="data", show_default=True, help="Store directory.")
-@click.option("--out", default="figures", show_default=True, help="Where report.md, report.html and the PNGs go.")
+@click.option("--out", default="figures", show_default=True,
+              help="Where report.md, report.html and the figures (PNG and SVG) go.")
 @click.option("--model", help="Only this model (default: every model in the store).")
-def report(store, out, model):
-    """Draw heatmaps, per-layer curves, consistency and drop-set emergence, and write the report."""
+@click.option("--color-scale", default="linear", show_default=True, type=click.Choice(["linear", "log"]),
+              help="The heatmaps' colour scale (each module has its own range); log shows the late layers near 0.")
+def report(store, out, model, color_scale):
+    """Write the report: findings, heatmaps, per-layer curves, consistency, drop-set emergence, pruning curves."""
     from .report import write_report
 
-    click.echo(f"wrote {write_report(store, out, model)} and {Path(out) / 'report.html'}")
+    click.echo(f"wrote {write_report(store, out, model, color_scale)} and {Path(out) / 'report.html'}")
 
 
 @cli.group("micro-suite")

@@ -40,6 +40,7 @@ PAPER_TASKS = {"boolq": 0, "rte": 0, "openbookqa": 0, "piqa": 0, "mmlu": 5, "win
                "arc_challenge": 25}
 BUILTIN_TASK = "ckpt_trace_python_mc"
 TASK_DATA = Path(__file__).parent / "tasks" / "python_mc.jsonl"
+STDERR_BOOTSTRAP = 1000
 
 
 
@@ -62,6 +63,21 @@ def perplexity(model, data: CalibrationSet, batch_size: int = 8) -> tuple[float,
     if count == 0:
         raise CalibrationError(f"perplexity data {data.source!r} has no token to predict: every sequence needs 2 tokens or more")
     return math.exp(float(total) / count), count
+
+
+def perplexity_set(model_dir: Path, model, tokenizer, calibration: CalibrationSpec,
+                   perplexity_data: str | None = None) -> CalibrationSet:
+    """The text a model's perplexity is measured on: `perplexity_data` (any calibration spec) when given; else, for a
+    micro-suite model, the documents its suite held out from training; else blocks of the calibration text that
+    the calibration set does not take."""
+    from .models import max_positions
+
+    spec = fit_seq_len(calibration, max_positions(model.config.to_dict()))
+    if perplexity_data:
+        return load_calibration(replace(spec, source=perplexity_data), tokenizer)
+    if tokenizer is None:
+        raise ConfigError(f"{str(model_dir)!r} has no tokenizer; give --perplexity-data with a pre-tokenized jsonl")
+    return suite_heldout_set(model_dir, tokenizer) or heldout_set(spec, tokenizer)
 
 
 # -- speed ------------------------------------------------------------------------------
@@ -156,7 +172,7 @@ def builtin_task() -> dict:
         "dataset_kwargs": {"data_files": {"test": str(TASK_DATA)}},
         "test_split": "test",
         "output_type": "multiple_choice",
-        "doc_to_text": "Question: {{question}}\nAnswer:",
+        "doc_to_text": "{{context}}",
         "doc_to_choice": "{{choices}}",
         "doc_to_target": "{{answer}}",
         "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True},
@@ -202,18 +218,23 @@ def run_tasks(model, tokenizer, tasks: list[str], num_fewshot: int | None = None
     rows = []
     for shots, specs in groups.items():
         try:
+            # Accuracies are means, whose standard error lm-eval computes in closed form; the iterations are for
+            # the few metrics it can only bootstrap.
             results = simple_evaluate(model=lm, tasks=specs, num_fewshot=shots, task_manager=manager, limit=limit,
-                                      log_samples=False, bootstrap_iters=0, verbosity="ERROR")
+                                      log_samples=False, bootstrap_iters=STDERR_BOOTSTRAP, verbosity="ERROR")
         except Exception as err:  # lm-eval raises many kinds for a task it cannot load (offline, unknown name)
             names = [s["task"] if isinstance(s, dict) else s for s in specs]
             raise ConfigError(f"lm-eval could not run {', '.join(names)}: {' '.join(str(err).split())}") from err
         for task, metrics in results["results"].items():
             n = results.get("n-samples", {}).get(task, {}).get("effective")
             for key, value in metrics.items():
-                metric, _, _ = key.partition(",")
+                metric, _, kind = key.partition(",")
                 numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
                 if numeric and not metric.endswith("_stderr") and metric != "sample_len":
-                    rows.append({"task": task, "metric": metric, "value": float(value), "n": n, "num_fewshot": shots})
+                    stderr = metrics.get(f"{metric}_stderr,{kind}" if kind else f"{metric}_stderr")
+                    stderr = float(stderr) if isinstance(stderr, (int, float)) and math.isfinite(stderr) else None
+                    rows.append({"task": task, "metric": metric, "value": float(value), "stderr": stderr, "n": n,
+                                 "num_fewshot": shots})
     return rows
 
 
@@ -265,7 +286,7 @@ class EvalConfig:
 
 def evaluate(config: EvalConfig) -> pl.DataFrame:
     """Evaluate every model directory and store the results in the store's evals/ table."""
-    from .models import dtype_name, load_model, load_tokenizer, max_positions, resolve_device, resolve_dtype
+    from .models import dtype_name, load_model, load_tokenizer, resolve_device, resolve_dtype
     from .store import Store
 
     store = Store(config.store)
@@ -277,14 +298,7 @@ def evaluate(config: EvalConfig) -> pl.DataFrame:
         tokenizer = load_tokenizer(model_dir)
         rows = []
         if config.perplexity:
-            spec = fit_seq_len(config.calibration, max_positions(model.config.to_dict()))
-            if config.perplexity_data:
-                data = load_calibration(replace(spec, source=config.perplexity_data), tokenizer)
-            else:
-                if tokenizer is None:
-                    raise ConfigError(f"{str(model_dir)!r} has no tokenizer; give --perplexity-data with a pre-tokenized jsonl")
-                # A micro-suite model: the documents its suite held out from training; else calibration text left over.
-                data = suite_heldout_set(model_dir, tokenizer) or heldout_set(spec, tokenizer)
+            data = perplexity_set(model_dir, model, tokenizer, config.calibration, config.perplexity_data)
             ppl, n = perplexity(model, data, config.batch_size)
             rows.append({"task": "perplexity", "metric": "perplexity", "value": ppl, "n": n, "num_fewshot": None})
         if config.speed:

@@ -28,6 +28,10 @@ AGREES = 0.5
 """(d) holds when the final checkpoint's Spearman correlation with ablation_loss reaches this."""
 
 
+CHEAP_SCORES = ("importance", "update_ratio", "angular_distance")
+"""The one-pass scores whose agreement with ablation_loss is measured."""
+
+
 @dataclass(frozen=True)
 class Finding:
     claim: str
@@ -117,33 +121,59 @@ def _dropped_attention(pruning: str) -> int | None:
     return len(pruning.split("[", 1)[1].split("]", 1)[0].split(","))
 
 
-def pruning_payoff(evals: pl.DataFrame, model: str, n_layers: int) -> Finding:
-    """(c) Models with half the attention layers dropped, against the original: perplexity kept and decode speedup."""
+def pruning_payoff(evals: pl.DataFrame, model: str, n_layers: int, curve: pl.DataFrame | None = None) -> Finding:
+    """(c) Half the attention layers dropped: perplexity kept (on the pruning curve by similarity, where one is stored,
+    else of an evaluated pruned model) and decode speedup (of an evaluated pruned model)."""
     claim = "(c) dropping half the attention layers costs little quality and speeds decoding"
+    half = n_layers // 2
     comparison = pruned_vs_original(evals.filter(pl.col("source_model") == model)) if evals.height else evals
-    half = [p for p in (comparison["pruning"].unique().to_list() if comparison.height else [])
-            if _dropped_attention(p) == n_layers // 2]
-    rows = comparison.filter(pl.col("pruning").is_in(half)) if half else comparison.head(0)
+    labels = [p for p in (comparison["pruning"].unique().to_list() if comparison.height else [])
+              if _dropped_attention(p) == half]
+    rows = comparison.filter(pl.col("pruning").is_in(labels)) if labels else comparison.head(0)
     quality = rows.filter(pl.col("metric") == "perplexity")
     speed = rows.filter(pl.col("metric") == "decode_tokens_per_s")
-    if quality.height == 0 or speed.height == 0:
-        return Finding(claim, OPEN, f"no model pruned from {model} with {n_layers // 2} of its {n_layers} attention layers "
-                       "dropped has perplexity and decode speed stored beside the original's (`ckpt-trace eval "
-                       "--perplexity --speed`)", "")
-    best = quality.sort("relative", descending=True).row(0, named=True)
-    speedup = speed.filter(pl.col("model") == best["model"])["relative"]
-    speedup = speedup[0] if len(speedup) else speed["relative"].max()
-    kept = best["relative"]
-    verdict = HOLDS if kept >= KEPT and speedup > 1 else FAILS
-    evidence = (f"{best['model']} ({best['pruning']}): perplexity {best['original']:.2f} -> {best['value']:.2f} "
-                f"({kept:.0%} of the original's quality kept), decode {speedup:.2f}x as fast")
+    point = curve.filter((pl.col("target") == "attention") & (pl.col("k") == half)) if curve is not None else None
+    parts, basis = [], []
+    kept = speedup = None
+    if point is not None and point.height and "similarity" in point.columns:
+        row = point.row(0, named=True)
+        kept = row["original"] / row["similarity"]
+        others = ", ".join(f"{s} {row['original'] / row[s]:.0%}" for s in ("oracle", "last", "random") if row.get(s))
+        parts.append(f"with {half} of {n_layers} attention layers dropped by similarity, perplexity {row['original']:.2f} -> "
+                     f"{row['similarity']:.2f} ({kept:.0%} of the original's quality kept; {others}"
+                     f"{' (geometric mean of ' + str(row['seeds']) + ' seeds)' if row.get('seeds') else ''})")
+        basis.append("the pruning curve")
+    elif quality.height:
+        best = quality.sort("relative", descending=True).row(0, named=True)
+        kept = best["relative"]
+        parts.append(f"{best['model']} ({best['pruning']}): perplexity {best['original']:.2f} -> {best['value']:.2f} "
+                     f"({kept:.0%} of the original's quality kept)")
+    for row in rows.filter(pl.col("metric") == "acc").sort("task", "model").iter_rows(named=True):
+        spread = lambda value, stderr: f"{value:.3f}" + (f" ± {stderr:.3f}" if stderr is not None else "")  # noqa: E731
+        parts.append(f"{row['model']}: {row['task']} accuracy {spread(row['original'], row['original_stderr'])} -> "
+                     f"{spread(row['value'], row['stderr'])} ({row['n']} items, ± one standard error)")
+    if speed.height:
+        speedup = speed["relative"].max()
+        parts.append(f"decode {speedup:.2f}x as fast ({speed.sort('relative').row(-1, named=True)['model']})")
+        basis.append(f"{len(labels)} evaluated pruned model{'s' if len(labels) > 1 else ''}")
+    if kept is None and speedup is None:
+        return Finding(claim, OPEN, f"no pruning curve (`ckpt-trace curves`) and no model pruned from {model} with "
+                       f"{half} of its {n_layers} attention layers dropped evaluated beside the original (`ckpt-trace "
+                       "eval --perplexity --speed`) is stored", "")
+    if kept is not None and kept < KEPT:
+        verdict = FAILS
+    elif kept is None or speedup is None:
+        verdict = OPEN
+        parts.append("no " + ("perplexity" if kept is None else "decode speed") + " of such a model is stored")
+    else:
+        verdict = HOLDS if speedup > 1 else FAILS
     rule = f"holds when {KEPT:.0%} of the quality is kept and decoding is faster"
-    return Finding(claim, verdict, evidence, f"{len(half)} pruned model{'s' if len(half) > 1 else ''}; {rule}")
+    return Finding(claim, verdict, "; ".join(parts), f"{' and '.join(basis)}; {rule}")
 
 
 def agreement(frame: pl.DataFrame) -> pl.DataFrame:
     """Per checkpoint: Spearman correlation, over every layer and module, of each cheap score with ablation_loss."""
-    wide = frame.filter(pl.col("metric").is_in(["importance", "update_ratio", "ablation_loss"])).pivot(
+    wide = frame.filter(pl.col("metric").is_in([*CHEAP_SCORES, "ablation_loss"])).pivot(
         on="metric", index=["revision", "order", "step", "tokens", "layer", "module"], values="value")
     if "ablation_loss" not in wide.columns:
         return pl.DataFrame(schema={"revision": pl.String, "order": pl.Int64, "step": pl.Int64, "tokens": pl.Int64,
@@ -152,7 +182,7 @@ def agreement(frame: pl.DataFrame) -> pl.DataFrame:
         wide.group_by("revision").agg(pl.col("order", "step", "tokens").first(),
                                       spearman=pl.corr(score, "ablation_loss", method="spearman")).with_columns(
             score=pl.lit(score))
-        for score in ("importance", "update_ratio") if score in wide.columns
+        for score in CHEAP_SCORES if score in wide.columns
     ]
     return pl.concat(pieces).select("revision", "order", "step", "tokens", "score", "spearman").sort("score", "order")
 
@@ -166,10 +196,13 @@ def cheap_versus_truth(frame: pl.DataFrame) -> Finding:
     final = table.row(-1, named=True)
     good = (table["spearman"].fill_nan(-1.0) >= AGREES).cast(pl.Int8).reverse().cum_min().reverse()
     since = table.filter(good == 1)
-    ratio = agreement(frame).filter(pl.col("score") == "update_ratio")
+    others = agreement(frame).filter(pl.col("score") != "importance").sort("order").group_by(
+        "score", maintain_order=True).last().sort(pl.col("score").replace_strict(
+            {s: i for i, s in enumerate(CHEAP_SCORES)}, return_dtype=pl.Int64))
     evidence = (f"Spearman ρ of importance with ablation_loss over every layer and module at {final['revision']}: "
                 f"{final['spearman']:+.2f}"
-                + (f" (update_ratio: {ratio['spearman'][-1]:+.2f})" if ratio.height else "")
+                + (" (" + ", ".join(f"{s}: {r:+.2f}" for s, r in others.select("score", "spearman").rows()) + ")"
+                   if others.height else "")
                 + (f"; at least {AGREES} from {since['revision'][0]} on" if since.height else f"; never {AGREES} for good"))
     verdict = HOLDS if final["spearman"] >= AGREES else FAILS if final["spearman"] <= 0 else OPEN
     n = frame.filter(pl.col("metric") == "ablation_loss").select("layer", "module").n_unique()
@@ -177,7 +210,8 @@ def cheap_versus_truth(frame: pl.DataFrame) -> Finding:
     return Finding(claim, verdict, evidence, f"{table.height} checkpoints, {n} modules each; {rule}")
 
 
-def findings(frame: pl.DataFrame, evals: pl.DataFrame, model: str) -> list[Finding]:
-    """The four findings for one model's scores (as `analysis.model_scores` gives them) and the store's evaluations."""
+def findings(frame: pl.DataFrame, evals: pl.DataFrame, model: str, curve: pl.DataFrame | None = None) -> list[Finding]:
+    """The four findings for one model's scores (as `analysis.model_scores` gives them), the store's evaluations and
+    the model's pruning curve (as `ckpt_trace.curves.summary` gives it), if any."""
     n_layers = frame["layer"].n_unique()
-    return [redundancy(frame), persistence(frame), pruning_payoff(evals, model, n_layers), cheap_versus_truth(frame)]
+    return [redundancy(frame), persistence(frame), pruning_payoff(evals, model, n_layers, curve), cheap_versus_truth(frame)]

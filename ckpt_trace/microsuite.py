@@ -20,6 +20,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import sys
 import time
@@ -122,6 +123,58 @@ def split_documents(seed: int, holdout: float) -> tuple[list[str], list[str]]:
     docs, keys = _documents()
     val = set(heldout_topics(seed, holdout))
     return [d for d, k in zip(docs, keys) if k not in val], [d for d, k in zip(docs, keys) if k in val]
+
+
+# -- the built-in multiple-choice task, from held-out documents -----------------------------
+
+TASK_CONTEXT_WORDS, TASK_ANSWER_WORDS, TASK_STRIDE = 16, 3, 12
+
+
+def _prose(document: str) -> list[list[str]]:
+    """The prose paragraphs of a pydoc document as word lists; grammar rules, code and headings left out."""
+    paragraphs = []
+    for block in re.split(r"\n\s*\n", document):
+        lines = block.strip("\n").splitlines()
+        if not lines or any(line.startswith(" ") for line in lines) or "::=" in block or set(lines[-1]) <= set("*=-"):
+            continue
+        if len(words := block.split()) >= 8:
+            paragraphs.append(words)
+    return paragraphs
+
+
+def python_mc_items(topics: list[str], seed: int = 0) -> list[dict]:
+    """Multiple-choice items from pydoc topics: a passage of up to 16 words, and four continuations of 3 words: the
+    one that follows it, and three that follow other passages of the same topic, in a seeded order.
+
+    Every 12th word of every prose paragraph (from its 7th on) starts an item, so items do not repeat
+    a continuation. Built from the topics the micro suite holds out from training, a model that
+    learned the documentation's language picks the true continuation; one that did not is at
+    chance (25%).
+    """
+    from pydoc_data.topics import topics as texts
+
+    rng = random.Random(seed)
+    items = []
+    for topic in topics:
+        spans = [(" ".join(words[max(0, i - TASK_CONTEXT_WORDS):i]), " ".join(words[i:i + TASK_ANSWER_WORDS]))
+                 for words in _prose(texts[topic])
+                 for i in range(6, len(words) - TASK_ANSWER_WORDS + 1, TASK_STRIDE)]
+        continuations = sorted({answer for _, answer in spans})
+        if len(continuations) < 4:  # too short a topic to draw three distractors from
+            continue
+        for context, answer in spans:
+            others = rng.sample([c for c in continuations if c != answer], 3)
+            position = rng.randrange(4)
+            items.append({"topic": topic, "context": context, "choices": [*others[:position], answer, *others[position:]],
+                          "answer": position})
+    return items
+
+
+def builtin_task_items(config: MicroSuiteConfig | None = None) -> list[dict]:
+    """The items of the built-in task `ckpt_trace_python_mc` (`ckpt_trace/tasks/python_mc.jsonl`): built from the
+    topics the default micro suite holds out from training."""
+    config = config or MicroSuiteConfig()
+    return python_mc_items(heldout_topics(config.seed, config.holdout))
 
 
 def validation_blocks(tokenizer, documents: list[str], seq_len: int) -> torch.Tensor:

@@ -15,7 +15,13 @@ from .analysis import checkpoint_labels, layer_matrix
 
 MODULE_ORDER = ("attention", "mlp", "block")
 MODULE_TITLES = {"attention": "Attention", "mlp": "MLP", "block": "Block"}
-METRIC_TITLES = {"importance": "importance = 1 - cos(in, out)", "update_ratio": "update ratio = ||delta|| / ||in||"}
+METRIC_TITLES = {"importance": "importance = 1 - cos(in, out)", "update_ratio": "update ratio = ||delta|| / ||in||",
+                 "angular_distance": "angular distance = arccos(cos(in, out)) / π"}
+
+
+COLOR_SCALES = ("linear", "log")
+LOW, HIGH = 2, 98
+"""Percentiles that bound a heatmap's colour scale: a few extreme cells do not wash out the rest."""
 
 
 def _sparse_ticks(labels: list[str], most: int = 16) -> tuple[list[int], list[str]]:
@@ -24,51 +30,104 @@ def _sparse_ticks(labels: list[str], most: int = 16) -> tuple[list[int], list[st
     return positions, [labels[i] for i in positions]
 
 
-def heatmaps(frame: pl.DataFrame, metric: str = "importance", title: str = "") -> Figure:
-    """Layer-by-checkpoint heatmaps of one metric, one panel per module type, on one shared colour scale."""
+def _si(count: int) -> str:
+    for size, suffix in ((10**12, "T"), (10**9, "B"), (10**6, "M"), (10**3, "k")):
+        if abs(count) >= size:
+            return f"{count / size:.3g}{suffix}"
+    return str(count)
+
+
+def training_position(frame: pl.DataFrame) -> str:
+    """The column that places a checkpoint in training: `tokens` (tokens seen) where every row knows it, else `step`."""
+    if "tokens" in frame.columns and frame.height and frame["tokens"].null_count() == 0:
+        return "tokens"
+    return "step"
+
+
+def colour_range(matrix: np.ndarray, scale: str = "linear") -> tuple[float, float, str]:
+    """vmin, vmax and matplotlib's colour-bar `extend` for one heatmap panel, layers in rows.
+
+    The range spans the 2nd to the 98th percentile of the layers after the first (of all layers when there are
+    fewer than three): the first layer's scores are often far from the rest and would leave every other layer
+    one colour. Cells beyond the range take the end colours, and the colour bar's arrows say so. On a log scale
+    only positive values count.
+    """
+    body = matrix[1:] if matrix.shape[0] >= 3 else matrix
+    values, everything = body[np.isfinite(body)], matrix[np.isfinite(matrix)]
+    if scale == "log":
+        values, everything = values[values > 0], everything[everything > 0]
+    if values.size == 0:
+        values = everything
+    if values.size == 0:
+        return (1e-6, 1.0, "neither") if scale == "log" else (0.0, 1.0, "neither")
+    vmin, vmax = (float(v) for v in np.percentile(values, [LOW, HIGH]))
+    if vmax <= vmin:
+        vmin, vmax = (vmin / 2, vmax * 2) if scale == "log" else (vmin - 0.5, vmax + 0.5)
+    below, above = bool((everything < vmin).any()), bool((everything > vmax).any())
+    return vmin, vmax, {(True, True): "both", (True, False): "min", (False, True): "max"}.get((below, above), "neither")
+
+
+def heatmaps(frame: pl.DataFrame, metric: str = "importance", title: str = "", scale: str = "linear") -> Figure:
+    """Layer-by-checkpoint heatmaps of one metric, one panel per module type, each on its own colour scale
+    (see `colour_range`), linear or log."""
+    from matplotlib.colors import LogNorm, Normalize
+
     modules = [m for m in MODULE_ORDER if frame.filter((pl.col("module") == m) & (pl.col("metric") == metric)).height]
     matrices = {m: layer_matrix(frame, m, metric) for m in modules}
-    values = np.concatenate([matrices[m].drop("layer").to_numpy().ravel() for m in modules])
-    vmin, vmax = float(np.nanmin(values)), float(np.nanmax(values))
-    labels = checkpoint_labels(frame.filter(pl.col("metric") == metric))["label"].to_list()
-    figure = Figure(figsize=(4.2 * len(modules) + 1.2, 0.28 * matrices[modules[0]].height + 2.4), layout="constrained")
+    checkpoints = checkpoint_labels(frame.filter(pl.col("metric") == metric))
+    by_tokens = training_position(checkpoints) == "tokens"
+    labels = [_si(t) for t in checkpoints["tokens"]] if by_tokens else checkpoints["label"].to_list()
+    figure = Figure(figsize=(5.0 * len(modules), 0.28 * matrices[modules[0]].height + 2.6), layout="constrained")
     axes = figure.subplots(1, len(modules), sharey=True, squeeze=False)[0]
+    colours = sns.color_palette("viridis", as_cmap=True).with_extremes(bad="#d9d9d9")
     for i, (ax, module) in enumerate(zip(axes, modules)):
-        data = matrices[module].drop("layer").to_numpy()
-        sns.heatmap(data, ax=ax, vmin=vmin, vmax=vmax, cmap="viridis", cbar=i == len(modules) - 1,
-                    cbar_kws={"label": metric}, xticklabels=False, yticklabels=matrices[module]["layer"].to_list())
-        positions, shown = _sparse_ticks(labels)
-        ax.set_xticks([p + 0.5 for p in positions], shown, rotation=90, fontsize=7)
+        data = matrices[module].drop("layer").to_numpy().astype(float)
+        vmin, vmax, extend = colour_range(data, scale)
+        norm = LogNorm(vmin, vmax) if scale == "log" else Normalize(vmin, vmax)
+        shown = np.where(data > 0, data, np.nan) if scale == "log" else data
+        sns.heatmap(shown, ax=ax, norm=norm, cmap=colours, cbar=True, xticklabels=False,
+                    cbar_kws={"label": metric + (" (log)" if scale == "log" else ""), "extend": extend, "shrink": 0.9},
+                    yticklabels=matrices[module]["layer"].to_list())
+        positions, ticks = _sparse_ticks(labels)
+        ax.set_xticks([p + 0.5 for p in positions], ticks, rotation=90, fontsize=7)
         ax.set_title(MODULE_TITLES[module])
-        ax.set_xlabel("training step")
+        ax.set_xlabel("tokens seen" if by_tokens else "training step")
         if i == 0:
             ax.set_ylabel("layer")
     figure.suptitle(title or METRIC_TITLES.get(metric, metric))
     return figure
 
 
-def _step_axis(ax) -> None:
-    # Schedules are log-spaced early; symlog keeps step 0 on the axis.
-    ax.set_xscale("symlog", linthresh=1)
+def _training_axis(ax, positions: np.ndarray, unit: str) -> None:
+    # Schedules are log-spaced early; symlog keeps step 0 (token 0) on the axis.
+    positive = positions[positions > 0]
+    ax.set_xscale("symlog", linthresh=float(positive.min()) if positive.size else 1.0)
     ax.set_xlim(left=0)
-    ax.set_xlabel("training step")
+    ax.set_xlabel({"tokens": "tokens seen", "step": "training step", "fraction": "fraction of training"}[unit])
     ax.grid(alpha=0.3)
 
 
+def _plot_over_training(ax, part: pl.DataFrame, column: str, *args, **kwargs) -> np.ndarray:
+    x = part[training_position(part)].to_numpy()
+    ax.plot(x, part[column].to_numpy(), *args, **kwargs)
+    return x
+
+
 def layer_lines(frame: pl.DataFrame, metric: str = "importance") -> Figure:
-    """Each layer's metric over training, one panel per module type, on a log-scaled step axis."""
+    """Each layer's metric over training, one panel per module type, on a log-scaled axis of tokens seen (or steps)."""
     modules = [m for m in MODULE_ORDER if frame.filter((pl.col("module") == m) & (pl.col("metric") == metric)).height]
     figure = Figure(figsize=(4.6 * len(modules), 3.8), layout="constrained")
     axes = figure.subplots(1, len(modules), sharey=True, squeeze=False)[0]
     layers = sorted(frame["layer"].unique().to_list())
     colours = sns.color_palette("viridis", len(layers))
+    unit = training_position(frame)
     for ax, module in zip(axes, modules):
         part = frame.filter((pl.col("module") == module) & (pl.col("metric") == metric)).sort("order")
         for colour, layer in zip(colours, layers):
-            line = part.filter(pl.col("layer") == layer)
-            ax.plot(line["step"].to_numpy(), line["value"].to_numpy(), marker=".", color=colour, label=f"layer {layer}")
+            _plot_over_training(ax, part.filter(pl.col("layer") == layer), "value", marker=".", color=colour,
+                                label=f"layer {layer}")
         ax.set_title(MODULE_TITLES[module])
-        _step_axis(ax)
+        _training_axis(ax, frame[unit].to_numpy(), unit)
     axes[0].set_ylabel(metric)
     axes[-1].legend(fontsize=7, ncols=max(1, len(layers) // 12), loc="best")
     return figure
@@ -81,11 +140,11 @@ def consistency(frame: pl.DataFrame) -> Figure:
     for module in MODULE_ORDER:
         part = frame.filter(pl.col("module") == module).sort("order")
         if part.height:
-            ax.plot(part["step"].to_numpy(), part["spearman"].to_numpy(), marker="o", label=MODULE_TITLES[module])
+            _plot_over_training(ax, part, "spearman", marker="o", label=MODULE_TITLES[module])
     ax.axhline(1.0, color="grey", lw=0.8, ls=":")
     ax.set_ylabel("Spearman ρ with final ranking")
     ax.set_ylim(-1.05, 1.05)
-    _step_axis(ax)
+    _training_axis(ax, frame[training_position(frame)].to_numpy(), training_position(frame))
     ax.legend()
     return figure
 
@@ -95,11 +154,11 @@ def agreement(frame: pl.DataFrame) -> Figure:
     figure = Figure(figsize=(6.4, 3.8), layout="constrained")
     ax = figure.subplots()
     for score, part in frame.sort("order").group_by("score", maintain_order=True):
-        ax.plot(part["step"].to_numpy(), part["spearman"].to_numpy(), marker="o", label=score[0])
+        _plot_over_training(ax, part, "spearman", marker="o", label=score[0])
     ax.axhline(0.0, color="grey", lw=0.8, ls=":")
     ax.set_ylabel("Spearman ρ with ablation_loss")
     ax.set_ylim(-1.05, 1.05)
-    _step_axis(ax)
+    _training_axis(ax, frame[training_position(frame)].to_numpy(), training_position(frame))
     ax.legend()
     return figure
 
@@ -110,11 +169,10 @@ def drop_set(frame: pl.DataFrame) -> Figure:
     ax = figure.subplots()
     for (module, fraction, k), part in frame.sort("order").group_by("module", "fraction", "k", maintain_order=True):
         style = "-" if module == "attention" else "--"
-        ax.plot(part["step"].to_numpy(), part["jaccard"].to_numpy(), style, marker="o",
-                label=f"{MODULE_TITLES[module]}, {fraction:.0%} (k={k})")
+        _plot_over_training(ax, part, "jaccard", style, marker="o", label=f"{MODULE_TITLES[module]}, {fraction:.0%} (k={k})")
     ax.set_ylabel("Jaccard overlap with final drop set")
     ax.set_ylim(-0.05, 1.05)
-    _step_axis(ax)
+    _training_axis(ax, frame[training_position(frame)].to_numpy(), training_position(frame))
     ax.legend(fontsize=8)
     return figure
 
@@ -124,9 +182,9 @@ def validation_loss(revisions: pl.DataFrame) -> Figure:
     part = revisions.filter(pl.col("val_loss").is_not_null()).sort("step")
     figure = Figure(figsize=(6.4, 3.6), layout="constrained")
     ax = figure.subplots()
-    ax.plot(part["step"].to_numpy(), part["val_loss"].to_numpy(), marker="o", color="black")
+    x = _plot_over_training(ax, part, "val_loss", marker="o", color="black")
     ax.set_ylabel("validation loss")
-    _step_axis(ax)
+    _training_axis(ax, x, training_position(part))
     return figure
 
 
@@ -136,7 +194,9 @@ def quality_speed(tradeoff: pl.DataFrame) -> Figure:
     ax = figure.subplots()
     for (task, metric), part in tradeoff.group_by("task", "metric", maintain_order=True):
         label = task if task == metric else f"{task} {metric}"
-        ax.scatter(part["speedup"].to_numpy(), part["quality_kept"].to_numpy(), label=label, s=40)
+        errors = part["quality_kept_stderr"].fill_null(0.0).to_numpy() if "quality_kept_stderr" in part.columns else None
+        ax.errorbar(part["speedup"].to_numpy(), part["quality_kept"].to_numpy(), yerr=errors, fmt="o", capsize=3,
+                    label=label + (" (±1 standard error)" if errors is not None and errors.any() else ""))
         for x, y, name in part.select("speedup", "quality_kept", "model").rows():
             ax.annotate(name, (x, y), fontsize=7, xytext=(4, 3), textcoords="offset points")
     ax.axhline(1.0, color="grey", lw=0.8, ls=":")
@@ -145,4 +205,79 @@ def quality_speed(tradeoff: pl.DataFrame) -> Figure:
     ax.set_ylabel("quality kept (relative to the original)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    return figure
+
+
+STRATEGY_STYLE = {"oracle": ("black", "s"), "similarity": ("tab:blue", "o"), "last": ("tab:orange", "^")}
+"""The oracle first, hollow and larger, so that a strategy that picks the same modules shows on top of it."""
+
+
+def pruning_curve(summary: pl.DataFrame, target: str) -> Figure:
+    """Held-out perplexity against the number of modules dropped, one line per strategy; random as its geometric
+    mean over seeds with the band from the lowest to the highest; the intact model as a dashed line."""
+    part = summary.filter(pl.col("target") == target).sort("k")
+    figure = Figure(figsize=(6.4, 4.2), layout="constrained")
+    ax = figure.subplots()
+    k = part["k"].to_numpy()
+    for strategy, (colour, marker) in STRATEGY_STYLE.items():
+        if strategy in part.columns:
+            hollow = {"mfc": "none", "ms": 10, "lw": 2.5} if strategy == "oracle" else {}
+            ax.plot(k, part[strategy].to_numpy(), marker=marker, color=colour, label=strategy, **hollow)
+    if "random" in part.columns:
+        seeds = part["seeds"].max()
+        ax.plot(k, part["random"].to_numpy(), marker="v", color="tab:red", label=f"random ({seeds} seeds)")
+        ax.fill_between(k, part["random_min"].to_numpy(), part["random_max"].to_numpy(), color="tab:red", alpha=0.15)
+    ax.axhline(part["original"][0], color="grey", ls="--", lw=1, label="nothing dropped")
+    ax.set_yscale("log")
+    ax.set_xticks(k)
+    ax.set_xlabel(f"{MODULE_TITLES[target]} layers dropped")
+    ax.set_ylabel("perplexity on held-out text (log)")
+    ax.set_title(f"{MODULE_TITLES[target]} drop")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    return figure
+
+
+ACROSS = {"consistency": "attention ranking: Spearman ρ with the final checkpoint's",
+          "agreement": "importance against ablation_loss: Spearman ρ"}
+
+
+def across_models(frame: pl.DataFrame) -> Figure:
+    """Models side by side over the fraction of their training (tokens seen, or steps, over the final checkpoint's):
+    one panel per measure in `ACROSS`, one line per model. `frame`: model, measure, fraction, value."""
+    measures = [m for m in ACROSS if frame.filter(pl.col("measure") == m).height]
+    figure = Figure(figsize=(5.6 * len(measures), 4.0), layout="constrained")
+    axes = figure.subplots(1, len(measures), squeeze=False)[0]
+    for ax, measure in zip(axes, measures):
+        part = frame.filter(pl.col("measure") == measure).sort("model", "fraction")
+        for model, line in part.group_by("model", maintain_order=True):
+            ax.plot(line["fraction"].to_numpy(), line["value"].to_numpy(), marker="o", label=model[0])
+        ax.axhline(1.0 if measure == "consistency" else 0.0, color="grey", lw=0.8, ls=":")
+        ax.set_ylim(-1.05, 1.05)
+        ax.set_title(ACROSS[measure], fontsize=10)
+        _training_axis(ax, part["fraction"].to_numpy(), "fraction")
+        ax.set_xlim(0, 1.05)
+        ax.legend(fontsize=8)
+    axes[0].set_ylabel("Spearman ρ")
+    return figure
+
+
+def spans(frame: pl.DataFrame, metric: str = "span_distance") -> Figure:
+    """The final checkpoint's span distance by first layer, one line per span length n; the least of each marked."""
+    part = frame.filter(pl.col("metric") == metric)
+    part = part.filter(pl.col("order") == pl.col("order").max())
+    part = part.with_columns(n=pl.col("module").str.strip_prefix("span").cast(pl.Int64)).sort("n", "layer")
+    figure = Figure(figsize=(6.4, 4.2), layout="constrained")
+    ax = figure.subplots()
+    lengths = part["n"].unique().sort().to_list()
+    colours = sns.color_palette("viridis", len(lengths))
+    for colour, (n, line) in zip(colours, part.group_by("n", maintain_order=True)):
+        ax.plot(line["layer"].to_numpy(), line["value"].to_numpy(), marker=".", color=colour, label=f"n = {n[0]}")
+        best = line.sort("value", "layer").row(0, named=True)
+        ax.plot([best["layer"]], [best["value"]], marker="o", mfc="none", ms=10, color=colour)
+    ax.set_xlabel("first layer l of the span")
+    ax.set_ylabel("angular distance of input l to input l + n")
+    ax.set_title(f"{metric}: {part['revision'][0]} (circled: the least of each n)" if part.height else metric)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncols=2)
     return figure

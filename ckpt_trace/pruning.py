@@ -95,11 +95,11 @@ def _take(order: Iterable[tuple[str, int]], k: int, target: str, n_layers: int,
     return chosen
 
 
-def rank(scores: pl.DataFrame, target: str) -> list[tuple[str, int]]:
-    """(module, layer) pairs of a target, least important first (ties: shallower layer, then attention)."""
+def rank(scores: pl.DataFrame, target: str, metric: str = "importance") -> list[tuple[str, int]]:
+    """(module, layer) pairs of a target, lowest `metric` first (ties: shallower layer, then attention)."""
     modules = ("attention", "mlp") if target == "joint" else (target,)
     ranked = (
-        scores.filter((pl.col("metric") == "importance") & pl.col("module").is_in(modules))
+        scores.filter((pl.col("metric") == metric) & pl.col("module").is_in(modules))
         .sort("value", "layer", "module")
         .select("module", "layer").rows()
     )
@@ -110,6 +110,13 @@ def choose_similarity(scores: pl.DataFrame, target: str, k: int, n_layers: int,
                       already: dict[str, list[int]] | None = None) -> list[tuple[str, int]]:
     """The k least important candidates, in one shot."""
     return _take(rank(scores, target), k, target, n_layers, already)
+
+
+def choose_oracle(scores: pl.DataFrame, target: str, k: int, n_layers: int,
+                  already: dict[str, list[int]] | None = None) -> list[tuple[str, int]]:
+    """The k candidates whose removal alone costs the least loss (`ablation_loss`), in one shot: the ground truth
+    that `similarity` approximates."""
+    return _take(rank(scores, target, "ablation_loss"), k, target, n_layers, already)
 
 
 def choose_last(target: str, k: int, n_layers: int, already: dict[str, list[int]] | None = None) -> list[tuple[str, int]]:
@@ -189,24 +196,18 @@ class PruneConfig(ScoringOptions):
 
 def prune(config: PruneConfig) -> Path:
     """Choose what to drop, drop it, and save the pruned model with a manifest; return the output directory."""
-    from .models import load_model, load_tokenizer, resolve_device, resolve_dtype
-    from .scan import build_calibration, score_key
+    from .models import load_tokenizer
+    from .scan import build_calibration, loaded, score_key
     from .store import Store
-    from .sources import open_source
 
-    device = resolve_device(config.device)
-    dtype = resolve_dtype(config.dtype, device)
-    source = open_source(config.source, config.cache_dir)
-    checkpoint = source.checkpoints(config.revision or "last:1")[-1]
-    fetched = source.fetch(checkpoint)
-    try:
-        model = load_model(fetched.path, device, dtype, config.trust_remote_code)
+    with loaded(config, config.source, config.revision) as at:
+        source, checkpoint, model, dtype = at.source, at.checkpoint, at.model, at.dtype
         n_layers = len(locate(model).layers)
         already = pruned_record(model.config)
         check_drop(config.target, config.drop, n_layers, already)
         scores, scores_from, calibration = None, None, None
         if config.strategy in ("similarity", "iterative"):
-            calibration = build_calibration(fetched.path, config.calibration)
+            calibration = build_calibration(at.path, config.calibration)
         if config.strategy == "similarity":
             # Only scores of exactly these weights, dtype, calibration set and scorer are reused.
             stored = Store(config.store).read_scores(score_key(checkpoint, dtype, calibration.id))
@@ -223,7 +224,7 @@ def prune(config: PruneConfig) -> Path:
         else:
             chosen = choose_random(config.target, config.drop, n_layers, config.random_seed, already)
         assert len(chosen) == config.drop, (chosen, config.drop)  # check_drop admits only counts the rules can meet
-        previous = manifest(fetched.path) if (Path(fetched.path) / MANIFEST).is_file() else None
+        previous = manifest(at.path) if (Path(at.path) / MANIFEST).is_file() else None
         layers, total = _original_numbering(previous, n_layers), _dropped_so_far(previous, already)
         for module, layer in chosen:
             total[module].append(layers[layer])
@@ -253,7 +254,7 @@ def prune(config: PruneConfig) -> Path:
         shutil.rmtree(staging, ignore_errors=True)
         try:
             model.save_pretrained(staging)
-            tokenizer = load_tokenizer(fetched.path)
+            tokenizer = load_tokenizer(at.path)
             if tokenizer is not None:
                 tokenizer.save_pretrained(staging)
             (staging / MANIFEST).write_text(json.dumps(record, indent=2) + "\n")
@@ -263,8 +264,6 @@ def prune(config: PruneConfig) -> Path:
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         return out
-    finally:
-        source.release(fetched)
 
 
 def manifest(path: str | os.PathLike) -> dict:

@@ -3,23 +3,29 @@
 from __future__ import annotations
 
 import base64
-import html
 import io
 import os
+import re
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import jinja2
+import markupsafe
+import matplotlib
 import polars as pl
 from matplotlib.figure import Figure
+from tabulate import tabulate
 
 from . import __version__, plots
 from .analysis import (
-    drop_set_overlap, drop_set_settled, model_scores, pruned_vs_original, rank_consistency, tradeoff,
+    best_spans, drop_set_overlap, drop_set_settled, model_scores, pruned_vs_original, rank_consistency, tradeoff,
 )
+from .curves import latest as latest_curves, summary as curve_summary
 from .errors import ConfigError, StoreError
 from .findings import Finding, agreement, findings
 from .paths import unmakeable
-from .store import EVALS_SCHEMA, Store, path_part
+from .store import CURVES_SCHEMA, EVALS_SCHEMA, Store, path_part
 
 DPI = 110
 
@@ -50,17 +56,29 @@ def _per_revision(frame: pl.DataFrame, module: str, metric: str) -> pl.DataFrame
 
 
 def build_model_report(scores: pl.DataFrame, revisions: pl.DataFrame, model: str,
-                       evals: pl.DataFrame | None = None) -> ModelReport:
-    """Analyse one model's scores (and its pruned models' evaluations) and draw its figures."""
+                       evals: pl.DataFrame | None = None, curves: pl.DataFrame | None = None,
+                       color_scale: str = "linear") -> ModelReport:
+    """Analyse one model's scores (and its pruned models' evaluations and pruning curves) and draw its figures."""
     frame = model_scores(scores, model)
     calibration, dtype, scorer = frame["calibration"][0], frame["dtype"][0], frame["scorer"][0]
     n_revisions = frame["revision"].n_unique()
     report = ModelReport(model, calibration, f"{n_revisions} checkpoints, calibration set `{calibration}`, dtype "
                          f"{dtype}, scorer {scorer}; each checkpoint's latest scan of the weights it names.")
-    report.findings = findings(frame, evals if evals is not None else pl.DataFrame(schema=EVALS_SCHEMA), model)
+    measured = latest_curves(curves, model) if curves is not None else pl.DataFrame(schema=CURVES_SCHEMA)
+    curve = curve_summary(measured) if measured.height else None
+    report.findings = findings(frame, evals if evals is not None else pl.DataFrame(schema=EVALS_SCHEMA), model, curve)
+    if curve is not None:
+        first = measured.row(0, named=True)
+        where = (f"{first['revision']} ({first['dtype']}), perplexity on {first['n_tokens']:,} held-out tokens (set "
+                 f"`{first['data']}`)")
+        for target in curve["target"].unique(maintain_order=True):
+            report.figures[f"pruning_curve_{target}"] = (
+                f"{plots.MODULE_TITLES[target]} drop: perplexity with k dropped by similarity, oracle (lowest "
+                f"ablation_loss), last and random; {where}", plots.pruning_curve(curve, target))
+        report.tables["pruning_curves"] = (f"pruning curves: perplexity with k dropped; {where}", curve)
     truth = agreement(frame)
     if truth.height:
-        report.figures["agreement"] = ("Spearman correlation of importance and update ratio with ablation_loss over "
+        report.figures["agreement"] = ("Spearman correlation of the one-pass scores with ablation_loss over "
                                        "training: does the cheap score pick what matters?", plots.agreement(truth))
         report.tables["agreement"] = ("Spearman ρ with ablation_loss, over every layer and module", truth.pivot(
             on="score", index=["order", "revision", "step"], values="spearman").sort("order").drop("order"))
@@ -88,12 +106,24 @@ def build_model_report(scores: pl.DataFrame, revisions: pl.DataFrame, model: str
             report.notes.append(f"no {metric} scores for this model: its heatmaps are not drawn")
             continue
         report.figures[f"{metric}_heatmaps"] = (
-            f"{plots.METRIC_TITLES[metric]}: layer by checkpoint, one shared colour scale", plots.heatmaps(frame, metric)
+            f"{plots.METRIC_TITLES[metric]}: layer by checkpoint, each module on its own {color_scale} colour scale "
+            f"spanning percentiles {plots.LOW} to {plots.HIGH} of layers 1 and up (cells beyond it, often "
+            "layer 0's, take the end colours)", plots.heatmaps(frame, metric, scale=color_scale)
         )
         for module in plots.MODULE_ORDER:
             table = _per_revision(frame, module, metric)
             if table.height:
                 report.tables[f"{metric}_{module}"] = (f"{metric} of each {plots.MODULE_TITLES[module]} layer", table)
+    if "angular_distance" in metrics:
+        report.figures["angular_distance_heatmaps"] = (
+            f"{plots.METRIC_TITLES['angular_distance']} (Gromov et al.): layer by checkpoint, each module on its own "
+            f"{color_scale} colour scale as above", plots.heatmaps(frame, "angular_distance", scale=color_scale))
+    for metric in ("span_distance", "span_distance_last"):
+        if metric in metrics:
+            report.figures[metric] = (f"{metric}: angular distance between the input of layer l and of layer l + n, at "
+                                      "the final checkpoint", plots.spans(frame, metric))
+            report.tables[f"{metric}_best"] = (f"the run of n blocks with the least {metric} (Gromov et al. remove "
+                                               "it), per checkpoint", best_spans(frame, metric).drop("order"))
     if "importance" in metrics:
         report.figures["importance_lines"] = ("importance of each layer over training", plots.layer_lines(frame))
         if n_revisions < 2:
@@ -161,40 +191,93 @@ def build_pruning_report(evals: pl.DataFrame, model: str) -> ModelReport | None:
 
 def _cell(value) -> str:
     if isinstance(value, float):
+        if value.is_integer() and abs(value) >= 1e4:  # byte counts and the like, whole
+            return f"{int(value):,}"
         return f"{value:.4g}"
     return "" if value is None else str(value)
 
 
+def _rows(frame: pl.DataFrame) -> list[list[str]]:
+    return [[_cell(v) for v in row] for row in frame.iter_rows()]
+
+
 def markdown_table(frame: pl.DataFrame) -> str:
-    lines = ["| " + " | ".join(frame.columns) + " |", "|" + "---|" * frame.width]
-    lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in frame.iter_rows()]
-    return "\n".join(lines)
+    """A GitHub Markdown table of the frame, numbers to 4 significant digits, `|` in cells escaped."""
+    escape = lambda text: text.replace("|", "\\|")  # noqa: E731
+    return tabulate([[escape(c) for c in row] for row in _rows(frame)], headers=[escape(c) for c in frame.columns],
+                    tablefmt="github", disable_numparse=True)
 
 
 def html_table(frame: pl.DataFrame) -> str:
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in frame.columns)
-    body = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(_cell(v))}</td>" for v in row) + "</tr>" for row in frame.iter_rows()
-    )
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    """An HTML table of the frame (cells escaped), numbers as in `markdown_table`."""
+    return str(tabulate(_rows(frame), headers=frame.columns, tablefmt="html", disable_numparse=True))
 
 
-def _png(figure: Figure) -> bytes:
+def _save(figure: Figure, folder: Path, key: str) -> bytes:
+    """Write the figure as PNG and SVG; return the PNG."""
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=DPI)
+    (folder / f"{key}.png").write_bytes(buffer.getvalue())
+    with matplotlib.rc_context({"svg.hashsalt": "ckpt-trace"}):  # stable element ids: the same figure, the same file
+        figure.savefig(folder / f"{key}.svg", format="svg", metadata={"Date": None})
     return buffer.getvalue()
 
 
-_STYLE = """body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
-img{max-width:100%}table{border-collapse:collapse;font-size:12px;margin:0.5em 0 1.5em}
-td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}th{background:#f3f3f3}
-.note{background:#fff6d6;padding:0.4em 0.8em;border-left:4px solid #e0b000}details{margin-bottom:1em}"""
+def across_models(scores: pl.DataFrame, models: list[str]) -> ModelReport | None:
+    """Models side by side by fraction of training: attention rank consistency with the final checkpoint, and the
+    agreement of importance with ablation_loss. None with fewer than two models."""
+    pieces = []
+    for model in models:
+        frame = model_scores(scores, model)
+        if frame["revision"].n_unique() < 2:
+            continue
+        consistency = rank_consistency(frame).filter(pl.col("module") == "attention")
+        truth = agreement(frame).filter(pl.col("score") == "importance")
+        for measure, part, column in (("consistency", consistency, "spearman"), ("agreement", truth, "spearman")):
+            if part.height == 0:
+                continue
+            unit = plots.training_position(part)
+            final = part.sort("order")[unit][-1]
+            pieces.append(part.select(
+                pl.lit(model).alias("model"), pl.lit(measure).alias("measure"), "revision", "step", "tokens",
+                (pl.col(unit).cast(pl.Float64) / (final or 1)).alias("fraction"), pl.col(column).alias("value")))
+    if not pieces or len({p["model"][0] for p in pieces}) < 2:
+        return None
+    frame = pl.concat(pieces)
+    report = ModelReport("Across models", "")
+    report.intro = ("Every model with at least two checkpoints, placed by the fraction of its training (tokens seen "
+                    "over the final checkpoint's where known, else steps).")
+    report.figures["across_models"] = ("attention ranking consistency and importance against ablation_loss, by "
+                                       "fraction of training, one line per model", plots.across_models(frame))
+    report.tables["across_models"] = ("Spearman ρ by fraction of training", frame.pivot(
+        on="measure", index=["model", "revision", "step", "tokens", "fraction"], values="value").sort("model", "fraction"))
+    return report
 
 
-def write_report(store: str | os.PathLike = "data", out: str | os.PathLike = "figures", model: str | None = None) -> Path:
-    """Write PNG figures, report.md and a self-contained report.html for every model in the store (or one)."""
+FINDINGS_INTRO = ("The claims of He et al. and Tyukin et al., checked against each model in the store: a verdict by "
+                  "the rule given with it, the numbers behind it, and what they rest on.")
+
+
+def _templates() -> jinja2.Environment:
+    environment = jinja2.Environment(loader=jinja2.PackageLoader("ckpt_trace", "templates"), trim_blocks=True,
+                                     lstrip_blocks=True, autoescape=jinja2.select_autoescape(["html.j2"]),
+                                     undefined=jinja2.StrictUndefined)
+    # `code` in prose: <code> in HTML, the text itself escaped first.
+    environment.filters["code"] = lambda text: markupsafe.Markup(
+        re.sub(r"`([^`]*)`", r"<code>\1</code>", str(markupsafe.escape(text))))
+    return environment
+
+
+def write_report(store: str | os.PathLike = "data", out: str | os.PathLike = "figures", model: str | None = None,
+                 color_scale: str = "linear") -> Path:
+    """Write PNG and SVG figures, report.md and a self-contained report.html for every model in the store (or one).
+
+    `color_scale` (linear or log) is the heatmaps' colour scale; each module has its own (see `plots.colour_range`).
+    """
+    if color_scale not in plots.COLOR_SCALES:
+        raise ConfigError(f"colour scale {color_scale!r} is not one of: {', '.join(plots.COLOR_SCALES)}")
     db = Store(store)
-    scores, revisions, evals = db.scores(), db.revisions(), db.evals()
+    scores, revisions, evals, curves = db.scores(), db.revisions(), db.evals(), db.curves()
     models = sorted(scores["model"].unique())
     if not models:
         raise StoreError(f"store {str(store)!r} holds no scores; run `ckpt-trace scan` first")
@@ -206,48 +289,39 @@ def write_report(store: str | os.PathLike = "data", out: str | os.PathLike = "fi
     if (blocker := unmakeable(out)) is not None:
         raise ConfigError(f"output folder {str(out)!r} cannot be made: {str(blocker)!r} is a file; choose another --out")
     out.mkdir(parents=True, exist_ok=True)
-    md = ["# ckpt-trace report", "", f"ckpt-trace {__version__}; store `{store}`; models: {', '.join(models)}.", ""]
-    body = [f"<h1>ckpt-trace report</h1><p>ckpt-trace {html.escape(__version__)}; store <code>{html.escape(str(store))}</code></p>"]
-    sections = []
+    reports = []
+    if (across := across_models(scores, models)) is not None:
+        reports.append((across, "across-models"))
     for name in models:
-        report = build_model_report(scores, revisions, name, evals)
-        sections.append((report, name, report.intro))
+        reports.append((build_model_report(scores, revisions, name, evals, curves, color_scale), name))
         pruning = build_pruning_report(evals, name) if evals.height else None
         if pruning is not None:
-            sections.append((pruning, f"{name}-pruned", "Pruned models evaluated beside the original (`ckpt-trace eval`)."))
-    md += ["## Findings", "", "The claims of He et al. and Tyukin et al., checked against each model in the store: a "
-           "verdict by the rule given with it, the numbers behind it, and what they rest on.", ""]
-    body.append("<h2>Findings</h2><p>The claims of He et al. and Tyukin et al., checked against each model in the store: "
-                "a verdict by the rule given with it, the numbers behind it, and what they rest on.</p>")
-    for report, _, _ in sections:
-        if report.findings:
-            md += [f"**{report.model}**", ""]
-            md += [f"- {f.claim}: **{f.verdict}**. {f.evidence[:1].upper()}{f.evidence[1:]}"
-                   + (f" ({f.basis})" if f.basis else "") + "." for f in report.findings]
-            md.append("")
-            items = "".join(f"<li>{html.escape(f.claim)}: <b>{html.escape(f.verdict)}</b>. "
-                            f"{html.escape(f.evidence[:1].upper() + f.evidence[1:])}"
-                            + (f" ({html.escape(f.basis)})" if f.basis else "") + ".</li>" for f in report.findings)
-            body.append(f"<h3>{html.escape(report.model)}</h3><ul>{items}</ul>")
-    for report, slug, intro in sections:
+            pruning.intro = "Pruned models evaluated beside the original (`ckpt-trace eval`)."
+            reports.append((pruning, f"{name}-pruned"))
+    findings_blocks = [
+        {"model": report.model, "claims": [
+            {"claim": f.claim, "verdict": f.verdict,
+             "sentence": f"{f.evidence[:1].upper()}{f.evidence[1:]}" + (f" ({f.basis})" if f.basis else "") + "."}
+            for f in report.findings]}
+        for report, _ in reports if report.findings
+    ]
+    sections = []
+    for report, slug in reports:
         folder = out / path_part(slug)
         folder.mkdir(exist_ok=True)
-        name = report.model
-        md += [f"## {name}", "", intro, ""]
-        body.append(f"<h2>{html.escape(name)}</h2><p>{html.escape(intro.replace('`', ''))}</p>")
-        for note in report.notes:
-            md += [f"> Not drawn: {note}.", ""]
-            body.append(f'<p class="note">Not drawn: {html.escape(note)}.</p>')
+        figures = []
         for key, (caption, figure) in report.figures.items():
-            png = _png(figure)
-            (folder / f"{key}.png").write_bytes(png)
-            md += [f"### {caption}", "", f"![{caption}]({path_part(slug)}/{key}.png)", ""]
-            encoded = base64.b64encode(png).decode()
-            body.append(f"<h3>{html.escape(caption)}</h3><img alt='{html.escape(caption)}' src='data:image/png;base64,{encoded}'>")
-        for caption, table in report.tables.values():
-            md += [f"<details><summary>{caption}</summary>", "", markdown_table(table), "", "</details>", ""]
-            body.append(f"<details><summary>{html.escape(caption)}</summary>{html_table(table)}</details>")
-    (out / "report.md").write_text("\n".join(md) + "\n", encoding="utf-8")
-    page = f"<!doctype html><html><head><meta charset='utf-8'><title>ckpt-trace report</title><style>{_STYLE}</style></head><body>{''.join(body)}</body></html>"
-    (out / "report.html").write_text(page, encoding="utf-8")
+            png = _save(figure, folder, key)
+            link = urllib.parse.quote(path_part(slug))  # a viewer decodes the link once: %2F must stay %2F on disk
+            figures.append({"caption": caption, "png": f"{link}/{key}.png", "svg": f"{link}/{key}.svg",
+                            "data": base64.b64encode(png).decode()})
+        tables = [{"caption": caption, "markdown": markdown_table(table), "html": markupsafe.Markup(html_table(table))}
+                  for caption, table in report.tables.values()]
+        sections.append({"title": report.model, "intro": report.intro, "notes": report.notes, "figures": figures,
+                         "tables": tables})
+    context = {"version": __version__, "store": str(store), "models": models, "findings_intro": FINDINGS_INTRO,
+               "findings": findings_blocks, "sections": sections}
+    templates = _templates()
+    (out / "report.md").write_text(templates.get_template("report.md.j2").render(context), encoding="utf-8")
+    (out / "report.html").write_text(templates.get_template("report.html.j2").render(context), encoding="utf-8")
     return out / "report.md"

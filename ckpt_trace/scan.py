@@ -15,6 +15,7 @@ import os
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 
@@ -27,7 +28,9 @@ from .adapters import adapter_for_type
 from .calibration import CalibrationSet, CalibrationSpec, fit_seq_len, load_calibration
 from .errors import CalibrationError, CkptTraceError, ConfigError
 from .models import dtype_name, load_model, load_tokenizer, max_positions, read_config, resolve_device, resolve_dtype
-from .scoring import ABLATION, ALL_METRICS, METRICS, MODULES, SCORER_VERSION, ablation_losses, score
+from .scoring import (
+    ABLATION, ALL_METRICS, CHEAP, LAST, METRICS, MODULES, SCORER_VERSION, SPAN, ablation_losses, score,
+)
 from .sources import Checkpoint, open_source
 from .paths import remove_stale_temporaries
 from .store import REVISIONS_SCHEMA, RUNS_SCHEMA, SCORES_SCHEMA, ScoreKey, Store
@@ -62,6 +65,33 @@ class ScoringOptions:
 
 
 @dataclass
+class Loaded:
+    """One checkpoint of a source, fetched and loaded (see `loaded`)."""
+
+    source: object
+    checkpoint: Checkpoint
+    path: str | os.PathLike
+    model: torch.nn.Module
+    dtype: torch.dtype
+
+
+@contextmanager
+def loaded(options: ScoringOptions, source: str | os.PathLike, revision: str | None) -> Iterator[Loaded]:
+    """The revision `revision` of `source` (default: the last in training order), fetched and loaded on the options'
+    device and dtype; released (for the Hub: its download evicted) on exit."""
+    device = resolve_device(options.device)
+    dtype = resolve_dtype(options.dtype, device)
+    opened = open_source(source, options.cache_dir)
+    checkpoint = opened.checkpoints(revision or "last:1")[-1]
+    fetched = opened.fetch(checkpoint)
+    try:
+        yield Loaded(opened, checkpoint, fetched.path, load_model(fetched.path, device, dtype, options.trust_remote_code),
+                     dtype)
+    finally:
+        opened.release(fetched)
+
+
+@dataclass
 class ScanConfig(ScoringOptions):
     """Everything a scan needs; the command line only fills this in."""
 
@@ -76,16 +106,32 @@ class ScanConfig(ScoringOptions):
     keep_going: bool = False
     """Record a failing revision in runs/ and go on, instead of stopping."""
     metrics: tuple[str, ...] | None = None
-    """Metrics to store: importance and update_ratio always, ablation_loss where asked (one forward pass more per
-    layer and module). None: the two, and ablation_loss too for the micro suite (no source)."""
+    """Metrics to store (`ckpt_trace.scoring.ALL_METRICS`): importance and update_ratio always; angular_distance,
+    span_distance and the `_last` variants from the same pass where asked; ablation_loss where asked (one forward
+    pass more per layer and module). None: the two, and ablation_loss too for the micro suite (no source)."""
+    tokens: str = "all"
+    """`last`: the asked one-pass metrics over each sequence's last real token only (their `_last` variants)."""
 
     def __post_init__(self):
         super().__post_init__()
+        if self.tokens not in TOKENS:
+            raise ConfigError(f"--tokens {self.tokens!r} is not one of: {', '.join(TOKENS)}")
         if self.metrics is not None:
             unknown = [m for m in self.metrics if m not in ALL_METRICS]
             if unknown or not self.metrics:
                 raise ConfigError(f"unknown metric {', '.join(unknown) or repr('')}; use some of: {', '.join(ALL_METRICS)}")
-            self.metrics = tuple(m for m in ALL_METRICS if m in self.metrics or m in METRICS)
+            self.metrics = resolve_metrics(self.metrics, self.tokens)
+
+
+TOKENS = ("all", "last")
+
+
+def resolve_metrics(metrics: tuple[str, ...], tokens: str = "all") -> tuple[str, ...]:
+    """The metrics a scan stores, in a fixed order: the asked ones (with `tokens` last, the one-pass ones as their
+    `_last` variants), and importance and update_ratio over every token always."""
+    if tokens == "last":
+        metrics = tuple(m + LAST if m in CHEAP else m for m in metrics)
+    return tuple(m for m in ALL_METRICS if m in metrics or m in METRICS)
 
 
 def build_calibration(model_dir, spec: CalibrationSpec) -> CalibrationSet:
@@ -111,7 +157,7 @@ def score_checkpoint(
     """Load one fetched checkpoint and return its rows in the store's scores schema."""
     model = load_model(checkpoint.path, device, dtype, config.trust_remote_code)
     label = checkpoint.revision.name if config.progress else False
-    frame = score(model, calibration, config.batch_size, progress=label)
+    frame = score(model, calibration, config.batch_size, progress=label, metrics=config.metrics or METRICS)
     if ABLATION in (config.metrics or ()):
         frame = pl.concat([frame, ablation_losses(model, calibration, config.batch_size, progress=label)])
     rev = checkpoint.revision
@@ -135,6 +181,19 @@ def score_key(checkpoint: Checkpoint, dtype: torch.dtype, calibration: str) -> S
     """What the scores of a checkpoint scanned with this dtype and calibration set are stored under."""
     return ScoreKey(checkpoint.model, checkpoint.revision.name, checkpoint.weights, dtype_name(dtype), calibration,
                     SCORER_VERSION)
+
+
+def keep_stored(store: Store, key: ScoreKey, frame: pl.DataFrame) -> pl.DataFrame:
+    """The new scores with the stored metrics of the same key that were not measured again (an earlier scan's
+    ablation_loss, say): the same weights, dtype, calibration set and scorer gave both, so one file holds both.
+    Their `version` stays the one that measured them; `created` becomes the file's."""
+    stored = store.read_scores(key, ())
+    if stored is None:
+        return frame
+    kept = stored.filter(~pl.col("metric").is_in(frame["metric"].unique().implode()))
+    if kept.height == 0:
+        return frame
+    return pl.concat([frame, kept.select(frame.columns).with_columns(created=frame["created"][0])], how="vertical_relaxed")
 
 
 def why_score(store: Store, key: ScoreKey, force: bool, metrics: tuple[str, ...] = METRICS) -> str | None:
@@ -229,7 +288,8 @@ def streamed(source, checkpoints: list[Checkpoint]) -> Iterator[tuple[Checkpoint
 def scan(config: ScanConfig) -> pl.DataFrame:
     """Score every selected revision that the store lacks; return one summary row per revision."""
     if config.metrics is None:  # the ground truth too where it is cheap: the micro suite
-        config = replace(config, metrics=ALL_METRICS if config.source is None else METRICS)
+        micro = (*METRICS, "angular_distance", SPAN, ABLATION)
+        config = replace(config, metrics=resolve_metrics(micro if config.source is None else METRICS, config.tokens))
     store = Store(config.store)
     device = resolve_device(config.device)  # bad options fail before any work
     for file in remove_stale_temporaries(store.root):
@@ -278,6 +338,8 @@ def scan(config: ScanConfig) -> pl.DataFrame:
                 raise fetch_error
             row = _revision_row(checkpoint)  # reads what is recorded beside the weights: a bad record fails early
             frame = score_checkpoint(checkpoint, calibration, config, device, dtype)
+            if not config.force:
+                frame = keep_stored(store, key, frame)
         except (CkptTraceError, OSError, RuntimeError) as err:
             seconds = time.perf_counter() - start
             store.write_run(_run_row(checkpoint, key, "failed", str(err), seconds))

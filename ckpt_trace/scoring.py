@@ -6,15 +6,24 @@ delta m (what each adds to the residual stream), and output y:
     sequential / post-norm:  h = x + a;  y = h + m
     parallel:                y = x + a + m   (both branches read x)
 
-`importance` is 1 - cos(in, in + delta) and `update_ratio` is ||delta|| / ||in||, for
-the block (in = x, delta = y - x, taken as a + m), the attention (in = x, delta = a) and the MLP
-(in = h, or x when parallel; delta = m). Each is a token-weighted mean over the real
-(non-padding) calibration tokens, computed in float32 and summed in float64, so memory
-does not grow with the calibration set.
+For the block (in = x, delta = y - x, taken as a + m), the attention (in = x, delta = a) and
+the MLP (in = h, or x when parallel; delta = m), with out = in + delta:
+
+    importance        1 - cos(in, out)                  (He et al.)
+    update_ratio      ||delta|| / ||in||
+    angular_distance  arccos(cos(in, out)) / pi          (Gromov et al.)
+
+and `span_distance` of n blocks from layer l: the angular distance between the input of
+layer l and the input of layer l + n (the last layer's output for l + n = L), for n = 1 ..
+`MAX_SPAN`, stored as module `span<n>`: the score that picks a contiguous run of blocks to
+remove. Each is a token-weighted mean over the real (non-padding) calibration tokens, and
+its `_last` variant the mean over each sequence's last real token only; computed in
+float32 and summed in float64, so memory does not grow with the calibration set.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from functools import partial
@@ -29,10 +38,18 @@ from .calibration import CalibrationSet
 
 MODULES = ("block", "attention", "mlp")
 METRICS = ("importance", "update_ratio")
-"""What one hooked pass gives, for every layer and module."""
+"""Stored by every scan: what a file of scores must hold whole."""
+PASS_METRICS = (*METRICS, "angular_distance")
+"""Per layer and module, from the one hooked pass."""
+SPAN = "span_distance"
+MAX_SPAN = 8
+"""Spans of up to this many blocks (and no more than the model has)."""
+LAST = "_last"
+"""Suffix of a metric's variant over each sequence's last real token (`--tokens last`)."""
+CHEAP = (*PASS_METRICS, SPAN)
 ABLATION = "ablation_loss"
 """The ground truth, at one more forward pass per layer and module (see `ablation_losses`)."""
-ALL_METRICS = (*METRICS, ABLATION)
+ALL_METRICS = (*CHEAP, *(m + LAST for m in CHEAP), ABLATION)
 SCORER_VERSION = 2
 """Bumped whenever the same weights, dtype and calibration would score differently (2: block delta as a + m)."""
 
@@ -45,21 +62,63 @@ SCORE_SCHEMA = {
 }
 
 _EPS = 1e-12
+WEIGHTINGS = ("", LAST)
+"""Every real token, and each sequence's last real token."""
+
+
+def span_module(n: int) -> str:
+    return f"span{n}"
+
+
+def span_length(module: str) -> int | None:
+    """n of a `span<n>` module, else None."""
+    return int(module[4:]) if module.startswith("span") and module[4:].isdigit() else None
+
+
+def _angular(ii: torch.Tensor, dd: torch.Tensor, i_d: torch.Tensor) -> torch.Tensor:
+    """arccos(cos(in, in + d)) / pi from |in|^2, |d|^2 and in . d, as atan2(|in x d|, in . out): accurate at small
+    angles, where arccos of a cosine near 1 is not."""
+    cross = (ii * dd - i_d.square()).clamp_min(0).sqrt()
+    return torch.atan2(cross, ii + i_d) / math.pi
 
 
 class ResidualStats:
     """Streaming token-weighted means of every metric, per layer and module, in constant memory."""
 
-    def __init__(self, n_layers: int, device: torch.device | str = "cpu"):
-        # [layer, module, metric] sums of per-token values, weighted by the token mask.
-        self.sums = torch.zeros(n_layers, len(MODULES), len(METRICS), dtype=torch.float64, device=device)
-        self.n_tokens = 0
+    def __init__(self, n_layers: int, device: torch.device | str = "cpu", spans: bool | str = False):
+        # [layer, module, metric, weighting] sums of per-token values, weighted by the token weights.
+        self.sums = torch.zeros(n_layers, len(MODULES), len(PASS_METRICS), len(WEIGHTINGS), dtype=torch.float64,
+                                device=device)
+        # [layer, n - 1, weighting]: the span of n blocks from each layer.
+        self.span_sums = torch.zeros(n_layers, MAX_SPAN, len(WEIGHTINGS), dtype=torch.float64, device=device)
+        self.spans = spans
+        """False: no spans; "last": over each sequence's last token only, keeping only those rows of the stream;
+        True: both token sets."""
+        self.n_layers = n_layers
+        self.counts = [0, 0]  # real tokens, sequences
         self.weight: torch.Tensor | None = None
+        self.last: torch.Tensor | None = None
+        self.inputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @property
+    def n_tokens(self) -> int:
+        return self.counts[0]
 
     def begin_batch(self, attention_mask: torch.Tensor) -> None:
-        """Set the token weights (1 real, 0 padding) of the batch about to run."""
-        self.weight = attention_mask.to(torch.float32)
-        self.n_tokens += int(attention_mask.sum())
+        """Set the token weights (every real token; each row's last real token) of the batch about to run."""
+        mask = attention_mask.to(torch.float32)
+        lengths = attention_mask.sum(dim=1).long()
+        positions = torch.arange(mask.shape[1], device=mask.device)
+        self.last = (mask * (positions + 1)).argmax(dim=1)  # the last real position, whichever side is padded
+        last = torch.nn.functional.one_hot(self.last, mask.shape[1]).to(mask) * (lengths > 0)[:, None]
+        self.weight = torch.stack((mask, last))  # [2, B, T]
+        self.counts[0] += int(lengths.sum())
+        self.counts[1] += int((lengths > 0).sum())
+        self.inputs.clear()
+
+    def _add(self, target: torch.Tensor, values: torch.Tensor) -> None:
+        """Add per-token values [B, T, k] to target [k, 2], under both weightings, summed in float64."""
+        target += (values.unsqueeze(0) * self.weight.unsqueeze(-1)).sum(dim=(1, 2), dtype=torch.float64).T
 
     def update(
         self, layer: int, module: int, inp: torch.Tensor, delta: torch.Tensor, inp_sq: torch.Tensor | None = None
@@ -81,25 +140,57 @@ class ResidualStats:
         near = (ii * dd - i_d.square()).clamp_min(0) / (norms * (norms + in_out)).clamp_min(_EPS)
         importance = torch.where(cos > 0, near, 1.0 - cos)
         ratio = (dd / ii.clamp_min(_EPS)).sqrt()
-        values = torch.stack((importance, ratio), dim=-1) * self.weight.unsqueeze(-1)  # [B, T, 2]
-        self.sums[layer, module] += values.sum(dim=(0, 1), dtype=torch.float64)
+        self._add(self.sums[layer, module], torch.stack((importance, ratio, _angular(ii, dd, i_d)), dim=-1))
+
+    def arrive(self, layer: int, x: torch.Tensor, xx: torch.Tensor | None = None) -> None:
+        """The residual stream entering layer `layer` (the last layer's output for `layer` = L): add the span
+        distances from the inputs of the up to `MAX_SPAN` layers before it."""
+        if not self.spans:
+            return
+        rows = torch.arange(x.shape[0], device=x.device)
+        if self.spans == "last":  # only the last real token of each row is needed: keep [B, D], not [B, T, D]
+            x, xx = x[rows, self.last].float(), None
+        else:
+            x = x.float()
+        xx = torch.linalg.vecdot(x, x) if xx is None else xx
+        for n in range(1, MAX_SPAN + 1):
+            if (earlier := self.inputs.get(layer - n)) is not None:
+                u, uu = earlier
+                d = x - u
+                angle = _angular(uu, torch.linalg.vecdot(d, d), torch.linalg.vecdot(u, d))
+                if self.spans == "last":  # [B]: the last-token weighting only
+                    live = self.weight[1, rows, self.last]
+                    self.span_sums[layer - n, n - 1, 1] += (angle * live).sum(dtype=torch.float64)
+                else:
+                    self._add(self.span_sums[layer - n, n - 1].unsqueeze(0), angle.unsqueeze(-1))
+        self.inputs.pop(layer - MAX_SPAN, None)
+        if layer < self.n_layers:
+            self.inputs[layer] = (x, xx)
+        else:  # the last layer's output: nothing more to measure against this batch's stream
+            self.inputs.clear()
 
     def compute(self) -> torch.Tensor:
-        """The means so far, shape [layer, module, metric], float64 on the CPU."""
+        """The means so far, shape [layer, module, metric, weighting], float64 on the CPU."""
         if self.n_tokens == 0:
             raise ValueError("no tokens were scored")
-        return (self.sums / self.n_tokens).cpu()
+        return (self.sums / torch.tensor(self.counts, dtype=torch.float64, device=self.sums.device)).cpu()
 
-    def frame(self) -> pl.DataFrame:
-        """The means as a long polars frame: layer, module, metric, value, n_tokens."""
+    def frame(self, metrics: tuple[str, ...] = METRICS) -> pl.DataFrame:
+        """The means of `metrics` as a long polars frame: layer, module, metric, value, n_tokens (the tokens
+        averaged over: every real token, or one per sequence for a `_last` metric)."""
         means = self.compute()
-        n_layers = means.shape[0]
-        rows = [
-            (layer, module, metric, float(means[layer, i, j]), self.n_tokens)
-            for layer in range(n_layers)
-            for i, module in enumerate(MODULES)
-            for j, metric in enumerate(METRICS)
-        ]
+        spans = (self.span_sums / torch.tensor(self.counts, dtype=torch.float64, device=self.span_sums.device)).cpu()
+        rows = []
+        for w, suffix in enumerate(WEIGHTINGS):
+            for j, metric in enumerate(PASS_METRICS):
+                if metric + suffix in metrics:
+                    rows += [(layer, module, metric + suffix, float(means[layer, i, j, w]), self.counts[w])
+                             for layer in range(self.n_layers) for i, module in enumerate(MODULES)]
+            if SPAN + suffix in metrics:
+                if not self.spans or (self.spans == "last" and not suffix):
+                    raise ValueError(f"{SPAN + suffix} needs ResidualStats(..., spans={'True' if not suffix else 'last'})")
+                rows += [(layer, span_module(n), SPAN + suffix, float(spans[layer, n - 1, w]), self.counts[w])
+                         for n in range(1, min(MAX_SPAN, self.n_layers) + 1) for layer in range(self.n_layers - n + 1)]
         return pl.DataFrame(rows, schema=SCORE_SCHEMA, orient="row")
 
 
@@ -115,10 +206,13 @@ def _keep_output(cache: dict, key: str, module, args, output):
     cache[key] = _first(output)
 
 
-def _measure(cache: dict, layer: int, parallel: bool, stats: ResidualStats, module, args, output):
+def _measure(cache: dict, layer: int, parallel: bool, stats: ResidualStats, last: bool, module, args, output):
     # float32 views of the model's activations (no copy when the model is float32)
     x, a, m = (t.float() for t in (cache.pop("x"), cache.pop("a"), cache.pop("m")))
     xx = torch.linalg.vecdot(x, x)  # block and attention read the same input
+    stats.arrive(layer, x, xx)
+    if last:
+        stats.arrive(layer + 1, _first(output))
     # The block delta y - x is a + m, summed here in float32: in bfloat16, y and x are each rounded at the scale
     # of the residual stream, so their difference loses percents where the update is small.
     stats.update(layer, 0, x, a + m, xx)
@@ -139,7 +233,8 @@ def residual_taps(layout: ResidualLayout, stats: ResidualStats) -> Iterator[None
                 taps.block.register_forward_pre_hook(partial(_keep_input, cache), with_kwargs=True),
                 taps.attention.register_forward_hook(partial(_keep_output, cache, "a")),
                 taps.mlp.register_forward_hook(partial(_keep_output, cache, "m")),
-                taps.block.register_forward_hook(partial(_measure, cache, index, layout.parallel, stats)),
+                taps.block.register_forward_hook(
+                    partial(_measure, cache, index, layout.parallel, stats, index == len(layout.layers) - 1)),
             ]
         yield
     finally:
@@ -159,8 +254,10 @@ def score(
     calibration: CalibrationSet,
     batch_size: int = 8,
     progress: bool | str = False,
+    metrics: tuple[str, ...] = METRICS,
 ) -> pl.DataFrame:
-    """Importance and update ratio of every block, attention and MLP layer, from one forward pass per batch.
+    """The one-pass `metrics` (any of `CHEAP` and their `_last` variants; ablation_loss is left to
+    `ablation_losses`) of every block, attention and MLP layer, from one forward pass per batch.
 
     Returns a long frame with columns layer, module, metric, value, n_tokens. The model
     runs in eval mode under inference mode, and its training mode is restored afterwards.
@@ -169,7 +266,8 @@ def score(
     layout = locate(model)
     calibration.check_vocab(model.get_input_embeddings().num_embeddings)
     device = model_device(model)
-    stats = ResidualStats(len(layout.layers), device)
+    spans = SPAN in metrics or (SPAN + LAST in metrics and "last")  # every token, or the last token's rows only
+    stats = ResidualStats(len(layout.layers), device, spans=spans)
     # The scores need only the decoder layers, so the LM head (often the largest matmul) is skipped.
     base = getattr(model, "base_model", model)
     batches = calibration.batches(batch_size)
@@ -192,7 +290,7 @@ def score(
     finally:
         bar.close()
         model.train(was_training)
-    return stats.frame()
+    return stats.frame(metrics)
 
 
 # -- the ground truth: what removing a module costs ------------------------------------

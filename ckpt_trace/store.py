@@ -10,6 +10,7 @@ beside it, and a reader picks rows by those columns. Layout under the store root
     revisions/<model>/<revision>/<weights>.parquet
     runs/<model>/<revision>/<calibration>-<time>.parquet
     evals/<model>/<time>.parquet
+    curves/<model>/<revision>/<perplexity set>-<dtype>-<weights>.parquet
 
 Names are made path-safe and reversible (``EleutherAI/pythia-160m`` becomes
 ``EleutherAI%2Fpythia-160m``), but every column a reader needs is inside the files, so
@@ -28,7 +29,7 @@ import polars as pl
 
 from .errors import StoreError
 from .paths import atomic_write, unmakeable
-from .scoring import METRICS, MODULES
+from .scoring import METRICS, MODULES, span_length
 
 log = logging.getLogger(__name__)
 
@@ -89,10 +90,29 @@ EVALS_SCHEMA: dict[str, pl.DataType] = {
     "task": pl.String,
     "metric": pl.String,
     "value": pl.Float64,
+    "stderr": pl.Float64,
     "n": pl.Int64,
     "num_fewshot": pl.Int64,
     "dtype": pl.String,
     "device": pl.String,
+    "version": pl.String,
+    "created": pl.Datetime("us", "UTC"),
+}
+
+CURVES_SCHEMA: dict[str, pl.DataType] = {
+    "model": pl.String,
+    "revision": pl.String,
+    "weights": pl.String,
+    "target": pl.String,
+    "k": pl.Int32,
+    "strategy": pl.String,
+    "seed": pl.Int32,
+    "dropped": pl.String,
+    "perplexity": pl.Float64,
+    "n_tokens": pl.Int64,
+    "data": pl.String,
+    "calibration": pl.String,
+    "dtype": pl.String,
     "version": pl.String,
     "created": pl.Datetime("us", "UTC"),
 }
@@ -174,7 +194,8 @@ class Store:
 
     def _read_scores(self, path: Path, key: ScoreKey | None = None) -> pl.DataFrame | None:
         """A scores file that is whole: one key; for every layer from 0 to its last, every module and each of the
-        one-pass metrics exactly once, with a value; any other metric once per layer for the modules it has.
+        stored-always metrics exactly once, with a value; any other metric once per layer for the modules it has
+        (a span of n blocks once per layer it can start at).
         Else None (a file cut short, damaged or foreign)."""
         try:
             frame = pl.read_parquet(path)
@@ -189,8 +210,14 @@ class Store:
             whole = (core.height == cells.height == expected and core["value"].null_count() == 0
                      and set(core["module"]) == set(MODULES) and set(core["layer"]) == set(range(layers)))
             for _, extra in frame.filter(~pl.col("metric").is_in(METRICS)).group_by("metric"):
-                whole = whole and extra.height == layers * extra["module"].n_unique() == extra.select(
-                    "layer", "module").n_unique() and extra["value"].null_count() == 0
+                # A span of n blocks starts at layers 0 .. L - n, for every n up to its longest; anything else is
+                # at every layer.
+                spans = sorted(n for n in map(span_length, extra["module"].unique()) if n is not None)
+                whole = whole and (not spans or spans == list(range(1, spans[-1] + 1))) and extra.height == \
+                    extra.select("layer", "module").n_unique() and extra["value"].null_count() == 0
+                for (module,), part in extra.group_by("module"):
+                    starts = set(range(layers - (span_length(module) or 1) + 1))
+                    whole = whole and set(part["layer"]) == starts
         except Exception:  # cut short, not Parquet, columns of other types: polars raises several kinds
             return None
         if not whole:
@@ -234,6 +261,20 @@ class Store:
     def evals(self) -> pl.DataFrame:
         """Every stored evaluation result."""
         return self._table("evals", EVALS_SCHEMA)
+
+    def write_curves(self, frame: pl.DataFrame) -> list[Path]:
+        """Store the pruning curves of one checkpoint, measured on one perplexity set in one dtype: a file per
+        target, named by everything that chose and measured it, so a run for one target leaves the others'."""
+        def path_of(r: dict) -> Path:
+            parts = (r["data"], r["calibration"], r["dtype"], r["weights"] or "none", r["target"])
+            name = "_".join(path_part(str(p)).replace("_", "%5F") for p in parts)
+            return self.root / "curves" / path_part(r["model"]) / path_part(r["revision"]) / f"{name}.parquet"
+
+        return [self._write(part, CURVES_SCHEMA, path_of) for _, part in frame.group_by("target", maintain_order=True)]
+
+    def curves(self) -> pl.DataFrame:
+        """Every stored pruning curve."""
+        return self._table("curves", CURVES_SCHEMA)
 
     def _files(self, table: str, schema: dict[str, pl.DataType]) -> list[Path]:
         """The table's files that read as Parquet with its column types; any other is named in a warning, once,

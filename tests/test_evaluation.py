@@ -44,7 +44,7 @@ def direct_choice_accuracy(model, tokenizer) -> tuple[float, float]:
     correct = correct_norm = 0
     items = [json.loads(line) for line in TASK_DATA.read_text().splitlines()]
     for item in items:
-        context = f"Question: {item['question']}\nAnswer:"
+        context = item["context"]
         scores = []
         for choice in item["choices"]:
             whole = tokenizer(context + " " + choice, add_special_tokens=False)["input_ids"]
@@ -68,15 +68,19 @@ def test_local_task_accuracy_equals_direct_log_likelihood(task_model, tmp_path):
     model, tokenizer = task_model
     acc, acc_norm = direct_choice_accuracy(model, tokenizer)
     rows = {r["metric"]: r for r in run_tasks(model, tokenizer, [BUILTIN_TASK], batch_size=4)}
-    assert rows["acc"]["value"] == pytest.approx(acc) and rows["acc"]["n"] == 24
+    n = len(TASK_DATA.read_text().splitlines())
+    assert rows["acc"]["value"] == pytest.approx(acc) and rows["acc"]["n"] == n >= 200
     assert rows["acc_norm"]["value"] == pytest.approx(acc_norm)
+    # The standard error of a mean of 0/1 outcomes: the sample standard deviation over sqrt(n).
+    assert rows["acc"]["stderr"] == pytest.approx(math.sqrt(acc * (1 - acc) / (n - 1)), rel=1e-9)
+    assert rows["acc_norm"]["stderr"] == pytest.approx(math.sqrt(acc_norm * (1 - acc_norm) / (n - 1)), rel=1e-9)
     # The same task as a local YAML file, as a user would write one.
     yaml = tmp_path / "my_task.yaml"
     yaml.write_text(
         "task: my_python_mc\ndataset_path: json\n"
         f"dataset_kwargs:\n  data_files:\n    test: {TASK_DATA}\n"
         "test_split: test\noutput_type: multiple_choice\n"
-        'doc_to_text: "Question: {{question}}\\nAnswer:"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: "{{answer}}"\n'
+        'doc_to_text: "{{context}}"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: "{{answer}}"\n'
         "metric_list:\n  - metric: acc\n"
     )
     from_yaml = {r["metric"]: r for r in run_tasks(model, tokenizer, [str(yaml)])}
@@ -97,6 +101,8 @@ def test_eval_command_stores_results_for_original_and_pruned(task_model, tmp_pat
     assert evals.filter(pl.col("model") == "pruned")["pruning"].unique().to_list() == ["attention [1] (last)"]
     for metric in ("perplexity", "acc", "prefill_latency_s", "decode_tokens_per_s", "peak_memory_bytes", "kv_cache_bytes"):
         assert evals.filter(pl.col("metric") == metric).height == 2, metric
+    assert evals.filter(pl.col("metric") == "acc")["stderr"].is_not_null().all()
+    assert evals.filter(pl.col("metric") == "perplexity")["stderr"].is_null().all()
     kv = dict(evals.filter(pl.col("metric") == "kv_cache_bytes").select("model", "value").rows())
     assert kv["pruned"] * 3 == kv["step100"] * 2
 

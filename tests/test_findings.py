@@ -82,11 +82,39 @@ def evals(pruned_perplexity: float, pruned_decode: float, pruning: str = "attent
 def test_pruning_payoff():
     holds = pruning_payoff(evals(10.5, 150.0), "m", LAYERS)
     assert holds.verdict == HOLDS
-    assert "perplexity 10.00 -> 10.50 (95% of the original's quality kept), decode 1.50x as fast" in holds.evidence
+    assert "half (attention [2, 3] (similarity)): perplexity 10.00 -> 10.50 (95% of the original's quality kept); decode 1.50x as fast (half)" in holds.evidence
     assert pruning_payoff(evals(20.0, 150.0), "m", LAYERS).verdict == FAILS
     assert pruning_payoff(evals(10.1, 90.0), "m", LAYERS).verdict == FAILS  # no faster
+    # Accuracies are quoted with their standard errors, beside the perplexity the verdict rests on.
+    acc = evals(10.5, 150.0).filter(pl.col("metric") == "perplexity").with_columns(
+        task=pl.lit("mc"), metric=pl.lit("acc"), n=pl.lit(300, pl.Int64),
+        value=pl.when(pl.col("model") == "orig").then(0.5).otherwise(0.45),
+        stderr=pl.when(pl.col("model") == "orig").then(0.0289).otherwise(0.0287))
+    quoted = pruning_payoff(pl.concat([evals(10.5, 150.0), acc]), "m", LAYERS)
+    assert quoted.verdict == HOLDS
+    assert "half: mc accuracy 0.500 ± 0.029 -> 0.450 ± 0.029 (300 items, ± one standard error)" in quoted.evidence
     missing = pruning_payoff(evals(10.5, 150.0, "attention [3] (last)"), "m", LAYERS)  # a quarter, not half
     assert missing.verdict == OPEN and "with 2 of its 4 attention layers dropped" in missing.evidence
+
+
+def curve(similarity: float) -> pl.DataFrame:
+    """A pruning-curve summary (as `curves.summary` gives it) with 2 of 4 attention layers dropped."""
+    return pl.DataFrame({"target": ["attention"], "k": [2], "original": [10.0], "similarity": [similarity],
+                         "oracle": [10.2], "last": [12.5], "random": [20.0], "random_min": [11.0],
+                         "random_max": [40.0], "seeds": [5]})
+
+
+def test_pruning_payoff_reads_quality_off_the_curve():
+    # The curve's quality (similarity at k = 2) wins over an evaluated model's; speed comes from the evaluated model.
+    holds = pruning_payoff(evals(20.0, 150.0), "m", LAYERS, curve(10.5))
+    assert holds.verdict == HOLDS
+    assert ("with 2 of 4 attention layers dropped by similarity, perplexity 10.00 -> 10.50 (95% of the original's "
+            "quality kept; oracle 98%, last 80%, random 50% (geometric mean of 5 seeds)); decode 1.50x as fast") in holds.evidence
+    assert pruning_payoff(evals(10.0, 150.0), "m", LAYERS, curve(12.0)).verdict == FAILS  # 83% kept
+    # Quality alone: too low fails, enough is inconclusive without a speed.
+    assert pruning_payoff(evals(10.0, 100.0)[:0], "m", LAYERS, curve(12.0)).verdict == FAILS
+    open_ = pruning_payoff(evals(10.0, 100.0)[:0], "m", LAYERS, curve(10.5))
+    assert open_.verdict == OPEN and "no decode speed of such a model is stored" in open_.evidence
 
 
 def test_cheap_versus_truth():

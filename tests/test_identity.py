@@ -163,4 +163,34 @@ def test_asking_for_ablation_loss_scores_again_what_lacks_it(tmp_path, tokenizer
     assert main(["scan", str(model), "--store", str(tmp_path / "s"), *SMALL]) == 0
     assert "same weights, dtype, calibration set and scorer" in capsys.readouterr().out
     assert main(["scan", str(model), "--store", str(tmp_path / "s"), "--metrics", "importance,loss", *SMALL]) == 2
-    assert "unknown metric loss; use some of: importance, update_ratio, ablation_loss" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "unknown metric loss; use some of: importance, update_ratio, angular_distance, span_distance, " in err
+    assert err.count("\n") == 1
+
+
+def test_last_token_and_span_metrics_join_what_is_stored(tmp_path, tokenizer_dir, capsys):
+    from ckpt_trace.scoring import MAX_SPAN
+
+    model = save_checkpoint(tmp_path / "m", "llama", seed=4, tokenizer_dir=tokenizer_dir)
+    store = str(tmp_path / "s")
+    assert main(["scan", str(model), "--store", store, "--metrics", "ablation_loss", *SMALL]) == 0
+    ablation = Store(store).scores().filter(pl.col("metric") == "ablation_loss").sort("layer", "module")["value"]
+    assert main(["scan", str(model), "--store", store, "--metrics", "angular_distance,span_distance", "--tokens",
+                 "last", *SMALL]) == 0
+    assert "the stored scores lack angular_distance_last, span_dist" in capsys.readouterr().out
+    frame = Store(store).scores()
+    assert sorted(set(frame["metric"])) == ["ablation_loss", "angular_distance_last", "importance", "span_distance_last",
+                                            "update_ratio"]
+    assert frame["created"].n_unique() == 1  # one scan's file, whose ablation_loss an earlier pass measured
+    assert frame.filter(pl.col("metric") == "ablation_loss").sort("layer", "module")["value"].equals(ablation)
+    spans = min(MAX_SPAN, LAYERS)
+    assert frame.filter(pl.col("metric") == "span_distance_last").height == sum(LAYERS - n + 1 for n in range(1, spans + 1))
+    calibration = load_calibration(CalibrationSpec("pydoc", samples=4, seq_len=16), load_tokenizer(model))
+    direct = score(load_model(model, torch.device("cpu"), torch.float32), calibration, batch_size=2,
+                   metrics=("importance", "update_ratio", "angular_distance_last", "span_distance_last"))
+    mine = frame.filter(pl.col("metric") != "ablation_loss").sort("layer", "module", "metric")
+    assert mine["value"].to_list() == direct.sort("layer", "module", "metric")["value"].to_list()
+    assert set(frame.filter(pl.col("metric").str.ends_with("_last"))["n_tokens"]) == {4}  # one token per sequence
+    assert main(["scan", str(model), "--store", store, "--tokens", "first", *SMALL]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "'first'" in err and "all" in err and "last" in err

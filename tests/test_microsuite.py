@@ -88,7 +88,10 @@ def test_scan_without_source_scans_the_micro_suite(home, tmp_path, monkeypatch, 
     steps = schedule(4, 2)
     assert set(scores["model"]) == {"micro-pythia"}
     assert sorted(set(scores["step"])) == steps
-    assert scores.height == len(steps) * 6 * 3 * 3  # the main job measures ablation_loss too
+    # The main job measures every metric but the last-token variants: 4 per layer and module, and 6 + 5 + ... + 1
+    # spans of the 6 layers.
+    assert set(scores["metric"]) == {"importance", "update_ratio", "angular_distance", "span_distance", "ablation_loss"}
+    assert scores.height == len(steps) * (6 * 3 * 4 + 21)
     assert set(scores.filter(pl.col("metric") != "ablation_loss")["n_tokens"]) == {4 * 64}  # the model's 64 positions
     assert set(scores.filter(pl.col("metric") == "ablation_loss")["n_tokens"]) == {4 * 63}  # predicted tokens
     revisions = store.revisions().sort("step")
@@ -141,3 +144,30 @@ def test_held_out_documents_are_those_the_suite_recorded(home, monkeypatch):
     monkeypatch.setattr(microsuite, "split_documents", lambda *a: pytest.fail("the split was computed again"))
     again = microsuite.heldout_set(path / "step60", tokenizer)
     assert again.id == expected.id and len(again.sequences) > 0
+
+
+def test_builtin_task_is_held_out_documentation_with_the_true_continuation():
+    from pydoc_data.topics import topics as texts
+
+    from ckpt_trace.evaluation import TASK_DATA
+
+    config = MicroSuiteConfig()
+    heldout = set(microsuite.heldout_topics(config.seed, config.holdout))
+    items = microsuite.builtin_task_items(config)
+    assert len(items) >= 200
+    shipped = [json.loads(line) for line in TASK_DATA.read_text().splitlines()]
+    # The shipped file is what this Python's documentation gives, where it is the documentation it was built from.
+    same_docs = all(f"{i['context']} {i['choices'][i['answer']]}" in " ".join(texts.get(i["topic"], "").split())
+                    for i in shipped)
+    assert items == shipped or not same_docs
+    positions = [0, 0, 0, 0]
+    for item in items:
+        assert item["topic"] in heldout
+        choices = item["choices"]
+        assert len(choices) == 4 and len(set(choices)) == 4 and all(len(c.split()) == 3 for c in choices)
+        assert 1 <= len(item["context"].split()) <= 16
+        words = " ".join(texts[item["topic"]].split())
+        assert f"{item['context']} {choices[item['answer']]}" in words  # the true continuation follows the passage
+        positions[item["answer"]] += 1
+    assert min(positions) > len(items) / 8  # the answer is not always in one place
+    assert microsuite.python_mc_items(sorted(heldout)[:1], seed=1) != microsuite.python_mc_items(sorted(heldout)[:1])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import uuid
 
+import numpy as np
 import polars as pl
 import pytest
 
@@ -58,6 +59,12 @@ def spearman(a: list[float], b: list[float]) -> float:
     ra, rb = rank(a), rank(b)
     n = len(a)
     return 1 - 6 * sum((ra[i] - rb[i]) ** 2 for i in range(n)) / (n * (n * n - 1))
+
+
+def table_rows(markdown: str) -> list[list[str]]:
+    """The cells of every row of every Markdown table in the text."""
+    return [[cell.strip() for cell in line.strip().strip("|").split(" | ")]
+            for line in markdown.splitlines() if line.startswith("| ")]
 
 
 def test_training_order_and_matrix():
@@ -117,8 +124,9 @@ def test_figures_have_content():
     panels = [ax for ax in heat.axes if ax.get_title()]
     assert [ax.get_title() for ax in panels] == ["Attention", "MLP", "Block"]
     assert all(len(ax.collections) == 1 for ax in panels)
-    limits = {ax.collections[0].get_clim() for ax in panels}
-    assert len(limits) == 1  # one shared colour scale
+    for ax, module in zip(panels, ("attention", "mlp", "block")):  # each module on its own scale, layer 0 aside
+        values = layer_matrix(frame, module, "importance").drop("layer").to_numpy()[1:].ravel()
+        assert ax.collections[0].get_clim() == pytest.approx(tuple(np.percentile(values, [2, 98])))
     lines = plots.layer_lines(frame)
     assert sum(len(ax.lines) for ax in lines.axes) == 3 * 4
     assert lines.axes[0].get_xscale() == "symlog"
@@ -129,12 +137,14 @@ def test_report_writes_figures_tables_and_html(tmp_path, capsys):
     assert main(["report", "--store", str(store.root), "--out", str(tmp_path / "out")]) == 0
     folder = tmp_path / "out" / "m"
     names = sorted(p.name for p in folder.iterdir())
-    assert names == ["consistency.png", "drop_set.png", "importance_heatmaps.png", "importance_lines.png",
-                     "update_ratio_heatmaps.png", "validation_loss.png"]
+    figures = ["consistency", "drop_set", "importance_heatmaps", "importance_lines", "update_ratio_heatmaps",
+               "validation_loss"]
+    assert names == sorted(f"{f}.{kind}" for f in figures for kind in ("png", "svg"))
     assert all((folder / n).stat().st_size > 10_000 for n in names)
+    assert (folder / "consistency.svg").read_text().startswith("<?xml")
     md = (tmp_path / "out" / "report.md").read_text()
-    assert "Not drawn" not in md
-    assert "| step4 | 4 | 1 | 1 | 1 |" in md  # consistency row: attention, mlp, block
+    assert "Not drawn" not in md and "[![" in md and "(m/consistency.svg)" in md
+    assert ["step4", "4", "1", "1", "1"] in table_rows(md)  # consistency row: attention, mlp, block
     html = (tmp_path / "out" / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 6 and "src='m/" not in html
     assert "calibration set" in html and "ckpt-trace test" not in html
@@ -236,7 +246,9 @@ def test_report_has_a_pruning_section(tmp_path):
     md = (tmp_path / "out" / "report.md").read_text()
     assert "## m: pruned models" in md and "m-pruned/tradeoff.png" in md
     assert (tmp_path / "out" / "m-pruned" / "tradeoff.png").stat().st_size > 10_000
-    assert "| step2000 | attention-2 | attention [1, 3] (similarity) | float32 | cpu | mc | acc | 0.45 | 0.5 | 0.9 |" in md
+    row = ["step2000", "attention-2", "attention [1, 3] (similarity)", "float32", "cpu", "mc", "acc", "", "0.45", "",
+           "0.5", "", "0.9"]
+    assert row in table_rows(md)
 
 
 def test_the_report_takes_one_scorer_and_the_trunk_and_says_what_it_left_out(tmp_path):
@@ -273,3 +285,80 @@ def test_the_report_opens_with_findings_for_every_model(tmp_path):
     assert "(d) importance picks the modules that matter: it ranks them as ablation_loss does: **inconclusive**" in findings
     html = (tmp_path / "out" / "report.html").read_text()
     assert html.index("<h2>Findings</h2>") < html.index("<h2>m</h2>")
+
+
+def test_colour_range_sets_layer_0_aside_and_says_what_it_clips():
+    matrix = np.array([[50.0, 60.0, 70.0], [0.1, 0.2, 0.3], [0.4, 0.5, 0.6], [0.0, 0.7, 0.8]])
+    rest = matrix[1:].ravel()
+    vmin, vmax, extend = plots.colour_range(matrix)
+    assert (vmin, vmax) == pytest.approx(tuple(np.percentile(rest, [2, 98]))) and extend == "both"
+    vmin, vmax, extend = plots.colour_range(matrix, "log")  # only positive values count
+    assert (vmin, vmax) == pytest.approx(tuple(np.percentile(rest[rest > 0], [2, 98]))) and extend == "both"
+    two = matrix[:2]  # too few layers to set one aside
+    assert plots.colour_range(two)[:2] == pytest.approx(tuple(np.percentile(two.ravel(), [2, 98])))
+    assert plots.colour_range(np.full((4, 3), 0.25)) == (-0.25, 0.75, "neither")
+
+
+def test_log_colour_scale_and_token_axis(tmp_path, capsys):
+    from matplotlib.colors import LogNorm
+
+    frame = model_scores(synthetic_rows().with_columns(tokens=pl.col("step") * 2048), "m")
+    heat = plots.heatmaps(frame, scale="log")
+    panels = [ax for ax in heat.axes if ax.get_title()]
+    assert all(isinstance(ax.collections[0].norm, LogNorm) for ax in panels)
+    assert panels[0].get_xlabel() == "tokens seen" and panels[0].get_xticklabels()[-1].get_text() == "4.1M"
+    lines = plots.layer_lines(frame)
+    assert lines.axes[0].get_xlabel() == "tokens seen"
+    assert max(lines.axes[0].lines[0].get_xdata()) == 2000 * 2048
+    # Without tokens for every checkpoint, the axis is the step.
+    assert plots.layer_lines(model_scores(synthetic_rows(), "m")).axes[0].get_xlabel() == "training step"
+    store = store_with(tmp_path, synthetic_rows())
+    assert main(["report", "--store", str(store.root), "--out", str(tmp_path / "out"), "--color-scale", "log"]) == 0
+    assert "own log colour scale" in (tmp_path / "out" / "report.md").read_text()
+    assert main(["report", "--store", str(store.root), "--out", str(tmp_path / "o2"), "--color-scale", "cubic"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "cubic" in err and "linear" in err and "log" in err
+
+
+def test_models_side_by_side_by_fraction_of_training(tmp_path):
+    # A second suite, trained twice as long, whose attention ranking matches the final one only from half-way.
+    second = synthetic_rows("n", steps=[0, 2000, 4000]).with_columns(
+        step=pl.col("step") * 2, revision=pl.format("step{}", pl.col("step") * 2))
+    store = store_with(tmp_path, pl.concat([synthetic_rows(), second]))
+    assert main(["report", "--store", str(store.root), "--out", str(tmp_path / "out")]) == 0
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert md.index("## Across models") < md.index("## m\n") and "across-models/across_models.png" in md
+    rows = {(r[0], r[1]): r for r in table_rows(md) if r[0] in ("m", "n") and len(r) == 6}
+    assert rows[("m", "step1000")][4] == "0.5" and rows[("n", "step4000")][4] == "0.5"  # the fraction of training
+    assert rows[("n", "step8000")][4] == "1" and rows[("n", "step8000")][5] == "1"  # consistency with itself
+    one = store_with(tmp_path / "one", synthetic_rows())
+    assert main(["report", "--store", str(one.root), "--out", str(tmp_path / "single")]) == 0
+    assert "Across models" not in (tmp_path / "single" / "report.md").read_text()
+
+
+def test_angular_and_span_distances_are_drawn_with_the_run_to_remove(tmp_path):
+    rows = synthetic_rows(metrics=("importance", "update_ratio", "angular_distance"))
+    spans = []
+    for step in STEPS:
+        for n in (1, 2, 3):
+            for layer in range(4 - n + 1):
+                # The least distance of each n: at layer 2 - n + 1 early on, at layer 0 from step 1000.
+                best = 0 if step >= 1000 else 3 - n
+                value = 0.1 * n + (0.0 if layer == best else 0.05 + 0.01 * layer)
+                spans.append(rows.row(0, named=True) | {"revision": f"step{step}", "step": step, "layer": layer,
+                                                        "module": f"span{n}", "metric": "span_distance", "value": value})
+    store = store_with(tmp_path, pl.concat([rows, pl.DataFrame(spans, schema=SCORES_SCHEMA)]))
+    assert main(["report", "--store", str(store.root), "--out", str(tmp_path / "out")]) == 0
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "m/angular_distance_heatmaps.png" in md and "m/span_distance.png" in md
+    best = {(r[0], r[3]): r[4:] for r in table_rows(md) if len(r) == 7 and r[0].startswith("step")}
+    assert best[("step0", "2")] == ["1", "2", "0.2"] and best[("step2000", "3")] == ["0", "2", "0.3"]
+
+
+def test_links_to_figures_of_a_hub_model_survive_a_markdown_viewer(tmp_path):
+    store = store_with(tmp_path, synthetic_rows("EleutherAI/pythia-160m"))
+    assert main(["report", "--store", str(store.root), "--out", str(tmp_path / "out")]) == 0
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert (tmp_path / "out" / "EleutherAI%2Fpythia-160m" / "consistency.png").is_file()
+    # The viewer decodes the link once, to the folder's name on disk.
+    assert "(EleutherAI%252Fpythia-160m/consistency.png)" in md and "(EleutherAI%252Fpythia-160m/consistency.svg)" in md

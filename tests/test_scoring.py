@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+
+import polars as pl
 import pytest
 import torch
 import torch.nn.functional as F
@@ -211,15 +214,18 @@ def test_importance_is_accurate_for_tiny_and_large_deltas(scale):
     stats = ResidualStats(1)
     stats.begin_batch(torch.ones(2, 8))
     stats.update(0, 0, x, d)
-    importance, ratio = stats.compute()[0, 0].tolist()
+    importance, ratio, angle = stats.compute()[0, 0, :, 0].tolist()
     xd, dd = x.double(), d.double()
-    expected = (1 - F.cosine_similarity(xd, xd + dd, dim=-1)).mean().item()
+    cos = F.cosine_similarity(xd, xd + dd, dim=-1)
+    expected = (1 - cos).mean().item()
     expected_ratio = (dd.norm(dim=-1) / xd.norm(dim=-1)).mean().item()
+    expected_angle = (torch.arccos(cos.clamp(-1, 1)) / math.pi).mean().item()
     if scale == 0.0:
-        assert importance == 0.0 and ratio == 0.0
+        assert importance == 0.0 and ratio == 0.0 and angle == 0.0
     else:
         assert importance == pytest.approx(expected, rel=1e-4)
         assert ratio == pytest.approx(expected_ratio, rel=1e-5)
+        assert angle == pytest.approx(expected_angle, rel=1e-4)
 
 
 @pytest.mark.parametrize("family", sorted(CONFIGS))
@@ -249,3 +255,110 @@ def test_ablation_loss_equals_a_per_sequence_reference(family):
     for layer, module, value in frame.select("layer", "module", "value").rows():
         assert value == pytest.approx(mean_loss([(module, layer)]) - intact, abs=1e-4), (layer, module)
     assert frame["value"].abs().max() > 1e-3  # removing modules changes the loss
+
+
+def stream(model, seq: list[int]) -> tuple[list[dict], list[torch.Tensor]]:
+    """One unpadded sequence in float64: per layer x, a, m, y [T, D]; and the residual stream entering each layer,
+    the last layer's output last."""
+    records, hidden = capture(model, torch.tensor([seq]))
+    last_out = {}
+    handle = locate(model).layers[-1].block.register_forward_hook(lambda m, a, o: last_out.update(y=o[0] if isinstance(o, tuple) else o))
+    with torch.no_grad():
+        model(input_ids=torch.tensor([seq]))
+    handle.remove()
+    for l, r in enumerate(records):
+        r["y"] = hidden[l + 1] if l + 1 < len(records) else last_out["y"]
+    layers = [{k: r[k][0].double() for k in ("x", "a", "m", "y")} for r in records]
+    return layers, [r["x"] for r in layers] + [layers[-1]["y"]]
+
+
+def angular(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return torch.arccos(F.cosine_similarity(u, v, dim=-1).clamp(-1, 1)) / math.pi
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt_neox", "olmo2", "gpt2"])
+def test_every_one_pass_metric_matches_a_float64_reference(family):
+    """importance, update_ratio, angular_distance and span_distance, over every real token and over each
+    sequence's last, from padded batches, against float64 values from each sequence run alone."""
+    from ckpt_trace.scoring import ALL_METRICS, MAX_SPAN, ABLATION
+
+    model = make_model(family)
+    lengths = [17, 6, 12]
+    seqs = [ids[:n] for ids, n in zip(random_ids(3, 17, seed=4), lengths)]
+    metrics = tuple(m for m in ALL_METRICS if m != ABLATION)
+    frame = score(model, CalibrationSet.from_ids(seqs), batch_size=2, metrics=metrics)
+    assert set(frame["metric"]) == set(metrics)
+    spans = min(MAX_SPAN, LAYERS)
+    assert frame.height == 2 * (3 * 3 * LAYERS + sum(LAYERS - n + 1 for n in range(1, spans + 1)))
+    per_token: dict[tuple, list[torch.Tensor]] = {}  # (layer, module, metric) -> per-sequence [T] values
+    for seq in seqs:
+        layers, xs = stream(model, seq)
+        for l, r in enumerate(layers):
+            x, a, m, y = r["x"], r["a"], r["m"], r["y"]
+            mlp_in = x if family in PARALLEL else x + a
+            for module, (inp, out) in zip(MODULES, [(x, y), (x, x + a), (mlp_in, mlp_in + m)]):
+                per_token.setdefault((l, module, "importance"), []).append(1 - F.cosine_similarity(inp, out, dim=-1))
+                per_token.setdefault((l, module, "update_ratio"), []).append((out - inp).norm(dim=-1) / inp.norm(dim=-1))
+                per_token.setdefault((l, module, "angular_distance"), []).append(angular(inp, out))
+        for n in range(1, spans + 1):
+            for l in range(LAYERS - n + 1):
+                per_token.setdefault((l, f"span{n}", "span_distance"), []).append(angular(xs[l], xs[l + n]))
+    checked = 0
+    for (layer, module, metric), values in per_token.items():
+        everything = torch.cat(values).mean().item()
+        last = torch.stack([v[-1] for v in values]).mean().item()
+        for name, expected, n in ((metric, everything, sum(lengths)), (metric + "_last", last, len(seqs))):
+            row = frame.filter((pl.col("layer") == layer) & (pl.col("module") == module) & (pl.col("metric") == name))
+            assert row.height == 1 and row["n_tokens"][0] == n, (layer, module, name)
+            assert row["value"][0] == pytest.approx(expected, abs=2e-5), (layer, module, name)
+            checked += 1
+    assert checked == frame.height
+    # A span of one block is the block's angular distance; every score carries signal.
+    one = frame.filter(pl.col("metric") == "span_distance").filter(pl.col("module") == "span1").sort("layer")
+    block = frame.filter((pl.col("module") == "block") & (pl.col("metric") == "angular_distance")).sort("layer")
+    assert block["value"].to_list() == pytest.approx(one["value"].to_list(), abs=1e-5)
+    assert frame.filter(pl.col("metric").str.starts_with("span") | pl.col("metric").str.starts_with("angular"))[
+        "value"].min() > 1e-4
+
+
+@pytest.mark.parametrize("padding", ["right", "left"])
+def test_spans_beyond_the_window_and_last_tokens_on_either_side(padding):
+    """11 layers (more than MAX_SPAN): spans of 1 .. 8 from every layer where one starts, over every real token and
+    over each row's last, with padding on either side, equal float64 angles; keeping only the last rows gives the
+    same last-token spans."""
+    from ckpt_trace.scoring import MAX_SPAN, ResidualStats
+
+    layers, lengths, width = 11, [7, 3, 5], 32
+    generator = torch.Generator().manual_seed(3)
+    xs = [torch.randn(3, 7, width, generator=generator) * (1 + l) for l in range(layers + 1)]
+    mask = torch.zeros(3, 7)
+    for row, n in enumerate(lengths):
+        if padding == "right":
+            mask[row, :n] = 1
+        else:
+            mask[row, 7 - n:] = 1
+    last = [n - 1 if padding == "right" else 6 for n in lengths]
+    frames = {}
+    for spans, metrics in ((True, ("span_distance", "span_distance_last")), ("last", ("span_distance_last",))):
+        stats = ResidualStats(layers, spans=spans)
+        stats.begin_batch(mask)
+        for l, x in enumerate(xs):
+            stats.arrive(l, x)
+        assert stats.inputs == {}  # nothing held once the batch has passed the last layer
+        frames[spans] = stats.frame(metrics)
+    both = frames[True]
+    assert both.height == 2 * sum(layers - n + 1 for n in range(1, MAX_SPAN + 1))
+    assert set(both["module"]) == {f"span{n}" for n in range(1, MAX_SPAN + 1)}
+    real = mask.bool()
+    for row in both.iter_rows(named=True):
+        n, l = int(row["module"][4:]), row["layer"]
+        angles = angular(xs[l].double(), xs[l + n].double())  # [B, T]
+        if row["metric"] == "span_distance":
+            expected = angles[real].mean().item()
+        else:
+            expected = torch.stack([angles[b, t] for b, t in enumerate(last)]).mean().item()
+        assert row["value"] == pytest.approx(expected, abs=1e-6), row
+    mine = both.filter(pl.col("metric") == "span_distance_last").sort("module", "layer")["value"].to_list()
+    assert frames["last"].sort("module", "layer")["value"].to_list() == pytest.approx(mine, abs=1e-7)
+    with pytest.raises(ValueError, match="span_distance needs"):
+        stats.frame(("span_distance",))

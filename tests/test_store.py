@@ -132,6 +132,25 @@ def test_metrics_beyond_the_scans_own_do_not_spoil_whole_scores(tmp_path):
     assert store.has_scores(KEY)
 
 
+def test_spans_are_whole_when_every_start_is_there(tmp_path):
+    base = rows(layers=3).filter(pl.col("module") == "block", pl.col("metric") == "importance")
+    # Spans of 1, 2 and 3 blocks in a 3-layer model start at layers 0-2, 0-1 and 0.
+    spans = pl.concat([base.filter(pl.col("layer") <= 3 - n).with_columns(module=pl.lit(f"span{n}"))
+                       for n in (1, 2, 3)]).with_columns(metric=pl.lit("span_distance"))
+    store = Store(tmp_path)
+    store.write_scores(pl.concat([rows(layers=3), spans]))
+    assert store.has_scores(KEY, ("importance", "span_distance"))
+    broken = {
+        "a start missing": spans.filter(~((pl.col("module") == "span2") & (pl.col("layer") == 1))),
+        "starts shifted": spans.with_columns(layer=pl.when(pl.col("module") == "span2").then(pl.col("layer") + 1)
+                                             .otherwise(pl.col("layer"))),
+        "a length missing": spans.filter(pl.col("module") != "span2"),
+    }
+    for why, part in broken.items():
+        store.write_scores(pl.concat([rows(layers=3), part]))
+        assert not store.has_scores(KEY), why
+
+
 def test_file_names_of_keys_are_distinct_and_safe(tmp_path):
     store = Store(tmp_path)
     keys = [ScoreKey("m", "r", "w", "a-b", "c", 2), ScoreKey("m", "r", "w", "a", "b-c", 2),

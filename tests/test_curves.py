@@ -1,0 +1,122 @@
+"""Pruning curves: every point is the perplexity of the saved-and-reloaded pruned model, and each strategy picks
+what it says."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import polars as pl
+import pytest
+
+from ckpt_trace.calibration import CalibrationSet
+from ckpt_trace.cli import main
+from ckpt_trace.curves import curves, latest as latest_curves, summary
+from ckpt_trace.evaluation import perplexity
+from ckpt_trace.models import load_pruned
+from ckpt_trace.pruning import choose_random
+from ckpt_trace.scoring import ablation_losses, score
+from ckpt_trace.store import Store
+from ckpt_trace.surgery import apply_
+
+from conftest import LAYERS, make_model, random_ids, save_checkpoint, write_jsonl
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt_neox", "olmo2", "gpt2", "gemma2"])
+def test_every_point_is_the_perplexity_of_the_pruned_model(family, tmp_path):
+    model = make_model(family, seed=3)
+    calibration = CalibrationSet.from_ids(random_ids(4, 12, seed=1))
+    data = CalibrationSet.from_ids(random_ids(3, 14, seed=2))
+    scores = pl.concat([score(model, calibration), ablation_losses(model, calibration)])
+    frame = curves(model, scores, data, seeds=2, batch_size=2)
+
+    # k = 1 .. L-1 for every target; per k: similarity, last, oracle and 2 random seeds; one intact row per target.
+    assert frame.filter(pl.col("k") > 0).group_by("target").len().sort("target").rows() == \
+        [("attention", 5 * (LAYERS - 1)), ("block", 5 * (LAYERS - 1)), ("mlp", 5 * (LAYERS - 1))]
+    intact, n = perplexity(model, data)
+    assert frame.filter(pl.col("strategy") == "intact")["perplexity"].to_list() == [intact] * 3
+    assert set(frame["n_tokens"]) == {n} == {3 * 13}
+
+    for target, k, strategy, seed, dropped, value in frame.filter(pl.col("k") > 0).select(
+            "target", "k", "strategy", "seed", "dropped", "perplexity").rows():
+        chosen = [(m, int(layer)) for m, layer in (part.split(" ") for part in dropped.split(", "))]
+        assert len(chosen) == k and {m for m, _ in chosen} == {target}
+        # The reference: the model pruned by surgery, saved and loaded back as a user would.
+        pruned = apply_(copy.deepcopy(model), chosen)
+        pruned.save_pretrained(tmp_path / "p")
+        expected, _ = perplexity(load_pruned(tmp_path / "p", "cpu"), data)
+        assert value == pytest.approx(expected, rel=1e-5), (target, k, strategy, seed, dropped)
+
+        ranked = lambda metric: scores.filter((pl.col("module") == target) & (pl.col("metric") == metric)).sort(
+            "value", "layer")["layer"].to_list()
+        layers = sorted(layer for _, layer in chosen)
+        if strategy == "similarity":
+            assert layers == sorted(ranked("importance")[:k])
+        elif strategy == "oracle":
+            assert layers == sorted(ranked("ablation_loss")[:k])  # the k whose removal alone costs least
+        elif strategy == "last":
+            assert layers == list(range(LAYERS - 1 - k, LAYERS - 1))  # the deepest, the final layer kept
+        else:
+            assert sorted(chosen, key=lambda c: c[1]) == choose_random(target, k, LAYERS, seed)
+    assert model.training is False and math.isfinite(perplexity(model, data)[0])
+    assert perplexity(model, data)[0] == intact  # every module is back in place
+
+
+def test_summary_takes_the_geometric_mean_of_random_drops():
+    rows = [("attention", 0, "intact", None, 10.0), ("attention", 1, "similarity", None, 11.0),
+            ("attention", 1, "oracle", None, 10.5), ("attention", 1, "last", None, 12.0),
+            ("attention", 1, "random", 0, 10.0), ("attention", 1, "random", 1, 1000.0)]
+    frame = pl.DataFrame(rows, schema=["target", "k", "strategy", "seed", "perplexity"], orient="row")
+    table = summary(frame)
+    assert table.columns == ["target", "k", "original", "similarity", "oracle", "last", "random", "random_min",
+                             "random_max", "seeds"]
+    assert table.row(0) == pytest.approx(("attention", 1, 10.0, 11.0, 10.5, 12.0, 100.0, 10.0, 1000.0, 2))
+
+
+def test_curves_command_stores_them_and_the_report_draws_one_figure_per_target(tmp_path, tokenizer_dir, capsys):
+    suite = tmp_path / "suite"
+    for step, seed in ((0, 1), (100, 2)):
+        save_checkpoint(suite / f"step{step}", "llama", seed=seed, tokenizer_dir=tokenizer_dir)
+    store = tmp_path / "store"
+    data = write_jsonl(tmp_path / "heldout.jsonl", [{"input_ids": ids} for ids in random_ids(3, 16, seed=9)])
+    small = ["--samples", "4", "--seq-len", "16", "--device", "cpu", "--store", str(store)]
+    assert main(["scan", str(suite), "--metrics", "importance,update_ratio,ablation_loss", *small]) == 0
+    capsys.readouterr()
+    assert main(["curves", str(suite), "--seeds", "3", "--perplexity-data", str(data), *small]) == 0
+    out = capsys.readouterr().out
+    assert "perplexity of suite step100 on 45 held-out tokens" in out and "random_max" in out
+    stored = Store(store).curves()
+    assert stored.height == 3 + 3 * (LAYERS - 1) * 6 and set(stored["revision"]) == {"step100"}
+    assert stored["weights"].n_unique() == 1 and stored["data"].n_unique() == 1
+
+    assert main(["report", "--store", str(store), "--out", str(tmp_path / "fig")]) == 0
+    md = (tmp_path / "fig" / "report.md").read_text()
+    for target in ("attention", "mlp", "block"):
+        assert (tmp_path / "fig" / "suite" / f"pruning_curve_{target}.png").stat().st_size > 10_000
+        assert f"suite/pruning_curve_{target}.png" in md
+    findings = md.split("## Findings")[1].split("\n## ")[0]
+    # 3 layers: "half" of the attention is 1 layer, read off the curve.
+    similarity = stored.filter((pl.col("target") == "attention") & (pl.col("k") == 1) & (pl.col("strategy") == "similarity"))
+    assert f"With 1 of 3 attention layers dropped by similarity, perplexity {stored['perplexity'][0]:.2f} -> " \
+           f"{similarity['perplexity'][0]:.2f}" in findings
+
+    # A later run for one target replaces that target's curve and leaves the others'.
+    assert main(["curves", str(suite), "--targets", "mlp", "--seeds", "2", "--perplexity-data", str(data), *small]) == 0
+    again = Store(store).curves()
+    assert again.height == stored.height - (LAYERS - 1) and again.filter(pl.col("target") != "mlp").equals(
+        stored.filter(pl.col("target") != "mlp"))
+    assert set(again.filter(pl.col("target") == "mlp")["seed"].drop_nulls()) == {0, 1}
+    latest = latest_curves(again, "suite")
+    assert set(latest["target"]) == {"attention", "mlp", "block"} and latest.height == again.height
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--targets", "heads"], "unknown target 'heads'; use some of: attention, mlp, block"),
+    (["--seeds", "0"], "seeds must be at least 1, got 0"),
+])
+def test_curves_bad_input_is_one_line(args, message, tmp_path, tokenizer_dir, capsys):
+    checkpoint = save_checkpoint(tmp_path / "model", "llama", tokenizer_dir=tokenizer_dir)
+    assert main(["curves", str(checkpoint), "--store", str(tmp_path / "s"), *args]) == 2
+    err = capsys.readouterr().err
+    assert err == f"ckpt-trace: error: {message}\n"
+    assert not (tmp_path / "s").exists()
