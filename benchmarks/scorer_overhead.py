@@ -8,6 +8,9 @@ subprocesses with N and 4N calibration sequences, to show that it does not grow 
 the calibration set.
 
     python benchmarks/scorer_overhead.py [--sequences 16] [--seq-len 256] [--repeats 7] [--device cpu]
+                                         [--metrics importance,update_ratio]
+
+`--metrics all` scores every one-pass metric (angular and span distances, last-token variants too).
 
 The last line is ``overhead_ratio=<hooked/plain>``; the target on CPU is <= 1.10.
 """
@@ -25,7 +28,7 @@ import torch
 import transformers
 
 from ckpt_trace.calibration import CalibrationSet
-from ckpt_trace.scoring import score
+from ckpt_trace.scoring import ABLATION, ALL_METRICS, METRICS, score
 
 
 def pythia_70m_shaped(device: str, dtype: torch.dtype):
@@ -61,16 +64,16 @@ def timed(fn, device: str) -> float:
     return time.perf_counter() - start
 
 
-def peak_memory_child(n: int, seq_len: int, batch_size: int, device: str) -> None:
+def peak_memory_child(n: int, seq_len: int, batch_size: int, device: str, metrics: tuple[str, ...]) -> None:
     """Score n sequences in this process and print its peak memory in bytes."""
     model = pythia_70m_shaped(device, torch.float32)
     cal = calibration(n, seq_len)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-        score(model, cal, batch_size)
+        score(model, cal, batch_size, metrics=metrics)
         print(torch.cuda.max_memory_allocated())
     else:
-        score(model, cal, batch_size)
+        score(model, cal, batch_size, metrics=metrics)
         print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 
 
@@ -82,10 +85,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--metrics", default=",".join(METRICS), help="comma-separated one-pass metrics, or all")
     parser.add_argument("--peak-memory-child", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    metrics = tuple(m for m in ALL_METRICS if m != ABLATION) if args.metrics == "all" else tuple(args.metrics.split(","))
     if args.peak_memory_child:
-        peak_memory_child(args.peak_memory_child, args.seq_len, args.batch_size, args.device)
+        peak_memory_child(args.peak_memory_child, args.seq_len, args.batch_size, args.device, metrics)
         return
 
     dtype = getattr(torch, args.dtype)
@@ -94,14 +99,14 @@ def main() -> None:
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: GPT-NeoX {n_params / 1e6:.1f}M parameters, {args.dtype} on {args.device}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")
-    print(f"calibration: {args.sequences} x {args.seq_len} tokens, batch {args.batch_size}")
+    print(f"calibration: {args.sequences} x {args.seq_len} tokens, batch {args.batch_size}; metrics {', '.join(metrics)}")
 
     plain(model, cal, args.batch_size, args.device)  # warm-up
-    score(model, cal, args.batch_size)
+    score(model, cal, args.batch_size, metrics=metrics)
     plain_times, hooked_times = [], []
     for _ in range(args.repeats):
         plain_times.append(timed(lambda: plain(model, cal, args.batch_size, args.device), args.device))
-        hooked_times.append(timed(lambda: score(model, cal, args.batch_size), args.device))
+        hooked_times.append(timed(lambda: score(model, cal, args.batch_size, metrics=metrics), args.device))
     p, h = statistics.median(plain_times), statistics.median(hooked_times)
     tokens = cal.n_tokens
     print(f"plain forward:  median {p:.3f}s  ({tokens / p:,.0f} tokens/s)  runs {[round(t, 3) for t in plain_times]}")
@@ -111,7 +116,7 @@ def main() -> None:
     for n in (args.sequences, 4 * args.sequences):
         out = subprocess.run(
             [sys.executable, __file__, "--peak-memory-child", str(n), "--seq-len", str(args.seq_len),
-             "--batch-size", str(args.batch_size), "--device", args.device],
+             "--batch-size", str(args.batch_size), "--device", args.device, "--metrics", ",".join(metrics)],
             check=True, capture_output=True, text=True,
         )
         peaks[n] = int(out.stdout.strip().splitlines()[-1])
