@@ -27,12 +27,12 @@ from pathlib import Path
 
 import polars as pl
 import torch
-import torch.nn.functional as F
 
 from . import __version__
 from .calibration import CalibrationSet, CalibrationSpec, fit_seq_len, heldout_set, load_calibration
 from .microsuite import heldout_set as suite_heldout_set
 from .errors import CalibrationError, ConfigError
+from .scoring import next_token_losses
 from .sources import single_checkpoint
 from .store import EVALS_SCHEMA
 
@@ -48,18 +48,17 @@ STDERR_BOOTSTRAP = 1000
 
 @torch.inference_mode()
 def perplexity(model, data: CalibrationSet, batch_size: int = 8) -> tuple[float, int]:
-    """exp(mean negative log-likelihood) over every predicted token, and the number of those tokens."""
+    """exp(mean negative log-likelihood) over every predicted token, and the number of those tokens; memory does
+    not grow with the vocabulary beyond the model's own (`ckpt_trace.scoring.next_token_losses`)."""
     device = next(model.parameters()).device
     data.check_vocab(model.get_input_embeddings().num_embeddings)
     total = torch.zeros((), dtype=torch.float64)
     count = 0
     for ids, mask in data.batches(batch_size):
         ids, mask = ids.to(device), mask.to(device)
-        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
-        nll = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")  # [B, T-1]
-        predicted = mask[:, 1:].to(nll.dtype)  # right padding: a real target has a real context
-        total += (nll * predicted).sum(dtype=torch.float64).cpu()
-        count += int(predicted.sum())
+        # The loss a chunk of positions at a time: no [B, T, vocab] logits (see `next_token_losses`).
+        total += next_token_losses(model, ids, mask).sum(dtype=torch.float64).cpu()
+        count += int(mask[:, 1:].sum())
     if count == 0:
         raise CalibrationError(f"perplexity data {data.source!r} has no token to predict: every sequence needs 2 tokens or more")
     return math.exp(float(total) / count), count

@@ -105,6 +105,8 @@ class ScanConfig(ScoringOptions):
     """Score revisions again even when their scores are stored."""
     keep_going: bool = False
     """Record a failing revision in runs/ and go on, instead of stopping."""
+    shard: tuple[int, int] | None = None
+    """(I, N): scan only the I-th (from 1) of N parts of the selected revisions (see `shard`)."""
     metrics: tuple[str, ...] | None = None
     """Metrics to store (`ckpt_trace.scoring.ALL_METRICS`): importance and update_ratio always; angular_distance,
     span_distance and the `_last` variants from the same pass where asked; ablation_loss where asked (one forward
@@ -114,6 +116,10 @@ class ScanConfig(ScoringOptions):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.shard is not None:
+            index, count = self.shard
+            if not 1 <= index <= count:
+                raise ConfigError(f"--shard {index}/{count} is not I/N with 1 <= I <= N")
         if self.tokens not in TOKENS:
             raise ConfigError(f"--tokens {self.tokens!r} is not one of: {', '.join(TOKENS)}")
         if self.metrics is not None:
@@ -124,6 +130,21 @@ class ScanConfig(ScoringOptions):
 
 
 TOKENS = ("all", "last")
+
+
+def shard(checkpoints: list, index: int, count: int) -> list:
+    """The `index`-th (from 1) of `count` parts of the revisions, in training order: every count-th from the
+    index-th, so that each part spans training alike. The parts are disjoint and together are all of them, for any
+    process that selects the same revisions: a job array of N scans, or N shells, shares one store."""
+    return checkpoints[index - 1::count]
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """'I/N' -> (I, N)."""
+    index, slash, count = text.partition("/")
+    if not (slash and index.strip().isdigit() and count.strip().isdigit()):
+        raise ConfigError(f"--shard {text!r} is not I/N (for example 1/4: the first of 4 parts)")
+    return int(index), int(count)
 
 
 def resolve_metrics(metrics: tuple[str, ...], tokens: str = "all") -> tuple[str, ...]:
@@ -305,6 +326,8 @@ def scan(config: ScanConfig) -> pl.DataFrame:
     # Tokenized by the first revision that has weights (a Hub repo's main may hold only a README).
     first = next((c for c in checkpoints if c.weights is not None), checkpoints[0])
     calibration = build_calibration(source.metadata(first), config.calibration)
+    if config.shard is not None:  # every shard tokenizes with the same revision, so all share one calibration set
+        checkpoints = shard(checkpoints, *config.shard)
 
     statuses, todo, keys = {}, [], {}
     for checkpoint in checkpoints:

@@ -30,6 +30,7 @@ from functools import partial
 
 import polars as pl
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -319,6 +320,36 @@ def removed(layout: ResidualLayout, layer: int, module: str) -> Iterator[None]:
         handle.remove()
 
 
+LOGITS_CHUNK_BYTES = 256 * 2**20
+"""The float32 logits computed at once by `next_token_losses`: a chunk of positions, whatever the vocabulary."""
+
+
+def next_token_losses(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Per-position next-token cross-entropy [B, T-1] (0 where the target is padding), from the decoder's hidden
+    states and the LM head applied to a chunk of positions at a time in float32 (with the final logit soft-capping of
+    the families that have it), so that full [B, T, vocab] logits never exist: at a 262,144-token vocabulary they would
+    take 4 GiB for 8 x 512 tokens."""
+    base, head = getattr(model, "base_model", model), model.get_output_embeddings()
+    if base is model or head is None:  # no separate decoder and head to call: the whole model, logits and all
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1].float()
+        nll = F.cross_entropy(logits.transpose(1, 2), input_ids[:, 1:], reduction="none")
+        return nll * attention_mask[:, 1:].to(nll.dtype)
+    hidden = base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    cap = getattr(config, "final_logit_softcapping", None)
+    batch, length = input_ids.shape
+    step = max(1, LOGITS_CHUNK_BYTES // (4 * batch * head.out_features))
+    pieces = []
+    for start in range(0, length - 1, step):
+        end = min(start + step, length - 1)
+        logits = head(hidden[:, start:end]).float()
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        pieces.append(F.cross_entropy(logits.transpose(1, 2), input_ids[:, start + 1:end + 1], reduction="none"))
+    nll = torch.cat(pieces, dim=1) if pieces else hidden.new_zeros(batch, 0, dtype=torch.float32)
+    return nll * attention_mask[:, 1:].to(nll.dtype)  # right padding: a real target has a real context
+
+
 class LossSums:
     """Summed next-token cross-entropy over the predicted tokens, in float64, batch by batch."""
 
@@ -326,11 +357,9 @@ class LossSums:
         self.total = 0.0
         self.count = 0
 
-    def update(self, logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
-        nll = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), input_ids[:, 1:], reduction="none")
-        predicted = attention_mask[:, 1:].to(nll.dtype)  # right padding: a real target has a real context
-        self.total += float((nll * predicted).sum(dtype=torch.float64))
-        self.count += int(predicted.sum())
+    def update(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
+        self.total += float(next_token_losses(model, input_ids, attention_mask).sum(dtype=torch.float64))
+        self.count += int(attention_mask[:, 1:].sum())
 
     def mean(self) -> float:
         return self.total / self.count
@@ -356,8 +385,7 @@ def ablation_losses(model: nn.Module, calibration: CalibrationSet, batch_size: i
                 input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
                 for cell, loss in sums.items():
                     with removed(layout, *cell) if cell else nullcontext():
-                        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-                    loss.update(logits, input_ids, attention_mask)
+                        loss.update(model, input_ids, attention_mask)
                     bar.update()
     finally:
         bar.close()

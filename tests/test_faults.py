@@ -245,3 +245,23 @@ def test_sigkill_at_several_moments_resumes_to_the_uninterrupted_dataset(suite, 
     assert main(["scan", str(suite), "--store", str(tmp_path / "whole"), *SMALL]) == 0
     assert dataset(store).equals(dataset(tmp_path / "whole"))
     assert not list(store.rglob("*.tmp"))
+
+
+def test_two_concurrent_shards_store_what_one_serial_scan_stores(suite, tmp_path, capsys):
+    store = tmp_path / "sharded"
+    processes = [subprocess.Popen([*scan_process(suite, store), "--shard", f"{i}/2"], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for i in (1, 2)]
+    outputs = [p.communicate(timeout=300) for p in processes]
+    assert [p.returncode for p in processes] == [0, 0], [err for _, err in outputs]
+    # Every other revision in training order, the parts disjoint and together the whole selection.
+    assert "step0" in outputs[0][0] and "step200" in outputs[0][0] and "step100" not in outputs[0][0]
+    assert "step100" in outputs[1][0] and "step300" in outputs[1][0] and "step200" not in outputs[1][0]
+    assert main(["scan", str(suite), "--store", str(tmp_path / "serial"), *SMALL]) == 0
+    assert dataset(store).equals(dataset(tmp_path / "serial"))  # the same rows, once each
+    assert len(list((store / "scores").rglob("*.parquet"))) == 4
+    runs = Store(store).runs()
+    assert runs.height == 4 and runs["revision"].n_unique() == 4
+    capsys.readouterr()
+    for bad in ("3/2", "0/2", "1-2", "a/b"):
+        assert main(["scan", str(suite), "--store", str(store), "--shard", bad, *SMALL]) == 2
+        assert bad in one_line(capsys)

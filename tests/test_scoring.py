@@ -362,3 +362,24 @@ def test_spans_beyond_the_window_and_last_tokens_on_either_side(padding):
     assert frames["last"].sort("module", "layer")["value"].to_list() == pytest.approx(mine, abs=1e-7)
     with pytest.raises(ValueError, match="span_distance needs"):
         stats.frame(("span_distance",))
+
+
+def test_losses_a_chunk_of_positions_at_a_time_equal_the_full_logits(family, monkeypatch):
+    """The per-position loss from the decoder and the LM head applied a few positions at a time (soft-capping
+    included) equals cross-entropy of the model's own full logits, with padding."""
+    from ckpt_trace import scoring
+
+    model = make_model(family)
+    lengths = [13, 6]
+    ids = torch.tensor([row[:13] for row in random_ids(2, 13, seed=12)])
+    mask = torch.tensor([[1] * n + [0] * (13 - n) for n in lengths])
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].double()
+    expected = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none") * mask[:, 1:]
+    # 5 positions per chunk at this vocabulary: chunks of 5, 5 and 2 positions.
+    monkeypatch.setattr(scoring, "LOGITS_CHUNK_BYTES", 4 * 2 * model.get_output_embeddings().out_features * 5)
+    with torch.no_grad():
+        chunked = scoring.next_token_losses(model, ids, mask)
+    assert chunked.shape == (2, 12)
+    torch.testing.assert_close(chunked.double(), expected, atol=1e-5, rtol=1e-5)
+    assert (chunked[1, 5:] == 0).all() and (chunked[0] > 0).all()
