@@ -25,7 +25,7 @@ import hashlib
 import json
 import logging
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -212,20 +212,72 @@ def fit_seq_len(spec: CalibrationSpec, max_positions: int | None = None) -> Cali
     return replace(spec, seq_len=min(DEFAULT_SEQ_LEN, max_positions or DEFAULT_SEQ_LEN))
 
 
-def token_stream(documents: Sequence[str], tokenizer) -> list[int]:
-    """Documents tokenized without special tokens and joined with EOS."""
+PIECE_CHARS = 65_536
+"""A document longer than this is tokenized in pieces of whole lines of up to this many characters, so that a text
+of any size never sits in the tokenizer at once (a 20 MB text took 3.8 GB whole)."""
+
+
+def _pieces(document: str) -> Iterator[str]:
+    """The document, whole when short, else in pieces of whole lines of up to PIECE_CHARS (a longer line alone)."""
+    start = 0
+    while len(document) - start > PIECE_CHARS:
+        cut = document.rfind("\n", start, start + PIECE_CHARS)
+        if cut < start:  # no line ends within: the line alone, however long
+            cut = document.find("\n", start + PIECE_CHARS)
+            if cut < 0:
+                break
+        yield document[start:cut + 1]
+        start = cut + 1
+    if start < len(document) or not document:
+        yield document[start:]
+
+
+def token_pieces(documents: Sequence[str], tokenizer) -> Iterator[list[int]]:
+    """The token stream in pieces: each document tokenized without special tokens (a long one piece by piece) and
+    followed by EOS. Memory holds one piece at a time."""
     eos = getattr(tokenizer, "eos_token_id", None)
     if eos is None and len(documents) > 1:
         raise CalibrationError(
             f"the tokenizer has no EOS token to end each of the {len(documents)} documents with, so they would run "
             "together; give one document (a .txt file) or a pre-tokenized jsonl ({\"input_ids\": [...]} per line)"
         )
-    stream: list[int] = []
-    for ids in tokenizer(list(documents), add_special_tokens=False)["input_ids"]:
-        stream += ids
+    for document in documents:
+        for piece in _pieces(document):
+            yield tokenizer(piece, add_special_tokens=False)["input_ids"]
         if eos is not None:
-            stream.append(eos)
-    return stream
+            yield [eos]
+
+
+def token_stream(documents: Sequence[str], tokenizer) -> list[int]:
+    """Documents tokenized without special tokens and joined with EOS (`token_pieces`, in one list)."""
+    return [token for piece in token_pieces(documents, tokenizer) for token in piece]
+
+
+def stream_blocks(documents: Sequence[str], tokenizer, width: int) -> tuple[int, Callable[[Sequence[int]], list[list[int]]]]:
+    """How many whole blocks of `width` tokens the token stream holds, and a function that returns the blocks at
+    given indices, in index order: two passes over the documents, memory for one piece and the blocks taken."""
+    total = sum(len(piece) for piece in token_pieces(documents, tokenizer))
+
+    def take(indices: Sequence[int]) -> list[list[int]]:
+        wanted = sorted(indices)
+        blocks, current, offset, k = [], [], 0, 0
+        for piece in token_pieces(documents, tokenizer):
+            while k < len(wanted):
+                start, end = wanted[k] * width, (wanted[k] + 1) * width
+                if start >= offset + len(piece):
+                    break
+                low, high = max(start, offset) - offset, min(end, offset + len(piece)) - offset
+                current += piece[low:high]
+                if end > offset + len(piece):
+                    break  # the block goes on in the next piece
+                blocks.append(current)
+                current, k = [], k + 1
+            offset += len(piece)
+            if k == len(wanted):
+                break
+        return blocks
+
+    return total // width, take
 
 
 def bos_prefix(tokenizer) -> list[int]:
@@ -237,10 +289,6 @@ def bos_prefix(tokenizer) -> list[int]:
     return [bos] if ids and ids[0] == bos and ids != tokenizer("a", add_special_tokens=False)["input_ids"] else []
 
 
-def _blocks(stream: list[int], indices: Sequence[int], width: int, prefix: list[int]) -> list[list[int]]:
-    return [prefix + stream[i * width : (i + 1) * width] for i in indices]
-
-
 def drawn_blocks(n_blocks: int, samples: int, seed: int) -> list[int]:
     """The indices of the blocks a calibration set with this seed takes, in stream order."""
     return sorted(random.Random(seed).sample(range(n_blocks), min(samples, n_blocks)))
@@ -249,19 +297,19 @@ def drawn_blocks(n_blocks: int, samples: int, seed: int) -> list[int]:
 def tokenize_blocks(documents: Sequence[str], tokenizer, spec: CalibrationSpec) -> list[list[int]]:
     """Join documents with EOS, cut into ``seq_len`` blocks, and draw ``samples`` of them with ``seed``."""
     spec = fit_seq_len(spec)
-    stream, prefix = token_stream(documents, tokenizer), bos_prefix(tokenizer)
+    prefix = bos_prefix(tokenizer)
     width = spec.seq_len - len(prefix)
-    n_blocks = len(stream) // width
+    n_blocks, take = stream_blocks(documents, tokenizer, width)
     if n_blocks == 0:
         raise CalibrationError(
-            f"calibration {spec.source!r} gives {len(stream)} tokens, fewer than one block of seq_len={spec.seq_len}"
+            f"calibration {spec.source!r} gives fewer than one block of seq_len={spec.seq_len} tokens"
         )
     if n_blocks < spec.samples:
         log.warning(
             "calibration %r holds %d blocks of %d tokens; using all of them instead of %d",
             spec.source, n_blocks, spec.seq_len, spec.samples,
         )
-    return _blocks(stream, drawn_blocks(n_blocks, spec.samples, spec.seed), width, prefix)
+    return [prefix + block for block in take(drawn_blocks(n_blocks, spec.samples, spec.seed))]
 
 
 def heldout_set(spec: CalibrationSpec, tokenizer, samples: int = 32) -> CalibrationSet:
@@ -270,15 +318,15 @@ def heldout_set(spec: CalibrationSpec, tokenizer, samples: int = 32) -> Calibrat
     docs = read_source(spec.source)
     if not docs or isinstance(docs[0], list):
         raise CalibrationError(f"held-out blocks need a text source; {spec.source!r} is pre-tokenized")
-    stream, prefix = token_stream(docs, tokenizer), bos_prefix(tokenizer)
+    prefix = bos_prefix(tokenizer)
     width = spec.seq_len - len(prefix)
-    n_blocks = len(stream) // width
+    n_blocks, take = stream_blocks(docs, tokenizer, width)
     taken = set(drawn_blocks(n_blocks, spec.samples, spec.seed))
     rest = [i for i in range(n_blocks) if i not in taken]
     if not rest:
         raise CalibrationError(f"{spec.source!r} has no blocks left beyond the {len(taken)} the calibration set takes")
     chosen = sorted(random.Random(spec.seed + 1).sample(rest, min(samples, len(rest))))
-    blocks = _blocks(stream, chosen, width, prefix)
+    blocks = [prefix + block for block in take(chosen)]
     return CalibrationSet.from_ids(blocks, f"{spec.source} held out ({len(blocks)}x{spec.seq_len})")
 
 

@@ -35,6 +35,8 @@ def model_options(command):
         click.option("--seed", default=0, show_default=True, help="Seed of the calibration block draw."),
         click.option("--batch-size", default=8, show_default=True, help="Sequences per forward pass."),
         click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
+        click.option("--device-map", help="Split the model over every GPU (then the CPU) instead of --device: auto, "
+                     "balanced or sequential (accelerate's placement), for a model larger than one GPU."),
         click.option("--dtype", default="auto", show_default=True, help="auto, float32, bfloat16 or float16."),
         click.option("--store", default="data", show_default=True, help="Store directory."),
         click.option("--cache-dir", help="Hugging Face cache for Hub sources  [default: HF_HUB_CACHE]"),

@@ -70,8 +70,12 @@ def _names(keys: list[str]) -> str:
 
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-               trust_remote_code: bool = False) -> torch.nn.Module:
+               trust_remote_code: bool = False, device_map: str | dict | None = None) -> torch.nn.Module:
     """A causal LM from a local directory, in eval mode, its weights checked against its config first.
+
+    The weights are read straight onto `device` (no full copy on the CPU first), or placed by `device_map`:
+    `auto`, `balanced` or `sequential` over every GPU (then the CPU) with accelerate, or an explicit map of module
+    names to devices, for a model larger than one GPU.
 
     Every parameter the config calls for must be in the weight files with its shape, and the files
     must hold no decoder layer the config lacks: a model is never scored with random initialisation
@@ -89,7 +93,8 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", dtyp
     try:
         # weights_only: .bin files go through torch's restricted unpickler, which runs no code.
         model, info = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, trust_remote_code=trust_remote_code, weights_only=True, output_loading_info=True
+            path, dtype=dtype, trust_remote_code=trust_remote_code, weights_only=True, output_loading_info=True,
+            device_map=device_map if device_map is not None else str(torch.device(device)),
         )
     except Exception as err:  # a weight file cut short, empty or not weights: each library raises its own kind
         raise SourceError(f"cannot load the weights in {str(path)!r}: {' '.join(str(err).split())[:300]}") from err
@@ -111,13 +116,13 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", dtyp
     if n_layers == 0:
         raise SourceError(f"the model in {str(path)!r} has no decoder layers to score")
     drop_modules_(model, record["attention"], record["mlp"])
-    return model.to(device).eval()
+    return model.eval()
 
 
 def load_pruned(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-                trust_remote_code: bool = False) -> torch.nn.Module:
+                trust_remote_code: bool = False, device_map: str | dict | None = None) -> torch.nn.Module:
     """Load a model saved by ckpt-trace, pruned or not: `load_model`, with what was dropped still dropped."""
-    return load_model(path, device, dtype, trust_remote_code)
+    return load_model(path, device, dtype, trust_remote_code, device_map)
 
 
 def load_tokenizer(path: str | os.PathLike):

@@ -48,6 +48,9 @@ class ScoringOptions:
     """Sequences per forward pass."""
     device: str = "auto"
     """auto, cpu, cuda or cuda:N."""
+    device_map: str | dict | None = None
+    """Split the model over devices instead: auto, balanced or sequential (every GPU, then the CPU, placed by
+    accelerate), or a map of module names to devices. None: all of it on `device`."""
     dtype: str = "auto"
     """auto (bfloat16 on a GPU that supports it, else float32), float32, bfloat16 or float16."""
     store: str | os.PathLike = "data"
@@ -62,6 +65,11 @@ class ScoringOptions:
     def __post_init__(self):
         if self.batch_size < 1:
             raise ConfigError(f"batch size must be at least 1, got {self.batch_size}")
+        if isinstance(self.device_map, str) and self.device_map not in DEVICE_MAPS:
+            raise ConfigError(f"unknown device map {self.device_map!r}; use {', '.join(DEVICE_MAPS)}")
+
+
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 
 
 @dataclass
@@ -85,8 +93,8 @@ def loaded(options: ScoringOptions, source: str | os.PathLike, revision: str | N
     checkpoint = opened.checkpoints(revision or "last:1")[-1]
     fetched = opened.fetch(checkpoint)
     try:
-        yield Loaded(opened, checkpoint, fetched.path, load_model(fetched.path, device, dtype, options.trust_remote_code),
-                     dtype)
+        model = load_model(fetched.path, device, dtype, options.trust_remote_code, options.device_map)
+        yield Loaded(opened, checkpoint, fetched.path, model, dtype)
     finally:
         opened.release(fetched)
 
@@ -176,7 +184,7 @@ def score_checkpoint(
     checkpoint: Checkpoint, calibration: CalibrationSet, config: ScanConfig, device: torch.device, dtype: torch.dtype
 ) -> pl.DataFrame:
     """Load one fetched checkpoint and return its rows in the store's scores schema."""
-    model = load_model(checkpoint.path, device, dtype, config.trust_remote_code)
+    model = load_model(checkpoint.path, device, dtype, config.trust_remote_code, config.device_map)
     label = checkpoint.revision.name if config.progress else False
     frame = score(model, calibration, config.batch_size, progress=label, metrics=config.metrics or METRICS)
     if ABLATION in (config.metrics or ()):

@@ -86,19 +86,19 @@ def _angular(ii: torch.Tensor, dd: torch.Tensor, i_d: torch.Tensor) -> torch.Ten
 class ResidualStats:
     """Streaming token-weighted means of every metric, per layer and module, in constant memory."""
 
-    def __init__(self, n_layers: int, device: torch.device | str = "cpu", spans: bool | str = False):
-        # [layer, module, metric, weighting] sums of per-token values, weighted by the token weights.
-        self.sums = torch.zeros(n_layers, len(MODULES), len(PASS_METRICS), len(WEIGHTINGS), dtype=torch.float64,
-                                device=device)
-        # [layer, n - 1, weighting]: the span of n blocks from each layer.
-        self.span_sums = torch.zeros(n_layers, MAX_SPAN, len(WEIGHTINGS), dtype=torch.float64, device=device)
+    def __init__(self, n_layers: int, spans: bool | str = False):
+        self.n_layers = n_layers
         self.spans = spans
         """False: no spans; "last": over each sequence's last token only, keeping only those rows of the stream;
         True: both token sets."""
-        self.n_layers = n_layers
+        # Per device (a model split over devices adds each layer's values where the layer runs; `compute` combines):
+        # [layer, module, metric, weighting] sums of per-token values, weighted by the token weights, and
+        # [layer, n - 1, weighting] sums for the span of n blocks from each layer.
+        self.parts: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         self.counts = [0, 0]  # real tokens, sequences
         self.weight: torch.Tensor | None = None
         self.last: torch.Tensor | None = None
+        self._batch: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}  # the weights and last on each device
         self.inputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @property
@@ -113,13 +113,26 @@ class ResidualStats:
         self.last = (mask * (positions + 1)).argmax(dim=1)  # the last real position, whichever side is padded
         last = torch.nn.functional.one_hot(self.last, mask.shape[1]).to(mask) * (lengths > 0)[:, None]
         self.weight = torch.stack((mask, last))  # [2, B, T]
+        self._batch = {self.weight.device: (self.weight, self.last)}
         self.counts[0] += int(lengths.sum())
         self.counts[1] += int((lengths > 0).sum())
         self.inputs.clear()
 
-    def _add(self, target: torch.Tensor, values: torch.Tensor) -> None:
+    def _on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The sums, span sums, token weights and last positions on `device`."""
+        if device not in self.parts:
+            self.parts[device] = (
+                torch.zeros(self.n_layers, len(MODULES), len(PASS_METRICS), len(WEIGHTINGS), dtype=torch.float64,
+                            device=device),
+                torch.zeros(self.n_layers, MAX_SPAN, len(WEIGHTINGS), dtype=torch.float64, device=device))
+        if device not in self._batch:
+            self._batch[device] = (self.weight.to(device), self.last.to(device))
+        return (*self.parts[device], *self._batch[device])
+
+    @staticmethod
+    def _add(target: torch.Tensor, values: torch.Tensor, weight: torch.Tensor) -> None:
         """Add per-token values [B, T, k] to target [k, 2], under both weightings, summed in float64."""
-        target += (values.unsqueeze(0) * self.weight.unsqueeze(-1)).sum(dim=(1, 2), dtype=torch.float64).T
+        target += (values.unsqueeze(0) * weight.unsqueeze(-1)).sum(dim=(1, 2), dtype=torch.float64).T
 
     def update(
         self, layer: int, module: int, inp: torch.Tensor, delta: torch.Tensor, inp_sq: torch.Tensor | None = None
@@ -141,29 +154,30 @@ class ResidualStats:
         near = (ii * dd - i_d.square()).clamp_min(0) / (norms * (norms + in_out)).clamp_min(_EPS)
         importance = torch.where(cos > 0, near, 1.0 - cos)
         ratio = (dd / ii.clamp_min(_EPS)).sqrt()
-        self._add(self.sums[layer, module], torch.stack((importance, ratio, _angular(ii, dd, i_d)), dim=-1))
+        sums, _, weight, _ = self._on(inp.device)
+        self._add(sums[layer, module], torch.stack((importance, ratio, _angular(ii, dd, i_d)), dim=-1), weight)
 
     def arrive(self, layer: int, x: torch.Tensor, xx: torch.Tensor | None = None) -> None:
         """The residual stream entering layer `layer` (the last layer's output for `layer` = L): add the span
         distances from the inputs of the up to `MAX_SPAN` layers before it."""
         if not self.spans:
             return
+        _, span_sums, weight, last = self._on(x.device)
         rows = torch.arange(x.shape[0], device=x.device)
         if self.spans == "last":  # only the last real token of each row is needed: keep [B, D], not [B, T, D]
-            x, xx = x[rows, self.last].float(), None
+            x, xx = x[rows, last].float(), None
         else:
             x = x.float()
         xx = torch.linalg.vecdot(x, x) if xx is None else xx
         for n in range(1, MAX_SPAN + 1):
             if (earlier := self.inputs.get(layer - n)) is not None:
-                u, uu = earlier
+                u, uu = (t.to(x.device) for t in earlier)  # an earlier layer may run on another device
                 d = x - u
                 angle = _angular(uu, torch.linalg.vecdot(d, d), torch.linalg.vecdot(u, d))
                 if self.spans == "last":  # [B]: the last-token weighting only
-                    live = self.weight[1, rows, self.last]
-                    self.span_sums[layer - n, n - 1, 1] += (angle * live).sum(dtype=torch.float64)
+                    span_sums[layer - n, n - 1, 1] += (angle * weight[1, rows, last]).sum(dtype=torch.float64)
                 else:
-                    self._add(self.span_sums[layer - n, n - 1].unsqueeze(0), angle.unsqueeze(-1))
+                    self._add(span_sums[layer - n, n - 1].unsqueeze(0), angle.unsqueeze(-1), weight)
         self.inputs.pop(layer - MAX_SPAN, None)
         if layer < self.n_layers:
             self.inputs[layer] = (x, xx)
@@ -174,13 +188,19 @@ class ResidualStats:
         """The means so far, shape [layer, module, metric, weighting], float64 on the CPU."""
         if self.n_tokens == 0:
             raise ValueError("no tokens were scored")
-        return (self.sums / torch.tensor(self.counts, dtype=torch.float64, device=self.sums.device)).cpu()
+        return self._combined(0) / torch.tensor(self.counts, dtype=torch.float64)
+
+    def _combined(self, which: int) -> torch.Tensor:
+        """The sums (0) or span sums (1) of every device, added on the CPU."""
+        return sum((part[which].cpu() for part in self.parts.values()),
+                   torch.zeros(self.n_layers, *((len(MODULES), len(PASS_METRICS)) if which == 0 else (MAX_SPAN,)),
+                               len(WEIGHTINGS), dtype=torch.float64))
 
     def frame(self, metrics: tuple[str, ...] = METRICS) -> pl.DataFrame:
         """The means of `metrics` as a long polars frame: layer, module, metric, value, n_tokens (the tokens
         averaged over: every real token, or one per sequence for a `_last` metric)."""
         means = self.compute()
-        spans = (self.span_sums / torch.tensor(self.counts, dtype=torch.float64, device=self.span_sums.device)).cpu()
+        spans = self._combined(1) / torch.tensor(self.counts, dtype=torch.float64)
         rows = []
         for w, suffix in enumerate(WEIGHTINGS):
             for j, metric in enumerate(PASS_METRICS):
@@ -246,8 +266,10 @@ def residual_taps(layout: ResidualLayout, stats: ResidualStats) -> Iterator[None
 
 
 def model_device(model: nn.Module) -> torch.device:
-    """The device of a model's first parameter."""
-    return next(model.parameters()).device
+    """Where a model's input goes: the device of its input embeddings (of its first parameter, for a model split
+    over devices by a device map, may be another)."""
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    return embeddings.weight.device if embeddings is not None else next(model.parameters()).device
 
 
 def score(
@@ -268,7 +290,7 @@ def score(
     calibration.check_vocab(model.get_input_embeddings().num_embeddings)
     device = model_device(model)
     spans = SPAN in metrics or (SPAN + LAST in metrics and "last")  # every token, or the last token's rows only
-    stats = ResidualStats(len(layout.layers), device, spans=spans)
+    stats = ResidualStats(len(layout.layers), spans=spans)
     # The scores need only the decoder layers, so the LM head (often the largest matmul) is skipped.
     base = getattr(model, "base_model", model)
     batches = calibration.batches(batch_size)
@@ -340,14 +362,15 @@ def next_token_losses(model: nn.Module, input_ids: torch.Tensor, attention_mask:
     batch, length = input_ids.shape
     step = max(1, LOGITS_CHUNK_BYTES // (4 * batch * head.out_features))
     pieces = []
+    hidden, targets = hidden.to(head.weight.device), input_ids.to(head.weight.device)  # the head may sit elsewhere
     for start in range(0, length - 1, step):
         end = min(start + step, length - 1)
         logits = head(hidden[:, start:end]).float()
         if cap:
             logits = torch.tanh(logits / cap) * cap
-        pieces.append(F.cross_entropy(logits.transpose(1, 2), input_ids[:, start + 1:end + 1], reduction="none"))
+        pieces.append(F.cross_entropy(logits.transpose(1, 2), targets[:, start + 1:end + 1], reduction="none"))
     nll = torch.cat(pieces, dim=1) if pieces else hidden.new_zeros(batch, 0, dtype=torch.float32)
-    return nll * attention_mask[:, 1:].to(nll.dtype)  # right padding: a real target has a real context
+    return nll * attention_mask[:, 1:].to(nll)  # right padding: a real target has a real context
 
 
 class LossSums:

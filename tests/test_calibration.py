@@ -190,3 +190,30 @@ def test_a_tokenizer_without_eos_cannot_join_documents(tmp_path):
     one = tmp_path / "one.txt"
     one.write_text("a single document, long enough to cut " * 20)
     assert len(load_calibration(CalibrationSpec(str(one), samples=2, seq_len=16), no_eos).sequences) == 2
+
+
+def test_a_long_text_is_tokenized_in_pieces_and_its_blocks_taken_in_two_passes(tmp_path, tokenizer, monkeypatch):
+    from ckpt_trace import calibration as module
+
+    monkeypatch.setattr(module, "PIECE_CHARS", 60)
+    lines = [f"line {i} says {'word ' * (i % 7)}" for i in range(200)] + ["x" * 150]  # one line longer than a piece
+    text = "\n".join(lines) + "\n"
+    pieces = list(module._pieces(text))
+    assert "".join(pieces) == text and len(pieces) > 20
+    assert all(p.endswith("\n") for p in pieces[:-1]) and all(len(p) <= 60 or p.count("\n") <= 1 for p in pieces)
+    stream = module.token_stream([text, "tail text"], tokenizer)
+    assert stream == [t for p in pieces for t in tokenizer(p, add_special_tokens=False)["input_ids"]] + \
+        [tokenizer.eos_token_id] + tokenizer("tail text", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    for width in (7, 16, 33):
+        n_blocks, take = module.stream_blocks([text, "tail text"], tokenizer, width)
+        assert n_blocks == len(stream) // width
+        indices = [0, 3, 4, n_blocks // 2, n_blocks - 1]
+        assert take(indices) == [stream[i * width:(i + 1) * width] for i in sorted(set(indices))]
+    path = tmp_path / "long.txt"
+    path.write_text(text)
+    calibration = load_calibration(CalibrationSpec(str(path), samples=5, seq_len=16, seed=3), tokenizer)
+    whole = module.token_stream([text], tokenizer)
+    import random
+
+    chosen = sorted(random.Random(3).sample(range(len(whole) // 16), 5))
+    assert [s.tolist() for s in calibration.sequences] == [whole[i * 16:(i + 1) * 16] for i in chosen]

@@ -6,6 +6,7 @@ import json
 import shutil
 
 import polars as pl
+import pytest
 import torch
 
 from ckpt_trace.calibration import CalibrationSpec, load_calibration
@@ -194,3 +195,35 @@ def test_last_token_and_span_metrics_join_what_is_stored(tmp_path, tokenizer_dir
     assert main(["scan", str(model), "--store", store, "--tokens", "first", *SMALL]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "'first'" in err and "all" in err and "last" in err
+
+
+def split_map(n_layers: int, far: str) -> dict[str, str]:
+    """Embeddings and the first half of the layers on the CPU, the rest and the head on `far`."""
+    return {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu",
+            **{f"model.layers.{i}": "cpu" if i < n_layers // 2 else far for i in range(n_layers)},
+            "model.norm": far, "lm_head": far}
+
+
+@pytest.mark.parametrize("far", ["cpu", pytest.param("cuda:0", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="a split between the CPU and a GPU needs a GPU"))])
+def test_a_model_placed_by_a_device_map_scores_as_on_one_device(tmp_path, tokenizer_dir, capsys, far):
+    from ckpt_trace.scoring import ablation_losses
+
+    model = save_checkpoint(tmp_path / "m", "llama", seed=5, tokenizer_dir=tokenizer_dir)
+    metrics = ("importance", "update_ratio", "angular_distance", "span_distance", "span_distance_last")
+    calibration = load_calibration(CalibrationSpec("pydoc", samples=4, seq_len=16), load_tokenizer(model))
+    whole = load_model(model, torch.device("cpu"), torch.float32)
+    split = load_model(model, dtype=torch.float32, device_map=split_map(LAYERS, far))
+    assert {p.device.type for p in split.parameters()} == {"cpu", torch.device(far).type}
+    one, mapped = (score(m, calibration, batch_size=2, metrics=metrics) for m in (whole, split))
+    assert mapped.sort("layer", "module", "metric")["value"].to_list() == pytest.approx(
+        one.sort("layer", "module", "metric")["value"].to_list(), abs=1e-6)
+    losses = [ablation_losses(m, calibration, batch_size=2).sort("layer", "module")["value"] for m in (whole, split)]
+    assert losses[1].to_list() == pytest.approx(losses[0].to_list(), abs=1e-5)
+    # The command line: accelerate's placement over what this machine has.
+    assert main(["scan", str(model), "--store", str(tmp_path / "s"), "--device-map", "auto", *SMALL]) == 0
+    assert stored(tmp_path / "s")["value"].to_list() == reference(model)
+    capsys.readouterr()
+    assert main(["scan", str(model), "--store", str(tmp_path / "s"), "--device-map", "fast", *SMALL]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "'fast'" in err and "auto" in err
