@@ -9,10 +9,10 @@ downloads, scores and evicts each revision in turn with the same library pieces;
 streamed run is `ckpt_trace.scan`, which downloads the next revision while the current
 one is scored. A sampler records the bytes held in the cache throughout the streamed run.
 
-    python benchmarks/stream_overlap.py [--revisions 12] [--samples 64] [--threads 1]
+    python benchmarks/stream_overlap.py [--revisions 12] [--samples 64] [--threads 1] [--prefetch 1]
 
 The last line is ``overlap_ratio=<streamed / max(total download, total scoring)>``;
-targets: ratio <= 1.15, peak cache <= 2 revisions.
+targets: ratio <= 1.15, peak cache <= prefetch + 1 revisions.
 """
 
 from __future__ import annotations
@@ -55,6 +55,7 @@ def main() -> None:
     parser.add_argument("--revisions", type=int, default=12)
     parser.add_argument("--threads", type=int, default=1, help="torch threads for scoring, in both runs")
     parser.add_argument("--samples", type=int, default=64)
+    parser.add_argument("--prefetch", type=int, default=1, help="revisions downloaded ahead in the streamed run")
     parser.add_argument("--seq-len", type=int, default=128)
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="stream-overlap-"))
@@ -84,7 +85,7 @@ def main() -> None:
     from ckpt_trace.sources import LocalSource
 
     spec = CalibrationSpec(str(calibration_file))
-    scan_config = ScanConfig(calibration=spec, device="cpu", dtype="float32", progress=False)
+    scan_config = ScanConfig(calibration=spec, device="cpu", dtype="float32", progress=False, prefetch=args.prefetch)
     device, dtype = torch.device("cpu"), torch.float32
     local = LocalSource(work / "suite").checkpoints()
     calibration = build_calibration(local[0].path, spec)

@@ -57,12 +57,14 @@ def model_options(command):
 @click.option("--tokens", default="all", show_default=True, type=click.Choice(["all", "last"]),
               help="Average the one-pass metrics over every real token, or over each sequence's last (stored as "
               "their _last variants; importance and update_ratio over every token are stored too).")
+@click.option("--prefetch", default=1, show_default=True,
+              help="Revisions downloaded ahead of the one being scored (each takes its place in the cache).")
 @click.option("--shard", help="I/N: scan only the I-th of N parts of the selected revisions (every N-th in training "
               "order), so that N processes (a job array) share one store.")
 @model_options
 @click.option("--force", is_flag=True, help="Score again what is already stored.")
 @click.option("--keep-going", is_flag=True, help="Record failing revisions and go on.")
-def scan(source, revisions, calibration, samples, seq_len, seed, metrics, tokens, shard, **options):
+def scan(source, revisions, calibration, samples, seq_len, seed, metrics, tokens, shard, prefetch, **options):
     """Score every layer of every revision of SOURCE and store the scores as Parquet.
 
     SOURCE is a Hub repo id (EleutherAI/pythia-160m), a model directory, or a directory of
@@ -75,6 +77,7 @@ def scan(source, revisions, calibration, samples, seq_len, seed, metrics, tokens
 
     config = ScanConfig(
         shard=parse_shard(shard) if shard is not None else None,
+        prefetch=prefetch,
         source=source,
         revisions=revisions,
         metrics=tuple(m.strip() for m in metrics.split(",")) if metrics is not None else None,

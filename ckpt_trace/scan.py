@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
@@ -36,6 +38,9 @@ from .paths import remove_stale_temporaries
 from .store import REVISIONS_SCHEMA, RUNS_SCHEMA, SCORES_SCHEMA, ScoreKey, Store
 
 log = logging.getLogger(__name__)
+
+PREFETCH = 1
+"""Revisions fetched ahead of the one being scored, by default (see `streamed`; measured in benchmarks/)."""
 
 
 @dataclass(kw_only=True)
@@ -113,6 +118,8 @@ class ScanConfig(ScoringOptions):
     """Score revisions again even when their scores are stored."""
     keep_going: bool = False
     """Record a failing revision in runs/ and go on, instead of stopping."""
+    prefetch: int = PREFETCH
+    """Revisions downloaded ahead of the one being scored (each takes its place in the cache)."""
     shard: tuple[int, int] | None = None
     """(I, N): scan only the I-th (from 1) of N parts of the selected revisions (see `shard`)."""
     metrics: tuple[str, ...] | None = None
@@ -124,6 +131,8 @@ class ScanConfig(ScoringOptions):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.prefetch < 1:
+            raise ConfigError(f"--prefetch {self.prefetch} is not a number of revisions; use 1 or more")
         if self.shard is not None:
             index, count = self.shard
             if not 1 <= index <= count:
@@ -262,56 +271,62 @@ def _run_row(checkpoint: Checkpoint, key: ScoreKey, status: str, error: str | No
     return pl.DataFrame([row], schema=RUNS_SCHEMA)
 
 
-class _Background:
-    """fn(arg) on a daemon thread (an interrupted scan does not wait for it); result() returns or raises."""
+class _Worker:
+    """One daemon thread that runs jobs in the order they are given (an interrupted scan does not wait for it): the
+    fetches, and the releases between them, so that an eviction never races a download that could share a blob."""
 
-    def __init__(self, fn, arg):
-        self._done = threading.Event()
-        self._value = self._error = None
-        threading.Thread(target=self._run, args=(fn, arg), daemon=True).start()
+    def __init__(self):
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=self._run, daemon=True).start()
 
-    def _run(self, fn, arg):
-        try:
-            self._value = fn(arg)
-        except BaseException as err:  # handed to the caller of result()
-            self._error = err
-        finally:
-            self._done.set()
+    def submit(self, fn, arg) -> Future:
+        future: Future = Future()
+        self._jobs.put((future, fn, arg))
+        return future
 
-    @property
-    def done(self) -> bool:
-        return self._done.is_set()
+    def close(self) -> None:
+        self._jobs.put(None)
 
-    def result(self):
-        self._done.wait()
-        if self._error is not None:
-            raise self._error
-        return self._value
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            future, fn, arg = job
+            try:
+                future.set_result(fn(arg))
+            except BaseException as err:  # handed to the caller of result()
+                future.set_exception(err)
 
 
-def streamed(source, checkpoints: list[Checkpoint]) -> Iterator[tuple[Checkpoint, Exception | None]]:
-    """Yield each checkpoint fetched (or the error that stopped its fetch) while the next one is fetched.
+def streamed(source, checkpoints: list[Checkpoint], depth: int = PREFETCH) -> Iterator[tuple[Checkpoint, Exception | None]]:
+    """Yield each checkpoint fetched (or the error that stopped its fetch) while the next `depth` are fetched, one
+    after another on one background thread.
 
-    The previous checkpoint is released when the caller asks for the next one, after the
-    fetch in flight has finished and before another starts, whether its fetch succeeded or not.
+    A checkpoint is released once the caller asks for the next one, on that thread between two fetches, whether
+    its fetch succeeded or not: the cache holds the revision being scored, those fetched ahead, and the one
+    downloading. On an early exit, the checkpoint in hand and those fetched ahead are released after the fetch in
+    flight if the process lives on; else the next scan evicts them.
     """
-    pending = _Background(source.fetch, checkpoints[0]) if checkpoints else None
-    previous = None
+    worker = _Worker()
+    futures = [worker.submit(source.fetch, c) for c in checkpoints[:depth]]
+    handed, held = 0, None
     try:
         for i, checkpoint in enumerate(checkpoints):
             try:
-                fetched, error = pending.result(), None
+                fetched, error = futures[i].result(), None
             except Exception as err:
                 fetched, error = checkpoint, err
-            if previous is not None:
-                source.release(previous)
-            pending = _Background(source.fetch, checkpoints[i + 1]) if i + 1 < len(checkpoints) else None
-            previous = fetched  # a failed fetch may have left part of the revision behind
+            handed = i + 1
+            if i + depth < len(checkpoints):
+                futures.append(worker.submit(source.fetch, checkpoints[i + depth]))
+            held = fetched  # a failed fetch may have left part of the revision behind
             yield fetched, error
+            worker.submit(source.release, held)
+            held = None
     finally:
-        # On an early exit a fetch may still run; then the release waits for the next scan.
-        if previous is not None and (pending is None or pending.done):
-            source.release(previous)
+        if held is not None:
+            worker.submit(source.release, held)
+        for checkpoint in checkpoints[handed:len(futures)]:  # fetched ahead, never handed out
+            worker.submit(source.release, checkpoint)
+        worker.close()
 
 
 def scan(config: ScanConfig) -> pl.DataFrame:
@@ -359,7 +374,7 @@ def scan(config: ScanConfig) -> pl.DataFrame:
             source.release(checkpoint)
 
     bar = tqdm(total=len(todo), desc="revisions", unit="rev", disable=None if config.progress else True)
-    for checkpoint, fetch_error in streamed(source, todo):
+    for checkpoint, fetch_error in streamed(source, todo, config.prefetch):
         name = checkpoint.revision.name
         key, why = keys[name], statuses[name][2]
         bar.set_postfix_str(name)

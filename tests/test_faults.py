@@ -265,3 +265,61 @@ def test_two_concurrent_shards_store_what_one_serial_scan_stores(suite, tmp_path
     for bad in ("3/2", "0/2", "1-2", "a/b"):
         assert main(["scan", str(suite), "--store", str(store), "--shard", bad, *SMALL]) == 2
         assert bad in one_line(capsys)
+    assert main(["scan", str(suite), "--store", str(store), "--prefetch", "0", *SMALL]) == 2
+    assert "--prefetch 0" in one_line(capsys)
+
+
+class RecordingSource:
+    """A source whose fetches take a while; it records what the cache would hold and whether two jobs overlap."""
+
+    def __init__(self, fail: str | None = None):
+        self.events, self.held, self.most, self.running, self.overlap, self.fail = [], set(), 0, 0, False, fail
+
+    def _enter(self):
+        self.running += 1
+        self.overlap |= self.running > 1
+
+    def fetch(self, name):
+        self._enter()
+        try:
+            time.sleep(0.02)
+            self.held.add(name)
+            self.most = max(self.most, len(self.held))
+            self.events.append(("fetch", name))
+            if name == self.fail:
+                raise OSError(f"cannot fetch {name}")
+            return name
+        finally:
+            self.running -= 1
+
+    def release(self, name):
+        self._enter()
+        self.held.discard(name)
+        self.events.append(("release", name))
+        self.running -= 1
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3])
+def test_prefetch_depth_bounds_the_cache_and_releases_run_between_fetches(depth):
+    from ckpt_trace.scan import streamed
+
+    source, names = RecordingSource(fail="r3"), [f"r{i}" for i in range(7)]
+    seen = []
+    for fetched, error in streamed(source, names, depth):
+        time.sleep(0.05)  # scoring, slower than a fetch: the fetches ahead are done
+        seen.append((fetched, type(error).__name__ if error else None))
+        assert len(source.held) <= depth + 1
+    assert seen == [(n, "OSError" if n == "r3" else None) for n in names]
+    deadline = time.monotonic() + 5
+    while source.held and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not source.held and not source.overlap and source.most == depth + 1
+    assert [e for e in source.events if e[0] == "fetch"] == [("fetch", n) for n in names]
+    # An early exit releases the one in hand and those fetched ahead.
+    early = RecordingSource()
+    for fetched, _ in streamed(early, names, depth):
+        break
+    deadline = time.monotonic() + 5
+    while early.held and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not early.held and {n for kind, n in early.events if kind == "fetch"} == set(names[:depth + 1])
