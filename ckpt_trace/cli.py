@@ -57,6 +57,8 @@ def model_options(command):
 @click.option("--tokens", default="all", show_default=True, type=click.Choice(["all", "last"]),
               help="Average the one-pass metrics over every real token, or over each sequence's last (stored as "
               "their _last variants; importance and update_ratio over every token are stored too).")
+@click.option("--ray", "use_ray", is_flag=True, help="Spread the revisions over the Ray cluster in RAY_ADDRESS (else a "
+              "local Ray instance): one task per revision, one GPU each where the cluster has GPUs.")
 @click.option("--prefetch", default=1, show_default=True,
               help="Revisions downloaded ahead of the one being scored (each takes its place in the cache).")
 @click.option("--shard", help="I/N: scan only the I-th of N parts of the selected revisions (every N-th in training "
@@ -64,7 +66,7 @@ def model_options(command):
 @model_options
 @click.option("--force", is_flag=True, help="Score again what is already stored.")
 @click.option("--keep-going", is_flag=True, help="Record failing revisions and go on.")
-def scan(source, revisions, calibration, samples, seq_len, seed, metrics, tokens, shard, prefetch, **options):
+def scan(source, revisions, calibration, samples, seq_len, seed, metrics, tokens, shard, prefetch, use_ray, **options):
     """Score every layer of every revision of SOURCE and store the scores as Parquet.
 
     SOURCE is a Hub repo id (EleutherAI/pythia-160m), a model directory, or a directory of
@@ -78,6 +80,7 @@ def scan(source, revisions, calibration, samples, seq_len, seed, metrics, tokens
     config = ScanConfig(
         shard=parse_shard(shard) if shard is not None else None,
         prefetch=prefetch,
+        ray=use_ray,
         source=source,
         revisions=revisions,
         metrics=tuple(m.strip() for m in metrics.split(",")) if metrics is not None else None,

@@ -122,6 +122,8 @@ class ScanConfig(ScoringOptions):
     """Revisions downloaded ahead of the one being scored (each takes its place in the cache)."""
     shard: tuple[int, int] | None = None
     """(I, N): scan only the I-th (from 1) of N parts of the selected revisions (see `shard`)."""
+    ray: bool = False
+    """Spread the revisions over a Ray cluster (``RAY_ADDRESS``, else a local instance): see `ckpt_trace.distributed`."""
     metrics: tuple[str, ...] | None = None
     """Metrics to store (`ckpt_trace.scoring.ALL_METRICS`): importance and update_ratio always; angular_distance,
     span_distance and the `_last` variants from the same pass where asked; ablation_loss where asked (one forward
@@ -131,6 +133,10 @@ class ScanConfig(ScoringOptions):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.ray:
+            from .distributed import ray_module
+
+            ray_module()  # fails now, not after the set-up, where Ray is missing
         if self.prefetch < 1:
             raise ConfigError(f"--prefetch {self.prefetch} is not a number of revisions; use 1 or more")
         if self.shard is not None:
@@ -329,6 +335,35 @@ def streamed(source, checkpoints: list[Checkpoint], depth: int = PREFETCH) -> It
         worker.close()
 
 
+def score_revision(source: str, cache_dir, checkpoint: Checkpoint, calibration: CalibrationSet, config: ScanConfig,
+                   dtype: torch.dtype) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """On a Ray worker: fetch, load and score one revision, then release it; its revision row and its scores."""
+    opened = open_source(source, cache_dir)
+    fetched = opened.fetch(checkpoint)
+    try:
+        device = resolve_device(config.device)  # the worker's own: the GPU Ray gave the task, else the CPU
+        return _revision_row(fetched), score_checkpoint(fetched, calibration, config, device, dtype)
+    finally:
+        opened.release(fetched)
+
+
+def scored_here(source, checkpoints: list[Checkpoint], calibration: CalibrationSet, config: ScanConfig,
+                device: torch.device, dtype: torch.dtype) -> Iterator[tuple[Checkpoint, tuple | None, Exception | None, float]]:
+    """Yield (checkpoint, (revision row, scores) or None, error or None, seconds) for each checkpoint, streamed
+    (see `streamed`) and scored in this process."""
+    for checkpoint, fetch_error in streamed(source, checkpoints, config.prefetch):
+        start = time.perf_counter()
+        try:
+            if fetch_error is not None:
+                raise fetch_error
+            row = _revision_row(checkpoint)  # reads what is recorded beside the weights: a bad record fails early
+            frame = score_checkpoint(checkpoint, calibration, config, device, dtype)
+        except (CkptTraceError, OSError, RuntimeError) as err:
+            yield checkpoint, None, err, time.perf_counter() - start
+            continue
+        yield checkpoint, (row, frame), None, time.perf_counter() - start
+
+
 def scan(config: ScanConfig) -> pl.DataFrame:
     """Score every selected revision that the store lacks; return one summary row per revision."""
     if config.metrics is None:  # the ground truth too where it is cheap: the micro suite
@@ -374,33 +409,35 @@ def scan(config: ScanConfig) -> pl.DataFrame:
             source.release(checkpoint)
 
     bar = tqdm(total=len(todo), desc="revisions", unit="rev", disable=None if config.progress else True)
-    for checkpoint, fetch_error in streamed(source, todo, config.prefetch):
+    if config.ray:
+        from .distributed import scored_on_ray
+
+        results = scored_on_ray(score_revision, str(source.root if config.source is None else config.source),
+                                config.cache_dir, todo, calibration, config, dtype)
+    else:
+        results = scored_here(source, todo, calibration, config, device, dtype)
+    for checkpoint, result, error, seconds in results:
+        if config.ray:  # a worker fetched and released it; what this process holds of it (metadata) goes too
+            source.release(checkpoint)
         name = checkpoint.revision.name
         key, why = keys[name], statuses[name][2]
         bar.set_postfix_str(name)
-        start = time.perf_counter()
-        try:
-            if fetch_error is not None:
-                raise fetch_error
-            row = _revision_row(checkpoint)  # reads what is recorded beside the weights: a bad record fails early
-            frame = score_checkpoint(checkpoint, calibration, config, device, dtype)
-            if not config.force:
-                frame = keep_stored(store, key, frame)
-        except (CkptTraceError, OSError, RuntimeError) as err:
-            seconds = time.perf_counter() - start
-            store.write_run(_run_row(checkpoint, key, "failed", str(err), seconds))
+        if error is not None:
+            store.write_run(_run_row(checkpoint, key, "failed", str(error), seconds))
             if not config.keep_going:
                 bar.close()
-                raise
-            log.warning("revision %s failed: %s", name, " ".join(str(err).split()))
-            statuses[name] = ("failed", seconds, " ".join(str(err).split()))
+                raise error
+            log.warning("revision %s failed: %s", name, " ".join(str(error).split()))
+            statuses[name] = ("failed", seconds, " ".join(str(error).split()))
             bar.update()
             continue
+        row, frame = result
+        if not config.force:
+            frame = keep_stored(store, key, frame)
         # The revision row first, the scores last: whole scores on disk mean the revision is stored whole, and a
         # scan killed between the two writes scores it again on resume.
         store.write_revision(row)
         store.write_scores(frame)
-        seconds = time.perf_counter() - start
         store.write_run(_run_row(checkpoint, key, "scored", None, seconds))
         statuses[name] = ("scored", seconds, why)
         bar.update()

@@ -50,8 +50,10 @@ class Repo:
 class LoopbackHub:
     """Serve repositories from memory on 127.0.0.1; use as a context manager."""
 
-    def __init__(self, bandwidth: float | None = None, port: int = 0):
+    def __init__(self, bandwidth: float | None = None, port: int = 0, per_connection: bool = False):
         self._port = port
+        self.per_connection = per_connection  # the bandwidth is each connection's, not shared (a CDN's edge)
+        self._connection = threading.local()
         self.repos: dict[str, Repo] = {}
         self.blobs: dict[str, bytes] = {}  # sha256 -> content, for the CDN path
         self.log: list[Request] = []
@@ -122,8 +124,13 @@ class LoopbackHub:
         return f"http://127.0.0.1:{self.port}"
 
     def throttle(self, n: int) -> None:
-        """Wait until `n` more bytes fit in the shared bandwidth."""
+        """Wait until `n` more bytes fit in the bandwidth (shared by all connections, or each connection's own)."""
         if not self.bandwidth:
+            return
+        if self.per_connection:  # each connection is served by its own thread
+            start = max(time.monotonic(), getattr(self._connection, "next_free", 0.0))
+            self._connection.next_free = start + n / self.bandwidth
+            time.sleep(max(0.0, self._connection.next_free - time.monotonic()))
             return
         with self._lock:
             start = max(time.monotonic(), self._next_free)
@@ -298,7 +305,7 @@ class _Handler(BaseHTTPRequestHandler):
 def serve_forever() -> None:
     """Serve a suite of model directories as one repo from a separate process (for benchmarks).
 
-    ``python tests/loopback_hub.py REPO DIR [--bandwidth BYTES_PER_S] [--port N]``: every subdirectory of
+    ``python tests/loopback_hub.py REPO DIR [--bandwidth BYTES_PER_S] [--per-connection] [--port N]``: every subdirectory of
     DIR becomes a branch. The server prints its URL on one line, then serves until killed.
     """
     import argparse
@@ -308,8 +315,9 @@ def serve_forever() -> None:
     parser.add_argument("directory", type=Path)
     parser.add_argument("--bandwidth", type=float)
     parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--per-connection", action="store_true", help="the bandwidth is each connection's")
     args = parser.parse_args()
-    with LoopbackHub(bandwidth=args.bandwidth, port=args.port) as hub:
+    with LoopbackHub(bandwidth=args.bandwidth, port=args.port, per_connection=args.per_connection) as hub:
         for branch in sorted(p for p in args.directory.iterdir() if p.is_dir()):
             hub.add_model_dir(args.repo, branch.name, branch)
         print(hub.url, flush=True)
