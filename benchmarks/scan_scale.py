@@ -18,37 +18,16 @@ ratio of at most 0.6.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
-import socket
-import subprocess
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-TESTS = Path(__file__).resolve().parents[1] / "tests"
+from loopback_suite import calibration_file, folder_bytes, point_at_loopback, random_suite, start_hub
+
 REPO = "bench/scale"
-
-
-def folder_bytes(path: Path) -> int:
-    """Bytes of the files under `path` (a snapshot's links to blobs not counted again), skipping those deleted while
-    it counts (an eviction)."""
-    total = 0
-    for file in path.rglob("*") if path.exists() else ():
-        try:
-            total += file.stat().st_size if file.is_file() and not file.is_symlink() else 0
-        except FileNotFoundError:
-            pass
-    return total
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def timed_scan(config, cache: Path) -> tuple[float, int]:
@@ -82,31 +61,14 @@ def main() -> None:
     parser.add_argument("--download-s", type=float, default=3.0, help="seconds to download one revision")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="scan-scale-"))
-    port = free_port()
-    # Read once, on first import of huggingface_hub, by the driver and by every Ray worker it starts.
-    os.environ.update(HF_ENDPOINT=f"http://127.0.0.1:{port}", CKPT_TRACE_HOME=str(work / "home"),
-                      HF_HUB_DISABLE_PROGRESS_BARS="1", HF_HUB_DISABLE_TELEMETRY="1")
+    port = point_at_loopback(work)  # for the driver and every Ray worker it starts
 
     import torch
-    import transformers
 
-    config = transformers.GPTNeoXConfig(
-        vocab_size=4096, hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
-        max_position_embeddings=256, use_parallel_residual=True, bos_token_id=0, eos_token_id=0,
-    )
-    for i in range(args.revisions):
-        torch.manual_seed(i)
-        transformers.AutoModelForCausalLM.from_config(config).save_pretrained(work / "suite" / f"step{i * 1000}")
-    weight_bytes = (work / "suite" / "step0" / "model.safetensors").stat().st_size
-    ids = torch.randint(0, 4096, (16, 128), generator=torch.Generator().manual_seed(0))
-    calibration_file = work / "ids.jsonl"
-    calibration_file.write_text("".join(json.dumps({"input_ids": row}) + "\n" for row in ids.tolist()))
-
+    weight_bytes = random_suite(work / "suite", args.revisions, layers=4)
+    ids_file = calibration_file(work / "ids.jsonl", 16, 128)
     bandwidth = weight_bytes / args.download_s
-    server = subprocess.Popen([sys.executable, str(TESTS / "loopback_hub.py"), REPO, str(work / "suite"),
-                               "--bandwidth", str(bandwidth), "--per-connection", "--port", str(port)],
-                              stdout=subprocess.PIPE, text=True)
-    server.stdout.readline()  # the URL: the server is up
+    server = start_hub(REPO, work / "suite", bandwidth, port, per_connection=True)
     try:
         import ray
 
@@ -120,7 +82,7 @@ def main() -> None:
         for name, use_ray in (("serial", False), ("ray", True)):
             if use_ray:
                 ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-            scan_config = ScanConfig(source=REPO, calibration=CalibrationSpec(str(calibration_file)), device="cpu",
+            scan_config = ScanConfig(source=REPO, calibration=CalibrationSpec(str(ids_file)), device="cpu",
                                      dtype="float32", progress=False, store=work / f"store-{name}",
                                      cache_dir=work / f"cache-{name}", ray=use_ray)
             seconds, disk = timed_scan(scan_config, work / f"cache-{name}")

@@ -18,36 +18,14 @@ targets: ratio <= 1.15, peak cache <= prefetch + 1 revisions.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import socket
-import subprocess
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-TESTS = Path(__file__).resolve().parents[1] / "tests"
+from loopback_suite import calibration_file, folder_bytes, point_at_loopback, random_suite, start_hub
+
 REPO = "bench/suite"
-
-
-def folder_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.exists() else 0
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def start_hub(suite: Path, bandwidth: float, port: int) -> subprocess.Popen:
-    command = [sys.executable, str(TESTS / "loopback_hub.py"), REPO, str(suite), "--bandwidth", str(bandwidth),
-               "--port", str(port)]
-    server = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
-    server.stdout.readline()  # the URL: the server is up
-    return server
 
 
 def main() -> None:
@@ -59,32 +37,19 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=128)
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="stream-overlap-"))
-    # huggingface_hub reads HF_ENDPOINT once, when first imported (transformers imports it too).
-    port = free_port()
-    os.environ.update(HF_ENDPOINT=f"http://127.0.0.1:{port}", CKPT_TRACE_HOME=str(work / "home"),
-                      HF_HUB_DISABLE_PROGRESS_BARS="1", HF_HUB_DISABLE_TELEMETRY="1")
+    port = point_at_loopback(work)
 
     import torch
-    import transformers
 
     torch.set_num_threads(args.threads)
-    config = transformers.GPTNeoXConfig(
-        vocab_size=4096, hidden_size=256, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=4,
-        max_position_embeddings=256, use_parallel_residual=True, bos_token_id=0, eos_token_id=0,
-    )
-    for i in range(args.revisions):
-        torch.manual_seed(i)
-        transformers.AutoModelForCausalLM.from_config(config).save_pretrained(work / "suite" / f"step{i * 1000}")
-    weight_bytes = (work / "suite" / "step0" / "model.safetensors").stat().st_size
-    ids = torch.randint(0, 4096, (args.samples, args.seq_len), generator=torch.Generator().manual_seed(0))
-    calibration_file = work / "ids.jsonl"
-    calibration_file.write_text("".join(json.dumps({"input_ids": row}) + "\n" for row in ids.tolist()))
+    weight_bytes = random_suite(work / "suite", args.revisions, layers=6)
+    ids_file = calibration_file(work / "ids.jsonl", args.samples, args.seq_len)
 
     from ckpt_trace.calibration import CalibrationSpec
     from ckpt_trace.scan import ScanConfig, build_calibration, scan, score_checkpoint
     from ckpt_trace.sources import LocalSource
 
-    spec = CalibrationSpec(str(calibration_file))
+    spec = CalibrationSpec(str(ids_file))
     scan_config = ScanConfig(calibration=spec, device="cpu", dtype="float32", progress=False, prefetch=args.prefetch)
     device, dtype = torch.device("cpu"), torch.float32
     local = LocalSource(work / "suite").checkpoints()
@@ -95,7 +60,7 @@ def main() -> None:
         score_checkpoint(checkpoint, calibration, scan_config, device, dtype)
     per_score = (time.perf_counter() - start) / 3
 
-    server = start_hub(work / "suite", weight_bytes / per_score, port)
+    server = start_hub(REPO, work / "suite", weight_bytes / per_score, port)
     try:
         from ckpt_trace.sources import HubSource
 
