@@ -213,17 +213,30 @@ def fit_seq_len(spec: CalibrationSpec, max_positions: int | None = None) -> Cali
 
 
 PIECE_CHARS = 65_536
-"""A document longer than this is tokenized in pieces of whole lines of up to this many characters, so that a text
-of any size never sits in the tokenizer at once (a 20 MB text took 3.8 GB whole)."""
+"""A document longer than this is tokenized in pieces of whole lines of about this many characters, so that a text
+of any size never sits in the tokenizer at once (a 20 MB text took 3.8 GB whole). A byte-level BPE tokenizer gives
+the same tokens in pieces as whole; one that marks the start of a text (SentencePiece's prefix space) gives one
+such mark per piece, so such a document's calibration id differs from a whole-text tokenization."""
+
+
+def _cuttable(document: str, newline: int) -> bool:
+    """A piece may end at this newline: the next line starts with no whitespace, so that a tokenizer splitting on
+    whitespace runs (byte-level BPE) cuts there anyway."""
+    return newline + 1 < len(document) and not document[newline + 1].isspace()
 
 
 def _pieces(document: str) -> Iterator[str]:
-    """The document, whole when short, else in pieces of whole lines of up to PIECE_CHARS (a longer line alone)."""
+    """The document, whole when short, else in pieces of whole lines of up to PIECE_CHARS (longer where no line
+    within starts without whitespace), each ending before a line that starts with a non-space character."""
     start = 0
     while len(document) - start > PIECE_CHARS:
         cut = document.rfind("\n", start, start + PIECE_CHARS)
-        if cut < start:  # no line ends within: the line alone, however long
+        while cut >= start and not _cuttable(document, cut):
+            cut = document.rfind("\n", start, cut)
+        if cut < start:  # none within: the first place after it
             cut = document.find("\n", start + PIECE_CHARS)
+            while cut >= 0 and not _cuttable(document, cut):
+                cut = document.find("\n", cut + 1)
             if cut < 0:
                 break
         yield document[start:cut + 1]

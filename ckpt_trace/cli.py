@@ -89,6 +89,9 @@ def scan(source, revisions, calibration, samples, seq_len, seed, metrics, tokens
         **options,
     )
     summary = run_scan(config)
+    if summary.height == 0:
+        click.echo(f"shard {shard} holds none of the selected revisions: nothing to do")
+        return
     with pl.Config(tbl_hide_dataframe_shape=True, tbl_hide_column_data_types=True, float_precision=4, tbl_rows=-1,
                    fmt_str_lengths=60, tbl_width_chars=220, tbl_cols=-1):
         click.echo(summary.drop("dtype", "calibration", "scorer"))

@@ -16,9 +16,10 @@ import time
 from collections.abc import Callable, Iterator
 
 import polars as pl
+import torch
 
 from .calibration import CalibrationSet
-from .errors import ConfigError
+from .errors import CkptTraceError, ConfigError
 from .sources import Checkpoint
 
 RETRIES = 3
@@ -31,6 +32,16 @@ def ray_module():
     except ImportError as err:
         raise ConfigError('--ray needs Ray: pip install "ckpt-trace[ray]"') from err
     return ray
+
+
+def cluster_dtype(name: str) -> torch.dtype:
+    """The dtype the workers score in: as asked, or for `auto` bfloat16 where the cluster has GPUs, else float32 (a
+    scan's dtype is part of what it stores, so it is settled once, for every worker)."""
+    from .models import DTYPES, resolve_dtype
+
+    if name != "auto":
+        return resolve_dtype(name, torch.device("cpu"))
+    return DTYPES["bfloat16"] if connect().cluster_resources().get("GPU", 0) else DTYPES["float32"]
 
 
 def connect() -> object:
@@ -67,8 +78,11 @@ def scored_on_ray(work: Callable, source: str, cache_dir, checkpoints: list[Chec
         checkpoint, sent = running.pop(done[0])
         try:
             result, error = ray.get(done[0]), None
-        except ray.exceptions.RayTaskError as err:  # the revision's own error, raised on the worker
-            result, error = None, err.as_instanceof_cause()
+        except ray.exceptions.RayTaskError as err:  # raised on the worker: the revision's own error is recorded
+            cause = err.cause
+            if not isinstance(cause, (CkptTraceError, OSError, RuntimeError)):
+                raise cause from err  # as a serial scan does, a bug stops the scan
+            result, error = None, cause
         except ray.exceptions.RayError as err:  # the worker died more often than Ray retries
             result, error = None, RuntimeError(f"the Ray task of {checkpoint.revision.name} failed: {err}")
         yield checkpoint, result, error, time.perf_counter() - sent

@@ -283,15 +283,19 @@ class _Worker:
 
     def __init__(self):
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
-        threading.Thread(target=self._run, daemon=True).start()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
 
     def submit(self, fn, arg) -> Future:
         future: Future = Future()
         self._jobs.put((future, fn, arg))
         return future
 
-    def close(self) -> None:
+    def close(self, wait: bool = False) -> None:
+        """No more jobs; with `wait`, return once those given have run."""
         self._jobs.put(None)
+        if wait:
+            self._thread.join()
 
     def _run(self) -> None:
         while (job := self._jobs.get()) is not None:
@@ -311,9 +315,15 @@ def streamed(source, checkpoints: list[Checkpoint], depth: int = PREFETCH) -> It
     downloading. On an early exit, the checkpoint in hand and those fetched ahead are released after the fetch in
     flight if the process lives on; else the next scan evicts them.
     """
+    def release(checkpoint: Checkpoint) -> None:
+        try:
+            source.release(checkpoint)
+        except Exception as err:  # the scores are stored; a file left in the cache is the next scan's to evict
+            log.warning("could not evict %s from the cache: %s", checkpoint.revision.name, err)
+
     worker = _Worker()
     futures = [worker.submit(source.fetch, c) for c in checkpoints[:depth]]
-    handed, held = 0, None
+    handed, held, finished = 0, None, False
     try:
         for i, checkpoint in enumerate(checkpoints):
             try:
@@ -325,26 +335,28 @@ def streamed(source, checkpoints: list[Checkpoint], depth: int = PREFETCH) -> It
                 futures.append(worker.submit(source.fetch, checkpoints[i + depth]))
             held = fetched  # a failed fetch may have left part of the revision behind
             yield fetched, error
-            worker.submit(source.release, held)
+            worker.submit(release, held)
             held = None
+        finished = True
     finally:
         if held is not None:
-            worker.submit(source.release, held)
+            worker.submit(release, held)
         for checkpoint in checkpoints[handed:len(futures)]:  # fetched ahead, never handed out
-            worker.submit(source.release, checkpoint)
-        worker.close()
+            worker.submit(release, checkpoint)
+        worker.close(wait=finished)  # a scan that ran to the end leaves the cache as it found it
 
 
 def score_revision(source: str, cache_dir, checkpoint: Checkpoint, calibration: CalibrationSet, config: ScanConfig,
                    dtype: torch.dtype) -> tuple[pl.DataFrame, pl.DataFrame]:
     """On a Ray worker: fetch, load and score one revision, then release it; its revision row and its scores."""
     opened = open_source(source, cache_dir)
-    fetched = opened.fetch(checkpoint)
+    fetched = checkpoint
     try:
+        fetched = opened.fetch(checkpoint)
         device = resolve_device(config.device)  # the worker's own: the GPU Ray gave the task, else the CPU
         return _revision_row(fetched), score_checkpoint(fetched, calibration, config, device, dtype)
     finally:
-        opened.release(fetched)
+        opened.release(fetched)  # a download cut short too
 
 
 def scored_here(source, checkpoints: list[Checkpoint], calibration: CalibrationSet, config: ScanConfig,
@@ -370,10 +382,15 @@ def scan(config: ScanConfig) -> pl.DataFrame:
         micro = (*METRICS, "angular_distance", SPAN, ABLATION)
         config = replace(config, metrics=resolve_metrics(micro if config.source is None else METRICS, config.tokens))
     store = Store(config.store)
-    device = resolve_device(config.device)  # bad options fail before any work
+    if config.ray:  # each worker resolves its own device; the dtype, part of what is stored, is settled here
+        from .distributed import cluster_dtype
+
+        device, dtype = None, cluster_dtype(config.dtype)
+    else:
+        device = resolve_device(config.device)  # bad options fail before any work
+        dtype = resolve_dtype(config.dtype, device)
     for file in remove_stale_temporaries(store.root):
         log.info("removed %s, left by a scan that was killed while writing it", file)
-    dtype = resolve_dtype(config.dtype, device)
     if config.source is None:
         from .microsuite import build
 
@@ -386,6 +403,8 @@ def scan(config: ScanConfig) -> pl.DataFrame:
     calibration = build_calibration(source.metadata(first), config.calibration)
     if config.shard is not None:  # every shard tokenizes with the same revision, so all share one calibration set
         checkpoints = shard(checkpoints, *config.shard)
+        if first not in checkpoints:
+            source.release(first)  # its metadata: the shard that scores it evicts it
 
     statuses, todo, keys = {}, [], {}
     for checkpoint in checkpoints:
@@ -409,11 +428,15 @@ def scan(config: ScanConfig) -> pl.DataFrame:
             source.release(checkpoint)
 
     bar = tqdm(total=len(todo), desc="revisions", unit="rev", disable=None if config.progress else True)
-    if config.ray:
+    if config.ray and todo:
         from .distributed import scored_on_ray
 
-        results = scored_on_ray(score_revision, str(source.root if config.source is None else config.source),
-                                config.cache_dir, todo, calibration, config, dtype)
+        where = source.root if config.source is None else config.source
+        local = os.path.exists(where)  # a path, made absolute for workers that run elsewhere; else a repo id
+        results = scored_on_ray(score_revision, os.path.abspath(where) if local else str(where),
+                                config.cache_dir and os.path.abspath(config.cache_dir), todo, calibration, config, dtype)
+    elif config.ray:
+        results = iter(())
     else:
         results = scored_here(source, todo, calibration, config, device, dtype)
     for checkpoint, result, error, seconds in results:
@@ -447,6 +470,10 @@ def scan(config: ScanConfig) -> pl.DataFrame:
 
 def summarize(store: Store, keys: list[ScoreKey], statuses: dict[str, tuple]) -> pl.DataFrame:
     """Per revision: status, why, seconds, and the mean importance of each module type, from the scores of its key."""
+    if not keys:  # a shard with no revision of the selection
+        return pl.DataFrame(schema={"revision": pl.String, "status": pl.String, "seconds": pl.Float64, "step": pl.Int64,
+                                    "why": pl.String, "weights": pl.String, "dtype": pl.String,
+                                    "calibration": pl.String, "scorer": pl.Int32})
     status = pl.DataFrame(
         [(k.revision, *statuses[k.revision]) for k in keys], orient="row",
         schema={"revision": pl.String, "status": pl.String, "seconds": pl.Float64, "why": pl.String},

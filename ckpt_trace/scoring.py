@@ -229,7 +229,8 @@ def _keep_output(cache: dict, key: str, module, args, output):
 
 def _measure(cache: dict, layer: int, parallel: bool, stats: ResidualStats, last: bool, module, args, output):
     # float32 views of the model's activations (no copy when the model is float32)
-    x, a, m = (t.float() for t in (cache.pop("x"), cache.pop("a"), cache.pop("m")))
+    # accelerate moves a layer's input to its device inside forward, after the pre-hook took it: move it here too
+    x, a, m = (t.float() for t in (cache.pop("x").to(cache["a"].device), cache.pop("a"), cache.pop("m")))
     xx = torch.linalg.vecdot(x, x)  # block and attention read the same input
     stats.arrive(layer, x, xx)
     if last:
@@ -269,7 +270,14 @@ def model_device(model: nn.Module) -> torch.device:
     """Where a model's input goes: the device of its input embeddings (of its first parameter, for a model split
     over devices by a device map, may be another)."""
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    return embeddings.weight.device if embeddings is not None else next(model.parameters()).device
+    return execution_device(embeddings) if embeddings is not None else next(model.parameters()).device
+
+
+def execution_device(module: nn.Module) -> torch.device:
+    """Where a module computes: its accelerate hook's device when a device map placed it (weights offloaded to the
+    CPU sit on `meta` between calls), else its weight's."""
+    hooked = getattr(getattr(module, "_hf_hook", None), "execution_device", None)
+    return torch.device(hooked) if hooked is not None else module.weight.device
 
 
 def score(
@@ -362,7 +370,8 @@ def next_token_losses(model: nn.Module, input_ids: torch.Tensor, attention_mask:
     batch, length = input_ids.shape
     step = max(1, LOGITS_CHUNK_BYTES // (4 * batch * head.out_features))
     pieces = []
-    hidden, targets = hidden.to(head.weight.device), input_ids.to(head.weight.device)  # the head may sit elsewhere
+    device = execution_device(head)  # the head may sit on another device than the last layer
+    hidden, targets = hidden.to(device), input_ids.to(device)
     for start in range(0, length - 1, step):
         end = min(start + step, length - 1)
         logits = head(hidden[:, start:end]).float()

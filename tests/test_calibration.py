@@ -196,11 +196,15 @@ def test_a_long_text_is_tokenized_in_pieces_and_its_blocks_taken_in_two_passes(t
     from ckpt_trace import calibration as module
 
     monkeypatch.setattr(module, "PIECE_CHARS", 60)
-    lines = [f"line {i} says {'word ' * (i % 7)}" for i in range(200)] + ["x" * 150]  # one line longer than a piece
+    # One line longer than a piece, and indented lines, where no piece may end before them.
+    lines = [f"line {i} says {'word ' * (i % 7)}" if i % 5 else f"   indented {i}" for i in range(200)] + ["x" * 150]
     text = "\n".join(lines) + "\n"
     pieces = list(module._pieces(text))
     assert "".join(pieces) == text and len(pieces) > 20
-    assert all(p.endswith("\n") for p in pieces[:-1]) and all(len(p) <= 60 or p.count("\n") <= 1 for p in pieces)
+    assert all(p.endswith("\n") for p in pieces[:-1]) and all(not p[0].isspace() for p in pieces[1:])
+    assert all(len(p) <= 60 or p.count("\n") <= 2 for p in pieces)
+    # A byte-level BPE tokenizer gives the same tokens in pieces as for the whole text.
+    assert module.token_stream([text], tokenizer)[:-1] == tokenizer(text, add_special_tokens=False)["input_ids"]
     stream = module.token_stream([text, "tail text"], tokenizer)
     assert stream == [t for p in pieces for t in tokenizer(p, add_special_tokens=False)["input_ids"]] + \
         [tokenizer.eos_token_id] + tokenizer("tail text", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
