@@ -19,7 +19,7 @@ import polars as pl
 import torch
 
 from .calibration import CalibrationSet
-from .errors import CkptTraceError, ConfigError
+from .errors import REVISION_ERRORS, ConfigError
 from .sources import Checkpoint
 
 RETRIES = 3
@@ -63,8 +63,9 @@ def scored_on_ray(work: Callable, source: str, cache_dir, checkpoints: list[Chec
     revision or two, however many there are.
     """
     ray = connect()
-    gpus = int(ray.cluster_resources().get("GPU", 0))
-    slots = gpus or max(1, int(ray.cluster_resources().get("CPU", 1)))
+    resources = ray.cluster_resources()
+    gpus = int(resources.get("GPU", 0))
+    slots = gpus or max(1, int(resources.get("CPU", 1)))
     task = ray.remote(num_gpus=1 if gpus else 0, num_cpus=1, max_retries=RETRIES, retry_exceptions=False)(work)
     calibration_ref = ray.put(calibration)
     waiting = list(checkpoints)
@@ -80,7 +81,7 @@ def scored_on_ray(work: Callable, source: str, cache_dir, checkpoints: list[Chec
             result, error = ray.get(done[0]), None
         except ray.exceptions.RayTaskError as err:  # raised on the worker: the revision's own error is recorded
             cause = err.cause
-            if not isinstance(cause, (CkptTraceError, OSError, RuntimeError)):
+            if not isinstance(cause, REVISION_ERRORS):
                 raise cause from err  # as a serial scan does, a bug stops the scan
             result, error = None, cause
         except ray.exceptions.RayError as err:  # the worker died more often than Ray retries

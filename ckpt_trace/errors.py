@@ -34,3 +34,8 @@ class CalibrationError(CkptTraceError, ValueError):
 
 class StoreError(CkptTraceError, OSError):
     """The store directory cannot be used as one."""
+
+
+REVISION_ERRORS = (CkptTraceError, OSError, RuntimeError)
+"""What scoring one revision may fail with for a reason of its own (bad weights, a download, out of memory): a scan
+records it and, with --keep-going, goes on; anything else is a bug that stops the scan."""

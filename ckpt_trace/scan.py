@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from . import __version__
 from .adapters import adapter_for_type
 from .calibration import CalibrationSet, CalibrationSpec, fit_seq_len, load_calibration
-from .errors import CalibrationError, CkptTraceError, ConfigError
+from .errors import REVISION_ERRORS, CalibrationError, ConfigError
 from .models import dtype_name, load_model, load_tokenizer, max_positions, read_config, resolve_device, resolve_dtype
 from .scoring import (
     ABLATION, ALL_METRICS, CHEAP, LAST, METRICS, MODULES, SCORER_VERSION, SPAN, ablation_losses, score,
@@ -370,7 +370,7 @@ def scored_here(source, checkpoints: list[Checkpoint], calibration: CalibrationS
                 raise fetch_error
             row = _revision_row(checkpoint)  # reads what is recorded beside the weights: a bad record fails early
             frame = score_checkpoint(checkpoint, calibration, config, device, dtype)
-        except (CkptTraceError, OSError, RuntimeError) as err:
+        except REVISION_ERRORS as err:
             yield checkpoint, None, err, time.perf_counter() - start
             continue
         yield checkpoint, (row, frame), None, time.perf_counter() - start
@@ -428,15 +428,13 @@ def scan(config: ScanConfig) -> pl.DataFrame:
             source.release(checkpoint)
 
     bar = tqdm(total=len(todo), desc="revisions", unit="rev", disable=None if config.progress else True)
-    if config.ray and todo:
+    if config.ray:
         from .distributed import scored_on_ray
 
         where = source.root if config.source is None else config.source
         local = os.path.exists(where)  # a path, made absolute for workers that run elsewhere; else a repo id
         results = scored_on_ray(score_revision, os.path.abspath(where) if local else str(where),
                                 config.cache_dir and os.path.abspath(config.cache_dir), todo, calibration, config, dtype)
-    elif config.ray:
-        results = iter(())
     else:
         results = scored_here(source, todo, calibration, config, device, dtype)
     for checkpoint, result, error, seconds in results:
