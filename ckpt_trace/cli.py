@@ -61,12 +61,16 @@ def model_options(command):
               "local Ray instance): one task per revision, one GPU each where the cluster has GPUs.")
 @click.option("--prefetch", default=1, show_default=True,
               help="Revisions downloaded ahead of the one being scored (each takes its place in the cache).")
+@click.option("--load-ahead/--no-load-ahead", default=None,
+              help="Load the next revision's model while one is scored (two models in memory)  [default: where two "
+              "of the largest revision take at most half the device's memory, and no --device-map splits it]")
 @click.option("--shard", help="I/N: scan only the I-th of N parts of the selected revisions (every N-th in training "
               "order), so that N processes (a job array) share one store.")
 @model_options
 @click.option("--force", is_flag=True, help="Score again what is already stored.")
 @click.option("--keep-going", is_flag=True, help="Record failing revisions and go on.")
-def scan(source, revisions, calibration, samples, seq_len, seed, metrics, tokens, shard, prefetch, use_ray, **options):
+def scan(source, revisions, calibration, samples, seq_len, seed, metrics, tokens, shard, prefetch, load_ahead, use_ray,
+         **options):
     """Score every layer of every revision of SOURCE and store the scores as Parquet.
 
     SOURCE is a Hub repo id (EleutherAI/pythia-160m), a model directory, or a directory of
@@ -80,6 +84,7 @@ def scan(source, revisions, calibration, samples, seq_len, seed, metrics, tokens
     config = ScanConfig(
         shard=parse_shard(shard) if shard is not None else None,
         prefetch=prefetch,
+        load_ahead=load_ahead,
         ray=use_ray,
         source=source,
         revisions=revisions,

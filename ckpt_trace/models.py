@@ -91,8 +91,9 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", dtyp
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # what transformers would warn of is checked, and raised, below
     try:
+        model_class = _dropping_class(path, record, trust_remote_code) if any(record.values()) else None
         # weights_only: .bin files go through torch's restricted unpickler, which runs no code.
-        model, info = AutoModelForCausalLM.from_pretrained(
+        model, info = (model_class or AutoModelForCausalLM).from_pretrained(
             path, dtype=dtype, trust_remote_code=trust_remote_code, weights_only=True, output_loading_info=True,
             device_map=device_map if device_map is not None else str(torch.device(device)),
         )
@@ -117,6 +118,28 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", dtyp
         raise SourceError(f"the model in {str(path)!r} has no decoder layers to score")
     drop_modules_(model, record["attention"], record["mlp"])
     return model.eval()
+
+
+def _dropping_class(path: str | os.PathLike, record: dict[str, list[int]], trust_remote_code: bool):
+    """The model class of the checkpoint in `path`, made to drop the recorded attention and MLP layers as it is
+    built: transformers builds a model on the meta device before it reads any weight, so the dropped modules are
+    never allocated, never initialized and never placed by a device map. None where the class comes with the
+    checkpoint's own code (the model is then loaded whole and its modules dropped after)."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        return None
+    base = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+
+    def __init__(self, config, *args, **kwargs):
+        base.__init__(self, config, *args, **kwargs)
+        drop_modules_(self, record["attention"], record["mlp"])
+
+    # Named as its base, so that a saved model's config names the library's class.
+    return type(base.__name__, (base,), {"__init__": __init__, "__module__": base.__module__,
+                                         "__qualname__": base.__qualname__})
 
 
 def load_pruned(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,

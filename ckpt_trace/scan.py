@@ -15,7 +15,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -120,6 +120,9 @@ class ScanConfig(ScoringOptions):
     """Record a failing revision in runs/ and go on, instead of stopping."""
     prefetch: int = PREFETCH
     """Revisions downloaded ahead of the one being scored (each takes its place in the cache)."""
+    load_ahead: bool | None = None
+    """Load the next revision's model while one is scored (two models in memory); None: where they fit (see
+    `loads_ahead`)."""
     shard: tuple[int, int] | None = None
     """(I, N): scan only the I-th (from 1) of N parts of the selected revisions (see `shard`)."""
     ray: bool = False
@@ -196,10 +199,13 @@ def build_calibration(model_dir, spec: CalibrationSpec) -> CalibrationSet:
 
 
 def score_checkpoint(
-    checkpoint: Checkpoint, calibration: CalibrationSet, config: ScanConfig, device: torch.device, dtype: torch.dtype
+    checkpoint: Checkpoint, calibration: CalibrationSet, config: ScanConfig, device: torch.device, dtype: torch.dtype,
+    model: torch.nn.Module | None = None,
 ) -> pl.DataFrame:
-    """Load one fetched checkpoint and return its rows in the store's scores schema."""
-    model = load_model(checkpoint.path, device, dtype, config.trust_remote_code, config.device_map)
+    """Score one fetched checkpoint (loaded here, unless its `model` is given) and return its rows in the store's
+    scores schema."""
+    if model is None:
+        model = load_model(checkpoint.path, device, dtype, config.trust_remote_code, config.device_map)
     label = checkpoint.revision.name if config.progress else False
     frame = score(model, calibration, config.batch_size, progress=label, metrics=config.metrics or METRICS)
     if ABLATION in (config.metrics or ()):
@@ -306,14 +312,20 @@ class _Worker:
                 future.set_exception(err)
 
 
-def streamed(source, checkpoints: list[Checkpoint], depth: int = PREFETCH) -> Iterator[tuple[Checkpoint, Exception | None]]:
+def streamed(source, checkpoints: list[Checkpoint], depth: int = PREFETCH,
+             prepare: Callable[[Checkpoint], object] | None = None) -> Iterator[tuple[Checkpoint, Exception | None, Future | None]]:
     """Yield each checkpoint fetched (or the error that stopped its fetch) while the next `depth` are fetched, one
     after another on one background thread.
 
-    A checkpoint is released once the caller asks for the next one, on that thread between two fetches, whether
-    its fetch succeeded or not: the cache holds the revision being scored, those fetched ahead, and the one
-    downloading. On an early exit, the checkpoint in hand and those fetched ahead are released after the fetch in
-    flight if the process lives on; else the next scan evicts them.
+    With `prepare` (loading the weights, say), each checkpoint also comes with a future of `prepare(checkpoint)`,
+    run on a second thread as soon as the checkpoint is fetched and the one before it handed out: the next
+    revision is prepared while the caller works on the current one, and at most one is prepared ahead. The
+    caller drops what it was handed before it asks for the next, so that two prepared revisions at most are alive.
+
+    A checkpoint is released once the caller asks for the next one, on the fetch thread between two fetches,
+    whether its fetch succeeded or not: the cache holds the revision being scored, those fetched ahead, and the
+    one downloading. On an early exit, the checkpoint in hand and those fetched ahead are released after the
+    fetch in flight if the process lives on; else the next scan evicts them.
     """
     def release(checkpoint: Checkpoint) -> None:
         try:
@@ -321,8 +333,12 @@ def streamed(source, checkpoints: list[Checkpoint], depth: int = PREFETCH) -> It
         except Exception as err:  # the scores are stored; a file left in the cache is the next scan's to evict
             log.warning("could not evict %s from the cache: %s", checkpoint.revision.name, err)
 
-    worker = _Worker()
+    def prepared(index: int):
+        return prepare(futures[index].result())  # a failed fetch fails this too; the caller sees the fetch error
+
+    worker, loader = _Worker(), _Worker() if prepare is not None else None
     futures = [worker.submit(source.fetch, c) for c in checkpoints[:depth]]
+    ahead = loader.submit(prepared, 0) if loader is not None and checkpoints else None
     handed, held, finished = 0, None, False
     try:
         for i, checkpoint in enumerate(checkpoints):
@@ -333,12 +349,17 @@ def streamed(source, checkpoints: list[Checkpoint], depth: int = PREFETCH) -> It
             handed = i + 1
             if i + depth < len(checkpoints):
                 futures.append(worker.submit(source.fetch, checkpoints[i + depth]))
+            current, ahead = ahead, (loader.submit(prepared, i + 1) if loader is not None and i + 1 < len(checkpoints)
+                                     else None)
             held = fetched  # a failed fetch may have left part of the revision behind
-            yield fetched, error
+            yield fetched, error, current
+            del current  # the caller's to keep or drop
             worker.submit(release, held)
             held = None
         finished = True
     finally:
+        if loader is not None:
+            loader.close()
         if held is not None:
             worker.submit(release, held)
         for checkpoint in checkpoints[handed:len(futures)]:  # fetched ahead, never handed out
@@ -362,18 +383,42 @@ def score_revision(source: str, cache_dir, checkpoint: Checkpoint, calibration: 
 def scored_here(source, checkpoints: list[Checkpoint], calibration: CalibrationSet, config: ScanConfig,
                 device: torch.device, dtype: torch.dtype) -> Iterator[tuple[Checkpoint, tuple | None, Exception | None, float]]:
     """Yield (checkpoint, (revision row, scores) or None, error or None, seconds) for each checkpoint, streamed
-    (see `streamed`) and scored in this process."""
-    for checkpoint, fetch_error in streamed(source, checkpoints, config.prefetch):
+    (see `streamed`) and scored in this process; with load-ahead (see `loads_ahead`), each revision's model is
+    loaded while the one before it is scored."""
+    def load(checkpoint: Checkpoint) -> torch.nn.Module:
+        return load_model(checkpoint.path, device, dtype, config.trust_remote_code, config.device_map)
+
+    ahead = loads_ahead(config, checkpoints, device, dtype)
+    for checkpoint, fetch_error, model in streamed(source, checkpoints, config.prefetch, load if ahead else None):
         start = time.perf_counter()
         try:
             if fetch_error is not None:
                 raise fetch_error
             row = _revision_row(checkpoint)  # reads what is recorded beside the weights: a bad record fails early
-            frame = score_checkpoint(checkpoint, calibration, config, device, dtype)
+            frame = score_checkpoint(checkpoint, calibration, config, device, dtype,
+                                     model.result() if model is not None else None)
         except REVISION_ERRORS as err:
             yield checkpoint, None, err, time.perf_counter() - start
             continue
+        finally:
+            model = None  # freed before the next is loaded
         yield checkpoint, (row, frame), None, time.perf_counter() - start
+
+
+def loads_ahead(config: ScanConfig, checkpoints: list[Checkpoint], device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether to load the next revision while one is scored (`ScanConfig.load_ahead`; auto: where no device map
+    splits the model and two of the largest revision, in `dtype`, take at most half the device's memory)."""
+    if config.load_ahead is not None:
+        return config.load_ahead
+    if config.device_map is not None or not checkpoints:
+        return False
+    largest = max(c.weight_bytes or 0 for c in checkpoints)
+    in_memory = largest * max(1.0, dtype.itemsize / 2)  # files of 16-bit weights grow in float32
+    if device.type == "cuda":
+        memory = torch.cuda.get_device_properties(device).total_memory
+    else:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return 2 * in_memory <= memory / 2
 
 
 def scan(config: ScanConfig) -> pl.DataFrame:

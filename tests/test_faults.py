@@ -66,18 +66,20 @@ WEIGHT_DAMAGE = {
 }
 
 
+@pytest.mark.parametrize("ahead", ["--load-ahead", "--no-load-ahead"])
 @pytest.mark.parametrize("damage", sorted(WEIGHT_DAMAGE))
-def test_unreadable_weights_in_the_middle_of_a_suite(suite, scanned, tmp_path, capsys, damage):
+def test_unreadable_weights_in_the_middle_of_a_suite(suite, scanned, tmp_path, capsys, damage, ahead):
+    """Whether step200 is loaded while step100 is scored or after, its error is its own, and stops the scan."""
     weights = suite / "step200" / "model.safetensors"
     weights.write_bytes(WEIGHT_DAMAGE[damage](weights.read_bytes()))
     before = files_of(scanned)
-    assert main(["scan", str(suite), "--store", str(scanned), *SMALL]) == 2
+    assert main(["scan", str(suite), "--store", str(scanned), ahead, *SMALL]) == 2
     assert one_line(capsys).startswith(f"ckpt-trace: error: cannot load the weights in '{suite / 'step200'}'")
     assert all(files_of(scanned)[f] == data for f, data in before.items())
     runs = Store(scanned).runs().filter(pl.col("status") == "failed")
     assert runs["revision"].to_list() == ["step200"] and "cannot load the weights" in runs["error"][0]
     # --keep-going scores the rest, records the failure, and says so in its exit status.
-    assert main(["scan", str(suite), "--store", str(scanned), "--keep-going", *SMALL]) == 1
+    assert main(["scan", str(suite), "--store", str(scanned), "--keep-going", ahead, *SMALL]) == 1
     assert "1 revision failed" in capsys.readouterr().err
     assert sorted(set(Store(scanned).scores()["revision"])) == ["step0", "step100", "step300"]
 
@@ -308,7 +310,8 @@ def test_prefetch_depth_bounds_the_cache_and_releases_run_between_fetches(depth)
 
     source, names = RecordingSource(fail="r3"), [f"r{i}" for i in range(7)]
     seen = []
-    for fetched, error in streamed(source, names, depth):
+    for fetched, error, prepared in streamed(source, names, depth):
+        assert prepared is None
         time.sleep(0.05)  # scoring, slower than a fetch: the fetches ahead are done
         seen.append((fetched, type(error).__name__ if error else None))
         assert len(source.held) <= depth + 1
@@ -318,9 +321,62 @@ def test_prefetch_depth_bounds_the_cache_and_releases_run_between_fetches(depth)
     assert [e for e in source.events if e[0] == "fetch"] == [("fetch", n) for n in names]
     # An early exit releases the one in hand and those fetched ahead.
     early = RecordingSource()
-    for fetched, _ in streamed(early, names, depth):
+    for _ in streamed(early, names, depth):
         break
     deadline = time.monotonic() + 5
     while early.held and time.monotonic() < deadline:
         time.sleep(0.01)
     assert not early.held and {n for kind, n in early.events if kind == "fetch"} == set(names[:depth + 1])
+
+
+def test_prepare_runs_one_revision_ahead_of_the_caller():
+    """With `prepare`, the next revision is prepared while the caller works on the current one, never more than
+    one ahead; a failing prepare is handed out with its revision, and a failed fetch fails its prepare too."""
+    from ckpt_trace.scan import streamed
+
+    source, names = RecordingSource(fail="r1"), [f"r{i}" for i in range(5)]
+    started = []
+
+    def prepare(name):
+        started.append(name)
+        if name == "r3":
+            raise ValueError("unreadable weights")
+        return name.upper()
+
+    for i, (fetched, error, prepared) in enumerate(streamed(source, names, 2, prepare)):
+        time.sleep(0.1)  # the caller's work: the next one is prepared meanwhile, and no further
+        assert started == [n for n in names[:i + 2] if n != "r1"]  # r1's fetch failed: nothing to prepare
+        if fetched == "r1":
+            assert isinstance(error, OSError)
+            with pytest.raises(OSError):
+                prepared.result()
+        elif fetched == "r3":
+            assert error is None
+            with pytest.raises(ValueError, match="unreadable weights"):
+                prepared.result()
+        else:
+            assert error is None and prepared.result() == fetched.upper()
+    assert not source.held
+
+
+def test_load_ahead_where_two_models_fit_in_half_the_memory():
+    import torch
+
+    from ckpt_trace.revisions import parse_revision
+    from ckpt_trace.scan import ScanConfig, loads_ahead
+    from ckpt_trace.sources import Checkpoint
+
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    cpu = torch.device("cpu")
+
+    def sizes(*weight_bytes):
+        return [Checkpoint("m", parse_revision(f"step{i}"), weight_bytes=b) for i, b in enumerate(weight_bytes)]
+
+    auto = ScanConfig(device="cpu")
+    assert loads_ahead(auto, sizes(10, ram // 4), cpu, torch.bfloat16)
+    assert not loads_ahead(auto, sizes(10, ram // 4 + 1), cpu, torch.bfloat16)
+    assert not loads_ahead(auto, sizes(ram // 4), cpu, torch.float32)  # 16-bit files may double in float32
+    assert loads_ahead(auto, sizes(ram // 8), cpu, torch.float32)
+    assert not loads_ahead(ScanConfig(device="cpu", device_map="auto"), sizes(10), cpu, torch.float32)
+    assert not loads_ahead(ScanConfig(device="cpu", load_ahead=False), sizes(10), cpu, torch.float32)
+    assert loads_ahead(ScanConfig(device="cpu", load_ahead=True), sizes(ram), cpu, torch.float32)

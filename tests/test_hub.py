@@ -153,13 +153,14 @@ def test_streamed_scan(hub, suite_files, tmp_path, capsys, monkeypatch):
     assert revisions.filter(pl.col("revision") == "main")["duplicate_of"].to_list() == ["step2000"]
     assert set(frame["commit"].str.len_chars()) == {40}
 
-    # The scores equal a scan of the same checkpoints from local directories.
+    # The scores equal a scan of the same checkpoints from local directories, each loaded after the one before
+    # was scored (the scan above loaded each while the one before was scored).
     local = tmp_path / "local" / "tiny-suite"
     for name in ("step0", "step2", "step1000", "step2000"):
         (local / name).mkdir(parents=True)
         for file, data in suite_files[name].items():
             (local / name / file).write_bytes(data)
-    assert main(["scan", str(local), "--store", str(tmp_path / "local-store"), *SMALL]) == 0
+    assert main(["scan", str(local), "--store", str(tmp_path / "local-store"), "--no-load-ahead", *SMALL]) == 0
     key = ["revision", "layer", "module", "metric"]
     here = Store(tmp_path / "local-store").scores().sort(key)
     assert here["value"].to_list() == frame.sort(key)["value"].to_list()
