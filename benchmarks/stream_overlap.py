@@ -9,7 +9,7 @@ downloads, scores and evicts each revision in turn with the same library pieces;
 streamed run is `ckpt_trace.scan`, which downloads the next revision while the current
 one is scored. A sampler records the bytes held in the cache throughout the streamed run.
 
-    python benchmarks/stream_overlap.py [--revisions 12] [--samples 64] [--threads 1] [--prefetch 1]
+    python benchmarks/stream_overlap.py [--revisions 12] [--samples 64] [--threads 1] [--prefetch 1] [--no-load-ahead]
 
 The last line is ``overlap_ratio=<streamed / max(total download, total scoring)>``;
 targets: ratio <= 1.15, peak cache <= prefetch + 1 revisions.
@@ -35,6 +35,8 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=64)
     parser.add_argument("--prefetch", type=int, default=1, help="revisions downloaded ahead in the streamed run")
     parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--load-ahead", action=argparse.BooleanOptionalAction, default=None,
+                        help="load the next revision while one is scored in the streamed run [default: the scan's]")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="stream-overlap-"))
     port = point_at_loopback(work)
@@ -50,7 +52,8 @@ def main() -> None:
     from ckpt_trace.sources import LocalSource
 
     spec = CalibrationSpec(str(ids_file))
-    scan_config = ScanConfig(calibration=spec, device="cpu", dtype="float32", progress=False, prefetch=args.prefetch)
+    scan_config = ScanConfig(calibration=spec, device="cpu", dtype="float32", progress=False, prefetch=args.prefetch,
+                             load_ahead=args.load_ahead)
     device, dtype = torch.device("cpu"), torch.float32
     local = LocalSource(work / "suite").checkpoints()
     calibration = build_calibration(local[0].path, spec)

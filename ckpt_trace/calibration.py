@@ -8,7 +8,9 @@ A spec names where the text comes from:
 - a jsonl file whose lines hold ``{"text": ...}``: one document per line;
 - a jsonl file whose lines hold ``{"input_ids": [...]}``: pre-tokenized, used verbatim
   (lengths may differ; padding is masked when batched);
-- ``hf:REPO[:CONFIG][:SPLIT]``: a Hugging Face dataset's ``text`` column, where the network allows.
+- ``hf:REPO[:CONFIG][:SPLIT]``: a Hugging Face dataset's ``text`` column, where the network allows;
+  the blocks are drawn from the split's first ``HUB_POOL`` blocks per sample, and only the
+  files that hold those are downloaded.
 
 Text is tokenized as the model saw it in training: documents are joined with EOS (a
 tokenizer without one is an error for more than one document, since the documents would
@@ -25,7 +27,7 @@ import hashlib
 import json
 import logging
 import random
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -149,40 +151,96 @@ def _read_jsonl(path: Path) -> list[dict]:
     return records
 
 
-def _hub_documents(spec: str) -> list[str]:
-    """The ``text`` column of a Hugging Face dataset split, downloaded with huggingface_hub."""
-    import polars as pl
-    from huggingface_hub import snapshot_download
+HUB_POOL = 64
+"""Blocks per sample that a Hub dataset split is drawn from: its first ``HUB_POOL * samples`` blocks, files in name
+order, so that only the files holding those are downloaded (a local file is drawn from whole)."""
 
-    parts = spec.removeprefix("hf:").split(":")
-    repo, config, split = parts[0], (parts[1] if len(parts) > 1 else ""), (parts[2] if len(parts) > 2 else "train")
-    if not repo or len(parts) > 3:
-        raise ConfigError(f"bad dataset spec {spec!r}; expected hf:REPO[:CONFIG][:SPLIT]")
-    prefix = f"{config}/" if config else ""
-    patterns = [f"{prefix}*{split}*.parquet", f"{prefix}*/*{split}*.parquet", f"{prefix}*{split}*.jsonl"]
-    try:
-        local = Path(snapshot_download(repo, repo_type="dataset", allow_patterns=patterns))
-    except Exception as err:  # the client raises several classes for one cause: unreachable or unknown
-        raise CalibrationError(f"cannot fetch dataset {repo!r}: {err}") from err
-    # The snapshot may hold other splits from earlier downloads: take only the files this split names.
-    files = sorted(p for p in local.rglob("*") if any(fnmatch.fnmatch(p.relative_to(local).as_posix(), pat) for pat in patterns))
-    if not files:
-        raise CalibrationError(f"dataset {repo!r} has no parquet or jsonl files for split {split!r}")
-    texts: list[str] = []
-    for file in files:
-        frame = pl.read_parquet(file) if file.suffix == ".parquet" else pl.read_ndjson(file)
-        if "text" not in frame.columns:
-            raise CalibrationError(f"dataset file {file.name} has no 'text' column (columns: {frame.columns})")
-        texts += frame["text"].drop_nulls().to_list()
-    return texts
+HUB_BATCH_ROWS = 1024
+"""Rows of a dataset file read at a time."""
 
 
-def read_source(spec: str) -> list[str] | list[list[int]]:
-    """Documents (strings) or, for pre-tokenized jsonl, token-id lists, named by a spec."""
+class HubTexts:
+    """The ``text`` column of one split of a Hugging Face dataset (``hf:REPO[:CONFIG][:SPLIT]``), read lazily.
+
+    The split's parquet or jsonl files are listed once, at the dataset's current commit; iterating downloads each
+    file (through huggingface_hub's cache) only when the texts reach it, and reads it a batch of rows at a time, so
+    that memory holds one batch and the draw downloads only the files it needs. Iterable again: later passes read
+    the cached files.
+    """
+
+    def __init__(self, spec: str):
+        parts = spec.removeprefix("hf:").split(":")
+        if not parts[0] or len(parts) > 3:
+            raise ConfigError(f"bad dataset spec {spec!r}; expected hf:REPO[:CONFIG][:SPLIT]")
+        self.repo, config, split = parts[0], (parts[1] if len(parts) > 1 else ""), (parts[2] if len(parts) > 2 else "train")
+        prefix = f"{config}/" if config else ""
+        patterns = [f"{prefix}*{split}*.parquet", f"{prefix}*/*{split}*.parquet", f"{prefix}*{split}*.jsonl"]
+        self.commit, names = self._listing()
+        self.files = sorted(n for n in names if any(fnmatch.fnmatch(n, pattern) for pattern in patterns))
+        if not self.files:
+            raise CalibrationError(f"dataset {self.repo!r} has no parquet or jsonl files for split {split!r}")
+
+    def _listing(self) -> tuple[str | None, list[str]]:
+        """The dataset's commit and files: from the Hub, or from the cache when offline."""
+        from huggingface_hub import HfApi, constants, snapshot_download
+
+        try:
+            if constants.HF_HUB_OFFLINE:
+                local = Path(snapshot_download(self.repo, repo_type="dataset"))
+                return local.name, [p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file()]
+            info = HfApi().dataset_info(self.repo, revision="main")
+        except Exception as err:  # the client raises several classes for one cause: unreachable or unknown
+            raise CalibrationError(f"cannot fetch dataset {self.repo!r}: {' '.join(str(err).split())}") from err
+        return info.sha, [s.rfilename for s in info.siblings or []]
+
+    def __iter__(self) -> Iterator[str]:
+        from huggingface_hub import hf_hub_download
+
+        for name in self.files:
+            try:
+                path = Path(hf_hub_download(self.repo, name, repo_type="dataset", revision=self.commit))
+            except Exception as err:
+                raise CalibrationError(f"cannot fetch {name} of dataset {self.repo!r}: {' '.join(str(err).split())}") from err
+            yield from (_parquet_texts if name.endswith(".parquet") else _jsonl_texts)(path, name)
+
+
+def _parquet_texts(path: Path, name: str) -> Iterator[str]:
+    import pyarrow.parquet as pq
+
+    file = pq.ParquetFile(path)
+    if "text" not in file.schema_arrow.names:
+        raise CalibrationError(f"dataset file {name} has no 'text' column (columns: {file.schema_arrow.names})")
+    for batch in file.iter_batches(batch_size=HUB_BATCH_ROWS, columns=["text"]):
+        yield from (text for text in batch.column(0).to_pylist() if text is not None)
+
+
+def _jsonl_texts(path: Path, name: str) -> Iterator[str]:
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise CalibrationError(f"dataset file {name}:{number} is not valid JSON ({err.msg})") from None
+            if not isinstance(record, dict) or "text" not in record:
+                raise CalibrationError(f"dataset file {name}:{number} has no 'text' field")
+            if record["text"] is not None:
+                yield str(record["text"])
+
+
+def draw_limit(spec: CalibrationSpec) -> int | None:
+    """The most blocks a spec's draw looks at: HUB_POOL per sample for a Hub dataset; None (all) for the rest."""
+    return HUB_POOL * spec.samples if spec.source.startswith("hf:") else None
+
+
+def read_source(spec: str) -> Iterable[str] | list[list[int]]:
+    """Documents (strings; for a Hub dataset, read as they are iterated) or, for pre-tokenized jsonl, token-id
+    lists, named by a spec."""
     if spec == DEFAULT_SPEC:
         return pydoc_documents()
     if spec.startswith("hf:"):
-        return _hub_documents(spec)
+        return HubTexts(spec)
     path = Path(spec)
     if not path.is_file():
         raise CalibrationError(
@@ -245,31 +303,37 @@ def _pieces(document: str) -> Iterator[str]:
         yield document[start:]
 
 
-def token_pieces(documents: Sequence[str], tokenizer) -> Iterator[list[int]]:
+def token_pieces(documents: Iterable[str], tokenizer) -> Iterator[list[int]]:
     """The token stream in pieces: each document tokenized without special tokens (a long one piece by piece) and
     followed by EOS. Memory holds one piece at a time."""
     eos = getattr(tokenizer, "eos_token_id", None)
-    if eos is None and len(documents) > 1:
-        raise CalibrationError(
-            f"the tokenizer has no EOS token to end each of the {len(documents)} documents with, so they would run "
-            "together; give one document (a .txt file) or a pre-tokenized jsonl ({\"input_ids\": [...]} per line)"
-        )
-    for document in documents:
+    for number, document in enumerate(documents):
+        if eos is None and number == 1:
+            raise CalibrationError(
+                "the tokenizer has no EOS token to end each of the documents with, so they would run together; "
+                "give one document (a .txt file) or a pre-tokenized jsonl ({\"input_ids\": [...]} per line)"
+            )
         for piece in _pieces(document):
             yield tokenizer(piece, add_special_tokens=False)["input_ids"]
         if eos is not None:
             yield [eos]
 
 
-def token_stream(documents: Sequence[str], tokenizer) -> list[int]:
+def token_stream(documents: Iterable[str], tokenizer) -> list[int]:
     """Documents tokenized without special tokens and joined with EOS (`token_pieces`, in one list)."""
     return [token for piece in token_pieces(documents, tokenizer) for token in piece]
 
 
-def stream_blocks(documents: Sequence[str], tokenizer, width: int) -> tuple[int, Callable[[Sequence[int]], list[list[int]]]]:
-    """How many whole blocks of `width` tokens the token stream holds, and a function that returns the blocks at
-    given indices, in index order: two passes over the documents, memory for one piece and the blocks taken."""
-    total = sum(len(piece) for piece in token_pieces(documents, tokenizer))
+def stream_blocks(documents: Iterable[str], tokenizer, width: int,
+                  limit: int | None = None) -> tuple[int, Callable[[Sequence[int]], list[list[int]]]]:
+    """How many whole blocks of `width` tokens the token stream holds (at most `limit`: the first pass stops
+    there), and a function that returns the blocks at given indices, in index order: two passes over the
+    documents, memory for one piece and the blocks taken; each pass reads only as far as it needs."""
+    total = 0
+    for piece in token_pieces(documents, tokenizer):
+        total += len(piece)
+        if limit is not None and total >= limit * width:
+            break
 
     def take(indices: Sequence[int]) -> list[list[int]]:
         wanted = sorted(indices)
@@ -290,7 +354,7 @@ def stream_blocks(documents: Sequence[str], tokenizer, width: int) -> tuple[int,
                 break
         return blocks
 
-    return total // width, take
+    return total // width if limit is None else min(total // width, limit), take
 
 
 def bos_prefix(tokenizer) -> list[int]:
@@ -307,12 +371,13 @@ def drawn_blocks(n_blocks: int, samples: int, seed: int) -> list[int]:
     return sorted(random.Random(seed).sample(range(n_blocks), min(samples, n_blocks)))
 
 
-def tokenize_blocks(documents: Sequence[str], tokenizer, spec: CalibrationSpec) -> list[list[int]]:
-    """Join documents with EOS, cut into ``seq_len`` blocks, and draw ``samples`` of them with ``seed``."""
+def tokenize_blocks(documents: Iterable[str], tokenizer, spec: CalibrationSpec) -> list[list[int]]:
+    """Join documents with EOS, cut into ``seq_len`` blocks, and draw ``samples`` of them with ``seed`` (from the
+    first `draw_limit` blocks)."""
     spec = fit_seq_len(spec)
     prefix = bos_prefix(tokenizer)
     width = spec.seq_len - len(prefix)
-    n_blocks, take = stream_blocks(documents, tokenizer, width)
+    n_blocks, take = stream_blocks(documents, tokenizer, width, draw_limit(spec))
     if n_blocks == 0:
         raise CalibrationError(
             f"calibration {spec.source!r} gives fewer than one block of seq_len={spec.seq_len} tokens"
@@ -329,11 +394,11 @@ def heldout_set(spec: CalibrationSpec, tokenizer, samples: int = 32) -> Calibrat
     """Blocks of the same text that the calibration set `spec` does not take: disjoint from it by construction."""
     spec = fit_seq_len(spec)
     docs = read_source(spec.source)
-    if not docs or isinstance(docs[0], list):
+    if isinstance(next(iter(docs), ""), list):
         raise CalibrationError(f"held-out blocks need a text source; {spec.source!r} is pre-tokenized")
     prefix = bos_prefix(tokenizer)
     width = spec.seq_len - len(prefix)
-    n_blocks, take = stream_blocks(docs, tokenizer, width)
+    n_blocks, take = stream_blocks(docs, tokenizer, width, draw_limit(spec))
     taken = set(drawn_blocks(n_blocks, spec.samples, spec.seed))
     rest = [i for i in range(n_blocks) if i not in taken]
     if not rest:
@@ -348,9 +413,10 @@ def load_calibration(spec: CalibrationSpec | str, tokenizer=None) -> Calibration
     if isinstance(spec, str):
         spec = CalibrationSpec(spec)
     docs = read_source(spec.source)
-    if not docs:
+    first = next(iter(docs), None)
+    if first is None:
         raise CalibrationError(f"calibration source {spec.source!r} is empty")
-    if isinstance(docs[0], list):  # pre-tokenized: verbatim
+    if isinstance(first, list):  # pre-tokenized: verbatim
         return CalibrationSet.from_ids(docs, spec.source)
     if not any(d.strip() for d in docs):
         raise CalibrationError(f"calibration source {spec.source!r} holds no text")

@@ -185,7 +185,7 @@ def test_a_tokenizer_without_eos_cannot_join_documents(tmp_path):
     write_tokenizer(tmp_path / "tok", eos=False)
     no_eos = AutoTokenizer.from_pretrained(tmp_path / "tok")
     assert no_eos.eos_token_id is None
-    with pytest.raises(CalibrationError, match="no EOS token to end each of the .* documents"):
+    with pytest.raises(CalibrationError, match="no EOS token to end each of the documents"):
         load_calibration(CalibrationSpec("pydoc", samples=2, seq_len=16), no_eos)
     one = tmp_path / "one.txt"
     one.write_text("a single document, long enough to cut " * 20)

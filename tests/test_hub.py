@@ -461,3 +461,52 @@ def test_calibration_from_a_hub_dataset(hub, tmp_path, monkeypatch):
         load_calibration(CalibrationSpec("hf:org/texts:plain:validation", samples=3, seq_len=8), tokenizer)
     with pytest.raises(Exception, match="cannot fetch dataset 'org/missing'"):
         load_calibration(CalibrationSpec("hf:org/missing", samples=3, seq_len=8), tokenizer)
+
+
+def test_a_hub_dataset_is_drawn_from_its_first_blocks_and_only_their_files_are_downloaded(hub, tmp_path, monkeypatch):
+    """A split of three parquet files (several row groups each) and a jsonl one: the draw takes HUB_POOL blocks per
+    sample from the start of the split, downloads only the files that hold them, and equals the same draw from
+    a reference token stream of those files' texts; the held-out blocks come from the same pool."""
+    import random
+
+    from transformers import AutoTokenizer
+
+    from ckpt_trace.calibration import HUB_POOL, CalibrationSpec, heldout_set, load_calibration, token_stream
+
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
+    texts = [[" ".join(random.Random(f * 1000 + d).choices(words, k=60)) for d in range(40)] for f in range(4)]
+
+    def parquet(rows):
+        buffer = io.BytesIO()
+        pl.DataFrame({"text": rows}).write_parquet(buffer, row_group_size=7)
+        return buffer.getvalue()
+
+    hub.add_revision("org/big", "main", {
+        **{f"data/train-0000{f}-of-00003.parquet": parquet(texts[f]) for f in range(3)},
+        "data/train-00003-extra.jsonl": "\n".join(json.dumps({"text": t}) for t in texts[3]).encode(),
+    }, repo_type="dataset")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    write_tokenizer(tmp_path / "tok")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "tok")
+    per_file = len(token_stream(texts[0], tokenizer))
+
+    def downloaded():
+        return sorted({r.path.rsplit("/", 1)[-1] for r in hub.requests("GET") if "/resolve/" in r.path})
+
+    for samples, files in ((per_file // (8 * HUB_POOL) - 1, 1), (per_file // (8 * HUB_POOL) + 2, 2)):
+        spec = CalibrationSpec("hf:org/big", samples=samples, seq_len=8, seed=3)
+        calibration = load_calibration(spec, tokenizer)
+        assert downloaded() == [f"train-0000{f}-of-00003.parquet" for f in range(files)]  # ever, the cache kept
+        stream = token_stream([t for f in range(files) for t in texts[f]], tokenizer)
+        pool = HUB_POOL * samples
+        assert len(stream) >= pool * 8
+        taken = sorted(random.Random(3).sample(range(pool), samples))
+        assert [s.tolist() for s in calibration.sequences] == [stream[i * 8:(i + 1) * 8] for i in taken]
+        held = heldout_set(spec, tokenizer, samples=5)
+        rest = [i for i in range(pool) if i not in set(taken)]
+        chosen = sorted(random.Random(4).sample(rest, 5))
+        assert [s.tolist() for s in held.sequences] == [stream[i * 8:(i + 1) * 8] for i in chosen]
+    # A draw that needs the whole split reads the jsonl file too.
+    whole = load_calibration(CalibrationSpec("hf:org/big", samples=10_000, seq_len=8), tokenizer)
+    assert len(whole.sequences) == len(token_stream([t for f in texts for t in f], tokenizer)) // 8
