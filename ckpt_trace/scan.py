@@ -121,8 +121,8 @@ class ScanConfig(ScoringOptions):
     prefetch: int = PREFETCH
     """Revisions downloaded ahead of the one being scored (each takes its place in the cache)."""
     load_ahead: bool | None = None
-    """Load the next revision's model while one is scored (two models in memory); None: where they fit (see
-    `loads_ahead`)."""
+    """Load the next revision's model while one is scored (two models in memory); None: on a GPU, where two fit in
+    half its memory and no device map splits them (see `loads_ahead`)."""
     shard: tuple[int, int] | None = None
     """(I, N): scan only the I-th (from 1) of N parts of the selected revisions (see `shard`)."""
     ray: bool = False
@@ -406,19 +406,18 @@ def scored_here(source, checkpoints: list[Checkpoint], calibration: CalibrationS
 
 
 def loads_ahead(config: ScanConfig, checkpoints: list[Checkpoint], device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether to load the next revision while one is scored (`ScanConfig.load_ahead`; auto: where no device map
-    splits the model and two of the largest revision, in `dtype`, take at most half the device's memory)."""
+    """Whether to load the next revision while one is scored: `ScanConfig.load_ahead` where given; else on a GPU
+    where no device map splits the model and two of the largest revision, in `dtype`, take at most half its memory.
+
+    On the CPU, loading and scoring share the same cores, so it is off there unless asked for (measured in
+    benchmarks/stream_overlap.py)."""
     if config.load_ahead is not None:
         return config.load_ahead
-    if config.device_map is not None or not checkpoints:
+    if device.type != "cuda" or config.device_map is not None or not checkpoints:
         return False
     largest = max(c.weight_bytes or 0 for c in checkpoints)
     in_memory = largest * max(1.0, dtype.itemsize / 2)  # files of 16-bit weights grow in float32
-    if device.type == "cuda":
-        memory = torch.cuda.get_device_properties(device).total_memory
-    else:
-        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return 2 * in_memory <= memory / 2
+    return 2 * in_memory <= torch.cuda.get_device_properties(device).total_memory / 2
 
 
 def scan(config: ScanConfig) -> pl.DataFrame:

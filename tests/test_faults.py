@@ -359,24 +359,26 @@ def test_prepare_runs_one_revision_ahead_of_the_caller():
     assert not source.held
 
 
-def test_load_ahead_where_two_models_fit_in_half_the_memory():
+def test_load_ahead_on_a_gpu_where_two_models_fit_in_half_its_memory(monkeypatch):
     import torch
 
     from ckpt_trace.revisions import parse_revision
     from ckpt_trace.scan import ScanConfig, loads_ahead
     from ckpt_trace.sources import Checkpoint
 
-    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    cpu = torch.device("cpu")
+    memory = 80 * 2**30
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: type("P", (), {"total_memory": memory}))
+    gpu, cpu = torch.device("cuda:0"), torch.device("cpu")
 
     def sizes(*weight_bytes):
         return [Checkpoint("m", parse_revision(f"step{i}"), weight_bytes=b) for i, b in enumerate(weight_bytes)]
 
     auto = ScanConfig(device="cpu")
-    assert loads_ahead(auto, sizes(10, ram // 4), cpu, torch.bfloat16)
-    assert not loads_ahead(auto, sizes(10, ram // 4 + 1), cpu, torch.bfloat16)
-    assert not loads_ahead(auto, sizes(ram // 4), cpu, torch.float32)  # 16-bit files may double in float32
-    assert loads_ahead(auto, sizes(ram // 8), cpu, torch.float32)
-    assert not loads_ahead(ScanConfig(device="cpu", device_map="auto"), sizes(10), cpu, torch.float32)
-    assert not loads_ahead(ScanConfig(device="cpu", load_ahead=False), sizes(10), cpu, torch.float32)
-    assert loads_ahead(ScanConfig(device="cpu", load_ahead=True), sizes(ram), cpu, torch.float32)
+    assert loads_ahead(auto, sizes(10, memory // 4), gpu, torch.bfloat16)
+    assert not loads_ahead(auto, sizes(10, memory // 4 + 1), gpu, torch.bfloat16)
+    assert not loads_ahead(auto, sizes(memory // 4), gpu, torch.float32)  # 16-bit files may double in float32
+    assert loads_ahead(auto, sizes(memory // 8), gpu, torch.float32)
+    assert not loads_ahead(auto, sizes(10), cpu, torch.float32)  # the CPU's cores load and score alike
+    assert not loads_ahead(ScanConfig(device="cpu", device_map="auto"), sizes(10), gpu, torch.float32)
+    assert not loads_ahead(ScanConfig(device="cpu", load_ahead=False), sizes(10), gpu, torch.float32)
+    assert loads_ahead(ScanConfig(device="cpu", load_ahead=True), sizes(memory), cpu, torch.float32)

@@ -129,7 +129,8 @@ def test_streamed_scan(hub, suite_files, tmp_path, capsys, monkeypatch):
         return result
 
     monkeypatch.setattr(HubSource, "fetch", watched_fetch)
-    code = main(["scan", REPO, "--store", str(store), "--cache-dir", str(cache), "--revisions", "step0..,main", *SMALL])
+    code = main(["scan", REPO, "--store", str(store), "--cache-dir", str(cache), "--revisions", "step0..,main",
+                 "--load-ahead", *SMALL])
     assert code == 0, capsys.readouterr().err
 
     # One weight format per revision: safetensors where there is one, else .bin.
@@ -154,7 +155,7 @@ def test_streamed_scan(hub, suite_files, tmp_path, capsys, monkeypatch):
     assert set(frame["commit"].str.len_chars()) == {40}
 
     # The scores equal a scan of the same checkpoints from local directories, each loaded after the one before
-    # was scored (the scan above loaded each while the one before was scored).
+    # was scored (the scan above loaded each while the one before was scored: --load-ahead).
     local = tmp_path / "local" / "tiny-suite"
     for name in ("step0", "step2", "step1000", "step2000"):
         (local / name).mkdir(parents=True)
