@@ -135,8 +135,8 @@ def pydoc_documents() -> list[str]:
     return [topics[key] for key in sorted(topics)]
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    records = []
+def _jsonl_records(path: Path, label: str, fields: tuple[str, ...] = ("text", "input_ids")) -> Iterator[dict]:
+    """The records of a jsonl file, read a line at a time; each must be an object with one of `fields`."""
     with path.open(encoding="utf-8") as handle:
         for number, line in enumerate(handle, 1):
             if not line.strip():
@@ -144,11 +144,10 @@ def _read_jsonl(path: Path) -> list[dict]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
-                raise CalibrationError(f"{path}:{number} is not valid JSON ({err.msg})") from None
-            if not isinstance(record, dict) or not ({"text", "input_ids"} & record.keys()):
-                raise CalibrationError(f'{path}:{number} needs a "text" or an "input_ids" field')
-            records.append(record)
-    return records
+                raise CalibrationError(f"{label}:{number} is not valid JSON ({err.msg})") from None
+            if not isinstance(record, dict) or not (set(fields) & record.keys()):
+                raise CalibrationError(f"{label}:{number} needs a {' or '.join(map(json.dumps, fields))} field")
+            yield record
 
 
 HUB_POOL = 64
@@ -215,18 +214,9 @@ def _parquet_texts(path: Path, name: str) -> Iterator[str]:
 
 
 def _jsonl_texts(path: Path, name: str) -> Iterator[str]:
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise CalibrationError(f"dataset file {name}:{number} is not valid JSON ({err.msg})") from None
-            if not isinstance(record, dict) or "text" not in record:
-                raise CalibrationError(f"dataset file {name}:{number} has no 'text' field")
-            if record["text"] is not None:
-                yield str(record["text"])
+    for record in _jsonl_records(path, f"dataset file {name}", ("text",)):
+        if record["text"] is not None:
+            yield str(record["text"])
 
 
 def draw_limit(spec: CalibrationSpec) -> int | None:
@@ -248,7 +238,7 @@ def read_source(spec: str) -> Iterable[str] | list[list[int]]:
         )
     try:
         if path.suffix == ".jsonl":
-            records = _read_jsonl(path)
+            records = list(_jsonl_records(path, str(path)))
             if records and "input_ids" in records[0]:
                 return [_token_list(r.get("input_ids"), path, n) for n, r in enumerate(records, 1)]
             return [str(r["text"]) for r in records if "text" in r]

@@ -109,7 +109,7 @@ def test_bad_jsonl(tmp_path):
     with pytest.raises(CalibrationError, match="list of integers"):
         load_calibration(str(path))
     path.write_text('{"other": 1}\n')
-    with pytest.raises(CalibrationError, match='needs a "text" or an "input_ids" field'):
+    with pytest.raises(CalibrationError, match='needs a "text" or "input_ids" field'):
         load_calibration(str(path))
 
 

@@ -472,7 +472,8 @@ def test_a_hub_dataset_is_drawn_from_its_first_blocks_and_only_their_files_are_d
 
     from transformers import AutoTokenizer
 
-    from ckpt_trace.calibration import HUB_POOL, CalibrationSpec, heldout_set, load_calibration, token_stream
+    from ckpt_trace.calibration import HUB_POOL, CalibrationSpec, HubTexts, heldout_set, load_calibration, token_stream
+    from ckpt_trace.errors import CalibrationError
 
     words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
     texts = [[" ".join(random.Random(f * 1000 + d).choices(words, k=60)) for d in range(40)] for f in range(4)]
@@ -511,3 +512,12 @@ def test_a_hub_dataset_is_drawn_from_its_first_blocks_and_only_their_files_are_d
     # A draw that needs the whole split reads the jsonl file too.
     whole = load_calibration(CalibrationSpec("hf:org/big", samples=10_000, seq_len=8), tokenizer)
     assert len(whole.sequences) == len(token_stream([t for f in texts for t in f], tokenizer)) // 8
+    # A file without texts is named, with what it holds instead.
+    buffer = io.BytesIO()
+    pl.DataFrame({"content": ["x"]}).write_parquet(buffer)
+    hub.add_revision("org/parquet", "main", {"train.parquet": buffer.getvalue()}, repo_type="dataset")
+    hub.add_revision("org/jsonl", "main", {"train.jsonl": b'{"text": "a"}\n{"content": "x"}\n'}, repo_type="dataset")
+    with pytest.raises(CalibrationError, match=r"dataset file train.parquet has no 'text' column \(columns: \['content'\]\)"):
+        load_calibration(CalibrationSpec("hf:org/parquet", samples=2, seq_len=8), tokenizer)
+    with pytest.raises(CalibrationError, match='dataset file train.jsonl:2 needs a "text" field'):
+        list(HubTexts("hf:org/jsonl"))
