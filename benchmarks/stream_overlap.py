@@ -12,7 +12,8 @@ one is scored. A sampler records the bytes held in the cache throughout the stre
     python benchmarks/stream_overlap.py [--revisions 12] [--samples 64] [--threads 1] [--prefetch 1] [--no-load-ahead]
 
 The last line is ``overlap_ratio=<streamed / max(total download, total scoring)>``;
-targets: ratio <= 1.15, peak cache <= prefetch + 1 revisions.
+targets: ratio <= 1.10 (the ideal, with downloads and scoring of equal length, is 1 + 1/N for N revisions),
+peak cache <= prefetch + 1 revisions.
 """
 
 from __future__ import annotations

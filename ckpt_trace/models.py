@@ -117,6 +117,8 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", dtyp
     if n_layers == 0:
         raise SourceError(f"the model in {str(path)!r} has no decoder layers to score")
     drop_modules_(model, record["attention"], record["mlp"])
+    if model_class is not None:
+        model.__class__ = model_class.__base__  # the library's class, which pickles and compares as it should
     return model.eval()
 
 
@@ -129,7 +131,8 @@ def _dropping_class(path: str | os.PathLike, record: dict[str, list[int]], trust
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+    remote = trust_remote_code and "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {})
+    if remote or type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
         return None
     base = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
 
@@ -137,7 +140,7 @@ def _dropping_class(path: str | os.PathLike, record: dict[str, list[int]], trust
         base.__init__(self, config, *args, **kwargs)
         drop_modules_(self, record["attention"], record["mlp"])
 
-    # Named as its base, so that a saved model's config names the library's class.
+    # Named as its base; `load_model` makes the loaded model an instance of the base again.
     return type(base.__name__, (base,), {"__init__": __init__, "__module__": base.__module__,
                                          "__qualname__": base.__qualname__})
 

@@ -10,14 +10,15 @@ so a scan that was interrupted, by Ctrl-C, SIGKILL or a crash, picks up where it
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future
-from contextlib import contextmanager
+from concurrent.futures import Future, wait
+from contextlib import closing, contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 
@@ -28,7 +29,7 @@ from tqdm.auto import tqdm
 from . import __version__
 from .adapters import adapter_for_type
 from .calibration import CalibrationSet, CalibrationSpec, fit_seq_len, load_calibration
-from .errors import REVISION_ERRORS, CalibrationError, ConfigError
+from .errors import REVISION_ERRORS, CalibrationError, ConfigError, SourceError
 from .models import dtype_name, load_model, load_tokenizer, max_positions, read_config, resolve_device, resolve_dtype
 from .scoring import (
     ABLATION, ALL_METRICS, CHEAP, LAST, METRICS, MODULES, SCORER_VERSION, SPAN, ablation_losses, score,
@@ -306,6 +307,8 @@ class _Worker:
     def _run(self) -> None:
         while (job := self._jobs.get()) is not None:
             future, fn, arg = job
+            if not future.set_running_or_notify_cancel():
+                continue  # cancelled before it started
             try:
                 future.set_result(fn(arg))
             except BaseException as err:  # handed to the caller of result()
@@ -322,10 +325,12 @@ def streamed(source, checkpoints: list[Checkpoint], depth: int = PREFETCH,
     revision is prepared while the caller works on the current one, and at most one is prepared ahead. The
     caller drops what it was handed before it asks for the next, so that two prepared revisions at most are alive.
 
-    A checkpoint is released once the caller asks for the next one, on the fetch thread between two fetches,
-    whether its fetch succeeded or not: the cache holds the revision being scored, those fetched ahead, and the
-    one downloading. On an early exit, the checkpoint in hand and those fetched ahead are released after the
-    fetch in flight if the process lives on; else the next scan evicts them.
+    A checkpoint is released once the caller asks for the next one (and its preparation, which reads it, is done),
+    on the fetch thread between two fetches, whether its fetch succeeded or not: the cache holds the revision
+    being scored, those fetched ahead, and the one downloading. On an early exit, a preparation not yet started
+    is cancelled and one under way is waited for (a thread still inside torch must not outlive the interpreter),
+    then the checkpoint in hand and those fetched ahead are released after the fetch in flight if the process
+    lives on; else the next scan evicts them.
     """
     def release(checkpoint: Checkpoint) -> None:
         try:
@@ -353,13 +358,17 @@ def streamed(source, checkpoints: list[Checkpoint], depth: int = PREFETCH,
                                      else None)
             held = fetched  # a failed fetch may have left part of the revision behind
             yield fetched, error, current
+            if current is not None:
+                wait([current])  # done already where the caller took its result
             del current  # the caller's to keep or drop
             worker.submit(release, held)
             held = None
         finished = True
     finally:
         if loader is not None:
-            loader.close()
+            if ahead is not None:
+                ahead.cancel()
+            loader.close(wait=True)
         if held is not None:
             worker.submit(release, held)
         for checkpoint in checkpoints[handed:len(futures)]:  # fetched ahead, never handed out
@@ -389,20 +398,52 @@ def scored_here(source, checkpoints: list[Checkpoint], calibration: CalibrationS
         return load_model(checkpoint.path, device, dtype, config.trust_remote_code, config.device_map)
 
     ahead = loads_ahead(config, checkpoints, device, dtype)
-    for checkpoint, fetch_error, model in streamed(source, checkpoints, config.prefetch, load if ahead else None):
-        start = time.perf_counter()
-        try:
-            if fetch_error is not None:
-                raise fetch_error
-            row = _revision_row(checkpoint)  # reads what is recorded beside the weights: a bad record fails early
-            frame = score_checkpoint(checkpoint, calibration, config, device, dtype,
-                                     model.result() if model is not None else None)
-        except REVISION_ERRORS as err:
-            yield checkpoint, None, err, time.perf_counter() - start
-            continue
-        finally:
-            model = None  # freed before the next is loaded
-        yield checkpoint, (row, frame), None, time.perf_counter() - start
+    with closing(streamed(source, checkpoints, config.prefetch, load if ahead else None)) as stream:
+        for checkpoint, fetch_error, model in stream:
+            start = time.perf_counter()
+            try:
+                if fetch_error is not None:
+                    raise fetch_error
+                row = _revision_row(checkpoint)  # reads what is recorded beside the weights: a bad record fails early
+                frame = score_checkpoint(checkpoint, calibration, config, device, dtype, _loaded_ahead(model, checkpoint))
+            except REVISION_ERRORS as err:
+                _drop_locals(err)  # its frames hold the model: freed before the next is loaded
+                yield checkpoint, None, err, time.perf_counter() - start
+                continue
+            finally:
+                model = None  # freed before the next is loaded
+            yield checkpoint, (row, frame), None, time.perf_counter() - start
+
+
+def _drop_locals(err: BaseException) -> None:
+    """Clear the locals of the finished frames in an error's traceback (a model among them), keeping the traceback
+    itself; frames still running (on another thread) or of a generator (which clearing would close) are left."""
+    frame = err.__traceback__
+    while frame is not None:
+        if not frame.tb_frame.f_code.co_flags & inspect.CO_GENERATOR:
+            try:
+                frame.tb_frame.clear()
+            except RuntimeError:  # running
+                pass
+        frame = frame.tb_next
+
+
+def _loaded_ahead(model: Future | None, checkpoint: Checkpoint) -> torch.nn.Module | None:
+    """The model loaded ahead; None (to be loaded again, alone) where loading it beside the one being scored ran
+    out of GPU memory, so that a revision that loads alone is never failed for the one before it."""
+    if model is None:
+        return None
+    try:
+        return model.result()
+    except SourceError as err:
+        if not isinstance(err.__cause__, torch.OutOfMemoryError):
+            raise
+        _drop_locals(err.__cause__)  # its frames hold what was loaded of it
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        log.warning("loading %s beside the model being scored ran out of memory; loading it again alone",
+                    checkpoint.revision.name)
+        return None
 
 
 def loads_ahead(config: ScanConfig, checkpoints: list[Checkpoint], device: torch.device, dtype: torch.dtype) -> bool:
@@ -481,31 +522,32 @@ def scan(config: ScanConfig) -> pl.DataFrame:
                                 config.cache_dir and os.path.abspath(config.cache_dir), todo, calibration, config, dtype)
     else:
         results = scored_here(source, todo, calibration, config, device, dtype)
-    for checkpoint, result, error, seconds in results:
-        if config.ray:  # a worker fetched and released it; what this process holds of it (metadata) goes too
-            source.release(checkpoint)
-        name = checkpoint.revision.name
-        key, why = keys[name], statuses[name][2]
-        bar.set_postfix_str(name)
-        if error is not None:
-            store.write_run(_run_row(checkpoint, key, "failed", str(error), seconds))
-            if not config.keep_going:
-                bar.close()
-                raise error
-            log.warning("revision %s failed: %s", name, " ".join(str(error).split()))
-            statuses[name] = ("failed", seconds, " ".join(str(error).split()))
+    with closing(results):  # on an early exit, what the stream holds (a model, the cache) is released now
+        for checkpoint, result, error, seconds in results:
+            if config.ray:  # a worker fetched and released it; what this process holds of it (metadata) goes too
+                source.release(checkpoint)
+            name = checkpoint.revision.name
+            key, why = keys[name], statuses[name][2]
+            bar.set_postfix_str(name)
+            if error is not None:
+                store.write_run(_run_row(checkpoint, key, "failed", str(error), seconds))
+                if not config.keep_going:
+                    bar.close()
+                    raise error
+                log.warning("revision %s failed: %s", name, " ".join(str(error).split()))
+                statuses[name] = ("failed", seconds, " ".join(str(error).split()))
+                bar.update()
+                continue
+            row, frame = result
+            if not config.force:
+                frame = keep_stored(store, key, frame)
+            # The revision row first, the scores last: whole scores on disk mean the revision is stored whole, and a
+            # scan killed between the two writes scores it again on resume.
+            store.write_revision(row)
+            store.write_scores(frame)
+            store.write_run(_run_row(checkpoint, key, "scored", None, seconds))
+            statuses[name] = ("scored", seconds, why)
             bar.update()
-            continue
-        row, frame = result
-        if not config.force:
-            frame = keep_stored(store, key, frame)
-        # The revision row first, the scores last: whole scores on disk mean the revision is stored whole, and a
-        # scan killed between the two writes scores it again on resume.
-        store.write_revision(row)
-        store.write_scores(frame)
-        store.write_run(_run_row(checkpoint, key, "scored", None, seconds))
-        statuses[name] = ("scored", seconds, why)
-        bar.update()
     bar.close()
     return summarize(store, [keys[c.revision.name] for c in checkpoints], statuses)
 

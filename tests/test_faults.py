@@ -382,3 +382,98 @@ def test_load_ahead_on_a_gpu_where_two_models_fit_in_half_its_memory(monkeypatch
     assert not loads_ahead(ScanConfig(device="cpu", device_map="auto"), sizes(10), gpu, torch.float32)
     assert not loads_ahead(ScanConfig(device="cpu", load_ahead=False), sizes(10), gpu, torch.float32)
     assert loads_ahead(ScanConfig(device="cpu", load_ahead=True), sizes(memory), cpu, torch.float32)
+
+
+SLOW_LOAD = """
+import importlib, sys, time, torch
+scan = importlib.import_module("ckpt_trace.scan")
+real = scan.load_model
+def load_model(path, *args, **kwargs):
+    if path.name == "step300":  # loaded ahead while step200 fails: busy inside torch when the scan stops
+        x, end = torch.randn(128, 128), time.monotonic() + 1.5
+        while time.monotonic() < end:
+            x = torch.tanh(x @ x)
+    return real(path, *args, **kwargs)
+scan.load_model = load_model
+from ckpt_trace.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_scan_that_stops_waits_for_the_model_it_was_loading_ahead(suite, scanned, capsys):
+    """A revision that fails stops the scan while the next one loads on the loader thread: the process exits with
+    status 2 and one line, not killed by a thread still inside torch as the interpreter ends."""
+    weights = suite / "step200" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    done = subprocess.run([sys.executable, "-c", SLOW_LOAD, "scan", str(suite), "--store", str(scanned), "--load-ahead",
+                           *SMALL], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr and "terminate called" not in done.stderr
+    assert f"cannot load the weights in '{suite / 'step200'}'" in done.stderr
+
+
+def test_a_model_that_runs_out_of_memory_loading_ahead_is_loaded_again_alone(suite, scanned, tmp_path, monkeypatch,
+                                                                              caplog):
+    """Out of memory beside the model being scored is no fault of the revision: it is loaded again, alone, and its
+    scores are those of a scan without load-ahead."""
+    import threading
+
+    import importlib
+
+    import torch
+
+    from ckpt_trace.errors import SourceError
+
+    scan_module = importlib.import_module("ckpt_trace.scan")
+
+    real = scan_module.load_model
+    ahead = []
+
+    def load_model(path, *args, **kwargs):
+        if threading.current_thread() is not threading.main_thread():
+            ahead.append(path.name)
+            if path.name == "step200":
+                try:
+                    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+                except torch.OutOfMemoryError as err:
+                    raise SourceError(f"cannot load the weights in '{path}': {err}") from err
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(scan_module, "load_model", load_model)
+    assert main(["scan", str(suite), "--store", str(scanned), "--load-ahead", *SMALL]) == 0
+    assert ahead == ["step200", "step300"]
+    assert "loading step200 beside the model being scored ran out of memory; loading it again alone" in caplog.text
+    monkeypatch.setattr(scan_module, "load_model", real)
+    assert main(["scan", str(suite), "--store", str(tmp_path / "serial"), "--no-load-ahead", *SMALL]) == 0
+    assert dataset(scanned).drop("version").equals(dataset(tmp_path / "serial").drop("version"))
+
+
+def test_a_failed_revision_does_not_keep_its_model_alive(suite, tmp_path, monkeypatch):
+    """With load-ahead and --keep-going, a revision whose scoring fails leaves no model behind in its error: when a
+    revision starts loading, at most the one being scored is alive."""
+    import gc
+    import importlib
+    import weakref
+
+    from ckpt_trace.errors import SourceError
+
+    scan_module = importlib.import_module("ckpt_trace.scan")
+    real, alive, counts = scan_module.load_model, weakref.WeakSet(), []
+
+    def load_model(*args, **kwargs):
+        gc.collect()
+        counts.append(len(alive))
+        model = real(*args, **kwargs)
+        alive.add(model)
+        return model
+
+    def score_checkpoint(checkpoint, calibration, config, device, dtype, model=None):
+        time.sleep(0.2)  # the next one loads meanwhile
+        raise SourceError(f"cannot score {checkpoint.revision.name} with {type(model).__name__}")
+
+    monkeypatch.setattr(scan_module, "load_model", load_model)
+    monkeypatch.setattr(scan_module, "score_checkpoint", score_checkpoint)
+    assert main(["scan", str(suite), "--store", str(tmp_path / "s"), "--load-ahead", "--keep-going", *SMALL]) == 1
+    failed = Store(tmp_path / "s").runs()
+    assert failed["status"].to_list() == ["failed"] * 4 and "with GPTNeoXForCausalLM" in failed["error"][0]
+    assert len(counts) == 4 and max(counts) <= 1, counts

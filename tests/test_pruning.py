@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 from contextlib import contextmanager
 
 import polars as pl
@@ -337,6 +338,8 @@ def test_loading_a_pruned_model_never_allocates_what_was_dropped(tmp_path, monke
                                text=True).stdout.split()[-1])
     assert grown < 604e6 / 4, f"loading grew the process by {grown / 1e6:.0f} MB"
     loaded = load_pruned(tmp_path)
+    assert type(loaded) is transformers.LlamaForCausalLM  # the library's class, as the model was saved
+    assert type(pickle.loads(pickle.dumps(loaded))) is transformers.LlamaForCausalLM
     assert all(isinstance(layer.mlp, type(loaded.model.layers[0].mlp)) for layer in loaded.model.layers)
     assert sum(p.numel() for p in loaded.parameters()) == sum(p.numel() for p in model.parameters())
     monkeypatch.setattr("ckpt_trace.models._dropping_class", lambda *args: None)
