@@ -161,36 +161,55 @@ HUB_BATCH_ROWS = 1024
 class HubTexts:
     """The ``text`` column of one split of a Hugging Face dataset (``hf:REPO[:CONFIG][:SPLIT]``), read lazily.
 
-    The split's parquet or jsonl files are listed once, at the dataset's current commit; iterating downloads each
-    file (through huggingface_hub's cache) only when the texts reach it, and reads it a batch of rows at a time, so
-    that memory holds one batch and the draw downloads only the files it needs. Iterable again: later passes read
-    the cached files.
+    The split's parquet or jsonl files are listed once, at the dataset's current commit (remembered under
+    ckpt-trace's home, so that ``HF_HUB_OFFLINE`` reads the same files at the same commit from the cache); iterating
+    downloads each file only when the texts reach it, and reads it a batch of rows at a time, so that memory holds
+    one batch and the draw downloads only the files it needs. Iterable again: later passes read the cached files.
+    A spec that names no split, over files that name none (``data/CC-MAIN-2024-10/000_00000.parquet``), takes
+    every file of the config.
     """
 
     def __init__(self, spec: str):
         parts = spec.removeprefix("hf:").split(":")
         if not parts[0] or len(parts) > 3:
             raise ConfigError(f"bad dataset spec {spec!r}; expected hf:REPO[:CONFIG][:SPLIT]")
-        self.repo, config, split = parts[0], (parts[1] if len(parts) > 1 else ""), (parts[2] if len(parts) > 2 else "train")
-        prefix = f"{config}/" if config else ""
-        patterns = [f"{prefix}*{split}*.parquet", f"{prefix}*/*{split}*.parquet", f"{prefix}*{split}*.jsonl"]
+        self.repo, config = parts[0], (parts[1] if len(parts) > 1 else "")
+        split = parts[2] if len(parts) > 2 else None
         self.commit, names = self._listing()
-        self.files = sorted(n for n in names if any(fnmatch.fnmatch(n, pattern) for pattern in patterns))
+        prefix = f"{config}/" if config else ""
+        texts = sorted(n for n in names if n.startswith(prefix) and n.endswith((".parquet", ".jsonl")))
+        named = split or "train"
+        patterns = [f"{prefix}*{named}*.parquet", f"{prefix}*/*{named}*.parquet", f"{prefix}*{named}*.jsonl"]
+        self.files = [n for n in texts if any(fnmatch.fnmatch(n, pattern) for pattern in patterns)]
+        if not self.files and split is None and not any(s in n for n in texts for s in SPLITS):
+            self.files = texts  # files that name no split: the config's one split
         if not self.files:
-            raise CalibrationError(f"dataset {self.repo!r} has no parquet or jsonl files for split {split!r}")
+            have = [n for n in names if n.endswith((".parquet", ".jsonl"))]
+            listed = ", ".join(have[:6]) + (f" and {len(have) - 6} more" if len(have) > 6 else "") if have else "none"
+            raise CalibrationError(f"dataset {self.repo!r} has no parquet or jsonl files for split {named!r}"
+                                   f"{f' of config {config!r}' if config else ''}; its parquet and jsonl files: {listed}")
 
-    def _listing(self) -> tuple[str | None, list[str]]:
-        """The dataset's commit and files: from the Hub, or from the cache when offline."""
-        from huggingface_hub import HfApi, constants, snapshot_download
+    def _listing(self) -> tuple[str, list[str]]:
+        """The dataset's commit and files: from the Hub, remembered for offline use; offline, the remembered ones."""
+        from huggingface_hub import HfApi, constants
 
+        from .paths import atomic_write_bytes, home
+
+        record = home() / "datasets" / f"{self.repo.replace('/', '--')}.json"
+        if constants.HF_HUB_OFFLINE:
+            try:
+                listing = json.loads(record.read_text())
+                return listing["commit"], listing["files"]
+            except (OSError, ValueError, KeyError):
+                raise CalibrationError(f"dataset {self.repo!r} was never listed online, and HF_HUB_OFFLINE is set; "
+                                       "run once with the network to list and download it") from None
         try:
-            if constants.HF_HUB_OFFLINE:
-                local = Path(snapshot_download(self.repo, repo_type="dataset"))
-                return local.name, [p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file()]
             info = HfApi().dataset_info(self.repo, revision="main")
         except Exception as err:  # the client raises several classes for one cause: unreachable or unknown
             raise CalibrationError(f"cannot fetch dataset {self.repo!r}: {' '.join(str(err).split())}") from err
-        return info.sha, [s.rfilename for s in info.siblings or []]
+        files = sorted(s.rfilename for s in info.siblings or [])
+        atomic_write_bytes(record, json.dumps({"commit": info.sha, "files": files}).encode())
+        return info.sha, files
 
     def __iter__(self) -> Iterator[str]:
         from huggingface_hub import hf_hub_download
@@ -200,15 +219,30 @@ class HubTexts:
                 path = Path(hf_hub_download(self.repo, name, repo_type="dataset", revision=self.commit))
             except Exception as err:
                 raise CalibrationError(f"cannot fetch {name} of dataset {self.repo!r}: {' '.join(str(err).split())}") from err
-            yield from (_parquet_texts if name.endswith(".parquet") else _jsonl_texts)(path, name)
+            read = _parquet_texts if name.endswith(".parquet") else _jsonl_texts
+            try:
+                yield from read(path, name)
+            except CalibrationError:
+                raise
+            except (OSError, ValueError) as err:  # pyarrow's errors for a damaged file are among these; bad UTF-8 too
+                raise CalibrationError(f"cannot read {name} of dataset {self.repo!r}: {' '.join(str(err).split())}") from err
+
+
+SPLITS = ("train", "validation", "test", "dev", "valid")
+"""Words that name a split in a dataset's file names."""
 
 
 def _parquet_texts(path: Path, name: str) -> Iterator[str]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     file = pq.ParquetFile(path)
-    if "text" not in file.schema_arrow.names:
-        raise CalibrationError(f"dataset file {name} has no 'text' column (columns: {file.schema_arrow.names})")
+    schema = file.schema_arrow
+    if "text" not in schema.names:
+        raise CalibrationError(f"dataset file {name} has no 'text' column (columns: {schema.names})")
+    kind = schema.field("text").type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        raise CalibrationError(f"dataset file {name} has a 'text' column of {kind}, not of strings")
     for batch in file.iter_batches(batch_size=HUB_BATCH_ROWS, columns=["text"]):
         yield from (text for text in batch.column(0).to_pylist() if text is not None)
 

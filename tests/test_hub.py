@@ -521,3 +521,54 @@ def test_a_hub_dataset_is_drawn_from_its_first_blocks_and_only_their_files_are_d
         load_calibration(CalibrationSpec("hf:org/parquet", samples=2, seq_len=8), tokenizer)
     with pytest.raises(CalibrationError, match='dataset file train.jsonl:2 needs a "text" field'):
         list(HubTexts("hf:org/jsonl"))
+
+
+def test_a_hub_dataset_offline_and_in_other_layouts(hub, tmp_path, monkeypatch):
+    """Offline, a dataset is read at the commit and with the files listed online, from the cache, and a file the
+    cache lacks is named; files that name no split make the config's one split; bad files are one clear error."""
+    from transformers import AutoTokenizer
+
+    from ckpt_trace.calibration import CalibrationSpec, HubTexts, load_calibration
+    from ckpt_trace.errors import CalibrationError
+
+    def parquet(frame):
+        buffer = io.BytesIO()
+        frame.write_parquet(buffer)
+        return buffer.getvalue()
+
+    shards = [[f"shard {f} text {d} " * 30 for d in range(8)] for f in range(2)]
+    hub.add_revision("org/web", "main", {
+        f"data/CC-MAIN-2024-10/00{f}_00000.parquet": parquet(pl.DataFrame({"text": shards[f]})) for f in range(2)
+    }, repo_type="dataset")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    write_tokenizer(tmp_path / "tok")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "tok")
+    assert list(HubTexts("hf:org/web")) == shards[0] + shards[1]
+    online = load_calibration(CalibrationSpec("hf:org/web:data", samples=2, seq_len=8), tokenizer)
+    with pytest.raises(CalibrationError, match=r"dataset 'org/web' has no parquet or jsonl files for split 'test' "
+                       r"of config 'data'; its parquet and jsonl files: data/CC-MAIN-2024-10/000_00000.parquet, "):
+        HubTexts("hf:org/web:data:test")
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    hub.log.clear()
+    assert load_calibration(CalibrationSpec("hf:org/web:data", samples=2, seq_len=8), tokenizer).id == online.id
+    assert not hub.log  # nothing asked of the Hub
+    with pytest.raises(CalibrationError, match="dataset 'org/never' was never listed online, and HF_HUB_OFFLINE is set"):
+        HubTexts("hf:org/never")
+    files = tmp_path / "cache" / "datasets--org--web" / "snapshots"
+    next(files.rglob("001_00000.parquet")).unlink()
+    with pytest.raises(CalibrationError, match="cannot fetch data/CC-MAIN-2024-10/001_00000.parquet of dataset 'org/web'"):
+        list(HubTexts("hf:org/web"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+
+    hub.add_revision("org/bad", "main", {
+        "numbers/train.parquet": parquet(pl.DataFrame({"text": [1, 2]})),
+        "damaged/train.parquet": parquet(pl.DataFrame({"text": ["a"] * 100}))[:-40],
+        "latin1/train.jsonl": '{"text": "caf\u00e9"}\n'.encode("latin-1"),
+    }, repo_type="dataset")
+    with pytest.raises(CalibrationError, match="dataset file numbers/train.parquet has a 'text' column of int64, not of strings"):
+        list(HubTexts("hf:org/bad:numbers"))
+    with pytest.raises(CalibrationError, match="cannot read damaged/train.parquet of dataset 'org/bad': "):
+        list(HubTexts("hf:org/bad:damaged"))
+    with pytest.raises(CalibrationError, match="cannot read latin1/train.jsonl of dataset 'org/bad': .*utf-8"):
+        list(HubTexts("hf:org/bad:latin1"))
