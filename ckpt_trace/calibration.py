@@ -23,6 +23,7 @@ BOS included, stored beside every score.
 from __future__ import annotations
 
 import fnmatch
+import gzip
 import hashlib
 import json
 import logging
@@ -136,8 +137,10 @@ def pydoc_documents() -> list[str]:
 
 
 def _jsonl_records(path: Path, label: str, fields: tuple[str, ...] = ("text", "input_ids")) -> Iterator[dict]:
-    """The records of a jsonl file, read a line at a time; each must be an object with one of `fields`."""
-    with path.open(encoding="utf-8") as handle:
+    """The records of a jsonl file (gzipped where its name ends in .gz), read a line at a time; each must be an object
+    with one of `fields`."""
+    opened = gzip.open(path, "rt", encoding="utf-8") if path.name.endswith(".gz") else path.open(encoding="utf-8")
+    with opened as handle:
         for number, line in enumerate(handle, 1):
             if not line.strip():
                 continue
@@ -161,7 +164,7 @@ HUB_BATCH_ROWS = 1024
 class HubTexts:
     """The ``text`` column of one split of a Hugging Face dataset (``hf:REPO[:CONFIG][:SPLIT]``), read lazily.
 
-    The split's parquet or jsonl files are listed once, at the dataset's current commit (remembered under
+    The split's parquet or JSON-lines files are listed once, at the dataset's current commit (remembered under
     ckpt-trace's home, so that ``HF_HUB_OFFLINE`` reads the same files at the same commit from the cache); iterating
     downloads each file only when the texts reach it, and reads it a batch of rows at a time, so that memory holds
     one batch and the draw downloads only the files it needs. Iterable again: later passes read the cached files.
@@ -177,14 +180,13 @@ class HubTexts:
         split = parts[2] if len(parts) > 2 else None
         self.commit, names = self._listing()
         prefix = f"{config}/" if config else ""
-        texts = sorted(n for n in names if n.startswith(prefix) and n.endswith((".parquet", ".jsonl")))
+        texts = sorted(n for n in names if n.startswith(prefix) and n.endswith(DATASET_FILES))
         named = split or "train"
-        patterns = [f"{prefix}*{named}*.parquet", f"{prefix}*/*{named}*.parquet", f"{prefix}*{named}*.jsonl"]
-        self.files = [n for n in texts if any(fnmatch.fnmatch(n, pattern) for pattern in patterns)]
+        self.files = [n for n in texts if fnmatch.fnmatch(n.removeprefix(prefix), f"*{named}*")]
         if not self.files and split is None and not any(s in n for n in texts for s in SPLITS):
             self.files = texts  # files that name no split: the config's one split
         if not self.files:
-            have = [n for n in names if n.endswith((".parquet", ".jsonl"))]
+            have = [n for n in names if n.endswith(DATASET_FILES)]
             listed = ", ".join(have[:6]) + (f" and {len(have) - 6} more" if len(have) > 6 else "") if have else "none"
             raise CalibrationError(f"dataset {self.repo!r} has no parquet or jsonl files for split {named!r}"
                                    f"{f' of config {config!r}' if config else ''}; its parquet and jsonl files: {listed}")
@@ -224,9 +226,12 @@ class HubTexts:
                 yield from read(path, name)
             except CalibrationError:
                 raise
-            except (OSError, ValueError) as err:  # pyarrow's errors for a damaged file are among these; bad UTF-8 too
+            except (OSError, ValueError, EOFError) as err:  # pyarrow's for a damaged file, bad UTF-8, a gzip cut short
                 raise CalibrationError(f"cannot read {name} of dataset {self.repo!r}: {' '.join(str(err).split())}") from err
 
+
+DATASET_FILES = (".parquet", ".jsonl", ".jsonl.gz", ".json.gz")
+"""The files of a Hub dataset that calibration reads: parquet, and JSON lines, gzipped too (C4's ``.json.gz``)."""
 
 SPLITS = ("train", "validation", "test", "dev", "valid")
 """Words that name a split in a dataset's file names."""

@@ -572,3 +572,16 @@ def test_a_hub_dataset_offline_and_in_other_layouts(hub, tmp_path, monkeypatch):
         list(HubTexts("hf:org/bad:damaged"))
     with pytest.raises(CalibrationError, match="cannot read latin1/train.jsonl of dataset 'org/bad': .*utf-8"):
         list(HubTexts("hf:org/bad:latin1"))
+    # C4's layout: gzipped JSON lines, one folder per config.
+    import gzip
+
+    lines = "".join(json.dumps({"text": f"web page {d} " * 20, "url": f"u{d}"}) + "\n" for d in range(6)).encode()
+    hub.add_revision("org/c4", "main", {
+        "en/c4-validation.00000-of-00001.json.gz": gzip.compress(lines),
+        "en/c4-train.00000-of-00001.json.gz": gzip.compress(b"{}"),
+        "en.noblocklist/c4-validation.00000-of-00001.json.gz": gzip.compress(b"{}"),
+        "cut/c4-validation.00000-of-00001.json.gz": gzip.compress(lines)[:-20],
+    }, repo_type="dataset")
+    assert list(HubTexts("hf:org/c4:en:validation")) == [f"web page {d} " * 20 for d in range(6)]
+    with pytest.raises(CalibrationError, match="cannot read cut/c4-validation.00000-of-00001.json.gz of dataset 'org/c4'"):
+        list(HubTexts("hf:org/c4:cut:validation"))
