@@ -46,6 +46,9 @@ class ModelReport:
     """name -> (caption, frame)"""
     notes: list[str] = field(default_factory=list)
     """What could not be drawn, and why."""
+    over_training: list[pl.DataFrame] = field(default_factory=list)
+    """Attention rank consistency and importance's agreement with ablation_loss by fraction of training, for the
+    comparison across models (see `by_fraction`)."""
 
 
 def _per_revision(frame: pl.DataFrame, module: str, metric: str) -> pl.DataFrame:
@@ -77,6 +80,8 @@ def build_model_report(scores: pl.DataFrame, revisions: pl.DataFrame, model: str
                 f"ablation_loss), last and random; {where}", plots.pruning_curve(curve, target))
         report.tables["pruning_curves"] = (f"pruning curves: perplexity with k dropped; {where}", curve)
     truth = agreement(frame)
+    if n_revisions >= 2:
+        report.over_training.append(by_fraction(model, "agreement", truth.filter(pl.col("score") == "importance")))
     if truth.height:
         report.figures["agreement"] = ("Spearman correlation of the one-pass scores with ablation_loss over "
                                        "training: does the cheap score pick what matters?", plots.agreement(truth))
@@ -132,6 +137,8 @@ def build_model_report(scores: pl.DataFrame, revisions: pl.DataFrame, model: str
             )
         else:
             consistency = rank_consistency(frame)
+            report.over_training.insert(0, by_fraction(model, "consistency",
+                                                       consistency.filter(pl.col("module") == "attention")))
             report.figures["consistency"] = (
                 "Spearman correlation of each checkpoint's layer ranking with the final checkpoint's",
                 plots.consistency(consistency),
@@ -223,24 +230,24 @@ def _save(figure: Figure, folder: Path, key: str) -> bytes:
     return buffer.getvalue()
 
 
-def across_models(scores: pl.DataFrame, models: list[str]) -> ModelReport | None:
+def by_fraction(model: str, measure: str, part: pl.DataFrame) -> pl.DataFrame:
+    """A per-checkpoint Spearman ρ placed by the fraction of training (tokens seen over the final checkpoint's where
+    every checkpoint knows them, else steps)."""
+    if part.height == 0:
+        return pl.DataFrame(schema={"model": pl.String, "measure": pl.String, "revision": pl.String, "step": pl.Int64,
+                                    "tokens": pl.Int64, "fraction": pl.Float64, "value": pl.Float64})
+    unit = plots.training_position(part)
+    final = part.sort("order")[unit][-1]
+    return part.select(
+        pl.lit(model).alias("model"), pl.lit(measure).alias("measure"), "revision", "step", "tokens",
+        (pl.col(unit).cast(pl.Float64) / (final or 1)).alias("fraction"), pl.col("spearman").alias("value"))
+
+
+def across_models(reports: list[ModelReport]) -> ModelReport | None:
     """Models side by side by fraction of training: attention rank consistency with the final checkpoint, and the
-    agreement of importance with ablation_loss. None with fewer than two models."""
-    pieces = []
-    for model in models:
-        frame = model_scores(scores, model)
-        if frame["revision"].n_unique() < 2:
-            continue
-        consistency = rank_consistency(frame).filter(pl.col("module") == "attention")
-        truth = agreement(frame).filter(pl.col("score") == "importance")
-        for measure, part, column in (("consistency", consistency, "spearman"), ("agreement", truth, "spearman")):
-            if part.height == 0:
-                continue
-            unit = plots.training_position(part)
-            final = part.sort("order")[unit][-1]
-            pieces.append(part.select(
-                pl.lit(model).alias("model"), pl.lit(measure).alias("measure"), "revision", "step", "tokens",
-                (pl.col(unit).cast(pl.Float64) / (final or 1)).alias("fraction"), pl.col(column).alias("value")))
+    agreement of importance with ablation_loss, as each model's report measured them. None with fewer than two
+    models that have them."""
+    pieces = [part for report in reports for part in report.over_training if part.height]
     if not pieces or len({p["model"][0] for p in pieces}) < 2:
         return None
     frame = pl.concat(pieces)
@@ -290,14 +297,14 @@ def write_report(store: str | os.PathLike = "data", out: str | os.PathLike = "fi
         raise ConfigError(f"output folder {str(out)!r} cannot be made: {str(blocker)!r} is a file; choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     reports = []
-    if (across := across_models(scores, models)) is not None:
-        reports.append((across, "across-models"))
     for name in models:
         reports.append((build_model_report(scores, revisions, name, evals, curves, color_scale), name))
         pruning = build_pruning_report(evals, name) if evals.height else None
         if pruning is not None:
             pruning.intro = "Pruned models evaluated beside the original (`ckpt-trace eval`)."
             reports.append((pruning, f"{name}-pruned"))
+    if (across := across_models([report for report, _ in reports])) is not None:
+        reports.insert(0, (across, "across-models"))
     findings_blocks = [
         {"model": report.model, "claims": [
             {"claim": f.claim, "verdict": f.verdict,
