@@ -1,14 +1,19 @@
 """Hooked scoring against a plain forward pass of the same model over the same tokens.
 
 The model is GPT-NeoX shaped like Pythia-70m (6 layers, width 512, parallel residual,
-70M parameters), random, so nothing is downloaded. Both sides run the decoder stack
+70M parameters; `--shape pythia-1b`: 16 layers, width 2048), random, so nothing is downloaded. Both sides run the decoder stack
 (the scorer skips the LM head, so the plain pass does too) under inference mode,
 alternating, and the medians are compared. Peak memory is measured in fresh
 subprocesses with N and 4N calibration sequences, to show that it does not grow with
 the calibration set.
 
     python benchmarks/scorer_overhead.py [--sequences 16] [--seq-len 256] [--repeats 7] [--device cpu]
-                                         [--metrics importance,update_ratio]
+                                         [--metrics importance,update_ratio] [--shape pythia-70m] [--dtype float32]
+
+On a GPU, the issue's figure (a Pythia-1B-shaped model, 256 x 2048 tokens, bfloat16):
+
+    python benchmarks/scorer_overhead.py --shape pythia-1b --sequences 256 --seq-len 2048 --batch-size 8 \
+        --device cuda --dtype bfloat16 --repeats 3
 
 `--metrics all` scores every one-pass metric (angular and span distances, last-token variants too).
 
@@ -31,13 +36,19 @@ from ckpt_trace.calibration import CalibrationSet
 from ckpt_trace.scoring import ABLATION, ALL_METRICS, METRICS, score
 
 
-def pythia_70m_shaped(device: str, dtype: torch.dtype):
+SHAPES = {  # Pythia's own widths, depths and heads
+    "pythia-70m": dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=6, num_attention_heads=8),
+    "pythia-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=8),
+}
+
+
+def pythia_shaped(shape: str, device: str, dtype: torch.dtype):
     config = transformers.GPTNeoXConfig(
-        vocab_size=50304, hidden_size=512, intermediate_size=2048, num_hidden_layers=6,
-        num_attention_heads=8, max_position_embeddings=2048, rotary_pct=0.25, use_parallel_residual=True,
+        vocab_size=50304, max_position_embeddings=2048, rotary_pct=0.25, use_parallel_residual=True, **SHAPES[shape],
     )
     torch.manual_seed(0)
-    return transformers.AutoModelForCausalLM.from_config(config, dtype=dtype).to(device).eval()
+    with torch.device(device):  # built where it runs: no host copy of a large model first
+        return transformers.AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
 
 
 def calibration(n: int, seq_len: int) -> CalibrationSet:
@@ -64,9 +75,10 @@ def timed(fn, device: str) -> float:
     return time.perf_counter() - start
 
 
-def peak_memory_child(n: int, seq_len: int, batch_size: int, device: str, metrics: tuple[str, ...]) -> None:
+def peak_memory_child(n: int, seq_len: int, batch_size: int, device: str, metrics: tuple[str, ...], shape: str,
+                      dtype: torch.dtype) -> None:
     """Score n sequences in this process and print its peak memory in bytes."""
-    model = pythia_70m_shaped(device, torch.float32)
+    model = pythia_shaped(shape, device, dtype)
     cal = calibration(n, seq_len)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
@@ -86,15 +98,16 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--metrics", default=",".join(METRICS), help="comma-separated one-pass metrics, or all")
+    parser.add_argument("--shape", default="pythia-70m", choices=sorted(SHAPES))
     parser.add_argument("--peak-memory-child", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     metrics = tuple(m for m in ALL_METRICS if m != ABLATION) if args.metrics == "all" else tuple(args.metrics.split(","))
+    dtype = getattr(torch, args.dtype)
     if args.peak_memory_child:
-        peak_memory_child(args.peak_memory_child, args.seq_len, args.batch_size, args.device, metrics)
+        peak_memory_child(args.peak_memory_child, args.seq_len, args.batch_size, args.device, metrics, args.shape, dtype)
         return
 
-    dtype = getattr(torch, args.dtype)
-    model = pythia_70m_shaped(args.device, dtype)
+    model = pythia_shaped(args.shape, args.device, dtype)
     cal = calibration(args.sequences, args.seq_len)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: GPT-NeoX {n_params / 1e6:.1f}M parameters, {args.dtype} on {args.device}, torch {torch.__version__}, "
@@ -116,7 +129,8 @@ def main() -> None:
     for n in (args.sequences, 4 * args.sequences):
         out = subprocess.run(
             [sys.executable, __file__, "--peak-memory-child", str(n), "--seq-len", str(args.seq_len),
-             "--batch-size", str(args.batch_size), "--device", args.device, "--metrics", ",".join(metrics)],
+             "--batch-size", str(args.batch_size), "--device", args.device, "--metrics", ",".join(metrics),
+             "--shape", args.shape, "--dtype", args.dtype],
             check=True, capture_output=True, text=True,
         )
         peaks[n] = int(out.stdout.strip().splitlines()[-1])
