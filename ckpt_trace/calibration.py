@@ -22,12 +22,12 @@ BOS included, stored beside every score.
 
 from __future__ import annotations
 
-import fnmatch
 import gzip
 import hashlib
 import json
 import logging
 import random
+import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -169,7 +169,7 @@ class HubTexts:
     downloads each file only when the texts reach it, and reads it a batch of rows at a time, so that memory holds
     one batch and the draw downloads only the files it needs. Iterable again: later passes read the cached files.
     A spec that names no split, over files that name none (``data/CC-MAIN-2024-10/000_00000.parquet``), takes
-    every file of the config.
+    every file of the config; a spec that names no config, over a split in several, is an error that names them.
     """
 
     def __init__(self, spec: str):
@@ -182,18 +182,25 @@ class HubTexts:
         prefix = f"{config}/" if config else ""
         texts = sorted(n for n in names if n.startswith(prefix) and n.endswith(DATASET_FILES))
         named = split or "train"
-        self.files = [n for n in texts if fnmatch.fnmatch(n.removeprefix(prefix), f"*{named}*")]
-        if not self.files and split is None and not any(s in n for n in texts for s in SPLITS):
+        self.files = [n for n in texts if _names_split(n.removeprefix(prefix), named)]
+        if not self.files and split is None and not any(_names_split(n, s) for n in texts for s in SPLITS):
             self.files = texts  # files that name no split: the config's one split
         if not self.files:
             have = [n for n in names if n.endswith(DATASET_FILES)]
             listed = ", ".join(have[:6]) + (f" and {len(have) - 6} more" if len(have) > 6 else "") if have else "none"
-            raise CalibrationError(f"dataset {self.repo!r} has no parquet or jsonl files for split {named!r}"
-                                   f"{f' of config {config!r}' if config else ''}; its parquet and jsonl files: {listed}")
+            raise CalibrationError(f"dataset {self.repo!r} has no parquet or JSON-lines files for split {named!r}"
+                                   f"{f' of config {config!r}' if config else ''}; its parquet and JSON-lines files: "
+                                   f"{listed}")
+        folders = sorted({n.split("/")[0] if "/" in n else "" for n in self.files})
+        if not config and len(folders) > 1:
+            raise CalibrationError(f"dataset {self.repo!r} has {named} files in several configs ("
+                                   f"{', '.join(f or '(top level)' for f in folders)}); name one, as "
+                                   f"hf:{self.repo}:{folders[-1]}:{named}")
 
     def _listing(self) -> tuple[str, list[str]]:
-        """The dataset's commit and files: from the Hub, remembered for offline use; offline, the remembered ones."""
-        from huggingface_hub import HfApi, constants
+        """The dataset's commit and files: from the Hub, remembered for offline use; offline, the remembered ones
+        where the cache holds that commit, else the cache's copy of the main branch (as huggingface_hub left it)."""
+        from huggingface_hub import HfApi, constants, snapshot_download
 
         from .paths import atomic_write_bytes, home
 
@@ -201,25 +208,38 @@ class HubTexts:
         if constants.HF_HUB_OFFLINE:
             try:
                 listing = json.loads(record.read_text())
-                return listing["commit"], listing["files"]
-            except (OSError, ValueError, KeyError):
-                raise CalibrationError(f"dataset {self.repo!r} was never listed online, and HF_HUB_OFFLINE is set; "
-                                       "run once with the network to list and download it") from None
+                commit, files = str(listing["commit"]), list(listing["files"])
+                snapshots = Path(constants.HF_HUB_CACHE) / f"datasets--{self.repo.replace('/', '--')}" / "snapshots"
+                if (snapshots / commit).is_dir():
+                    return commit, files
+            except (OSError, ValueError, KeyError, TypeError):
+                pass
+            try:
+                local = Path(snapshot_download(self.repo, repo_type="dataset"))
+            except Exception as err:
+                raise CalibrationError(f"dataset {self.repo!r} is not in the cache, and HF_HUB_OFFLINE is set") from err
+            return local.name, sorted(p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file())
         try:
             info = HfApi().dataset_info(self.repo, revision="main")
         except Exception as err:  # the client raises several classes for one cause: unreachable or unknown
             raise CalibrationError(f"cannot fetch dataset {self.repo!r}: {' '.join(str(err).split())}") from err
         files = sorted(s.rfilename for s in info.siblings or [])
-        atomic_write_bytes(record, json.dumps({"commit": info.sha, "files": files}).encode())
+        try:
+            atomic_write_bytes(record, json.dumps({"commit": info.sha, "files": files}).encode())
+        except OSError as err:  # a memo for offline use only
+            log.warning("cannot remember the files of dataset %r for offline use: %s", self.repo, err)
         return info.sha, files
 
     def __iter__(self) -> Iterator[str]:
-        from huggingface_hub import hf_hub_download
+        from huggingface_hub import constants, hf_hub_download
 
         for name in self.files:
             try:
                 path = Path(hf_hub_download(self.repo, name, repo_type="dataset", revision=self.commit))
             except Exception as err:
+                if constants.HF_HUB_OFFLINE:
+                    raise CalibrationError(f"{name} of dataset {self.repo!r} (commit {self.commit[:12]}) is not in "
+                                           "the cache, and HF_HUB_OFFLINE is set") from err
                 raise CalibrationError(f"cannot fetch {name} of dataset {self.repo!r}: {' '.join(str(err).split())}") from err
             read = _parquet_texts if name.endswith(".parquet") else _jsonl_texts
             try:
@@ -235,6 +255,12 @@ DATASET_FILES = (".parquet", ".jsonl", ".jsonl.gz", ".json.gz")
 
 SPLITS = ("train", "validation", "test", "dev", "valid")
 """Words that name a split in a dataset's file names."""
+
+
+def _names_split(name: str, split: str) -> bool:
+    """Whether a file's path names the split, as a word of its own (``train-00000-of-00001.parquet``,
+    ``c4-validation.00000-of-00008.json.gz``, ``train/0.parquet``; not ``pretrain_mix/`` or ``invalid.parquet``)."""
+    return re.search(rf"(?:^|[/_.-]){re.escape(split)}(?:[/_.-]|$)", name) is not None
 
 
 def _parquet_texts(path: Path, name: str) -> Iterator[str]:

@@ -17,7 +17,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, wait
+from concurrent.futures import CancelledError, Future, wait
 from contextlib import closing, contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
@@ -327,10 +327,10 @@ def streamed(source, checkpoints: list[Checkpoint], depth: int = PREFETCH,
 
     A checkpoint is released once the caller asks for the next one (and its preparation, which reads it, is done),
     on the fetch thread between two fetches, whether its fetch succeeded or not: the cache holds the revision
-    being scored, those fetched ahead, and the one downloading. On an early exit, a preparation not yet started
-    is cancelled and one under way is waited for (a thread still inside torch must not outlive the interpreter),
-    then the checkpoint in hand and those fetched ahead are released after the fetch in flight if the process
-    lives on; else the next scan evicts them.
+    being scored, those fetched ahead, and the one downloading. On an early exit, no preparation starts any more
+    and one under way is waited for (a thread still inside torch must not outlive the interpreter), not the fetch
+    it may wait on; then the checkpoint in hand and those fetched ahead are released after the fetch in flight if
+    the process lives on; else the next scan evicts them.
     """
     def release(checkpoint: Checkpoint) -> None:
         try:
@@ -338,8 +338,14 @@ def streamed(source, checkpoints: list[Checkpoint], depth: int = PREFETCH,
         except Exception as err:  # the scores are stored; a file left in the cache is the next scan's to evict
             log.warning("could not evict %s from the cache: %s", checkpoint.revision.name, err)
 
+    stop, preparing = threading.Event(), threading.Lock()
+
     def prepared(index: int):
-        return prepare(futures[index].result())  # a failed fetch fails this too; the caller sees the fetch error
+        checkpoint = futures[index].result()  # a failed fetch fails this too; the caller sees the fetch error
+        with preparing:
+            if stop.is_set():
+                raise CancelledError("the stream stopped")
+            return prepare(checkpoint)
 
     worker, loader = _Worker(), _Worker() if prepare is not None else None
     futures = [worker.submit(source.fetch, c) for c in checkpoints[:depth]]
@@ -365,15 +371,25 @@ def streamed(source, checkpoints: list[Checkpoint], depth: int = PREFETCH,
             held = None
         finished = True
     finally:
-        if loader is not None:
-            if ahead is not None:
-                ahead.cancel()
-            loader.close(wait=True)
+        if loader is not None:  # none starts now; one under way ends first (a thread inside torch at exit aborts)
+            stop.set()
+            _await_unlocked(preparing)
+            loader.close()
         if held is not None:
             worker.submit(release, held)
         for checkpoint in checkpoints[handed:len(futures)]:  # fetched ahead, never handed out
             worker.submit(release, checkpoint)
         worker.close(wait=finished)  # a scan that ran to the end leaves the cache as it found it
+
+
+def _await_unlocked(lock: threading.Lock) -> None:
+    """Return once no one holds `lock`; a Ctrl-C meanwhile is said and waited through."""
+    while True:
+        try:
+            with lock:
+                return
+        except KeyboardInterrupt:
+            log.warning("finishing the model load under way before stopping")
 
 
 def score_revision(source: str, cache_dir, checkpoint: Checkpoint, calibration: CalibrationSet, config: ScanConfig,
@@ -392,20 +408,21 @@ def score_revision(source: str, cache_dir, checkpoint: Checkpoint, calibration: 
 def scored_here(source, checkpoints: list[Checkpoint], calibration: CalibrationSet, config: ScanConfig,
                 device: torch.device, dtype: torch.dtype) -> Iterator[tuple[Checkpoint, tuple | None, Exception | None, float]]:
     """Yield (checkpoint, (revision row, scores) or None, error or None, seconds) for each checkpoint, streamed
-    (see `streamed`) and scored in this process; with load-ahead (see `loads_ahead`), each revision's model is
-    loaded while the one before it is scored."""
+    (see `streamed`) and scored in this process; with load-ahead (see `loads_ahead`, `LoadAhead`), each revision's
+    model is loaded while the one before it is scored."""
     def load(checkpoint: Checkpoint) -> torch.nn.Module:
         return load_model(checkpoint.path, device, dtype, config.trust_remote_code, config.device_map)
 
-    ahead = loads_ahead(config, checkpoints, device, dtype)
-    with closing(streamed(source, checkpoints, config.prefetch, load if ahead else None)) as stream:
+    ahead = LoadAhead(load) if loads_ahead(config, checkpoints, device, dtype) else None
+    with closing(streamed(source, checkpoints, config.prefetch, ahead)) as stream:
         for checkpoint, fetch_error, model in stream:
             start = time.perf_counter()
             try:
                 if fetch_error is not None:
                     raise fetch_error
                 row = _revision_row(checkpoint)  # reads what is recorded beside the weights: a bad record fails early
-                frame = score_checkpoint(checkpoint, calibration, config, device, dtype, _loaded_ahead(model, checkpoint))
+                frame = score_checkpoint(checkpoint, calibration, config, device, dtype,
+                                         ahead.take(model, checkpoint) if ahead is not None else None)
             except REVISION_ERRORS as err:
                 _drop_locals(err)  # its frames hold the model: freed before the next is loaded
                 yield checkpoint, None, err, time.perf_counter() - start
@@ -416,34 +433,70 @@ def scored_here(source, checkpoints: list[Checkpoint], calibration: CalibrationS
 
 
 def _drop_locals(err: BaseException) -> None:
-    """Clear the locals of the finished frames in an error's traceback (a model among them), keeping the traceback
-    itself; frames still running (on another thread) or of a generator (which clearing would close) are left."""
-    frame = err.__traceback__
-    while frame is not None:
-        if not frame.tb_frame.f_code.co_flags & inspect.CO_GENERATOR:
-            try:
-                frame.tb_frame.clear()
-            except RuntimeError:  # running
-                pass
-        frame = frame.tb_next
+    """Clear the locals of the finished frames in an error's traceback, and in those of its causes (a model, or what
+    was loaded of it, among them), keeping the tracebacks themselves; frames still running (on any thread) or of a
+    generator (which clearing would close) are left."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        frame = err.__traceback__
+        while frame is not None:
+            if not frame.tb_frame.f_code.co_flags & (inspect.CO_GENERATOR | inspect.CO_COROUTINE
+                                                     | inspect.CO_ASYNC_GENERATOR):
+                try:
+                    frame.tb_frame.clear()
+                except RuntimeError:  # running
+                    pass
+            frame = frame.tb_next
+        err = err.__cause__ or err.__context__
 
 
-def _loaded_ahead(model: Future | None, checkpoint: Checkpoint) -> torch.nn.Module | None:
-    """The model loaded ahead; None (to be loaded again, alone) where loading it beside the one being scored ran
-    out of GPU memory, so that a revision that loads alone is never failed for the one before it."""
-    if model is None:
-        return None
-    try:
-        return model.result()
-    except SourceError as err:
-        if not isinstance(err.__cause__, torch.OutOfMemoryError):
-            raise
-        _drop_locals(err.__cause__)  # its frames hold what was loaded of it
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        log.warning("loading %s beside the model being scored ran out of memory; loading it again alone",
-                    checkpoint.revision.name)
-        return None
+def _out_of_memory(err: BaseException) -> bool:
+    """Whether an error, or one of its causes, is the device running out of memory."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower():
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+class LoadAhead:
+    """Loads models for `streamed` to hand out one revision ahead, until a load runs out of memory beside the model
+    being scored: from then on it loads none, and drops the one it holds, so that each revision after is loaded
+    alone, never failed for the one before it."""
+
+    def __init__(self, load: Callable[[Checkpoint], torch.nn.Module]):
+        self._load, self._lock, self._on, self._held = load, threading.Lock(), True, None
+
+    def __call__(self, checkpoint: Checkpoint) -> list[torch.nn.Module]:
+        """On the loader thread: [the model], or [] once loading ahead is off."""
+        with self._lock:
+            if not self._on:
+                return []
+            self._held = [self._load(checkpoint)]
+            return self._held
+
+    def take(self, future: Future, checkpoint: Checkpoint) -> torch.nn.Module | None:
+        """The model loaded ahead for `checkpoint`; None for the caller to load it alone (loading ahead is off, or
+        ran out of memory: then it goes off)."""
+        try:
+            held = future.result()
+        except SourceError as err:
+            if not _out_of_memory(err):
+                raise
+            _drop_locals(err)  # what was loaded of it
+            with self._lock:  # a load under way ends first; none starts after
+                self._on = False
+                if self._held:
+                    self._held.clear()  # the next revision, loaded meanwhile
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            log.warning("loading %s beside the model being scored ran out of memory; loading it and every revision "
+                        "after it alone", checkpoint.revision.name)
+            return None
+        return held.pop() if held else None
 
 
 def loads_ahead(config: ScanConfig, checkpoints: list[Checkpoint], device: torch.device, dtype: torch.dtype) -> bool:

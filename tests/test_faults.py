@@ -412,40 +412,48 @@ def test_a_scan_that_stops_waits_for_the_model_it_was_loading_ahead(suite, scann
     assert f"cannot load the weights in '{suite / 'step200'}'" in done.stderr
 
 
-def test_a_model_that_runs_out_of_memory_loading_ahead_is_loaded_again_alone(suite, scanned, tmp_path, monkeypatch,
-                                                                              caplog):
-    """Out of memory beside the model being scored is no fault of the revision: it is loaded again, alone, and its
-    scores are those of a scan without load-ahead."""
-    import threading
-
+def test_a_model_that_runs_out_of_memory_loading_ahead_is_loaded_again_alone(suite, tmp_path, monkeypatch, caplog):
+    """Out of memory beside the model being scored is no fault of the revision: it is loaded again with no other
+    load under way and no model loaded ahead kept, and so is every revision after it; the scores are those of a
+    scan without load-ahead."""
     import importlib
+    import threading
 
     import torch
 
     from ckpt_trace.errors import SourceError
 
     scan_module = importlib.import_module("ckpt_trace.scan")
-
-    real = scan_module.load_model
-    ahead = []
+    real, lock = scan_module.load_model, threading.Lock()
+    loads, running = [], set()
 
     def load_model(path, *args, **kwargs):
-        if threading.current_thread() is not threading.main_thread():
-            ahead.append(path.name)
-            if path.name == "step200":
+        here = "main" if threading.current_thread() is threading.main_thread() else "ahead"
+        with lock:
+            loads.append((here, path.name, sorted(running)))
+            running.add(path.name)
+        try:
+            if here == "ahead" and path.name == "step100":
                 try:
                     raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
                 except torch.OutOfMemoryError as err:
                     raise SourceError(f"cannot load the weights in '{path}': {err}") from err
-        return real(path, *args, **kwargs)
+            time.sleep(0.2)  # the next fetch ends meanwhile, and a load ahead would start
+            return real(path, *args, **kwargs)
+        finally:
+            with lock:
+                running.discard(path.name)
 
     monkeypatch.setattr(scan_module, "load_model", load_model)
-    assert main(["scan", str(suite), "--store", str(scanned), "--load-ahead", *SMALL]) == 0
-    assert ahead == ["step200", "step300"]
-    assert "loading step200 beside the model being scored ran out of memory; loading it again alone" in caplog.text
+    assert main(["scan", str(suite), "--store", str(tmp_path / "ahead"), "--load-ahead", *SMALL]) == 0
+    assert [name for here, name, _ in loads if here == "ahead"][:2] == ["step0", "step100"]
+    again = [i for i, (here, name, _) in enumerate(loads) if here == "main"]
+    assert [loads[i][1] for i in again] == ["step100", "step200", "step300"]  # alone from the failure on
+    assert all(loads[i][2] == [] for i in again)  # with no other load under way
+    assert "loading step100 beside the model being scored ran out of memory" in caplog.text
     monkeypatch.setattr(scan_module, "load_model", real)
     assert main(["scan", str(suite), "--store", str(tmp_path / "serial"), "--no-load-ahead", *SMALL]) == 0
-    assert dataset(scanned).drop("version").equals(dataset(tmp_path / "serial").drop("version"))
+    assert dataset(tmp_path / "ahead").drop("version").equals(dataset(tmp_path / "serial").drop("version"))
 
 
 def test_a_failed_revision_does_not_keep_its_model_alive(suite, tmp_path, monkeypatch):
@@ -477,3 +485,63 @@ def test_a_failed_revision_does_not_keep_its_model_alive(suite, tmp_path, monkey
     failed = Store(tmp_path / "s").runs()
     assert failed["status"].to_list() == ["failed"] * 4 and "with GPTNeoXForCausalLM" in failed["error"][0]
     assert len(counts) == 4 and max(counts) <= 1, counts
+
+
+def test_a_stopped_stream_waits_for_a_load_under_way_not_for_a_download():
+    """Closing a stream returns at once while the next revision still downloads, and nothing is loaded after; a load
+    under way is waited for."""
+    from ckpt_trace.scan import streamed
+
+    class SlowSource(RecordingSource):
+        def fetch(self, name):
+            if name == "r1":
+                time.sleep(3)
+            return super().fetch(name)
+
+    prepared = []
+    stream = streamed(SlowSource(), ["r0", "r1", "r2"], 1, prepared.append)
+    next(stream)[2].result()  # r0 loaded; r1 downloading
+    start = time.perf_counter()
+    stream.close()
+    assert time.perf_counter() - start < 1.5
+    time.sleep(3)
+    assert prepared == ["r0"]  # r1 arrived after the stream stopped: not loaded
+
+    def slow_prepare(name):
+        time.sleep(1)
+        prepared.append(name)
+
+    stream = streamed(RecordingSource(), ["r0", "r1"], 1, slow_prepare)
+    next(stream)[2].result()
+    time.sleep(0.2)  # r1 is loading
+    stream.close()
+    assert prepared[-2:] == ["r0", "r1"]  # its load ended before close returned
+
+
+def test_an_error_keeps_no_locals_of_its_causes():
+    import weakref
+
+    from ckpt_trace.errors import SourceError
+    from ckpt_trace.scan import _drop_locals
+
+    class Model:
+        pass
+
+    def build():
+        model = Model()
+        build.ref = weakref.ref(model)
+        raise MemoryError("out of memory")
+
+    def load():
+        try:
+            build()
+        except MemoryError as err:
+            raise SourceError("cannot load the weights") from err
+
+    try:
+        load()
+    except SourceError as err:
+        error = err
+    assert build.ref() is not None
+    _drop_locals(error)
+    assert build.ref() is None and str(error) == "cannot load the weights" and error.__cause__.__traceback__

@@ -458,7 +458,7 @@ def test_calibration_from_a_hub_dataset(hub, tmp_path, monkeypatch):
     assert any("plain/train" in p for p in requested)
     assert not any("test-" in p or "other/" in p for p in requested)
 
-    with pytest.raises(Exception, match="no parquet or jsonl files for split 'validation'"):
+    with pytest.raises(Exception, match="no parquet or JSON-lines files for split 'validation'"):
         load_calibration(CalibrationSpec("hf:org/texts:plain:validation", samples=3, seq_len=8), tokenizer)
     with pytest.raises(Exception, match="cannot fetch dataset 'org/missing'"):
         load_calibration(CalibrationSpec("hf:org/missing", samples=3, seq_len=8), tokenizer)
@@ -545,19 +545,23 @@ def test_a_hub_dataset_offline_and_in_other_layouts(hub, tmp_path, monkeypatch):
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "tok")
     assert list(HubTexts("hf:org/web")) == shards[0] + shards[1]
     online = load_calibration(CalibrationSpec("hf:org/web:data", samples=2, seq_len=8), tokenizer)
-    with pytest.raises(CalibrationError, match=r"dataset 'org/web' has no parquet or jsonl files for split 'test' "
-                       r"of config 'data'; its parquet and jsonl files: data/CC-MAIN-2024-10/000_00000.parquet, "):
+    with pytest.raises(CalibrationError, match=r"dataset 'org/web' has no parquet or JSON-lines files for split 'test' "
+                       r"of config 'data'; its parquet and JSON-lines files: data/CC-MAIN-2024-10/000_00000.parquet, "):
         HubTexts("hf:org/web:data:test")
+    hub.add_revision("org/hand", "main", {"train.jsonl": b'{"text": "fetched by hand"}\n'}, repo_type="dataset")
+    snapshot_download("org/hand", repo_type="dataset", cache_dir=tmp_path / "cache")  # no listing remembered
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     hub.log.clear()
     assert load_calibration(CalibrationSpec("hf:org/web:data", samples=2, seq_len=8), tokenizer).id == online.id
     assert not hub.log  # nothing asked of the Hub
-    with pytest.raises(CalibrationError, match="dataset 'org/never' was never listed online, and HF_HUB_OFFLINE is set"):
+    assert list(HubTexts("hf:org/hand")) == ["fetched by hand"]  # the cache's copy of main
+    with pytest.raises(CalibrationError, match="dataset 'org/never' is not in the cache, and HF_HUB_OFFLINE is set"):
         HubTexts("hf:org/never")
     files = tmp_path / "cache" / "datasets--org--web" / "snapshots"
     next(files.rglob("001_00000.parquet")).unlink()
-    with pytest.raises(CalibrationError, match="cannot fetch data/CC-MAIN-2024-10/001_00000.parquet of dataset 'org/web'"):
+    with pytest.raises(CalibrationError, match=r"data/CC-MAIN-2024-10/001_00000.parquet of dataset 'org/web' \(commit "
+                       r"[0-9a-f]{12}\) is not in the cache, and HF_HUB_OFFLINE is set"):
         list(HubTexts("hf:org/web"))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
 
@@ -585,3 +589,13 @@ def test_a_hub_dataset_offline_and_in_other_layouts(hub, tmp_path, monkeypatch):
     assert list(HubTexts("hf:org/c4:en:validation")) == [f"web page {d} " * 20 for d in range(6)]
     with pytest.raises(CalibrationError, match="cannot read cut/c4-validation.00000-of-00001.json.gz of dataset 'org/c4'"):
         list(HubTexts("hf:org/c4:cut:validation"))
+    # A split is a word of the file's path; a split in several configs asks for one.
+    hub.add_revision("org/tricky", "main", {
+        "invalid-0.jsonl": b'{"text": "not valid"}\n', "valid-0.jsonl": b'{"text": "valid"}\n',
+        "pretrain_mix/train.jsonl": b'{"text": "mix"}\n',
+    }, repo_type="dataset")
+    assert list(HubTexts("hf:org/tricky::valid")) == ["valid"]
+    assert list(HubTexts("hf:org/tricky")) == ["mix"]
+    with pytest.raises(CalibrationError, match=r"dataset 'org/c4' has validation files in several configs \(cut, en, "
+                       r"en.noblocklist\); name one, as hf:org/c4:en.noblocklist:validation"):
+        HubTexts("hf:org/c4::validation")
