@@ -432,14 +432,21 @@ def scored_here(source, checkpoints: list[Checkpoint], calibration: CalibrationS
             yield checkpoint, (row, frame), None, time.perf_counter() - start
 
 
-def _drop_locals(err: BaseException) -> None:
-    """Clear the locals of the finished frames in an error's traceback, and in those of its causes (a model, or what
-    was loaded of it, among them), keeping the tracebacks themselves; frames still running (on any thread) or of a
-    generator (which clearing would close) are left."""
+def _chain(err: BaseException | None) -> Iterator[BaseException]:
+    """An error and its causes (or, where none, the errors it was raised in handling), each once."""
     seen = set()
     while err is not None and id(err) not in seen:
         seen.add(id(err))
-        frame = err.__traceback__
+        yield err
+        err = err.__cause__ or err.__context__
+
+
+def _drop_locals(err: BaseException) -> None:
+    """Clear the locals of the finished frames in the tracebacks of an error and its causes (a model, or what was
+    loaded of it, among them), keeping the tracebacks themselves; frames still running (on any thread) or of a
+    generator (which clearing would close) are left."""
+    for each in _chain(err):
+        frame = each.__traceback__
         while frame is not None:
             if not frame.tb_frame.f_code.co_flags & (inspect.CO_GENERATOR | inspect.CO_COROUTINE
                                                      | inspect.CO_ASYNC_GENERATOR):
@@ -448,18 +455,11 @@ def _drop_locals(err: BaseException) -> None:
                 except RuntimeError:  # running
                     pass
             frame = frame.tb_next
-        err = err.__cause__ or err.__context__
 
 
 def _out_of_memory(err: BaseException) -> bool:
     """Whether an error, or one of its causes, is the device running out of memory."""
-    seen = set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        if isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower():
-            return True
-        err = err.__cause__ or err.__context__
-    return False
+    return any(isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower() for e in _chain(err))
 
 
 class LoadAhead:
