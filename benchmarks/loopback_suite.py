@@ -72,3 +72,32 @@ def start_hub(repo: str, suite: Path, bandwidth: float, port: int, per_connectio
     server = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     server.stdout.readline()  # the URL: the server is up
     return server
+
+
+def timed_scan(config, watched: Path, interval: float) -> tuple[float, int]:
+    """Run `ckpt_trace.scan` (every revision must end scored); the seconds it took, and the peak bytes in `watched`
+    (a cache, or its blobs), sampled every `interval` seconds meanwhile."""
+    import threading
+    import time
+
+    from ckpt_trace.scan import scan
+
+    peak, stop = [0], threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            try:
+                peak[0] = max(peak[0], folder_bytes(watched))
+            except OSError:  # a folder evicted while it was walked: the next sample counts again
+                pass
+            time.sleep(interval)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    start = time.perf_counter()
+    summary = scan(config)
+    seconds = time.perf_counter() - start
+    stop.set()
+    sampler.join()
+    assert (summary["status"] == "scored").all(), summary
+    return seconds, peak[0]

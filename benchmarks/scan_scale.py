@@ -21,38 +21,11 @@ import argparse
 import os
 import resource
 import tempfile
-import threading
-import time
 from pathlib import Path
 
-from loopback_suite import calibration_file, folder_bytes, point_at_loopback, random_suite, start_hub
+from loopback_suite import calibration_file, point_at_loopback, random_suite, start_hub, timed_scan
 
 REPO = "bench/scale"
-
-
-def timed_scan(config, cache: Path) -> tuple[float, int]:
-    """Seconds the scan took, and the peak bytes in its cache."""
-    from ckpt_trace.scan import scan
-
-    peak, stop = [0], threading.Event()
-
-    def sample():
-        while not stop.is_set():
-            try:
-                peak[0] = max(peak[0], folder_bytes(cache))
-            except OSError:  # a folder evicted while it was walked: the next sample counts again
-                pass
-            time.sleep(0.02)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    start = time.perf_counter()
-    summary = scan(config)
-    seconds = time.perf_counter() - start
-    stop.set()
-    sampler.join()
-    assert (summary["status"] == "scored").all(), summary
-    return seconds, peak[0]
 
 
 def main() -> None:
@@ -85,7 +58,7 @@ def main() -> None:
             scan_config = ScanConfig(source=REPO, calibration=CalibrationSpec(str(ids_file)), device="cpu",
                                      dtype="float32", progress=False, store=work / f"store-{name}",
                                      cache_dir=work / f"cache-{name}", ray=use_ray)
-            seconds, disk = timed_scan(scan_config, work / f"cache-{name}")
+            seconds, disk = timed_scan(scan_config, work / f"cache-{name}", interval=0.02)
             rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
             runs[name] = seconds
             print(f"{name:6s}: {seconds:7.2f} s  ({args.revisions / seconds:.2f} revisions/s); peak cache "

@@ -20,11 +20,10 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-from loopback_suite import calibration_file, folder_bytes, point_at_loopback, random_suite, start_hub
+from loopback_suite import calibration_file, point_at_loopback, random_suite, start_hub, timed_scan
 
 REPO = "bench/suite"
 
@@ -49,7 +48,7 @@ def main() -> None:
     ids_file = calibration_file(work / "ids.jsonl", args.samples, args.seq_len)
 
     from ckpt_trace.calibration import CalibrationSpec
-    from ckpt_trace.scan import ScanConfig, build_calibration, scan, score_checkpoint
+    from ckpt_trace.scan import ScanConfig, build_calibration, score_checkpoint
     from ckpt_trace.sources import LocalSource
 
     spec = CalibrationSpec(str(ids_file))
@@ -89,22 +88,8 @@ def main() -> None:
 
         # Streamed: the library's scan, with a sampler watching the cache.
         cache = work / "cache-streamed"
-        peak, stop = [0], threading.Event()
-
-        def sample():
-            while not stop.is_set():
-                peak[0] = max(peak[0], folder_bytes(cache / "models--bench--suite" / "blobs"))
-                time.sleep(0.01)
-
-        sampler = threading.Thread(target=sample, daemon=True)
-        sampler.start()
         scan_config.source, scan_config.cache_dir, scan_config.store = REPO, cache, work / "store"
-        start = time.perf_counter()
-        summary = scan(scan_config)
-        streamed = time.perf_counter() - start
-        stop.set()
-        sampler.join()
-        assert (summary["status"] == "scored").all(), summary
+        streamed, peak = timed_scan(scan_config, cache / "models--bench--suite" / "blobs", interval=0.01)
     finally:
         server.kill()
 
@@ -115,7 +100,7 @@ def main() -> None:
 
     scored_while_downloading = Store(work / "store").runs()["seconds"].sum()
     print(f"scoring during the streamed run: {scored_while_downloading:.2f}s (alone: {scoring_s:.2f}s)")
-    print(f"peak cache: {peak[0] / 1e6:.1f} MB = {peak[0] / weight_bytes:.2f} revisions")
+    print(f"peak cache: {peak / 1e6:.1f} MB = {peak / weight_bytes:.2f} revisions")
     print(f"overlap_ratio={streamed / max(download_s, scoring_s):.3f}")
 
 
