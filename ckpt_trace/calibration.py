@@ -204,12 +204,13 @@ class HubTexts:
 
         from .paths import atomic_write_bytes, home
 
-        record = home() / "datasets" / f"{self.repo.replace('/', '--')}.json"
+        folder = self.repo.replace("/", "--")
+        record = home() / "datasets" / f"{folder}.json"
         if constants.HF_HUB_OFFLINE:
             try:
                 listing = json.loads(record.read_text())
                 commit, files = str(listing["commit"]), list(listing["files"])
-                snapshots = Path(constants.HF_HUB_CACHE) / f"datasets--{self.repo.replace('/', '--')}" / "snapshots"
+                snapshots = Path(constants.HF_HUB_CACHE) / f"datasets--{folder}" / "snapshots"
                 if (snapshots / commit).is_dir():
                     return commit, files
             except (OSError, ValueError, KeyError, TypeError):
@@ -421,6 +422,15 @@ def bos_prefix(tokenizer) -> list[int]:
     return [bos] if ids and ids[0] == bos and ids != tokenizer("a", add_special_tokens=False)["input_ids"] else []
 
 
+def _spec_blocks(documents: Iterable[str], tokenizer,
+                 spec: CalibrationSpec) -> tuple[int, Callable[[Sequence[int]], list[list[int]]]]:
+    """`stream_blocks` for a spec with its seq_len settled: blocks of seq_len tokens, each after BOS where the
+    tokenizer's template puts one, from the first `draw_limit` blocks of the stream."""
+    prefix = bos_prefix(tokenizer)
+    n_blocks, take = stream_blocks(documents, tokenizer, spec.seq_len - len(prefix), draw_limit(spec))
+    return n_blocks, lambda indices: [prefix + block for block in take(indices)]
+
+
 def drawn_blocks(n_blocks: int, samples: int, seed: int) -> list[int]:
     """The indices of the blocks a calibration set with this seed takes, in stream order."""
     return sorted(random.Random(seed).sample(range(n_blocks), min(samples, n_blocks)))
@@ -430,9 +440,7 @@ def tokenize_blocks(documents: Iterable[str], tokenizer, spec: CalibrationSpec) 
     """Join documents with EOS, cut into ``seq_len`` blocks, and draw ``samples`` of them with ``seed`` (from the
     first `draw_limit` blocks)."""
     spec = fit_seq_len(spec)
-    prefix = bos_prefix(tokenizer)
-    width = spec.seq_len - len(prefix)
-    n_blocks, take = stream_blocks(documents, tokenizer, width, draw_limit(spec))
+    n_blocks, take = _spec_blocks(documents, tokenizer, spec)
     if n_blocks == 0:
         raise CalibrationError(
             f"calibration {spec.source!r} gives fewer than one block of seq_len={spec.seq_len} tokens"
@@ -442,7 +450,7 @@ def tokenize_blocks(documents: Iterable[str], tokenizer, spec: CalibrationSpec) 
             "calibration %r holds %d blocks of %d tokens; using all of them instead of %d",
             spec.source, n_blocks, spec.seq_len, spec.samples,
         )
-    return [prefix + block for block in take(drawn_blocks(n_blocks, spec.samples, spec.seed))]
+    return take(drawn_blocks(n_blocks, spec.samples, spec.seed))
 
 
 def heldout_set(spec: CalibrationSpec, tokenizer, samples: int = 32) -> CalibrationSet:
@@ -451,15 +459,13 @@ def heldout_set(spec: CalibrationSpec, tokenizer, samples: int = 32) -> Calibrat
     docs = read_source(spec.source)
     if isinstance(next(iter(docs), ""), list):
         raise CalibrationError(f"held-out blocks need a text source; {spec.source!r} is pre-tokenized")
-    prefix = bos_prefix(tokenizer)
-    width = spec.seq_len - len(prefix)
-    n_blocks, take = stream_blocks(docs, tokenizer, width, draw_limit(spec))
+    n_blocks, take = _spec_blocks(docs, tokenizer, spec)
     taken = set(drawn_blocks(n_blocks, spec.samples, spec.seed))
     rest = [i for i in range(n_blocks) if i not in taken]
     if not rest:
         raise CalibrationError(f"{spec.source!r} has no blocks left beyond the {len(taken)} the calibration set takes")
     chosen = sorted(random.Random(spec.seed + 1).sample(rest, min(samples, len(rest))))
-    blocks = [prefix + block for block in take(chosen)]
+    blocks = take(chosen)
     return CalibrationSet.from_ids(blocks, f"{spec.source} held out ({len(blocks)}x{spec.seq_len})")
 
 

@@ -32,7 +32,7 @@ from . import __version__
 from .calibration import CalibrationSet, CalibrationSpec, fit_seq_len, heldout_set, load_calibration
 from .microsuite import heldout_set as suite_heldout_set
 from .errors import CalibrationError, ConfigError
-from .scoring import next_token_losses
+from .scoring import LossSums, model_device
 from .sources import single_checkpoint
 from .store import EVALS_SCHEMA
 
@@ -50,18 +50,14 @@ STDERR_BOOTSTRAP = 1000
 def perplexity(model, data: CalibrationSet, batch_size: int = 8) -> tuple[float, int]:
     """exp(mean negative log-likelihood) over every predicted token, and the number of those tokens; memory does
     not grow with the vocabulary beyond the model's own (`ckpt_trace.scoring.next_token_losses`)."""
-    device = next(model.parameters()).device
+    device = model_device(model)
     data.check_vocab(model.get_input_embeddings().num_embeddings)
-    total = torch.zeros((), dtype=torch.float64)
-    count = 0
+    sums = LossSums()
     for ids, mask in data.batches(batch_size):
-        ids, mask = ids.to(device), mask.to(device)
-        # The loss a chunk of positions at a time: no [B, T, vocab] logits (see `next_token_losses`).
-        total += next_token_losses(model, ids, mask).sum(dtype=torch.float64).cpu()
-        count += int(mask[:, 1:].sum())
-    if count == 0:
+        sums.update(model, ids.to(device), mask.to(device))
+    if sums.count == 0:
         raise CalibrationError(f"perplexity data {data.source!r} has no token to predict: every sequence needs 2 tokens or more")
-    return math.exp(float(total) / count), count
+    return math.exp(sums.mean()), sums.count
 
 
 def perplexity_set(model_dir: Path, model, tokenizer, calibration: CalibrationSpec,

@@ -587,8 +587,9 @@ def scan(config: ScanConfig) -> pl.DataFrame:
                 if not config.keep_going:
                     bar.close()
                     raise error
-                log.warning("revision %s failed: %s", name, " ".join(str(error).split()))
-                statuses[name] = ("failed", seconds, " ".join(str(error).split()))
+                message = " ".join(str(error).split())
+                log.warning("revision %s failed: %s", name, message)
+                statuses[name] = ("failed", seconds, message)
                 bar.update()
                 continue
             row, frame = result
