@@ -127,15 +127,10 @@ class LoopbackHub:
         """Wait until `n` more bytes fit in the bandwidth (shared by all connections, or each connection's own)."""
         if not self.bandwidth:
             return
-        if self.per_connection:  # each connection is served by its own thread
-            start = max(time.monotonic(), getattr(self._connection, "next_free", 0.0))
-            self._connection.next_free = start + n / self.bandwidth
-            time.sleep(max(0.0, self._connection.next_free - time.monotonic()))
-            return
+        clock = self._connection if self.per_connection else self  # each connection is served by its own thread
         with self._lock:
-            start = max(time.monotonic(), self._next_free)
-            self._next_free = start + n / self.bandwidth
-            until = self._next_free
+            start = max(time.monotonic(), getattr(clock, "_next_free", 0.0))
+            until = clock._next_free = start + n / self.bandwidth
         time.sleep(max(0.0, until - time.monotonic()))
 
     def take_cut(self, path: str) -> bool:
