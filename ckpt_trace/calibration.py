@@ -168,8 +168,11 @@ class HubTexts:
     ckpt-trace's home, so that ``HF_HUB_OFFLINE`` reads the same files at the same commit from the cache); iterating
     downloads each file only when the texts reach it, and reads it a batch of rows at a time, so that memory holds
     one batch and the draw downloads only the files it needs. Iterable again: later passes read the cached files.
-    A spec that names no split, over files that name none (``data/CC-MAIN-2024-10/000_00000.parquet``), takes
-    every file of the config; a spec that names no config, over a split in several, is an error that names them.
+    Where the dataset's README declares its configs (``configs:``, each with its ``data_files``), those say which
+    files make a config's split, and a spec that names no config takes the default one. Else the files are found
+    by their names: a config is a folder, a split a word of the path; a spec that names no split, over files that
+    name none (``data/CC-MAIN-2024-10/000_00000.parquet``), takes every file of the config; a spec that names no
+    config, over a split in several, is an error that names them.
     """
 
     def __init__(self, spec: str):
@@ -179,6 +182,10 @@ class HubTexts:
         self.repo, config = parts[0], (parts[1] if len(parts) > 1 else "")
         split = parts[2] if len(parts) > 2 else None
         self.commit, names = self._listing()
+        declared, default = self._declared_configs(names)
+        if declared:
+            self.files = self._declared_files(declared, names, config or default, split)
+            return
         prefix = f"{config}/" if config else ""
         texts = sorted(n for n in names if n.startswith(prefix) and n.endswith(DATASET_FILES))
         named = split or "train"
@@ -196,6 +203,68 @@ class HubTexts:
             raise CalibrationError(f"dataset {self.repo!r} has {named} files in several configs ("
                                    f"{', '.join(f or '(top level)' for f in folders)}); name one, as "
                                    f"hf:{self.repo}:{folders[-1]}:{named}")
+
+    def _declared_configs(self, names: list[str]) -> tuple[dict[str, object], str | None]:
+        """The configs declared in the README's YAML header at the commit, as {config: its data_files}, and the
+        default one (marked ``default: true``, else named ``default``, else the only one); ({}, None) where the
+        README declares none."""
+        from huggingface_hub import metadata_load
+
+        if "README.md" not in names:
+            return {}, None
+        try:
+            header = metadata_load(self._download("README.md")) or {}
+        except CalibrationError:
+            raise
+        except Exception as err:  # yaml's errors for a header that does not parse
+            raise CalibrationError(f"cannot read the configs in README.md of dataset {self.repo!r}: "
+                                   f"{' '.join(str(err).split())}") from err
+        entries = header.get("configs") or []
+        configs, marked = {}, None
+        for entry in entries if isinstance(entries, list) else [entries]:
+            name = entry.get("config_name") if isinstance(entry, dict) else None
+            if not isinstance(name, str):
+                raise CalibrationError(f"README.md of dataset {self.repo!r} declares a config with no config_name: "
+                                       f"{entry!r}")
+            configs[name] = entry.get("data_files")
+            if entry.get("default") is True:
+                marked = name
+        default = marked or ("default" if "default" in configs else next(iter(configs)) if len(configs) == 1 else None)
+        return configs, default
+
+    def _declared_files(self, declared: dict[str, object], names: list[str], config: str | None,
+                        split: str | None) -> list[str]:
+        """The readable files of a split of a config that the README declares, in name order."""
+        if config is None:
+            raise CalibrationError(f"dataset {self.repo!r} declares several configs and no default "
+                                   f"({', '.join(declared)}); name one, as hf:{self.repo}:{next(iter(declared))}")
+        if config not in declared:
+            raise CalibrationError(f"dataset {self.repo!r} has no config {config!r}; its README declares: "
+                                   f"{', '.join(declared)}")
+        splits = _split_patterns(declared[config], f"config {config!r} of dataset {self.repo!r}")
+        named = split or "train"
+        if named not in splits:
+            raise CalibrationError(f"config {config!r} of dataset {self.repo!r} has no split {named!r}; its README "
+                                   f"declares: {', '.join(splits)}")
+        matched = sorted(n for n in names if any(_glob_match(pattern, n) for pattern in splits[named]))
+        files = [n for n in matched if n.endswith(DECLARED_FILES)]
+        if not files:
+            shown = ", ".join(matched[:6]) + (f" and {len(matched) - 6} more" if len(matched) > 6 else "")
+            raise CalibrationError(f"split {named!r} of config {config!r} of dataset {self.repo!r} has no parquet or "
+                                   f"JSON files: its README's {', '.join(splits[named])} match {shown or 'no file'}")
+        return files
+
+    def _download(self, name: str) -> Path:
+        """One file of the dataset at the listed commit, from the cache where it is there."""
+        from huggingface_hub import constants, hf_hub_download
+
+        try:
+            return Path(hf_hub_download(self.repo, name, repo_type="dataset", revision=self.commit))
+        except Exception as err:
+            if constants.HF_HUB_OFFLINE:
+                raise CalibrationError(f"{name} of dataset {self.repo!r} (commit {self.commit[:12]}) is not in "
+                                       "the cache, and HF_HUB_OFFLINE is set") from err
+            raise CalibrationError(f"cannot fetch {name} of dataset {self.repo!r}: {' '.join(str(err).split())}") from err
 
     def _listing(self) -> tuple[str, list[str]]:
         """The dataset's commit and files: from the Hub, remembered for offline use; offline, the remembered ones
@@ -232,17 +301,9 @@ class HubTexts:
         return info.sha, files
 
     def __iter__(self) -> Iterator[str]:
-        from huggingface_hub import constants, hf_hub_download
-
         for name in self.files:
-            try:
-                path = Path(hf_hub_download(self.repo, name, repo_type="dataset", revision=self.commit))
-            except Exception as err:
-                if constants.HF_HUB_OFFLINE:
-                    raise CalibrationError(f"{name} of dataset {self.repo!r} (commit {self.commit[:12]}) is not in "
-                                           "the cache, and HF_HUB_OFFLINE is set") from err
-                raise CalibrationError(f"cannot fetch {name} of dataset {self.repo!r}: {' '.join(str(err).split())}") from err
-            read = _parquet_texts if name.endswith(".parquet") else _jsonl_texts
+            path = self._download(name)
+            read = _parquet_texts if name.endswith(".parquet") else _json_texts if name.endswith(".json") else _jsonl_texts
             try:
                 yield from read(path, name)
             except CalibrationError:
@@ -254,6 +315,10 @@ class HubTexts:
 DATASET_FILES = (".parquet", ".jsonl", ".jsonl.gz", ".json.gz")
 """The files of a Hub dataset that calibration reads: parquet, and JSON lines, gzipped too (C4's ``.json.gz``)."""
 
+DECLARED_FILES = (*DATASET_FILES, ".json")
+"""The files that calibration reads where a README's configs name them: those, and ``.json`` (JSON lines, or one
+JSON array of records), which is left out of the search by name, where it is mostly metadata."""
+
 SPLITS = ("train", "validation", "test", "dev", "valid")
 """Words that name a split in a dataset's file names."""
 
@@ -262,6 +327,33 @@ def _names_split(name: str, split: str) -> bool:
     """Whether a file's path names the split, as a word of its own (``train-00000-of-00001.parquet``,
     ``c4-validation.00000-of-00008.json.gz``, ``train/0.parquet``; not ``pretrain_mix/`` or ``invalid.parquet``)."""
     return re.search(rf"(?:^|[/_.-]){re.escape(split)}(?:[/_.-]|$)", name) is not None
+
+
+def _split_patterns(data_files, label: str) -> dict[str, list[str]]:
+    """A config's ``data_files`` as {split: [patterns]}: a pattern or a list of them (the train split), or a list
+    of ``{split, path}`` whose path is a pattern or a list of them."""
+    def patterns(value) -> list[str]:
+        listed = [value] if isinstance(value, str) else value
+        if not isinstance(listed, list) or not listed or not all(isinstance(p, str) for p in listed):
+            raise CalibrationError(f"the data_files of {label} are not file patterns: {value!r}")
+        return listed
+
+    if isinstance(data_files, list) and data_files and all(isinstance(e, dict) for e in data_files):
+        splits: dict[str, list[str]] = {}
+        for entry in data_files:
+            if not isinstance(entry.get("split"), str):
+                raise CalibrationError(f"the data_files of {label} have an entry with no split: {entry!r}")
+            splits.setdefault(entry["split"], []).extend(patterns(entry.get("path")))
+        return splits
+    return {"train": patterns(data_files)}
+
+
+def _glob_match(pattern: str, name: str) -> bool:
+    """Whether a repo path matches a data_files pattern: ``*`` and ``?`` within one folder, ``**`` across folders."""
+    parts = re.split(r"(\*\*/?|\*|\?)", pattern.removeprefix("./"))
+    regex = "".join(".*" if p in ("**", "**/") else "[^/]*" if p == "*" else "[^/]" if p == "?" else re.escape(p)
+                    for p in parts)
+    return re.fullmatch(regex, name) is not None
 
 
 def _parquet_texts(path: Path, name: str) -> Iterator[str]:
@@ -281,6 +373,24 @@ def _parquet_texts(path: Path, name: str) -> Iterator[str]:
 
 def _jsonl_texts(path: Path, name: str) -> Iterator[str]:
     for record in _jsonl_records(path, f"dataset file {name}", ("text",)):
+        if record["text"] is not None:
+            yield str(record["text"])
+
+
+def _json_texts(path: Path, name: str) -> Iterator[str]:
+    """The texts of a ``.json`` file: JSON lines, or one JSON array of records (read whole)."""
+    with path.open(encoding="utf-8") as handle:
+        start = handle.read(4096).lstrip()[:1]
+    if start != "[":
+        yield from _jsonl_texts(path, name)
+        return
+    try:
+        records = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise CalibrationError(f"dataset file {name} is not valid JSON ({err.msg}, line {err.lineno})") from None
+    for number, record in enumerate(records):
+        if not isinstance(record, dict) or "text" not in record:
+            raise CalibrationError(f"dataset file {name}: record {number} needs a \"text\" field")
         if record["text"] is not None:
             yield str(record["text"])
 

@@ -63,7 +63,7 @@ def model_options(command):
               help="Revisions downloaded ahead of the one being scored (each takes its place in the cache).")
 @click.option("--load-ahead/--no-load-ahead", default=None,
               help="Load the next revision's model while one is scored (two models in memory)  [default: on a GPU, "
-              "where two of the largest revision take at most half its memory and no --device-map splits it]")
+              "where two of the largest revision take at most half its free memory and no --device-map splits it]")
 @click.option("--shard", help="I/N: scan only the I-th of N parts of the selected revisions (every N-th in training "
               "order), so that N processes (a job array) share one store.")
 @model_options

@@ -123,7 +123,7 @@ class ScanConfig(ScoringOptions):
     """Revisions downloaded ahead of the one being scored (each takes its place in the cache)."""
     load_ahead: bool | None = None
     """Load the next revision's model while one is scored (two models in memory); None: on a GPU, where two fit in
-    half its memory and no device map splits them (see `loads_ahead`)."""
+    half its free memory and no device map splits them (see `loads_ahead`)."""
     shard: tuple[int, int] | None = None
     """(I, N): scan only the I-th (from 1) of N parts of the selected revisions (see `shard`)."""
     ray: bool = False
@@ -143,6 +143,10 @@ class ScanConfig(ScoringOptions):
             ray_module()  # fails now, not after the set-up, where Ray is missing
         if self.prefetch < 1:
             raise ConfigError(f"--prefetch {self.prefetch} is not a number of revisions; use 1 or more")
+        if self.ray and (self.load_ahead or self.prefetch != PREFETCH):  # each Ray task fetches and loads one revision
+            given = "--load-ahead" if self.load_ahead else f"--prefetch {self.prefetch}"
+            raise ConfigError(f"{given} streams revisions through this process, which --ray does not: each Ray task "
+                              f"downloads and loads its own revision, as many at once as the cluster runs; drop one")
         if self.shard is not None:
             index, count = self.shard
             if not 1 <= index <= count:
@@ -501,7 +505,8 @@ class LoadAhead:
 
 def loads_ahead(config: ScanConfig, checkpoints: list[Checkpoint], device: torch.device, dtype: torch.dtype) -> bool:
     """Whether to load the next revision while one is scored: `ScanConfig.load_ahead` where given; else on a GPU
-    where no device map splits the model and two of the largest revision, in `dtype`, take at most half its memory.
+    where no device map splits the model and two of the largest revision, in `dtype`, take at most half its free
+    memory (what other processes hold of a shared GPU is not there to take).
 
     On the CPU, loading and scoring share the same cores, so it is off there unless asked for (measured in
     benchmarks/stream_overlap.py)."""
@@ -511,7 +516,8 @@ def loads_ahead(config: ScanConfig, checkpoints: list[Checkpoint], device: torch
         return False
     largest = max(c.weight_bytes or 0 for c in checkpoints)
     in_memory = largest * max(1.0, dtype.itemsize / 2)  # files of 16-bit weights grow in float32
-    return 2 * in_memory <= torch.cuda.get_device_properties(device).total_memory / 2
+    free, _ = torch.cuda.mem_get_info(device)
+    return 2 * in_memory <= free / 2
 
 
 def scan(config: ScanConfig) -> pl.DataFrame:

@@ -359,15 +359,15 @@ def test_prepare_runs_one_revision_ahead_of_the_caller():
     assert not source.held
 
 
-def test_load_ahead_on_a_gpu_where_two_models_fit_in_half_its_memory(monkeypatch):
+def test_load_ahead_on_a_gpu_where_two_models_fit_in_half_its_free_memory(monkeypatch):
     import torch
 
     from ckpt_trace.revisions import parse_revision
     from ckpt_trace.scan import ScanConfig, loads_ahead
     from ckpt_trace.sources import Checkpoint
 
-    memory = 80 * 2**30
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: type("P", (), {"total_memory": memory}))
+    memory = 80 * 2**30  # free, of a GPU of twice that, the rest held by another process
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (memory, 2 * memory))
     gpu, cpu = torch.device("cuda:0"), torch.device("cpu")
 
     def sizes(*weight_bytes):

@@ -599,3 +599,106 @@ def test_a_hub_dataset_offline_and_in_other_layouts(hub, tmp_path, monkeypatch):
     with pytest.raises(CalibrationError, match=r"dataset 'org/c4' has validation files in several configs \(cut, en, "
                        r"en.noblocklist\); name one, as hf:org/c4:en.noblocklist:validation"):
         HubTexts("hf:org/c4::validation")
+
+
+def test_a_hub_dataset_whose_readme_declares_its_configs(hub, tmp_path, monkeypatch):
+    """A README's `configs:` say which files make a config's split (FineWeb's `sample-10BT` lives in sample/10BT/),
+    the default config is taken where none is named, `.json` files they name are read (JSON lines or one array),
+    offline reads the same files, and what the README does not declare is one clear error."""
+    from ckpt_trace.calibration import CalibrationSpec, HubTexts, load_calibration
+    from ckpt_trace.errors import CalibrationError
+    from transformers import AutoTokenizer
+
+    def parquet(texts):
+        buffer = io.BytesIO()
+        pl.DataFrame({"text": texts}).write_parquet(buffer)
+        return buffer.getvalue()
+
+    readme = b"""---
+license: odc-by
+configs:
+- config_name: default
+  data_files:
+  - split: train
+    path: data/*/*
+- config_name: sample-10BT
+  data_files:
+  - split: train
+    path: sample/10BT/*
+- config_name: arrays
+  data_files:
+  - split: train
+    path:
+    - arrays/a.json
+    - arrays/lines.json
+  - split: test
+    path: arrays/*.csv
+- config_name: nested
+  data_files: "deep/**/*.jsonl"
+---
+# A web corpus
+"""
+    files = {
+        "README.md": readme,
+        "data/CC-MAIN-2024-10/000_00000.parquet": parquet(["crawl one"]),
+        "data/CC-MAIN-2024-18/000_00000.parquet": parquet(["crawl two"]),
+        "sample/10BT/000_00000.parquet": parquet(["sample a"]),
+        "sample/10BT/001_00000.parquet": parquet(["sample b"]),
+        "sample/100BT/000_00000.parquet": parquet(["not this sample"]),
+        "arrays/a.json": json.dumps([{"text": "first"}, {"text": None}, {"text": "second"}], indent=2).encode(),
+        "arrays/lines.json": b'{"text": "third"}\n{"text": "fourth"}\n',
+        "arrays/held.csv": b"text\nx\n",
+        "deep/x/y/part.jsonl": b'{"text": "deep"}\n',
+        "dataset_info.json": b'{"not": "texts"}',
+    }
+    hub.add_revision("org/fw", "main", files, repo_type="dataset")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    assert HubTexts("hf:org/fw:sample-10BT").files == ["sample/10BT/000_00000.parquet", "sample/10BT/001_00000.parquet"]
+    assert list(HubTexts("hf:org/fw:sample-10BT")) == ["sample a", "sample b"]
+    assert list(HubTexts("hf:org/fw")) == ["crawl one", "crawl two"]  # the default config, its train split
+    assert list(HubTexts("hf:org/fw::train")) == ["crawl one", "crawl two"]
+    assert list(HubTexts("hf:org/fw:arrays")) == ["first", "second", "third", "fourth"]
+    assert list(HubTexts("hf:org/fw:nested")) == ["deep"]  # ** crosses folders
+
+    write_tokenizer(tmp_path / "tok")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "tok")
+    online = load_calibration(CalibrationSpec("hf:org/fw:sample-10BT", samples=1, seq_len=4), tokenizer)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    hub.log.clear()
+    assert load_calibration(CalibrationSpec("hf:org/fw:sample-10BT", samples=1, seq_len=4), tokenizer).id == online.id
+    assert not hub.log  # the README and the files came from the cache
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+
+    with pytest.raises(CalibrationError, match="^dataset 'org/fw' has no config 'en'; its README declares: default, "
+                       "sample-10BT, arrays, nested$"):
+        HubTexts("hf:org/fw:en")
+    with pytest.raises(CalibrationError, match="^config 'sample-10BT' of dataset 'org/fw' has no split 'validation'; "
+                       "its README declares: train$"):
+        HubTexts("hf:org/fw:sample-10BT:validation")
+    with pytest.raises(CalibrationError, match=r"^split 'test' of config 'arrays' of dataset 'org/fw' has no parquet "
+                       r"or JSON files: its README's arrays/\*.csv match arrays/held.csv$"):
+        HubTexts("hf:org/fw:arrays:test")
+    hub.add_revision("org/two", "main", {"README.md": b"---\nconfigs:\n- config_name: a\n  data_files: a/*\n"
+                                         b"- config_name: b\n  data_files: b/*\n---\n", "a/t.jsonl": b'{"text": "a"}\n'},
+                     repo_type="dataset")
+    with pytest.raises(CalibrationError, match=r"^dataset 'org/two' declares several configs and no default \(a, b\); "
+                       r"name one, as hf:org/two:a$"):
+        HubTexts("hf:org/two")
+    assert list(HubTexts("hf:org/two:a")) == ["a"]
+    hub.add_revision("org/bad-card", "main", {"README.md": b"---\nconfigs: [unclosed\n---\n"}, repo_type="dataset")
+    with pytest.raises(CalibrationError, match="^cannot read the configs in README.md of dataset 'org/bad-card': "):
+        HubTexts("hf:org/bad-card")
+    hub.add_revision("org/bad-files", "main", {"README.md": b"---\nconfigs:\n- config_name: x\n  data_files:\n"
+                                               b"  - path: x/*\n---\n"}, repo_type="dataset")
+    with pytest.raises(CalibrationError, match=r"^the data_files of config 'x' of dataset 'org/bad-files' have an "
+                       r"entry with no split: \{'path': 'x/\*'\}$"):
+        HubTexts("hf:org/bad-files")
+    hub.add_revision("org/bad-array", "main", {
+        "README.md": b"---\nconfigs:\n- config_name: x\n  data_files: x.json\n---\n", "x.json": b'[{"body": "no text"}]',
+    }, repo_type="dataset")
+    with pytest.raises(CalibrationError, match='^dataset file x.json: record 0 needs a "text" field$'):
+        list(HubTexts("hf:org/bad-array"))
+    # A README without configs leaves the files to be found by name, as before.
+    hub.add_revision("org/plain", "main", {"README.md": b"---\nlicense: mit\n---\n", "train.jsonl": b'{"text": "p"}\n'},
+                     repo_type="dataset")
+    assert list(HubTexts("hf:org/plain")) == ["p"]

@@ -101,3 +101,13 @@ def test_without_ray_installed_the_flag_is_one_line(suite, tmp_path, capsys, mon
     assert main(["scan", str(suite), "--store", str(tmp_path / "s"), "--ray", "--device", "cpu"]) == 2
     assert capsys.readouterr().err == 'ckpt-trace: error: --ray needs Ray: pip install "ckpt-trace[ray]"\n'
     assert not (tmp_path / "s").exists()  # it failed before any work
+
+
+def test_streaming_options_that_a_ray_scan_would_ignore_are_one_line(suite, tmp_path, capsys):
+    for option, named in ((["--load-ahead"], "--load-ahead"), (["--prefetch", "3"], "--prefetch 3")):
+        assert main(["scan", str(suite), "--store", str(tmp_path / "s"), "--ray", *option, "--device", "cpu"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"ckpt-trace: error: {named} streams revisions through this process, which --ray does "
+                              "not") and err.count("\n") == 1
+    assert not (tmp_path / "s").exists()  # it failed before any work
+    assert ScanConfig(source=str(suite), ray=True, load_ahead=False).load_ahead is False  # consistent: no error
