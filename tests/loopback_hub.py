@@ -144,19 +144,21 @@ class LoopbackHub:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    CATCH_UP = 0.05  # seconds of bandwidth a late sender may send at once
+    CATCH_UP = 0.05  # seconds a sender may be behind its schedule and still catch up
 
     def throttle(self, n: int) -> None:
         """Wait until `n` more bytes fit in the bandwidth (shared by all connections, or each connection's own).
 
         The bytes keep to a schedule: a serving thread that wakes late (this process shares the CPU with the
-        client it serves, unlike the real Hub) sends what it owes at once, up to CATCH_UP seconds of it, so that
-        the rate seen by the client is the bandwidth, not the bandwidth less this process's scheduling delays."""
+        client it serves, unlike the real Hub) sends what it owes at once, if it is at most CATCH_UP seconds
+        behind, so that the rate seen by the client is the bandwidth, not the bandwidth less this process's
+        scheduling delays. A link that was idle longer starts afresh: idle time is no credit."""
         if not self.bandwidth:
             return
         clock = self._connection if self.per_connection else self  # each connection is served by its own thread
         with self._lock:
-            start = max(time.monotonic() - self.CATCH_UP, getattr(clock, "_next_free", 0.0))
+            now, scheduled = time.monotonic(), getattr(clock, "_next_free", 0.0)
+            start = scheduled if scheduled >= now - self.CATCH_UP else now
             until = clock._next_free = start + n / self.bandwidth
         time.sleep(max(0.0, until - time.monotonic()))
 
