@@ -23,6 +23,7 @@ BOS included, stored beside every score.
 from __future__ import annotations
 
 import gzip
+import fnmatch
 import hashlib
 import json
 import logging
@@ -139,7 +140,7 @@ def pydoc_documents() -> list[str]:
 def _jsonl_records(path: Path, label: str, fields: tuple[str, ...] = ("text", "input_ids")) -> Iterator[dict]:
     """The records of a jsonl file (gzipped where its name ends in .gz), read a line at a time; each must be an object
     with one of `fields`."""
-    opened = gzip.open(path, "rt", encoding="utf-8") if path.name.endswith(".gz") else path.open(encoding="utf-8")
+    opened = gzip.open(path, "rt", encoding="utf-8-sig") if path.name.endswith(".gz") else path.open(encoding="utf-8-sig")
     with opened as handle:
         for number, line in enumerate(handle, 1):
             if not line.strip():
@@ -168,9 +169,9 @@ class HubTexts:
     ckpt-trace's home, so that ``HF_HUB_OFFLINE`` reads the same files at the same commit from the cache); iterating
     downloads each file only when the texts reach it, and reads it a batch of rows at a time, so that memory holds
     one batch and the draw downloads only the files it needs. Iterable again: later passes read the cached files.
-    Where the dataset's README declares its configs (``configs:``, each with its ``data_files``), those say which
-    files make a config's split, and a spec that names no config takes the default one. Else the files are found
-    by their names: a config is a folder, a split a word of the path; a spec that names no split, over files that
+    Where the dataset's README declares its configs (``configs:``, each with its ``data_files`` and ``data_dir``),
+    those say which files make a config's split, and a spec that names no config takes the default one; a config
+    the README does not declare is looked for as a folder. Else the files are found by their names: a config is a folder, a split a word of the path; a spec that names no split, over files that
     name none (``data/CC-MAIN-2024-10/000_00000.parquet``), takes every file of the config; a spec that names no
     config, over a split in several, is an error that names them.
     """
@@ -182,36 +183,49 @@ class HubTexts:
         self.repo, config = parts[0], (parts[1] if len(parts) > 1 else "")
         split = parts[2] if len(parts) > 2 else None
         self.commit, names = self._listing()
-        declared, default = self._declared_configs(names)
-        if declared:
-            self.files = self._declared_files(declared, names, config or default, split)
+        declared = self._declared_configs(names)
+        if declared and not config:
+            config = self._default_config(declared, split)
+        if config in declared:
+            self.files = self._declared_files(config, declared[config], names, split)
             return
         prefix = f"{config}/" if config else ""
-        texts = sorted(n for n in names if n.startswith(prefix) and n.endswith(DATASET_FILES))
-        named = split or "train"
-        self.files = [n for n in texts if _names_split(n.removeprefix(prefix), named)]
-        if not self.files and split is None and not any(_names_split(n, s) for n in texts for s in SPLITS):
-            self.files = texts  # files that name no split: the config's one split
-        if not self.files:
-            have = [n for n in names if n.endswith(DATASET_FILES)]
-            listed = ", ".join(have[:6]) + (f" and {len(have) - 6} more" if len(have) > 6 else "") if have else "none"
-            raise CalibrationError(f"dataset {self.repo!r} has no parquet or JSON-lines files for split {named!r}"
-                                   f"{f' of config {config!r}' if config else ''}; its parquet and JSON-lines files: "
-                                   f"{listed}")
+        self.files = self._named_files(names, prefix, split, f" of config {config!r}" if config else "",
+                                       declared=list(declared))
         folders = sorted({n.split("/")[0] if "/" in n else "" for n in self.files})
         if not config and len(folders) > 1:
+            named = split or "train"
             raise CalibrationError(f"dataset {self.repo!r} has {named} files in several configs ("
                                    f"{', '.join(f or '(top level)' for f in folders)}); name one, as "
                                    f"hf:{self.repo}:{folders[-1]}:{named}")
 
-    def _declared_configs(self, names: list[str]) -> tuple[dict[str, object], str | None]:
-        """The configs declared in the README's YAML header at the commit, as {config: its data_files}, and the
-        default one (marked ``default: true``, else named ``default``, else the only one); ({}, None) where the
-        README declares none."""
+    def _named_files(self, names: list[str], prefix: str, split: str | None, where: str,
+                     declared: list[str] = ()) -> list[str]:
+        """The parquet and JSON-lines files under `prefix` whose paths name the split (train where none is given),
+        in name order; where none is given and no file names a split, all of them."""
+        texts = sorted(n for n in names if n.startswith(prefix) and n.endswith(DATASET_FILES))
+        named = split or "train"
+        files = [n for n in texts if _names_split(n.removeprefix(prefix), named)]
+        if not files and split is None and not any(_names_split(n.removeprefix(prefix), s) for n in texts for s in SPLITS):
+            files = texts  # files that name no split: the config's one split
+        if files:
+            return files
+        if declared:
+            raise CalibrationError(f"dataset {self.repo!r} has no config {prefix.rstrip('/')!r}: its README declares "
+                                   f"{', '.join(declared)}, and no folder of that name holds {named} files")
+        have = [n for n in names if n.endswith(DATASET_FILES)]
+        listed = ", ".join(have[:6]) + (f" and {len(have) - 6} more" if len(have) > 6 else "") if have else "none"
+        raise CalibrationError(f"dataset {self.repo!r} has no parquet or JSON-lines files for split {named!r}{where}; "
+                               f"its parquet and JSON-lines files: {listed}")
+
+    def _declared_configs(self, names: list[str]) -> dict[str, list[dict]]:
+        """The configs declared in the README's YAML header at the commit, as {config: its entries} (one each, where
+        the README is well made); {} where the README declares none as a list of ``config_name`` entries (an older
+        card lists only names: its files are then found by name)."""
         from huggingface_hub import metadata_load
 
         if "README.md" not in names:
-            return {}, None
+            return {}
         try:
             header = metadata_load(self._download("README.md")) or {}
         except CalibrationError:
@@ -219,39 +233,56 @@ class HubTexts:
         except Exception as err:  # yaml's errors for a header that does not parse
             raise CalibrationError(f"cannot read the configs in README.md of dataset {self.repo!r}: "
                                    f"{' '.join(str(err).split())}") from err
-        entries = header.get("configs") or []
-        configs, marked = {}, None
-        for entry in entries if isinstance(entries, list) else [entries]:
-            name = entry.get("config_name") if isinstance(entry, dict) else None
-            if not isinstance(name, str):
-                raise CalibrationError(f"README.md of dataset {self.repo!r} declares a config with no config_name: "
-                                       f"{entry!r}")
-            configs[name] = entry.get("data_files")
-            if entry.get("default") is True:
-                marked = name
-        default = marked or ("default" if "default" in configs else next(iter(configs)) if len(configs) == 1 else None)
-        return configs, default
+        entries = header.get("configs") if isinstance(header, dict) else None
+        configs: dict[str, list[dict]] = {}
+        for entry in entries if isinstance(entries, list) else []:
+            if isinstance(entry, dict) and entry.get("config_name") is not None:
+                configs.setdefault(str(entry["config_name"]), []).append(entry)  # YAML reads 2020 or `no` as non-str
+        return configs
 
-    def _declared_files(self, declared: dict[str, object], names: list[str], config: str | None,
-                        split: str | None) -> list[str]:
-        """The readable files of a split of a config that the README declares, in name order."""
-        if config is None:
+    def _default_config(self, declared: dict[str, list[dict]], split: str | None) -> str:
+        """The config a spec that names none takes: the one marked ``default: true``, else the one named
+        ``default``, else the only one."""
+        marked = [name for name, entries in declared.items() if any(e.get("default") is True for e in entries)]
+        defaults = marked or [name for name in declared if name == "default" or len(declared) == 1]
+        tail = f":{split}" if split is not None else ""
+        if len(defaults) > 1:
+            raise CalibrationError(f"dataset {self.repo!r} marks several configs as the default ("
+                                   f"{', '.join(defaults)}); name one, as hf:{self.repo}:{defaults[0]}{tail}")
+        if not defaults:
             raise CalibrationError(f"dataset {self.repo!r} declares several configs and no default "
-                                   f"({', '.join(declared)}); name one, as hf:{self.repo}:{next(iter(declared))}")
-        if config not in declared:
-            raise CalibrationError(f"dataset {self.repo!r} has no config {config!r}; its README declares: "
-                                   f"{', '.join(declared)}")
-        splits = _split_patterns(declared[config], f"config {config!r} of dataset {self.repo!r}")
+                                   f"({', '.join(declared)}); name one, as hf:{self.repo}:{next(iter(declared))}{tail}")
+        return defaults[0]
+
+    def _declared_files(self, config: str, entries: list[dict], names: list[str], split: str | None) -> list[str]:
+        """The readable files of a split of a config that the README declares, in name order: those its
+        ``data_files`` patterns match, under its ``data_dir`` where it has one; with a ``data_dir`` and no
+        ``data_files``, the files under that folder, found by name."""
+        label = f"config {config!r} of dataset {self.repo!r}"
+        if len(entries) > 1:
+            raise CalibrationError(f"README.md of dataset {self.repo!r} declares config {config!r} "
+                                   f"{len(entries)} times")
+        entry = entries[0]
+        data_dir = entry.get("data_dir")
+        if data_dir is not None and not isinstance(data_dir, str):
+            raise CalibrationError(f"the data_dir of {label} is not a folder: {data_dir!r}")
+        base = f"{data_dir.strip('/')}/" if data_dir and data_dir.strip("/") else ""
+        if entry.get("data_files") is None:
+            if data_dir is None:
+                raise CalibrationError(f"{label} declares neither data_files nor data_dir")
+            return self._named_files(names, base, split, f" of {label} (in its data_dir {data_dir!r})")
+        splits = _split_patterns(entry["data_files"], label)
         named = split or "train"
         if named not in splits:
-            raise CalibrationError(f"config {config!r} of dataset {self.repo!r} has no split {named!r}; its README "
-                                   f"declares: {', '.join(splits)}")
-        matched = sorted(n for n in names if any(_glob_match(pattern, n) for pattern in splits[named]))
+            raise CalibrationError(f"{label} has no split {named!r}; its README declares: {', '.join(splits)}")
+        patterns = [base + pattern.removeprefix("./") for pattern in splits[named]]
+        matched = sorted(n for n in names if n.rsplit("/", 1)[-1] not in CARD_FILES
+                         and any(_glob_match(pattern, n) for pattern in patterns))
         files = [n for n in matched if n.endswith(DECLARED_FILES)]
         if not files:
             shown = ", ".join(matched[:6]) + (f" and {len(matched) - 6} more" if len(matched) > 6 else "")
-            raise CalibrationError(f"split {named!r} of config {config!r} of dataset {self.repo!r} has no parquet or "
-                                   f"JSON files: its README's {', '.join(splits[named])} match {shown or 'no file'}")
+            raise CalibrationError(f"split {named!r} of {label} has no parquet or JSON files: its README's "
+                                   f"{', '.join(patterns)} match {shown or 'no file'}")
         return files
 
     def _download(self, name: str) -> Path:
@@ -263,7 +294,8 @@ class HubTexts:
         except Exception as err:
             if constants.HF_HUB_OFFLINE:
                 raise CalibrationError(f"{name} of dataset {self.repo!r} (commit {self.commit[:12]}) is not in "
-                                       "the cache, and HF_HUB_OFFLINE is set") from err
+                                       "the cache, and HF_HUB_OFFLINE is set; read the dataset once online to "
+                                       "cache it") from err
             raise CalibrationError(f"cannot fetch {name} of dataset {self.repo!r}: {' '.join(str(err).split())}") from err
 
     def _listing(self) -> tuple[str, list[str]]:
@@ -332,28 +364,50 @@ def _names_split(name: str, split: str) -> bool:
 def _split_patterns(data_files, label: str) -> dict[str, list[str]]:
     """A config's ``data_files`` as {split: [patterns]}: a pattern or a list of them (the train split), or a list
     of ``{split, path}`` whose path is a pattern or a list of them."""
-    def patterns(value) -> list[str]:
+    def patterns(value, where: str) -> list[str]:
         listed = [value] if isinstance(value, str) else value
         if not isinstance(listed, list) or not listed or not all(isinstance(p, str) for p in listed):
-            raise CalibrationError(f"the data_files of {label} are not file patterns: {value!r}")
+            raise CalibrationError(f"the data_files of {label} {where}are not file patterns: {value!r}")
         return listed
 
     if isinstance(data_files, list) and data_files and all(isinstance(e, dict) for e in data_files):
         splits: dict[str, list[str]] = {}
         for entry in data_files:
-            if not isinstance(entry.get("split"), str):
+            if entry.get("split") is None:
                 raise CalibrationError(f"the data_files of {label} have an entry with no split: {entry!r}")
-            splits.setdefault(entry["split"], []).extend(patterns(entry.get("path")))
+            split = str(entry["split"])  # YAML reads `split: 2020` as a number
+            if entry.get("path") is None:
+                raise CalibrationError(f"the data_files of {label} give split {split!r} no path")
+            splits.setdefault(split, []).extend(patterns(entry["path"], f"for split {split!r} "))
         return splits
-    return {"train": patterns(data_files)}
+    return {"train": patterns(data_files, "")}
+
+
+CARD_FILES = frozenset({"README.md", "config.json", "dataset_info.json", "dataset_infos.json", "dataset_dict.json"})
+"""Files of a dataset repo that describe it and never hold its rows, whatever a data_files pattern matches."""
+
+
+def _hidden(component: str) -> bool:
+    return component.startswith((".", "__"))
 
 
 def _glob_match(pattern: str, name: str) -> bool:
-    """Whether a repo path matches a data_files pattern: ``*`` and ``?`` within one folder, ``**`` across folders."""
-    parts = re.split(r"(\*\*/?|\*|\?)", pattern.removeprefix("./"))
-    regex = "".join(".*" if p in ("**", "**/") else "[^/]*" if p == "*" else "[^/]" if p == "?" else re.escape(p)
-                    for p in parts)
-    return re.fullmatch(regex, name) is not None
+    """Whether a repo path matches a data_files pattern, as ``datasets`` matches them: a component of ``**``
+    matches any number of folders; within a component, ``*``, ``?``, ``[...]`` and ``[!...]`` as in fnmatch (a
+    ``**`` inside one is a ``*``). A hidden (``.x``) or special (``__x``) file or folder matches only a pattern
+    component that starts the same way."""
+    def match(pattern: list[str], parts: list[str]) -> bool:
+        if not pattern:
+            return not parts
+        head, rest = pattern[0], pattern[1:]
+        if head == "**":
+            return any(match(rest, parts[k:]) for k in range(len(parts) + 1)
+                       if not any(_hidden(p) for p in parts[:k]))
+        return (bool(parts) and fnmatch.fnmatchcase(parts[0], head)
+                and (not _hidden(parts[0]) or head.startswith(parts[0][:2] if parts[0][:2] == "__" else "."))
+                and match(rest, parts[1:]))
+
+    return match(pattern.removeprefix("./").split("/"), name.split("/"))
 
 
 def _parquet_texts(path: Path, name: str) -> Iterator[str]:
@@ -378,14 +432,17 @@ def _jsonl_texts(path: Path, name: str) -> Iterator[str]:
 
 
 def _json_texts(path: Path, name: str) -> Iterator[str]:
-    """The texts of a ``.json`` file: JSON lines, or one JSON array of records (read whole)."""
-    with path.open(encoding="utf-8") as handle:
-        start = handle.read(4096).lstrip()[:1]
+    """The texts of a ``.json`` file: JSON lines, or one JSON array of records, which is parsed whole (a file that
+    is one JSON value cannot be read a part at a time without a streaming parser; such files are small)."""
+    with path.open(encoding="utf-8-sig") as handle:
+        start = ""
+        while not start and (chunk := handle.read(4096)):
+            start = chunk.lstrip()[:1]
     if start != "[":
         yield from _jsonl_texts(path, name)
         return
     try:
-        records = json.loads(path.read_text(encoding="utf-8"))
+        records = json.loads(path.read_text(encoding="utf-8-sig"))
     except json.JSONDecodeError as err:
         raise CalibrationError(f"dataset file {name} is not valid JSON ({err.msg}, line {err.lineno})") from None
     for number, record in enumerate(records):

@@ -23,22 +23,24 @@ from urllib.parse import unquote, urlsplit
 LFS_SUFFIXES = (".safetensors", ".bin")
 
 
-_DIGESTS: dict[int, tuple[bytes, str, str]] = {}  # id(content) -> (content, sha256, git blob id)
+_DIGESTS: dict[int, tuple[bytes, str, str, bytes]] = {}  # id(content) -> (content, sha256, git blob id, LFS pointer)
 _DIGESTS_LOCK = threading.Lock()
 
 
-def _digests(data: bytes) -> tuple[str, str]:
-    """(sha256, git blob id) of some content, hashed once per content object, as the real Hub stores them: a listing
-    or a HEAD costs no hashing of a large file (which would take the CPU from a benchmark's scoring)."""
+def _digests(data: bytes) -> tuple[str, str, bytes]:
+    """(sha256, git blob id, LFS pointer) of some content, made once per content object, as the real Hub stores
+    them: a listing or a HEAD costs no hashing of a large file (which would take the CPU from a benchmark's
+    scoring). The pointer is one object per content, so that its own digests are made once too."""
     with _DIGESTS_LOCK:
         known = _DIGESTS.get(id(data))
     if known is not None and known[0] is data:
-        return known[1], known[2]
+        return known[1], known[2], known[3]
     sha256 = hashlib.sha256(data).hexdigest()
     blob = hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+    pointer = f"version https://git-lfs.github.com/spec/v1\noid sha256:{sha256}\nsize {len(data)}\n".encode()
     with _DIGESTS_LOCK:
-        _DIGESTS[id(data)] = (data, sha256, blob)  # the content is kept, so its id is not reused
-    return sha256, blob
+        _DIGESTS[id(data)] = (data, sha256, blob, pointer)  # the content is kept, so its id is not reused
+    return sha256, blob, pointer
 
 
 def sha256(data: bytes) -> str:
@@ -50,7 +52,7 @@ def git_blob_id(data: bytes) -> str:
 
 
 def lfs_pointer(data: bytes) -> bytes:
-    return f"version https://git-lfs.github.com/spec/v1\noid sha256:{sha256(data)}\nsize {len(data)}\n".encode()
+    return _digests(data)[2]
 
 
 @dataclass

@@ -669,8 +669,8 @@ configs:
     assert not hub.log  # the README and the files came from the cache
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
 
-    with pytest.raises(CalibrationError, match="^dataset 'org/fw' has no config 'en'; its README declares: default, "
-                       "sample-10BT, arrays, nested$"):
+    with pytest.raises(CalibrationError, match="^dataset 'org/fw' has no config 'en': its README declares default, "
+                       "sample-10BT, arrays, nested, and no folder of that name holds train files$"):
         HubTexts("hf:org/fw:en")
     with pytest.raises(CalibrationError, match="^config 'sample-10BT' of dataset 'org/fw' has no split 'validation'; "
                        "its README declares: train$"):
@@ -698,7 +698,111 @@ configs:
     }, repo_type="dataset")
     with pytest.raises(CalibrationError, match='^dataset file x.json: record 0 needs a "text" field$'):
         list(HubTexts("hf:org/bad-array"))
+    with pytest.raises(CalibrationError, match=r"^dataset 'org/two' declares several configs and no default \(a, b\); "
+                       r"name one, as hf:org/two:a:validation$"):
+        HubTexts("hf:org/two::validation")  # the suggestion keeps the split
     # A README without configs leaves the files to be found by name, as before.
     hub.add_revision("org/plain", "main", {"README.md": b"---\nlicense: mit\n---\n", "train.jsonl": b'{"text": "p"}\n'},
                      repo_type="dataset")
     assert list(HubTexts("hf:org/plain")) == ["p"]
+
+
+def test_what_a_dataset_card_declares_is_read_as_datasets_reads_it(hub, tmp_path, monkeypatch):
+    """data_dir roots a config's patterns (or, alone, its search by name); a config the card does not declare is a
+    folder; a card in the old form (a list of names), an entry with no config_name, or a config_name that YAML
+    reads as a number leave the others usable; globs follow `datasets` (`**/` matches no folder too, brackets,
+    hidden and special folders only where named); card files are never rows; a BOM is no text."""
+    from ckpt_trace.calibration import HubTexts, _glob_match
+    from ckpt_trace.errors import CalibrationError
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    lines = lambda *texts: "".join(json.dumps({"text": t}) + "\n" for t in texts).encode()  # noqa: E731
+    readme = b"""---
+configs:
+- config_name: rooted
+  data_dir: corpus/en
+  data_files:
+  - split: train
+    path: "*.jsonl"
+  - split: 2020
+    path: "[0-9]*.json"
+- config_name: folder
+  data_dir: corpus/de
+- config_name: 2024
+  data_files: y2024/*.jsonl
+- config_name: everything
+  data_files: "**/*.jsonl"
+- data_files: nameless/*.jsonl
+- config_name: broken
+  data_files:
+  - split: train
+- config_name: twice
+  data_files: a/*
+- config_name: twice
+  data_files: b/*
+---
+"""
+    files = {
+        "README.md": readme,
+        "corpus/en/part.jsonl": lines("en one"),
+        "corpus/en/2020.json": b"\xef\xbb\xbf" + json.dumps([{"text": "en 2020"}]).encode(),  # with a BOM
+        "corpus/en/notes.json": b'{"text": "not a year"}\n',
+        "corpus/de/train-0.jsonl": lines("de train"),
+        "corpus/de/test-0.jsonl": lines("de test"),
+        "y2024/x.jsonl": b"\xef\xbb\xbf" + lines("year"),
+        "top.jsonl": lines("top"),
+        ".hidden/h.jsonl": lines("hidden"),
+        "__cache__/c.jsonl": lines("special"),
+        "extra/train.parquet": b"",
+        "extra/x.jsonl": lines("extra"),
+    }
+    hub.add_revision("org/card", "main", files, repo_type="dataset")
+    assert list(HubTexts("hf:org/card:rooted")) == ["en one"]
+    assert list(HubTexts("hf:org/card:rooted:2020")) == ["en 2020"]  # a split YAML reads as a number
+    assert list(HubTexts("hf:org/card:folder")) == ["de train"]  # data_dir alone: found by name under it
+    assert list(HubTexts("hf:org/card:folder:test")) == ["de test"]
+    assert list(HubTexts("hf:org/card:2024")) == ["year"]  # a config_name YAML reads as a number; a BOM'd line
+    assert HubTexts("hf:org/card:everything").files == [  # ** matches no folder too; hidden and special ones left out
+        "corpus/de/test-0.jsonl", "corpus/de/train-0.jsonl", "corpus/en/part.jsonl", "extra/x.jsonl", "top.jsonl",
+        "y2024/x.jsonl"]
+    assert HubTexts("hf:org/card:extra").files == ["extra/train.parquet"]  # not declared: a folder
+    with pytest.raises(CalibrationError, match=r"^the data_files of config 'broken' of dataset 'org/card' give split "
+                       r"'train' no path$"):
+        HubTexts("hf:org/card:broken")
+    with pytest.raises(CalibrationError, match="^README.md of dataset 'org/card' declares config 'twice' 2 times$"):
+        HubTexts("hf:org/card:twice")
+    with pytest.raises(CalibrationError, match=r"^dataset 'org/card' declares several configs and no default "
+                       r"\(rooted, folder, 2024, everything, broken, twice\); name one, as hf:org/card:rooted$"):
+        HubTexts("hf:org/card")
+
+    hub.add_revision("org/marked", "main", {"README.md": b"---\nconfigs:\n- config_name: a\n  data_files: a/*\n"
+                     b"  default: true\n- config_name: default\n  data_files: d/*\n  default: true\n---\n",
+                     "a/t.jsonl": lines("a")}, repo_type="dataset")
+    with pytest.raises(CalibrationError, match=r"^dataset 'org/marked' marks several configs as the default \(a, "
+                       r"default\); name one, as hf:org/marked:a$"):
+        HubTexts("hf:org/marked")
+    assert list(HubTexts("hf:org/marked:a")) == ["a"]
+    hub.add_revision("org/old-card", "main", {"README.md": b"---\nconfigs:\n- en\n- de\n---\n",
+                     "en/train.jsonl": lines("old en")}, repo_type="dataset")
+    assert list(HubTexts("hf:org/old-card:en")) == ["old en"]  # an old card's names: found by name
+
+    # A listing remembered without its README in the cache (as an older ckpt-trace left it) says to go online once.
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "other-cache"))
+    hub.add_revision("org/later", "main", {"README.md": b"---\nlicense: mit\n---\n", "train.jsonl": lines("l")},
+                     repo_type="dataset")
+    HubTexts("hf:org/later")
+    for readme_copy in (tmp_path / "other-cache").glob("datasets--org--later/snapshots/*/README.md"):
+        readme_copy.unlink()
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(CalibrationError, match=r"^README.md of dataset 'org/later' \(commit \w{12}\) is not in the "
+                       r"cache, and HF_HUB_OFFLINE is set; read the dataset once online to cache it$"):
+        HubTexts("hf:org/later")
+
+    for pattern, name, expected in [
+        ("data/**/*.parquet", "data/x.parquet", True), ("data/**/*.parquet", "data/a/b/x.parquet", True),
+        ("data/**.parquet", "data/a/x.parquet", False), ("data/**.parquet", "data/x.parquet", True),
+        ("[!t]*.jsonl", "train.jsonl", False), ("[!t]*.jsonl", "valid.jsonl", True), ("d?/x", "d1/x", True),
+        ("**", ".git/x", False), (".git/*", ".git/x", True), ("**/*.json", "a/__b/c.json", False),
+        ("a/__b/*.json", "a/__b/c.json", True), ("*", "a/b", False),
+    ]:
+        assert _glob_match(pattern, name) is expected, (pattern, name)
