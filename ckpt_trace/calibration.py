@@ -169,11 +169,13 @@ class HubTexts:
     ckpt-trace's home, so that ``HF_HUB_OFFLINE`` reads the same files at the same commit from the cache); iterating
     downloads each file only when the texts reach it, and reads it a batch of rows at a time, so that memory holds
     one batch and the draw downloads only the files it needs. Iterable again: later passes read the cached files.
-    Where the dataset's README declares its configs (``configs:``, each with its ``data_files`` and ``data_dir``),
-    those say which files make a config's split, and a spec that names no config takes the default one; a config
-    the README does not declare is looked for as a folder. Else the files are found by their names: a config is a folder, a split a word of the path; a spec that names no split, over files that
-    name none (``data/CC-MAIN-2024-10/000_00000.parquet``), takes every file of the config; a spec that names no
-    config, over a split in several, is an error that names them.
+
+    Where the dataset's README declares its configs (``configs:``, each a ``config_name`` with ``data_files`` and
+    ``data_dir``), the files are chosen as ``datasets`` chooses them (see `_declared_files`), and a spec that names
+    no config takes the default one. Else the files are found by their names: a config is a folder, a split a word
+    of the path; a spec that names no split, over files that name none (``data/CC-MAIN-2024-10/000_00000.parquet``),
+    takes every file of the config; a spec that names no config, over a split in several, is an error that names
+    them.
     """
 
     def __init__(self, spec: str):
@@ -183,15 +185,16 @@ class HubTexts:
         self.repo, config = parts[0], (parts[1] if len(parts) > 1 else "")
         split = parts[2] if len(parts) > 2 else None
         self.commit, names = self._listing()
-        declared = self._declared_configs(names)
-        if declared and not config:
-            config = self._default_config(declared, split)
-        if config in declared:
+        declared, entries = self._declared_configs(names)
+        if declared:
+            config = config or self._default_config(declared, entries, split)
+            if config not in declared:
+                raise CalibrationError(f"dataset {self.repo!r} has no config {config!r}; its README declares: "
+                                       f"{_some(list(declared))}")
             self.files = self._declared_files(config, declared[config], names, split)
             return
         prefix = f"{config}/" if config else ""
-        self.files = self._named_files(names, prefix, split, f" of config {config!r}" if config else "",
-                                       declared=list(declared))
+        self.files = self._named_files(names, prefix, split, config)
         folders = sorted({n.split("/")[0] if "/" in n else "" for n in self.files})
         if not config and len(folders) > 1:
             named = split or "train"
@@ -199,91 +202,102 @@ class HubTexts:
                                    f"{', '.join(f or '(top level)' for f in folders)}); name one, as "
                                    f"hf:{self.repo}:{folders[-1]}:{named}")
 
-    def _named_files(self, names: list[str], prefix: str, split: str | None, where: str,
-                     declared: list[str] = ()) -> list[str]:
-        """The parquet and JSON-lines files under `prefix` whose paths name the split (train where none is given),
-        in name order; where none is given and no file names a split, all of them."""
+    def _named_files(self, names: list[str], prefix: str, split: str | None, config: str) -> list[str]:
+        """For a dataset whose README declares no configs: the parquet and JSON-lines files under `prefix` whose
+        paths name the split (train where none is given), in name order; where none is given and no file names a
+        split, all of them."""
         texts = sorted(n for n in names if n.startswith(prefix) and n.endswith(DATASET_FILES))
         named = split or "train"
         files = [n for n in texts if _names_split(n.removeprefix(prefix), named)]
         if not files and split is None and not any(_names_split(n.removeprefix(prefix), s) for n in texts for s in SPLITS):
             files = texts  # files that name no split: the config's one split
-        if files:
-            return files
-        if declared:
-            raise CalibrationError(f"dataset {self.repo!r} has no config {prefix.rstrip('/')!r}: its README declares "
-                                   f"{', '.join(declared)}, and no folder of that name holds {named} files")
-        have = [n for n in names if n.endswith(DATASET_FILES)]
-        listed = ", ".join(have[:6]) + (f" and {len(have) - 6} more" if len(have) > 6 else "") if have else "none"
-        raise CalibrationError(f"dataset {self.repo!r} has no parquet or JSON-lines files for split {named!r}{where}; "
-                               f"its parquet and JSON-lines files: {listed}")
+        if not files:
+            have = [n for n in names if n.endswith(DATASET_FILES)]
+            raise CalibrationError(f"dataset {self.repo!r} has no parquet or JSON-lines files for split {named!r}"
+                                   f"{f' of config {config!r}' if config else ''}; its parquet and JSON-lines "
+                                   f"files: {_some(have) if have else 'none'}")
+        return files
 
-    def _declared_configs(self, names: list[str]) -> dict[str, list[dict]]:
+    def _declared_configs(self, names: list[str]) -> tuple[dict[str, list[dict]], int]:
         """The configs declared in the README's YAML header at the commit, as {config: its entries} (one each, where
-        the README is well made); {} where the README declares none as a list of ``config_name`` entries (an older
-        card lists only names: its files are then found by name)."""
-        from huggingface_hub import metadata_load
+        the README is well made), and how many entries ``configs:`` holds (with those that name no config); ({}, 0)
+        where the README declares none as a list of entries (an older card lists only names: its files are then
+        found by name). Config and split names are read as written (YAML reads ``2020`` as a number, ``no`` as
+        false)."""
+        import yaml
+        from huggingface_hub.repocard import REGEX_YAML_BLOCK
 
         if "README.md" not in names:
-            return {}
+            return {}, 0
         try:
-            header = metadata_load(self._download("README.md")) or {}
+            block = REGEX_YAML_BLOCK.search(self._download("README.md").read_text(encoding="utf-8-sig"))
+            header = yaml.safe_load(block.group(2)) if block else None
+            written = yaml.load(block.group(2), Loader=yaml.BaseLoader) if block else None  # every scalar a str
         except CalibrationError:
             raise
-        except Exception as err:  # yaml's errors for a header that does not parse
+        except (yaml.YAMLError, UnicodeDecodeError, OSError) as err:
             raise CalibrationError(f"cannot read the configs in README.md of dataset {self.repo!r}: "
                                    f"{' '.join(str(err).split())}") from err
         entries = header.get("configs") if isinstance(header, dict) else None
+        if not isinstance(entries, list) or not any(isinstance(e, dict) for e in entries):
+            return {}, 0
+        entries = _as_written(entries, written.get("configs"))
         configs: dict[str, list[dict]] = {}
-        for entry in entries if isinstance(entries, list) else []:
-            if isinstance(entry, dict) and entry.get("config_name") is not None:
-                configs.setdefault(str(entry["config_name"]), []).append(entry)  # YAML reads 2020 or `no` as non-str
-        return configs
+        for entry in entries:
+            if isinstance(entry, dict) and isinstance(entry.get("config_name"), str):
+                configs.setdefault(entry["config_name"], []).append(entry)
+        return configs, sum(isinstance(e, dict) for e in entries)
 
-    def _default_config(self, declared: dict[str, list[dict]], split: str | None) -> str:
-        """The config a spec that names none takes: the one marked ``default: true``, else the one named
-        ``default``, else the only one."""
-        marked = [name for name, entries in declared.items() if any(e.get("default") is True for e in entries)]
-        defaults = marked or [name for name in declared if name == "default" or len(declared) == 1]
+    def _default_config(self, declared: dict[str, list[dict]], entries: int, split: str | None) -> str:
+        """The config a spec that names none takes, as ``datasets`` picks it: the one marked ``default: true``, or
+        named ``default``, or the only one; several such are an error."""
+        defaults = [name for name, listed in declared.items()
+                    if entries == 1 or name == "default" or any(e.get("default") is True for e in listed)]
         tail = f":{split}" if split is not None else ""
         if len(defaults) > 1:
-            raise CalibrationError(f"dataset {self.repo!r} marks several configs as the default ("
-                                   f"{', '.join(defaults)}); name one, as hf:{self.repo}:{defaults[0]}{tail}")
+            raise CalibrationError(f"dataset {self.repo!r} has several default configs ({_some(defaults)}); name "
+                                   f"one, as hf:{self.repo}:{defaults[0]}{tail}")
         if not defaults:
             raise CalibrationError(f"dataset {self.repo!r} declares several configs and no default "
-                                   f"({', '.join(declared)}); name one, as hf:{self.repo}:{next(iter(declared))}{tail}")
+                                   f"({_some(list(declared))}); name one, as hf:{self.repo}:{next(iter(declared))}"
+                                   f"{tail}")
         return defaults[0]
 
     def _declared_files(self, config: str, entries: list[dict], names: list[str], split: str | None) -> list[str]:
-        """The readable files of a split of a config that the README declares, in name order: those its
-        ``data_files`` patterns match, under its ``data_dir`` where it has one; with a ``data_dir`` and no
-        ``data_files``, the files under that folder, found by name."""
+        """The readable files of a split of a config that the README declares, in name order, chosen as ``datasets``
+        chooses them: those its ``data_files`` patterns match (see `_glob_match`), under its ``data_dir`` where it
+        has one; with no ``data_files``, the splits are inferred from the names of the files under its
+        ``data_dir`` (see `_inferred_splits`). Files that describe the dataset (`CARD_FILES`) are never rows,
+        unless a pattern names one."""
         label = f"config {config!r} of dataset {self.repo!r}"
         if len(entries) > 1:
-            raise CalibrationError(f"README.md of dataset {self.repo!r} declares config {config!r} "
-                                   f"{len(entries)} times")
+            raise CalibrationError(f"README.md of dataset {self.repo!r} declares config {config!r} {len(entries)} "
+                                   "times, so which files it reads is not clear")
         entry = entries[0]
         data_dir = entry.get("data_dir")
         if data_dir is not None and not isinstance(data_dir, str):
             raise CalibrationError(f"the data_dir of {label} is not a folder: {data_dir!r}")
         base = f"{data_dir.strip('/')}/" if data_dir and data_dir.strip("/") else ""
         if entry.get("data_files") is None:
-            if data_dir is None:
-                raise CalibrationError(f"{label} declares neither data_files nor data_dir")
-            return self._named_files(names, base, split, f" of {label} (in its data_dir {data_dir!r})")
-        splits = _split_patterns(entry["data_files"], label)
+            splits = _inferred_splits([n.removeprefix(base) for n in names if n.startswith(base)])
+            files = {name: [base + n for n in listed] for name, listed in splits.items()}
+            where = f"under its data_dir {data_dir!r}" if base else "in the dataset"
+        else:
+            patterns = {name: [base + p.removeprefix("./") for p in listed]
+                        for name, listed in _split_patterns(entry["data_files"], label).items()}
+            files = {name: sorted(n for n in names if any(_glob_match(p, n, label) for p in listed))
+                     for name, listed in patterns.items()}
+            where = ""
         named = split or "train"
-        if named not in splits:
-            raise CalibrationError(f"{label} has no split {named!r}; its README declares: {', '.join(splits)}")
-        patterns = [base + pattern.removeprefix("./") for pattern in splits[named]]
-        matched = sorted(n for n in names if n.rsplit("/", 1)[-1] not in CARD_FILES
-                         and any(_glob_match(pattern, n) for pattern in patterns))
-        files = [n for n in matched if n.endswith(DECLARED_FILES)]
-        if not files:
-            shown = ", ".join(matched[:6]) + (f" and {len(matched) - 6} more" if len(matched) > 6 else "")
-            raise CalibrationError(f"split {named!r} of {label} has no parquet or JSON files: its README's "
-                                   f"{', '.join(patterns)} match {shown or 'no file'}")
-        return files
+        if named not in files:
+            raise CalibrationError(f"{label} has no split {named!r}; its splits{' ' + where if where else ''}: "
+                                   f"{', '.join(files) or 'none'}")
+        readable = [n for n in files[named] if n.endswith(DECLARED_FILES)]
+        if not readable:
+            shown = f"its README's {', '.join(patterns[named])} match" if not where else f"its files {where}:"
+            raise CalibrationError(f"split {named!r} of {label} has no file that calibration reads "
+                                   f"({', '.join(DECLARED_FILES)}): {shown} {_some(files[named]) or 'no file'}")
+        return readable
 
     def _download(self, name: str) -> Path:
         """One file of the dataset at the listed commit, from the cache where it is there."""
@@ -378,36 +392,89 @@ def _split_patterns(data_files, label: str) -> dict[str, list[str]]:
             split = str(entry["split"])  # YAML reads `split: 2020` as a number
             if entry.get("path") is None:
                 raise CalibrationError(f"the data_files of {label} give split {split!r} no path")
-            splits.setdefault(split, []).extend(patterns(entry["path"], f"for split {split!r} "))
+            if split in splits:
+                raise CalibrationError(f"the data_files of {label} give split {split!r} twice")
+            splits[split] = patterns(entry["path"], f"for split {split!r} ")
         return splits
     return {"train": patterns(data_files, "")}
 
 
 CARD_FILES = frozenset({"README.md", "config.json", "dataset_info.json", "dataset_infos.json", "dataset_dict.json"})
-"""Files of a dataset repo that describe it and never hold its rows, whatever a data_files pattern matches."""
+"""Files of a dataset repo that describe it and never hold its rows, unless a data_files pattern names one."""
 
 
-def _hidden(component: str) -> bool:
-    return component.startswith((".", "__"))
-
-
-def _glob_match(pattern: str, name: str) -> bool:
+def _glob_match(pattern: str, name: str, label: str = "") -> bool:
     """Whether a repo path matches a data_files pattern, as ``datasets`` matches them: a component of ``**``
-    matches any number of folders; within a component, ``*``, ``?``, ``[...]`` and ``[!...]`` as in fnmatch (a
-    ``**`` inside one is a ``*``). A hidden (``.x``) or special (``__x``) file or folder matches only a pattern
-    component that starts the same way."""
+    matches any number of folders; within a component, ``*``, ``?``, ``[...]`` and ``[!...]`` as in fnmatch; a
+    ``**`` inside a component is an error, as in fsspec. A hidden file or folder (``.x``), or a special folder
+    (``__x``), matches only a pattern component that starts the same way; a file of `CARD_FILES` only a pattern
+    that names it."""
     def match(pattern: list[str], parts: list[str]) -> bool:
         if not pattern:
             return not parts
         head, rest = pattern[0], pattern[1:]
         if head == "**":
             return any(match(rest, parts[k:]) for k in range(len(parts) + 1)
-                       if not any(_hidden(p) for p in parts[:k]))
-        return (bool(parts) and fnmatch.fnmatchcase(parts[0], head)
-                and (not _hidden(parts[0]) or head.startswith(parts[0][:2] if parts[0][:2] == "__" else "."))
+                       if not any(unasked(p, "", i == len(parts) - 1) for i, p in enumerate(parts[:k])))
+        return (bool(parts) and fnmatch.fnmatchcase(parts[0], head) and not unasked(parts[0], head, len(parts) == 1)
                 and match(rest, parts[1:]))
 
-    return match(pattern.removeprefix("./").split("/"), name.split("/"))
+    def unasked(part: str, head: str, last: bool) -> bool:
+        """A hidden file or folder, or a special folder, that the pattern's component does not name."""
+        return (part.startswith(".") and not head.startswith(".")
+                or not last and part.startswith("__") and not head.startswith("__"))
+
+    components, parts = pattern.removeprefix("./").split("/"), name.split("/")
+    if any("**" in c and c != "**" for c in components):
+        raise CalibrationError(f"data_files pattern {pattern!r}{f' of {label}' if label else ''}: ** must be a whole "
+                               "path component, as in data/**/*.parquet")
+    if parts[-1] in CARD_FILES and components[-1] != parts[-1]:
+        return False
+    return match(components, parts)
+
+
+SPLIT_KEYWORDS = {"train": ("train", "training"), "validation": ("validation", "valid", "dev", "val"),
+                  "test": ("test", "testing", "eval", "evaluation")}
+"""The words that name each split in the file and folder names ``datasets`` infers splits from."""
+
+_SEP = "[-._ 0-9]"
+
+
+def _inferred_splits(names: list[str]) -> dict[str, list[str]]:
+    """The splits of a folder's files as ``datasets`` infers them where a config declares no data_files, each with
+    its files in name order: shards named ``data/SPLIT-00000-of-00003...``; else folders, then file names, that hold
+    a split's word (``train/``, ``dev.jsonl``, ``my_test-1.json``); else every file is train."""
+    names = sorted(n for n in names if n.rsplit("/", 1)[-1] not in CARD_FILES)
+    shards: dict[str, list[str]] = {}
+    for n in names:
+        if (found := re.fullmatch(r"data/([^/]+)-\d{5}-of-\d{5}[^/]*\.[^/]*", n)) and _glob_match("data/*", n):
+            shards.setdefault(found[1], []).append(n)
+    if shards:
+        return shards
+    for shapes in (("**/{w}/**", "**/{w}" + _SEP + "*/**", "**/*" + _SEP + "{w}/**", "**/*" + _SEP + "{w}" + _SEP + "*/**"),
+                   ("**/{w}" + _SEP + "*", "**/*" + _SEP + "{w}" + _SEP + "*")):
+        splits = {split: [n for n in names if any(_glob_match(shape.format(w=word), n)
+                                                  for word in words for shape in shapes)]
+                  for split, words in SPLIT_KEYWORDS.items()}
+        if any(splits.values()):
+            return {split: files for split, files in splits.items() if files}
+    return {"train": [n for n in names if _glob_match("**", n)]}
+
+
+def _as_written(typed, written):
+    """`typed` (YAML read as usual) with each ``config_name`` and ``split`` as `written` (YAML read with every
+    scalar a string) spells it, where the two have the same shape."""
+    if isinstance(typed, list) and isinstance(written, list) and len(typed) == len(written):
+        return [_as_written(t, w) for t, w in zip(typed, written)]
+    if isinstance(typed, dict) and isinstance(written, dict):
+        return {key: written[key] if key in ("config_name", "split") and isinstance(written.get(key), str)
+                and value is not None else _as_written(value, written.get(key)) for key, value in typed.items()}
+    return typed
+
+
+def _some(items: list[str], most: int = 6) -> str:
+    """The first `most` items, and how many more."""
+    return ", ".join(items[:most]) + (f" and {len(items) - most} more" if len(items) > most else "")
 
 
 def _parquet_texts(path: Path, name: str) -> Iterator[str]:

@@ -642,6 +642,7 @@ configs:
         "README.md": readme,
         "data/CC-MAIN-2024-10/000_00000.parquet": parquet(["crawl one"]),
         "data/CC-MAIN-2024-18/000_00000.parquet": parquet(["crawl two"]),
+        "data/CC-MAIN-2024-18/dataset_info.json": b'{"not": "texts"}',  # a card file: never rows
         "sample/10BT/000_00000.parquet": parquet(["sample a"]),
         "sample/10BT/001_00000.parquet": parquet(["sample b"]),
         "sample/100BT/000_00000.parquet": parquet(["not this sample"]),
@@ -669,14 +670,15 @@ configs:
     assert not hub.log  # the README and the files came from the cache
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
 
-    with pytest.raises(CalibrationError, match="^dataset 'org/fw' has no config 'en': its README declares default, "
-                       "sample-10BT, arrays, nested, and no folder of that name holds train files$"):
+    with pytest.raises(CalibrationError, match="^dataset 'org/fw' has no config 'en'; its README declares: default, "
+                       "sample-10BT, arrays, nested$"):
         HubTexts("hf:org/fw:en")
     with pytest.raises(CalibrationError, match="^config 'sample-10BT' of dataset 'org/fw' has no split 'validation'; "
-                       "its README declares: train$"):
+                       "its splits: train$"):
         HubTexts("hf:org/fw:sample-10BT:validation")
-    with pytest.raises(CalibrationError, match=r"^split 'test' of config 'arrays' of dataset 'org/fw' has no parquet "
-                       r"or JSON files: its README's arrays/\*.csv match arrays/held.csv$"):
+    with pytest.raises(CalibrationError, match=r"^split 'test' of config 'arrays' of dataset 'org/fw' has no file that "
+                       r"calibration reads \(.parquet, .jsonl, .jsonl.gz, .json.gz, .json\): its README's arrays/\*.csv "
+                       r"match arrays/held.csv$"):
         HubTexts("hf:org/fw:arrays:test")
     hub.add_revision("org/two", "main", {"README.md": b"---\nconfigs:\n- config_name: a\n  data_files: a/*\n"
                                          b"- config_name: b\n  data_files: b/*\n---\n", "a/t.jsonl": b'{"text": "a"}\n'},
@@ -708,10 +710,11 @@ configs:
 
 
 def test_what_a_dataset_card_declares_is_read_as_datasets_reads_it(hub, tmp_path, monkeypatch):
-    """data_dir roots a config's patterns (or, alone, its search by name); a config the card does not declare is a
-    folder; a card in the old form (a list of names), an entry with no config_name, or a config_name that YAML
-    reads as a number leave the others usable; globs follow `datasets` (`**/` matches no folder too, brackets,
-    hidden and special folders only where named); card files are never rows; a BOM is no text."""
+    """As `datasets` reads a card: data_dir roots a config's patterns; a config with no data_files has its splits
+    inferred from the names under its data_dir (sharded names, then split words in folders, then in file names,
+    else all train); config and split names are read as written; globs follow fsspec (brackets, `**/` over no
+    folder, hidden and special folders only where named, `**` inside a component an error); the default is the
+    one marked, named `default`, or the only one. Bad entries fail only the config that has them."""
     from ckpt_trace.calibration import HubTexts, _glob_match
     from ckpt_trace.errors import CalibrationError
 
@@ -720,7 +723,7 @@ def test_what_a_dataset_card_declares_is_read_as_datasets_reads_it(hub, tmp_path
     readme = b"""---
 configs:
 - config_name: rooted
-  data_dir: corpus/en
+  data_dir: /corpus/en/
   data_files:
   - split: train
     path: "*.jsonl"
@@ -729,7 +732,9 @@ configs:
 - config_name: folder
   data_dir: corpus/de
 - config_name: 2024
-  data_files: y2024/*.jsonl
+  data_files: ./y2024/*.jsonl
+- config_name: no
+  data_files: "no/*.jsonl"
 - config_name: everything
   data_files: "**/*.jsonl"
 - data_files: nameless/*.jsonl
@@ -740,56 +745,85 @@ configs:
   data_files: a/*
 - config_name: twice
   data_files: b/*
+- config_name: split-twice
+  data_files:
+  - {split: train, path: a/*}
+  - {split: train, path: b/*}
+- config_name: bad-glob
+  data_files: "corpus/**.jsonl"
 ---
 """
     files = {
         "README.md": readme,
         "corpus/en/part.jsonl": lines("en one"),
-        "corpus/en/2020.json": b"\xef\xbb\xbf" + json.dumps([{"text": "en 2020"}]).encode(),  # with a BOM
+        "corpus/en/2020.json": b"\xef\xbb\xbf" + b" " * 5000 + json.dumps([{"text": "en 2020"}]).encode(),  # BOM
         "corpus/en/notes.json": b'{"text": "not a year"}\n',
         "corpus/de/train-0.jsonl": lines("de train"),
+        "corpus/de/train1.jsonl": lines("de train 1"),
+        "corpus/de/dev.json": lines("de dev"),
         "corpus/de/test-0.jsonl": lines("de test"),
+        "corpus/de/.cache/train.jsonl": lines("hidden"),
+        "corpus/de/__old__/train.jsonl": lines("special"),
         "y2024/x.jsonl": b"\xef\xbb\xbf" + lines("year"),
-        "top.jsonl": lines("top"),
+        "no/x.jsonl": lines("a config YAML reads as false"),
+        "__init__.jsonl": lines("a file that starts with __"),
         ".hidden/h.jsonl": lines("hidden"),
         "__cache__/c.jsonl": lines("special"),
-        "extra/train.parquet": b"",
-        "extra/x.jsonl": lines("extra"),
     }
     hub.add_revision("org/card", "main", files, repo_type="dataset")
     assert list(HubTexts("hf:org/card:rooted")) == ["en one"]
     assert list(HubTexts("hf:org/card:rooted:2020")) == ["en 2020"]  # a split YAML reads as a number
-    assert list(HubTexts("hf:org/card:folder")) == ["de train"]  # data_dir alone: found by name under it
+    assert HubTexts("hf:org/card:folder").files == ["corpus/de/train-0.jsonl", "corpus/de/train1.jsonl"]
+    assert list(HubTexts("hf:org/card:folder:validation")) == ["de dev"]  # dev is validation
     assert list(HubTexts("hf:org/card:folder:test")) == ["de test"]
     assert list(HubTexts("hf:org/card:2024")) == ["year"]  # a config_name YAML reads as a number; a BOM'd line
+    assert list(HubTexts("hf:org/card:no")) == ["a config YAML reads as false"]
     assert HubTexts("hf:org/card:everything").files == [  # ** matches no folder too; hidden and special ones left out
-        "corpus/de/test-0.jsonl", "corpus/de/train-0.jsonl", "corpus/en/part.jsonl", "extra/x.jsonl", "top.jsonl",
-        "y2024/x.jsonl"]
-    assert HubTexts("hf:org/card:extra").files == ["extra/train.parquet"]  # not declared: a folder
-    with pytest.raises(CalibrationError, match=r"^the data_files of config 'broken' of dataset 'org/card' give split "
-                       r"'train' no path$"):
-        HubTexts("hf:org/card:broken")
-    with pytest.raises(CalibrationError, match="^README.md of dataset 'org/card' declares config 'twice' 2 times$"):
-        HubTexts("hf:org/card:twice")
-    with pytest.raises(CalibrationError, match=r"^dataset 'org/card' declares several configs and no default "
-                       r"\(rooted, folder, 2024, everything, broken, twice\); name one, as hf:org/card:rooted$"):
-        HubTexts("hf:org/card")
+        "__init__.jsonl", "corpus/de/test-0.jsonl", "corpus/de/train-0.jsonl", "corpus/de/train1.jsonl",
+        "corpus/en/part.jsonl", "no/x.jsonl", "y2024/x.jsonl"]
+    for spec, message in [
+        ("hf:org/card:extra", r"dataset 'org/card' has no config 'extra'; its README declares: rooted, folder, 2024, "
+                              r"no, everything, broken and 3 more"),
+        ("hf:org/card:folder:dev", r"config 'folder' of dataset 'org/card' has no split 'dev'; its splits under its "
+                                   r"data_dir 'corpus/de': train, validation, test"),
+        ("hf:org/card:broken", r"the data_files of config 'broken' of dataset 'org/card' give split 'train' no path"),
+        ("hf:org/card:twice", r"README.md of dataset 'org/card' declares config 'twice' 2 times, so which files it "
+                              r"reads is not clear"),
+        ("hf:org/card:split-twice", r"the data_files of config 'split-twice' of dataset 'org/card' give split 'train' "
+                                    r"twice"),
+        ("hf:org/card:bad-glob", r"data_files pattern 'corpus/\*\*.jsonl' of config 'bad-glob' of dataset 'org/card': "
+                                 r"\*\* must be a whole path component, as in data/\*\*/\*.parquet"),
+        ("hf:org/card::test", r"dataset 'org/card' declares several configs and no default \(rooted, folder, 2024, "
+                              r"no, everything, broken and 3 more\); name one, as hf:org/card:rooted:test"),
+    ]:
+        with pytest.raises(CalibrationError, match=f"^{message}$"):
+            HubTexts(spec)
 
-    hub.add_revision("org/marked", "main", {"README.md": b"---\nconfigs:\n- config_name: a\n  data_files: a/*\n"
-                     b"  default: true\n- config_name: default\n  data_files: d/*\n  default: true\n---\n",
-                     "a/t.jsonl": lines("a")}, repo_type="dataset")
-    with pytest.raises(CalibrationError, match=r"^dataset 'org/marked' marks several configs as the default \(a, "
-                       r"default\); name one, as hf:org/marked:a$"):
+    def card(repo: str, yaml: bytes, more: dict) -> None:
+        hub.add_revision(repo, "main", {"README.md": b"---\n" + yaml + b"---\n", **more}, repo_type="dataset")
+
+    card("org/marked", b"configs:\n- config_name: a\n  data_files: a/*\n  default: true\n- config_name: default\n"
+         b"  data_files: d/*\n", {"a/t.jsonl": lines("a")})
+    with pytest.raises(CalibrationError, match=r"^dataset 'org/marked' has several default configs \(a, default\); "
+                       r"name one, as hf:org/marked:a$"):
         HubTexts("hf:org/marked")
     assert list(HubTexts("hf:org/marked:a")) == ["a"]
-    hub.add_revision("org/old-card", "main", {"README.md": b"---\nconfigs:\n- en\n- de\n---\n",
-                     "en/train.jsonl": lines("old en")}, repo_type="dataset")
+    card("org/unnamed", b"configs:\n- config_name: x\n  data_files: x/*\n- data_files: y/*\n", {"x/t.jsonl": lines("x")})
+    with pytest.raises(CalibrationError, match=r"^dataset 'org/unnamed' declares several configs and no default \(x\)"):
+        HubTexts("hf:org/unnamed")  # x is not the only config: an entry with no name is one too
+    card("org/sharded", b"configs:\n- config_name: default\n  sep: ';'\n", {
+        "data/train-00000-of-00002.parquet": b"", "data/train-00001-of-00002.parquet": b"",
+        "data/holdout-00000-of-00001.jsonl": lines("held out"), "other/test.jsonl": lines("not a shard")})
+    assert HubTexts("hf:org/sharded").files == ["data/train-00000-of-00002.parquet", "data/train-00001-of-00002.parquet"]
+    assert list(HubTexts("hf:org/sharded::holdout")) == ["held out"]  # sharded names win over split words
+    card("org/one-split", b"configs:\n- config_name: only\n  data_dir: texts\n", {"texts/a.jsonl": lines("all train")})
+    assert list(HubTexts("hf:org/one-split")) == ["all train"]  # no split word anywhere: all train; the only config
+    card("org/old-card", b"configs:\n- en\n- de\n", {"en/train.jsonl": lines("old en")})
     assert list(HubTexts("hf:org/old-card:en")) == ["old en"]  # an old card's names: found by name
 
     # A listing remembered without its README in the cache (as an older ckpt-trace left it) says to go online once.
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "other-cache"))
-    hub.add_revision("org/later", "main", {"README.md": b"---\nlicense: mit\n---\n", "train.jsonl": lines("l")},
-                     repo_type="dataset")
+    card("org/later", b"license: mit\n", {"train.jsonl": lines("l")})
     HubTexts("hf:org/later")
     for readme_copy in (tmp_path / "other-cache").glob("datasets--org--later/snapshots/*/README.md"):
         readme_copy.unlink()
@@ -800,9 +834,10 @@ configs:
 
     for pattern, name, expected in [
         ("data/**/*.parquet", "data/x.parquet", True), ("data/**/*.parquet", "data/a/b/x.parquet", True),
-        ("data/**.parquet", "data/a/x.parquet", False), ("data/**.parquet", "data/x.parquet", True),
         ("[!t]*.jsonl", "train.jsonl", False), ("[!t]*.jsonl", "valid.jsonl", True), ("d?/x", "d1/x", True),
         ("**", ".git/x", False), (".git/*", ".git/x", True), ("**/*.json", "a/__b/c.json", False),
-        ("a/__b/*.json", "a/__b/c.json", True), ("*", "a/b", False),
+        ("a/__b/*.json", "a/__b/c.json", True), ("*", "a/b", False), ("*.jsonl", "__init__.jsonl", True),
+        ("*", ".x.jsonl", False), ("data/*.json", "data/dataset_info.json", False),
+        ("data/dataset_info.json", "data/dataset_info.json", True),
     ]:
         assert _glob_match(pattern, name) is expected, (pattern, name)
