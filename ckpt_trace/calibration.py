@@ -25,6 +25,7 @@ from __future__ import annotations
 import gzip
 import fnmatch
 import hashlib
+import io
 import json
 import logging
 import random
@@ -138,9 +139,16 @@ def pydoc_documents() -> list[str]:
 
 
 def _jsonl_records(path: Path, label: str, fields: tuple[str, ...] = ("text", "input_ids")) -> Iterator[dict]:
-    """The records of a jsonl file (gzipped where its name ends in .gz), read a line at a time; each must be an object
-    with one of `fields`."""
-    opened = gzip.open(path, "rt", encoding="utf-8-sig") if path.name.endswith(".gz") else path.open(encoding="utf-8-sig")
+    """The records of a jsonl file (gzipped where its name ends in .gz, zstd-compressed where in .zst), read a line at
+    a time; each must be an object with one of `fields`."""
+    if path.name.endswith(".gz"):
+        opened = gzip.open(path, "rt", encoding="utf-8-sig")
+    elif path.name.endswith(".zst"):
+        import pyarrow as pa
+
+        opened = io.TextIOWrapper(pa.CompressedInputStream(pa.OSFile(str(path)), "zstd"), encoding="utf-8-sig")
+    else:
+        opened = path.open(encoding="utf-8-sig")
     with opened as handle:
         for number, line in enumerate(handle, 1):
             if not line.strip():
@@ -354,12 +362,13 @@ class HubTexts:
                 yield from read(path, name)
             except CalibrationError:
                 raise
-            except (OSError, ValueError, EOFError) as err:  # pyarrow's for a damaged file, bad UTF-8, a gzip cut short
+            except (OSError, ValueError, EOFError) as err:  # pyarrow's for a damaged file or zstd, bad UTF-8, a gzip cut short
                 raise CalibrationError(f"cannot read {name} of dataset {self.repo!r}: {' '.join(str(err).split())}") from err
 
 
-DATASET_FILES = (".parquet", ".jsonl", ".jsonl.gz", ".json.gz")
-"""The files of a Hub dataset that calibration reads: parquet, and JSON lines, gzipped too (C4's ``.json.gz``)."""
+DATASET_FILES = (".parquet", ".jsonl", ".jsonl.gz", ".json.gz", ".jsonl.zst")
+"""The files of a Hub dataset that calibration reads: parquet, and JSON lines, gzipped (C4's ``.json.gz``) or
+zstd-compressed (the Pile's ``.jsonl.zst``) too."""
 
 DECLARED_FILES = (*DATASET_FILES, ".json")
 """The files that calibration reads where a README's configs name them: those, and ``.json`` (JSON lines, or one

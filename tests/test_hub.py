@@ -589,6 +589,22 @@ def test_a_hub_dataset_offline_and_in_other_layouts(hub, tmp_path, monkeypatch):
     assert list(HubTexts("hf:org/c4:en:validation")) == [f"web page {d} " * 20 for d in range(6)]
     with pytest.raises(CalibrationError, match="cannot read cut/c4-validation.00000-of-00001.json.gz of dataset 'org/c4'"):
         list(HubTexts("hf:org/c4:cut:validation"))
+    # The Pile's layout: zstd-compressed JSON lines, the train split in a folder of shards.
+    import pyarrow as pa
+
+    def zst(data: bytes) -> bytes:
+        return pa.compress(data, codec="zstd", asbytes=True)  # a standard zstd frame, as the zstd tool writes
+
+    hub.add_revision("org/pile", "main", {
+        "train/00.jsonl.zst": zst(b'{"text": "shard zero", "meta": {}}\n'),
+        "train/01.jsonl.zst": zst(b'{"text": "shard one"}\n') + zst(b'{"text": "a second frame"}\n'),
+        "val.jsonl.zst": zst(b'{"text": "held"}\n'),
+    }, repo_type="dataset")
+    hub.add_revision("org/pile-cut", "main", {"cut/train.jsonl.zst": zst(lines)[:-20]}, repo_type="dataset")
+    assert list(HubTexts("hf:org/pile")) == ["shard zero", "shard one", "a second frame"]
+    assert list(HubTexts("hf:org/pile::val")) == ["held"]
+    with pytest.raises(CalibrationError, match="^cannot read cut/train.jsonl.zst of dataset 'org/pile-cut': "):
+        list(HubTexts("hf:org/pile-cut:cut"))
     # A split is a word of the file's path; a split in several configs asks for one.
     hub.add_revision("org/tricky", "main", {
         "invalid-0.jsonl": b'{"text": "not valid"}\n', "valid-0.jsonl": b'{"text": "valid"}\n',
@@ -677,7 +693,7 @@ configs:
                        "its splits: train$"):
         HubTexts("hf:org/fw:sample-10BT:validation")
     with pytest.raises(CalibrationError, match=r"^split 'test' of config 'arrays' of dataset 'org/fw' has no file that "
-                       r"calibration reads \(.parquet, .jsonl, .jsonl.gz, .json.gz, .json\): its README's arrays/\*.csv "
+                       r"calibration reads \(.parquet, .jsonl, .jsonl.gz, .json.gz, .jsonl.zst, .json\): its README's arrays/\*.csv "
                        r"match arrays/held.csv$"):
         HubTexts("hf:org/fw:arrays:test")
     hub.add_revision("org/two", "main", {"README.md": b"---\nconfigs:\n- config_name: a\n  data_files: a/*\n"
