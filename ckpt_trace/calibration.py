@@ -23,11 +23,12 @@ BOS included, stored beside every score.
 from __future__ import annotations
 
 import gzip
-import fnmatch
+import functools
 import hashlib
 import io
 import json
 import logging
+import posixpath
 import random
 import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -243,7 +244,7 @@ class HubTexts:
             written = yaml.load(block.group(2), Loader=yaml.BaseLoader) if block else None  # every scalar a str
         except CalibrationError:
             raise
-        except (yaml.YAMLError, UnicodeDecodeError, OSError) as err:
+        except (yaml.YAMLError, ValueError, RecursionError, OSError) as err:  # a header that does not parse, a bad date
             raise CalibrationError(f"cannot read the configs in README.md of dataset {self.repo!r}: "
                                    f"{' '.join(str(err).split())}") from err
         entries = header.get("configs") if isinstance(header, dict) else None
@@ -260,7 +261,7 @@ class HubTexts:
         """The config a spec that names none takes, as ``datasets`` picks it: the one marked ``default: true``, or
         named ``default``, or the only one; several such are an error."""
         defaults = [name for name, listed in declared.items()
-                    if entries == 1 or name == "default" or any(e.get("default") is True for e in listed)]
+                    if entries == 1 or name == "default" or any(e.get("default") for e in listed)]
         tail = f":{split}" if split is not None else ""
         if len(defaults) > 1:
             raise CalibrationError(f"dataset {self.repo!r} has several default configs ({_some(defaults)}); name "
@@ -285,7 +286,8 @@ class HubTexts:
         data_dir = entry.get("data_dir")
         if data_dir is not None and not isinstance(data_dir, str):
             raise CalibrationError(f"the data_dir of {label} is not a folder: {data_dir!r}")
-        base = f"{data_dir.strip('/')}/" if data_dir and data_dir.strip("/") else ""
+        folder = posixpath.normpath(data_dir.strip("/")) if data_dir else "."
+        base = "" if folder == "." else f"{folder}/"
         if entry.get("data_files") is None:
             splits = _inferred_splits([n.removeprefix(base) for n in names if n.startswith(base)])
             files = {name: [base + n for n in listed] for name, listed in splits.items()}
@@ -302,7 +304,7 @@ class HubTexts:
                                    f"{', '.join(files) or 'none'}")
         readable = [n for n in files[named] if n.endswith(DECLARED_FILES)]
         if not readable:
-            shown = f"its README's {', '.join(patterns[named])} match" if not where else f"its files {where}:"
+            shown = f"its README's {', '.join(map(repr, patterns[named]))} match" if not where else f"its files {where}:"
             raise CalibrationError(f"split {named!r} of {label} has no file that calibration reads "
                                    f"({', '.join(DECLARED_FILES)}): {shown} {_some(files[named]) or 'no file'}")
         return readable
@@ -390,7 +392,8 @@ def _split_patterns(data_files, label: str) -> dict[str, list[str]]:
     def patterns(value, where: str) -> list[str]:
         listed = [value] if isinstance(value, str) else value
         if not isinstance(listed, list) or not listed or not all(isinstance(p, str) for p in listed):
-            raise CalibrationError(f"the data_files of {label} {where}are not file patterns: {value!r}")
+            raise CalibrationError(f"the data_files of {label} {where}are not file patterns: {value!r}; give a pattern, "
+                                   "a list of them, or a list of {split, path}")
         return listed
 
     if isinstance(data_files, list) and data_files and all(isinstance(e, dict) for e in data_files):
@@ -408,38 +411,62 @@ def _split_patterns(data_files, label: str) -> dict[str, list[str]]:
     return {"train": patterns(data_files, "")}
 
 
-CARD_FILES = frozenset({"README.md", "config.json", "dataset_info.json", "dataset_infos.json", "dataset_dict.json"})
+CARD_FILES = frozenset({"README.md", "config.json", "dataset_info.json", "dataset_infos.json", "dataset_dict.json",
+                        "dummy_data.zip"})
 """Files of a dataset repo that describe it and never hold its rows, unless a data_files pattern names one."""
 
 
 def _glob_match(pattern: str, name: str, label: str = "") -> bool:
-    """Whether a repo path matches a data_files pattern, as ``datasets`` matches them: a component of ``**``
-    matches any number of folders; within a component, ``*``, ``?``, ``[...]`` and ``[!...]`` as in fnmatch; a
-    ``**`` inside a component is an error, as in fsspec. A hidden file or folder (``.x``), or a special folder
-    (``__x``), matches only a pattern component that starts the same way; a file of `CARD_FILES` only a pattern
-    that names it."""
-    def match(pattern: list[str], parts: list[str]) -> bool:
-        if not pattern:
-            return not parts
-        head, rest = pattern[0], pattern[1:]
-        if head == "**":
-            return any(match(rest, parts[k:]) for k in range(len(parts) + 1)
-                       if not any(unasked(p, "", i == len(parts) - 1) for i, p in enumerate(parts[:k])))
-        return (bool(parts) and fnmatch.fnmatchcase(parts[0], head) and not unasked(parts[0], head, len(parts) == 1)
-                and match(rest, parts[1:]))
-
-    def unasked(part: str, head: str, last: bool) -> bool:
-        """A hidden file or folder, or a special folder, that the pattern's component does not name."""
-        return (part.startswith(".") and not head.startswith(".")
-                or not last and part.startswith("__") and not head.startswith("__"))
-
-    components, parts = pattern.removeprefix("./").split("/"), name.split("/")
+    """Whether a repo path matches a data_files pattern, as ``datasets`` matches them (see `_glob_regex`); a file of
+    `CARD_FILES` matches only a pattern that names it."""
+    components = pattern.removeprefix("./").split("/")
     if any("**" in c and c != "**" for c in components):
         raise CalibrationError(f"data_files pattern {pattern!r}{f' of {label}' if label else ''}: ** must be a whole "
                                "path component, as in data/**/*.parquet")
-    if parts[-1] in CARD_FILES and components[-1] != parts[-1]:
-        return False
-    return match(components, parts)
+    file = name.rsplit("/", 1)[-1]
+    return (file not in CARD_FILES or components[-1] == file) and _glob_regex(pattern).fullmatch(name) is not None
+
+
+@functools.lru_cache(maxsize=256)
+def _glob_regex(pattern: str) -> re.Pattern:
+    """A data_files pattern as a regex over repo paths, with fsspec's rules: a component of ``**`` matches any
+    number of folders (at the end, one file or more, in any folders); within a component, ``*``, ``?``, ``[...]``
+    and ``[!...]`` as in fnmatch, never across a ``/``. A hidden file or folder (``.x``), or a special folder
+    (``__x``), matches only a pattern component that starts the same way, as ``datasets`` filters them."""
+    components = pattern.removeprefix("./").split("/")
+    pieces = []
+    for i, component in enumerate(components):
+        last = i == len(components) - 1
+        if component == "**":
+            pieces.append(r"(?:(?!\.|__)[^/]+/)*" + (r"(?!\.)[^/]+" if last else ""))
+            continue
+        guard = ("" if component.startswith(".") else r"(?!\.)") + ("" if last or component.startswith("__") else "(?!__)")
+        pieces.append(guard + _component_regex(component) + ("" if last else "/"))
+    return re.compile("".join(pieces))
+
+
+def _component_regex(component: str) -> str:
+    """One path component's glob as a regex that never matches a ``/``."""
+    out, i = [], 0
+    while i < len(component):
+        char = component[i]
+        if char == "*":
+            out.append("[^/]*")
+        elif char == "?":
+            out.append("[^/]")
+        elif char == "[":
+            start = i + 1 + (component[i + 1:i + 2] == "!")
+            close = component.find("]", start + (component[start:start + 1] == "]"))
+            if close < 0:
+                out.append(re.escape(char))
+            else:
+                body = re.sub(r"([\\\[&~|^])", r"\\\1", component[start:close])
+                out.append(f"[^/{body}]" if start > i + 1 else f"[{body}]")
+                i = close
+        else:
+            out.append(re.escape(char))
+        i += 1
+    return "".join(out)
 
 
 SPLIT_KEYWORDS = {"train": ("train", "training"), "validation": ("validation", "valid", "dev", "val"),
@@ -452,7 +479,8 @@ _SEP = "[-._ 0-9]"
 def _inferred_splits(names: list[str]) -> dict[str, list[str]]:
     """The splits of a folder's files as ``datasets`` infers them where a config declares no data_files, each with
     its files in name order: shards named ``data/SPLIT-00000-of-00003...``; else folders, then file names, that hold
-    a split's word (``train/``, ``dev.jsonl``, ``my_test-1.json``); else every file is train."""
+    a split's word (``train/``, ``dev.jsonl``, ``my_test-1.json``); else every file is train. (``datasets`` also
+    knows Inspect logs, ``*.eval``, as a split named logs, and Harbor tasks as a test split: so does this.)"""
     names = sorted(n for n in names if n.rsplit("/", 1)[-1] not in CARD_FILES)
     shards: dict[str, list[str]] = {}
     for n in names:
@@ -460,14 +488,17 @@ def _inferred_splits(names: list[str]) -> dict[str, list[str]]:
             shards.setdefault(found[1], []).append(n)
     if shards:
         return shards
-    for shapes in (("**/{w}/**", "**/{w}" + _SEP + "*/**", "**/*" + _SEP + "{w}/**", "**/*" + _SEP + "{w}" + _SEP + "*/**"),
-                   ("**/{w}" + _SEP + "*", "**/*" + _SEP + "{w}" + _SEP + "*")):
-        splits = {split: [n for n in names if any(_glob_match(shape.format(w=word), n)
-                                                  for word in words for shape in shapes)]
-                  for split, words in SPLIT_KEYWORDS.items()}
+    in_folders = ("**/{w}/**", "**/{w}" + _SEP + "*/**", "**/*" + _SEP + "{w}/**", "**/*" + _SEP + "{w}" + _SEP + "*/**")
+    in_files = ("**/{w}" + _SEP + "*", "**/*" + _SEP + "{w}" + _SEP + "*")
+    by_word = lambda shapes: {split: [s.format(w=w) for w in words for s in shapes]  # noqa: E731
+                              for split, words in SPLIT_KEYWORDS.items()}
+    for patterns in ({"logs": ["**/*.eval"]}, {"test": ["**/task.toml", "**/instruction.md"]},  # as datasets has them
+                     by_word(in_folders), by_word(in_files), {"train": ["**"]}):
+        splits = {split: [n for n in names if any(_glob_regex(p).fullmatch(n) for p in listed)]
+                  for split, listed in patterns.items()}
         if any(splits.values()):
             return {split: files for split, files in splits.items() if files}
-    return {"train": [n for n in names if _glob_match("**", n)]}
+    return {"train": []}
 
 
 def _as_written(typed, written):

@@ -693,7 +693,8 @@ configs:
                        "its splits: train$"):
         HubTexts("hf:org/fw:sample-10BT:validation")
     with pytest.raises(CalibrationError, match=r"^split 'test' of config 'arrays' of dataset 'org/fw' has no file that "
-                       r"calibration reads \(.parquet, .jsonl, .jsonl.gz, .json.gz, .jsonl.zst, .json\): its README's arrays/\*.csv "
+                       r"calibration reads \(.parquet, .jsonl, .jsonl.gz, .json.gz, .jsonl.zst, .json\): its README's "
+                       r"'arrays/\*.csv' "
                        r"match arrays/held.csv$"):
         HubTexts("hf:org/fw:arrays:test")
     hub.add_revision("org/two", "main", {"README.md": b"---\nconfigs:\n- config_name: a\n  data_files: a/*\n"
@@ -731,7 +732,7 @@ def test_what_a_dataset_card_declares_is_read_as_datasets_reads_it(hub, tmp_path
     else all train); config and split names are read as written; globs follow fsspec (brackets, `**/` over no
     folder, hidden and special folders only where named, `**` inside a component an error); the default is the
     one marked, named `default`, or the only one. Bad entries fail only the config that has them."""
-    from ckpt_trace.calibration import HubTexts, _glob_match
+    from ckpt_trace.calibration import HubTexts, _glob_match, _inferred_splits
     from ckpt_trace.errors import CalibrationError
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
@@ -746,7 +747,7 @@ configs:
   - split: 2020
     path: "[0-9]*.json"
 - config_name: folder
-  data_dir: corpus/de
+  data_dir: ./corpus/de
 - config_name: 2024
   data_files: ./y2024/*.jsonl
 - config_name: no
@@ -801,7 +802,7 @@ configs:
         ("hf:org/card:extra", r"dataset 'org/card' has no config 'extra'; its README declares: rooted, folder, 2024, "
                               r"no, everything, broken and 3 more"),
         ("hf:org/card:folder:dev", r"config 'folder' of dataset 'org/card' has no split 'dev'; its splits under its "
-                                   r"data_dir 'corpus/de': train, validation, test"),
+                                   r"data_dir './corpus/de': train, validation, test"),
         ("hf:org/card:broken", r"the data_files of config 'broken' of dataset 'org/card' give split 'train' no path"),
         ("hf:org/card:twice", r"README.md of dataset 'org/card' declares config 'twice' 2 times, so which files it "
                               r"reads is not clear"),
@@ -834,6 +835,10 @@ configs:
     assert list(HubTexts("hf:org/sharded::holdout")) == ["held out"]  # sharded names win over split words
     card("org/one-split", b"configs:\n- config_name: only\n  data_dir: texts\n", {"texts/a.jsonl": lines("all train")})
     assert list(HubTexts("hf:org/one-split")) == ["all train"]  # no split word anywhere: all train; the only config
+    card("org/bad-date", b"date: 2024-02-30\n", {"train.jsonl": lines("t")})
+    with pytest.raises(CalibrationError, match="^cannot read the configs in README.md of dataset 'org/bad-date': "
+                       "day is out of range for month$"):
+        HubTexts("hf:org/bad-date")
     card("org/old-card", b"configs:\n- en\n- de\n", {"en/train.jsonl": lines("old en")})
     assert list(HubTexts("hf:org/old-card:en")) == ["old en"]  # an old card's names: found by name
 
@@ -854,6 +859,15 @@ configs:
         ("**", ".git/x", False), (".git/*", ".git/x", True), ("**/*.json", "a/__b/c.json", False),
         ("a/__b/*.json", "a/__b/c.json", True), ("*", "a/b", False), ("*.jsonl", "__init__.jsonl", True),
         ("*", ".x.jsonl", False), ("data/*.json", "data/dataset_info.json", False),
-        ("data/dataset_info.json", "data/dataset_info.json", True),
+        ("data/dataset_info.json", "data/dataset_info.json", True), ("*/**", "top.jsonl", False),
+        ("*/**", "a/b/c.jsonl", True), ("[[]ab].jsonl", "[ab].jsonl", True), ("[^a].jsonl", "^.jsonl", True),
     ]:
         assert _glob_match(pattern, name) is expected, (pattern, name)
+    for names, splits in [  # as datasets.data_files.get_data_patterns infers them
+        (["texts/valid/train.jsonl"], {"validation": ["texts/valid/train.jsonl"]}),  # a folder's word comes first
+        (["train.jsonl", "test/a.jsonl"], {"test": ["test/a.jsonl"]}),
+        (["x.eval", "train.jsonl"], {"logs": ["x.eval"]}),
+        (["pretrain.jsonl", "my_test-1.json", "a/dummy_data.zip"], {"test": ["my_test-1.json"]}),
+        (["notes.jsonl", ".hidden/a.jsonl", "__pycache__/b.jsonl"], {"train": ["notes.jsonl"]}),
+    ]:
+        assert _inferred_splits(names) == splits, names
