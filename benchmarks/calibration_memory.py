@@ -6,7 +6,10 @@ differs. Each side runs `ckpt_trace.calibration.load_calibration` (64 blocks of 
 tokens) in a fresh subprocess that reports its peak resident memory. The text is read
 and tokenized a piece at a time, and only the blocks taken are kept.
 
-    python benchmarks/calibration_memory.py [--small-mb 1] [--large-mb 40]
+    python benchmarks/calibration_memory.py [--small-mb 1] [--large-mb 40] [--jsonl]
+
+With ``--jsonl`` the same lines are written as a JSON-lines file of documents of 20 lines
+(``{"text": ...}`` per line), which is read a line at a time.
 
 The last line is ``memory_ratio=<large/small>``; the target is at most 1.3.
 """
@@ -14,6 +17,7 @@ The last line is ``memory_ratio=<large/small>``; the target is at most 1.3.
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import resource
 import subprocess
@@ -25,14 +29,17 @@ from pathlib import Path
 WORDS = [f"w{i}" + "abcdefghij"[i % 10] * (i % 5) for i in range(3000)]
 
 
-def write_text(path: Path, megabytes: float) -> None:
+def write_text(path: Path, megabytes: float, jsonl: bool = False) -> None:
     rng = random.Random(0)
     lines, size = [], 0
     while size < megabytes * 2**20:
         line = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 20)))
         lines.append(line)
         size += len(line) + 1
-    path.write_text("\n".join(lines) + "\n")
+    if jsonl:
+        path.write_text("".join(json.dumps({"text": "\n".join(lines[i:i + 20])}) + "\n" for i in range(0, len(lines), 20)))
+    else:
+        path.write_text("\n".join(lines) + "\n")
 
 
 def train_tokenizer(text: Path, out: Path) -> None:
@@ -64,6 +71,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--small-mb", type=float, default=1)
     parser.add_argument("--large-mb", type=float, default=40)
+    parser.add_argument("--jsonl", action="store_true", help="documents in a JSON-lines file instead of one text")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -72,15 +80,18 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         peaks = {}
+        suffix = ".jsonl" if args.jsonl else ".txt"
         for name, size in (("small", args.small_mb), ("large", args.large_mb)):
             write_text(root / f"{name}.txt", size)
+            if args.jsonl:
+                write_text(root / f"{name}.jsonl", size, jsonl=True)
         train_tokenizer(root / "small.txt", root / "tokenizer")
         for name, size in (("small", args.small_mb), ("large", args.large_mb)):
-            out = subprocess.run([sys.executable, __file__, "--child", str(root / f"{name}.txt"), str(root / "tokenizer")],
+            out = subprocess.run([sys.executable, __file__, "--child", str(root / f"{name}{suffix}"), str(root / "tokenizer")],
                                  check=True, capture_output=True, text=True)
             tokens, seconds, peak = out.stdout.split()[-3:]
             peaks[name] = int(peak)
-            print(f"{size:6.1f} MB text: {tokens} calibration tokens in {seconds} s, peak memory {int(peak) / 2**20:,.0f} MiB")
+            print(f"{size:6.1f} MB {suffix[1:]}: {tokens} calibration tokens in {seconds} s, peak memory {int(peak) / 2**20:,.0f} MiB")
     print(f"memory_ratio={peaks['large'] / peaks['small']:.3f}")
 
 

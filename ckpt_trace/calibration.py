@@ -32,6 +32,7 @@ import posixpath
 import random
 import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import closing
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -574,17 +575,46 @@ def read_source(spec: str) -> Iterable[str] | list[list[int]]:
     path = Path(spec)
     if not path.is_file():
         raise CalibrationError(
-            f"calibration source {spec!r} is not a file; use 'pydoc', a .txt or .jsonl path, or hf:REPO"
+            f"calibration source {spec!r} is not a file; use 'pydoc', a .txt, .jsonl, .jsonl.gz or .jsonl.zst path, or hf:REPO"
         )
     try:
-        if path.suffix == ".jsonl":
-            records = list(_jsonl_records(path, str(path)))
-            if records and "input_ids" in records[0]:
-                return [_token_list(r.get("input_ids"), path, n) for n, r in enumerate(records, 1)]
-            return [str(r["text"]) for r in records if "text" in r]
+        if path.name.endswith(LOCAL_JSONL):
+            texts = LocalTexts(path)
+            with closing(texts.records()) as records:
+                first = next(records, None)
+            if first is not None and "input_ids" in first:  # token ids are taken verbatim, every one of them
+                return [_token_list(r.get("input_ids"), path, n) for n, r in enumerate(texts.records(), 1)]
+            return texts
         return [path.read_text(encoding="utf-8")]
-    except (OSError, UnicodeDecodeError) as err:
-        raise CalibrationError(f"cannot read calibration file {spec!r}: {err}") from err
+    except CalibrationError:
+        raise
+    except (OSError, ValueError, EOFError) as err:  # bad UTF-8, a damaged gzip or zstd stream
+        raise CalibrationError(f"cannot read calibration file {spec!r}: {' '.join(str(err).split())}") from err
+
+
+LOCAL_JSONL = (".jsonl", ".jsonl.gz", ".jsonl.zst")
+"""Local calibration files read as JSON lines ({"text": ...} or {"input_ids": [...]} per line), compressed too."""
+
+
+class LocalTexts:
+    """The texts of a local JSON-lines file, read a line at a time each time they are iterated, so that a file of any
+    size is tokenized in bounded memory."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def records(self) -> Iterator[dict]:
+        return _jsonl_records(self.path, str(self.path))
+
+    def __iter__(self) -> Iterator[str]:
+        try:
+            for record in self.records():
+                if "text" in record:
+                    yield str(record["text"])
+        except CalibrationError:
+            raise
+        except (OSError, ValueError, EOFError) as err:
+            raise CalibrationError(f"cannot read calibration file {str(self.path)!r}: {' '.join(str(err).split())}") from err
 
 
 def _token_list(ids, path: Path, number: int) -> list[int]:

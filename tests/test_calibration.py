@@ -34,6 +34,39 @@ def test_text_file_is_joined_with_eos_cut_and_sampled(tmp_path, tokenizer):
     assert calibration.n_tokens == 64
 
 
+@pytest.mark.parametrize("suffix", [".jsonl.gz", ".jsonl.zst"])
+def test_compressed_jsonl_gives_the_blocks_of_the_plain_file(tmp_path, tokenizer, suffix):
+    import gzip
+
+    import pyarrow as pa
+
+    docs = [f"document {n}: " + "alpha beta gamma " * (5 + n) for n in range(40)]
+    plain = write_jsonl(tmp_path / "docs.jsonl", [{"text": d} for d in docs])
+    packed = tmp_path / f"docs{suffix}"
+    if suffix == ".jsonl.gz":
+        packed.write_bytes(gzip.compress(plain.read_bytes()))
+    else:
+        with pa.CompressedOutputStream(str(packed), "zstd") as out:
+            out.write(plain.read_bytes())
+    spec = dict(samples=8, seq_len=16, seed=3)
+    want = load_calibration(CalibrationSpec(str(plain), **spec), tokenizer)
+    got = load_calibration(CalibrationSpec(str(packed), **spec), tokenizer)
+    assert [s.tolist() for s in got.sequences] == [s.tolist() for s in want.sequences] and got.id == want.id
+
+    # Read a line at a time as the blocks are drawn: a bad line far into the file is found then, named by its number.
+    bad = tmp_path / "late.jsonl"
+    bad.write_text(plain.read_text() + "not json\n")
+    from ckpt_trace.calibration import read_source
+
+    assert len(list(iter(read_source(str(plain))))) == 40 and not isinstance(read_source(str(bad)), list)
+    with pytest.raises(CalibrationError, match=r"late.jsonl:41 is not valid JSON"):
+        load_calibration(CalibrationSpec(str(bad), **spec), tokenizer)
+    cut = tmp_path / f"cut{suffix}"
+    cut.write_bytes(packed.read_bytes()[: packed.stat().st_size // 2])
+    with pytest.raises(CalibrationError, match=f"cannot read calibration file '.*cut{suffix}'"):
+        load_calibration(CalibrationSpec(str(cut), **spec), tokenizer)
+
+
 def test_same_spec_same_id_other_seed_other_id(tokenizer):
     a = load_calibration(CalibrationSpec("pydoc", samples=8, seq_len=32, seed=0), tokenizer)
     b = load_calibration(CalibrationSpec("pydoc", samples=8, seq_len=32, seed=0), tokenizer)

@@ -109,6 +109,21 @@ def test_curves_command_stores_them_and_the_report_draws_one_figure_per_target(t
     latest = latest_curves(again, "suite")
     assert set(latest["target"]) == {"attention", "mlp", "block"} and latest.height == again.height
 
+    # step100 re-published with other weights and scanned again: its stored curves are not of the scores the report
+    # shows, so they are left out, with a note, rather than drawn beside them.
+    save_checkpoint(suite / "step100", "llama", seed=3, tokenizer_dir=tokenizer_dir)
+    assert main(["scan", str(suite), "--metrics", "importance,update_ratio,ablation_loss", *small]) == 0
+    rescanned = Store(store).scores().filter(pl.col("revision") == "step100")["weights"].unique()
+    assert len(rescanned) == 2 and stored["weights"][0] in set(rescanned)
+    capsys.readouterr()
+    assert main(["report", "--store", str(store), "--out", str(tmp_path / "fig2")]) == 0
+    md = (tmp_path / "fig2" / "report.md").read_text()
+    newest = next(w for w in rescanned if w != stored["weights"][0])
+    assert (f"the pruning curves of step100 are of other weights ({stored['weights'][0][:12]}) than its scores here "
+            f"({newest[:12]}); they are left out: run `ckpt-trace curves` again") in md
+    assert "pruning_curve" not in md and not list((tmp_path / "fig2").glob("**/pruning_curve_*.png"))
+    assert "attention layers dropped by similarity" not in md
+
 
 @pytest.mark.parametrize("args, message", [
     (["--targets", "heads"], "unknown target 'heads'; use some of: attention, mlp, block"),
