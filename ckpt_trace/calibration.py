@@ -565,7 +565,7 @@ def draw_limit(spec: CalibrationSpec) -> int | None:
     return HUB_POOL * spec.samples if spec.source.startswith("hf:") else None
 
 
-def read_source(spec: str) -> Iterable[str] | list[list[int]]:
+def read_source(spec: str) -> Iterable[str | TextFile] | list[list[int]]:
     """Documents (strings; for a Hub dataset, read as they are iterated) or, for pre-tokenized jsonl, token-id
     lists, named by a spec."""
     if spec == DEFAULT_SPEC:
@@ -585,11 +585,30 @@ def read_source(spec: str) -> Iterable[str] | list[list[int]]:
             if first is not None and "input_ids" in first:  # token ids are taken verbatim, every one of them
                 return [_token_list(r.get("input_ids"), path, n) for n, r in enumerate(texts.records(), 1)]
             return texts
-        return [path.read_text(encoding="utf-8")]
+        return [TextFile(path)]
     except CalibrationError:
         raise
     except (OSError, ValueError, EOFError) as err:  # bad UTF-8, a damaged gzip or zstd stream
         raise CalibrationError(f"cannot read calibration file {spec!r}: {' '.join(str(err).split())}") from err
+
+
+class TextFile:
+    """A plain-text file as one document: its text in chunks, read each time it is iterated, never whole."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __iter__(self) -> Iterator[str]:
+        try:
+            with self.path.open(encoding="utf-8") as handle:
+                while chunk := handle.read(PIECE_CHARS):
+                    yield chunk
+        except (OSError, ValueError) as err:  # bad UTF-8 too
+            raise CalibrationError(f"cannot read calibration file {str(self.path)!r}: {' '.join(str(err).split())}") from err
+
+
+def _has_text(document: str | TextFile) -> bool:
+    return any(chunk.strip() for chunk in ((document,) if isinstance(document, str) else document))
 
 
 LOCAL_JSONL = (".jsonl", ".jsonl.gz", ".jsonl.zst")
@@ -643,27 +662,54 @@ def _cuttable(document: str, newline: int) -> bool:
     return newline + 1 < len(document) and not document[newline + 1].isspace()
 
 
-def _pieces(document: str) -> Iterator[str]:
-    """The document, whole when short, else in pieces of whole lines of up to PIECE_CHARS (longer where no line
-    within starts without whitespace), each ending before a line that starts with a non-space character."""
-    start = 0
-    while len(document) - start > PIECE_CHARS:
-        cut = document.rfind("\n", start, start + PIECE_CHARS)
-        while cut >= start and not _cuttable(document, cut):
-            cut = document.rfind("\n", start, cut)
-        if cut < start:  # none within: the first place after it
-            cut = document.find("\n", start + PIECE_CHARS)
-            while cut >= 0 and not _cuttable(document, cut):
-                cut = document.find("\n", cut + 1)
+def _pieces(document: str | Iterable[str]) -> Iterator[str]:
+    """The document (a string, or its text in chunks as a `TextFile` reads it), whole when short, else in pieces of
+    whole lines of up to PIECE_CHARS (longer where no line within starts without whitespace), each ending before a
+    line that starts with a non-space character. Memory holds about a piece beyond the document's chunks."""
+    whole = document if isinstance(document, str) else None
+    chunks = iter(document) if whole is None else (whole[i:i + PIECE_CHARS] for i in range(0, len(whole), PIECE_CHARS))
+    text, ended, given = "", False, False
+
+    def fill(size: int) -> bool:
+        """Read on until the text holds `size` characters; False where the document ends first."""
+        nonlocal text, ended
+        parts, have = [text], len(text)
+        while not ended and have < size:
+            chunk = next(chunks, None)
+            if chunk is None:
+                ended = True
+            else:
+                parts.append(chunk)
+                have += len(chunk)
+        text = "".join(parts)
+        return have >= size
+
+    while fill(PIECE_CHARS + 1):
+        cut = text.rfind("\n", 0, PIECE_CHARS)
+        while cut >= 0 and not _cuttable(text, cut):
+            cut = text.rfind("\n", 0, cut)
+        if cut < 0:  # none within: the first place after it
+            at = PIECE_CHARS
+            while True:
+                cut = text.find("\n", at)
+                if cut < 0:
+                    at = len(text)
+                    fill(2 * at)  # doubling: a long run without a place to cut is read in linear time
+                    if len(text) == at:
+                        break
+                elif fill(cut + 2) and _cuttable(text, cut):
+                    break
+                else:
+                    at = cut + 1
             if cut < 0:
                 break
-        yield document[start:cut + 1]
-        start = cut + 1
-    if start < len(document) or not document:
-        yield document[start:]
+        yield text[:cut + 1]
+        given, text = True, text[cut + 1:]
+    if text or not given:
+        yield text
 
 
-def token_pieces(documents: Iterable[str], tokenizer) -> Iterator[list[int]]:
+def token_pieces(documents: Iterable[str | TextFile], tokenizer) -> Iterator[list[int]]:
     """The token stream in pieces: each document tokenized without special tokens (a long one piece by piece) and
     followed by EOS. Memory holds one piece at a time."""
     eos = getattr(tokenizer, "eos_token_id", None)
@@ -783,7 +829,7 @@ def load_calibration(spec: CalibrationSpec | str, tokenizer=None) -> Calibration
         raise CalibrationError(f"calibration source {spec.source!r} is empty")
     if isinstance(first, list):  # pre-tokenized: verbatim
         return CalibrationSet.from_ids(docs, spec.source)
-    if not any(d.strip() for d in docs):
+    if not any(_has_text(d) for d in docs):
         raise CalibrationError(f"calibration source {spec.source!r} holds no text")
     if tokenizer is None:
         raise CalibrationError(

@@ -121,7 +121,7 @@ def test_too_few_blocks_uses_all_and_warns(tmp_path, tokenizer, caplog):
 @pytest.mark.parametrize(
     "content, message",
     [
-        ("", "empty"),
+        ("", "holds no text"),
         ("   \n  ", "no text"),
         ("hi", "fewer than one block"),
     ],
@@ -254,3 +254,50 @@ def test_a_long_text_is_tokenized_in_pieces_and_its_blocks_taken_in_two_passes(t
 
     chosen = sorted(random.Random(3).sample(range(len(whole) // 16), 5))
     assert [s.tolist() for s in calibration.sequences] == [whole[i * 16:(i + 1) * 16] for i in chosen]
+
+
+def _whole_text_pieces(document: str, size: int) -> list[str]:
+    """The reference: pieces cut from the whole text at once (no chunks), by the rule `_pieces` documents."""
+    def cuttable(i):
+        return i + 1 < len(document) and not document[i + 1].isspace()
+
+    pieces, start = [], 0
+    while len(document) - start > size:
+        cut = next((i for i in range(start + size - 1, start - 1, -1) if document[i] == "\n" and cuttable(i)), None)
+        if cut is None:
+            cut = next((i for i in range(start + size, len(document)) if document[i] == "\n" and cuttable(i)), None)
+            if cut is None:
+                break
+        pieces.append(document[start:cut + 1])
+        start = cut + 1
+    if start < len(document) or not document:
+        pieces.append(document[start:])
+    return pieces
+
+
+def test_a_text_read_in_chunks_is_cut_where_the_whole_text_is(tmp_path, tokenizer, monkeypatch):
+    import random
+
+    from ckpt_trace import calibration as module
+
+    monkeypatch.setattr(module, "PIECE_CHARS", 16)
+    rng = random.Random(0)
+    alphabet = ["a", "b", " ", "\n", "\n", "  ", "\t", "word "]
+    texts = ["", "\n", "\n\n\n", "x" * 50, "x" * 50 + "\n", ("y" * 20 + "\n ") * 5, "a\n" * 40, " " * 40 + "\nb"]
+    texts += ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 300))) for _ in range(300)]
+    for text in texts:
+        want = _whole_text_pieces(text, 16)
+        assert list(module._pieces(text)) == want, text
+        cuts = sorted(rng.sample(range(1, len(text)), min(len(text) - 1, rng.randint(0, 12)))) if len(text) > 1 else []
+        chunks = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])] if text else []
+        assert list(module._pieces(iter(chunks))) == want, (text, chunks)
+    # A .txt file is read 16 characters at a time, never whole, and cut as the whole text is (\r\n read as \n).
+    path = tmp_path / "t.txt"
+    text = "".join(rng.choice(alphabet) for _ in range(5000))
+    path.write_bytes(text.replace("\n", "\r\n").encode())
+    document = module.read_source(str(path))[0]
+    chunks = list(document)
+    assert isinstance(document, module.TextFile) and "".join(chunks) == text
+    assert len(chunks) == -(-len(text) // 16) and all(len(c) == 16 for c in chunks[:-1])
+    assert list(module._pieces(document)) == _whole_text_pieces(text, 16)
+    assert module.token_stream([document], tokenizer) == module.token_stream([text], tokenizer)
