@@ -4,8 +4,9 @@ A spec names where the text comes from:
 
 - ``pydoc`` (the default): the documentation that ships with every CPython
   installation (``pydoc_data.topics``), read at run time;
-- a plain text file: one document;
-- a jsonl file whose lines hold ``{"text": ...}``: one document per line;
+- a plain text file: one document, read a chunk at a time;
+- a jsonl file (``.jsonl``, ``.jsonl.gz``, ``.jsonl.zst``) whose lines hold ``{"text": ...}``: one
+  document per line, read a line at a time;
 - a jsonl file whose lines hold ``{"input_ids": [...]}``: pre-tokenized, used verbatim
   (lengths may differ; padding is masked when batched);
 - ``hf:REPO[:CONFIG][:SPLIT]``: a Hugging Face dataset's ``text`` column, where the network allows;
@@ -31,6 +32,7 @@ import logging
 import posixpath
 import random
 import re
+import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import closing
 from dataclasses import dataclass, field, replace
@@ -126,6 +128,11 @@ class CalibrationSet:
                 ids[row, : len(seq)] = seq
                 mask[row, : len(seq)] = 1
             yield ids, mask
+
+
+READ_ERRORS = (OSError, ValueError, EOFError, zlib.error)
+"""What reading a damaged or cut-short file raises: bad UTF-8, a gzip stream cut short (EOFError) or damaged
+(zlib.error, no OSError), pyarrow's for damaged zstd or parquet."""
 
 
 def pydoc_documents() -> list[str]:
@@ -365,7 +372,7 @@ class HubTexts:
                 yield from read(path, name)
             except CalibrationError:
                 raise
-            except (OSError, ValueError, EOFError) as err:  # pyarrow's for a damaged file or zstd, bad UTF-8, a gzip cut short
+            except READ_ERRORS as err:  # pyarrow's for a damaged file or zstd, bad UTF-8, a gzip cut short or damaged
                 raise CalibrationError(f"cannot read {name} of dataset {self.repo!r}: {' '.join(str(err).split())}") from err
 
 
@@ -588,7 +595,7 @@ def read_source(spec: str) -> Iterable[str | TextFile] | list[list[int]]:
         return [TextFile(path)]
     except CalibrationError:
         raise
-    except (OSError, ValueError, EOFError) as err:  # bad UTF-8, a damaged gzip or zstd stream
+    except READ_ERRORS as err:  # bad UTF-8, a damaged gzip or zstd stream
         raise CalibrationError(f"cannot read calibration file {spec!r}: {' '.join(str(err).split())}") from err
 
 
@@ -599,11 +606,16 @@ class TextFile:
         self.path = path
 
     def __iter__(self) -> Iterator[str]:
+        read = 0
         try:
             with self.path.open(encoding="utf-8") as handle:
                 while chunk := handle.read(PIECE_CHARS):
+                    read += len(chunk)
                     yield chunk
-        except (OSError, ValueError) as err:  # bad UTF-8 too
+        except UnicodeDecodeError as err:  # its position is within the bytes being decoded, not the file
+            raise CalibrationError(f"cannot read calibration file {str(self.path)!r}: not UTF-8 (byte "
+                                   f"0x{err.object[err.start]:02x} a little after character {read:,})") from err
+        except OSError as err:
             raise CalibrationError(f"cannot read calibration file {str(self.path)!r}: {' '.join(str(err).split())}") from err
 
 
@@ -628,11 +640,11 @@ class LocalTexts:
     def __iter__(self) -> Iterator[str]:
         try:
             for record in self.records():
-                if "text" in record:
+                if record.get("text") is not None:  # as a Hub dataset's: a null text is no document
                     yield str(record["text"])
         except CalibrationError:
             raise
-        except (OSError, ValueError, EOFError) as err:
+        except READ_ERRORS as err:
             raise CalibrationError(f"cannot read calibration file {str(self.path)!r}: {' '.join(str(err).split())}") from err
 
 
@@ -697,9 +709,11 @@ def _pieces(document: str | Iterable[str]) -> Iterator[str]:
                     fill(2 * at)  # doubling: a long run without a place to cut is read in linear time
                     if len(text) == at:
                         break
-                elif fill(cut + 2) and _cuttable(text, cut):
-                    break
                 else:
+                    if cut + 1 == len(text):  # the next character decides; doubling keeps a long run linear
+                        fill(2 * len(text))
+                    if _cuttable(text, cut):
+                        break
                     at = cut + 1
             if cut < 0:
                 break

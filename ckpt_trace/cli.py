@@ -29,7 +29,7 @@ def cli():
 def model_options(command):
     """The calibration, batching, device and storage options that scan and prune share."""
     options = [
-        click.option("--calibration", default=DEFAULT_SPEC, show_default=True, help="pydoc, a .txt/.jsonl file, or hf:REPO."),
+        click.option("--calibration", default=DEFAULT_SPEC, show_default=True, help="pydoc, a .txt/.jsonl(.gz/.zst) file, or hf:REPO."),
         click.option("--samples", default=64, show_default=True, help="Calibration blocks drawn from text."),
         click.option("--seq-len", type=int, help="Tokens per calibration block  [default: the model's positions, at most 512]"),
         click.option("--seed", default=0, show_default=True, help="Seed of the calibration block draw."),

@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -200,16 +201,25 @@ def task_plan(tasks: list[str], num_fewshot: int | None) -> tuple[dict[int | Non
     return groups, include
 
 
+@functools.lru_cache(maxsize=4)
+def task_manager(include: tuple[str, ...], defaults: bool):
+    """lm-eval's task index over these folders (and its own tasks where `defaults`), built once per process: each
+    model of an evaluation runs the same tasks."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=list(include) or None, include_defaults=defaults)
+
+
 def run_tasks(model, tokenizer, tasks: list[str], num_fewshot: int | None = None, batch_size: int = 8,
               limit: int | None = None) -> list[dict]:
     """Run lm-eval tasks on a loaded model; one row per (task, metric)."""
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
 
     groups, include = task_plan(tasks, num_fewshot)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(next(model.parameters()).device))
-    manager = TaskManager(include_path=include or None)
+    # lm-eval's own tasks are indexed (some 15 s: thousands of YAML files) only where a task may name one.
+    manager = task_manager(tuple(include), defaults=any(name != BUILTIN_TASK for name in tasks))
     rows = []
     for shots, specs in groups.items():
         try:

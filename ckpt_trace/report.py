@@ -68,14 +68,15 @@ def build_model_report(scores: pl.DataFrame, revisions: pl.DataFrame, model: str
     report = ModelReport(model, calibration, f"{n_revisions} checkpoints, calibration set `{calibration}`, dtype "
                          f"{dtype}, scorer {scorer}; each checkpoint's latest scan of the weights it names.")
     measured = latest_curves(curves, model) if curves is not None else pl.DataFrame(schema=CURVES_SCHEMA)
-    if measured.height:
+    if measured.height:  # the curves drawn are of one checkpoint's weights (see curves.latest)
         revision, weights = measured["revision"][0], measured["weights"][0]
-        scored = sorted(set(frame.filter(pl.col("revision") == revision)["weights"].drop_nulls()))
-        if scored and weights not in scored:
-            # A checkpoint re-published (or retrained) since its curves were measured: its curves are not of these scores.
-            report.notes.append(f"the pruning curves of {revision} are of other weights ({str(weights)[:12]}) than its "
-                                f"scores here ({', '.join(w[:12] for w in scored)}); they are left out: run "
-                                "`ckpt-trace curves` again")
+        scans = frame.filter((pl.col("revision") == revision) & pl.col("weights").is_not_null())
+        if weights is not None and scans.height and weights not in set(scans["weights"]):
+            # The checkpoint was re-published (or retrained) between its scan and its curves.
+            again = "curves" if measured["created"].max() < scans["created"].max() else "scan"
+            report.notes.append(f"the pruning curves of {revision} are of other weights ({weights[:12]}) than its "
+                                f"scores here ({', '.join(sorted(w[:12] for w in set(scans['weights'])))}); they are "
+                                f"left out: run `ckpt-trace {again}` again")
             measured = measured.head(0)
     curve = curve_summary(measured) if measured.height else None
     report.findings = findings(frame, evals if evals is not None else pl.DataFrame(schema=EVALS_SCHEMA), model, curve)

@@ -301,3 +301,34 @@ def test_a_text_read_in_chunks_is_cut_where_the_whole_text_is(tmp_path, tokenize
     assert len(chunks) == -(-len(text) // 16) and all(len(c) == 16 for c in chunks[:-1])
     assert list(module._pieces(document)) == _whole_text_pieces(text, 16)
     assert module.token_stream([document], tokenizer) == module.token_stream([text], tokenizer)
+
+
+def test_a_damaged_file_is_one_line(tmp_path, tokenizer):
+    import gzip
+    import zlib
+
+    text = "".join(f"line {n} of a long calibration text\n" for n in range(6000))
+    raw = gzip.compress(write_jsonl(tmp_path / "docs.jsonl", [{"text": text[i:i + 500]} for i in range(0, len(text), 500)])
+                        .read_bytes(), mtime=0)
+    for at in range(10, len(raw)):  # a flipped byte that zlib itself reports (no OSError, no EOFError)
+        damaged = raw[:at] + bytes([raw[at] ^ 0xFF]) + raw[at + 1:]
+        try:
+            gzip.decompress(damaged)
+        except zlib.error:
+            break
+        except (OSError, EOFError):
+            continue
+    else:
+        pytest.fail("no damage that zlib reports")
+    path = tmp_path / "damaged.jsonl.gz"
+    path.write_bytes(damaged)
+    spec = dict(samples=4, seq_len=16)
+    with pytest.raises(CalibrationError, match=r"cannot read calibration file '.*damaged.jsonl.gz': .*\S$"):
+        load_calibration(CalibrationSpec(str(path), **spec), tokenizer)
+    # Bad UTF-8 far into a text file: the message says about where, counted from the start of the file.
+    path = tmp_path / "late.txt"
+    path.write_bytes(text.encode() + b"\xff" + text.encode())
+    with pytest.raises(CalibrationError) as caught:
+        load_calibration(CalibrationSpec(str(path), samples=100_000, seq_len=16), tokenizer)
+    where = int(str(caught.value).split("after character ")[1].rstrip(")").replace(",", ""))
+    assert "not UTF-8 (byte 0xff" in str(caught.value) and len(text) - 65_536 <= where <= len(text)

@@ -124,6 +124,18 @@ def test_curves_command_stores_them_and_the_report_draws_one_figure_per_target(t
     assert "pruning_curve" not in md and not list((tmp_path / "fig2").glob("**/pruning_curve_*.png"))
     assert "attention layers dropped by similarity" not in md
 
+    # The mlp curve measured again on the new weights is drawn, alone: the older targets' curves are of the old ones.
+    assert main(["curves", str(suite), "--targets", "mlp", "--seeds", "1", "--perplexity-data", str(data), *small]) == 0
+    assert main(["report", "--store", str(store), "--out", str(tmp_path / "fig3")]) == 0
+    md = (tmp_path / "fig3" / "report.md").read_text()
+    assert "suite/pruning_curve_mlp.png" in md and "pruning_curve_attention" not in md and "pruning curves of" not in md
+    # Curves measured on weights published after the scan: the scan is what is out of date.
+    save_checkpoint(suite / "step100", "llama", seed=4, tokenizer_dir=tokenizer_dir)
+    assert main(["curves", str(suite), "--targets", "mlp", "--seeds", "1", "--perplexity-data", str(data), *small]) == 0
+    assert main(["report", "--store", str(store), "--out", str(tmp_path / "fig4")]) == 0
+    md = (tmp_path / "fig4" / "report.md").read_text()
+    assert "pruning_curve" not in md and "they are left out: run `ckpt-trace scan` again" in md
+
 
 @pytest.mark.parametrize("args, message", [
     (["--targets", "heads"], "unknown target 'heads'; use some of: attention, mlp, block"),
