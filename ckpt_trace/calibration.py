@@ -596,7 +596,11 @@ def read_source(spec: str) -> Iterable[str | TextFile] | list[list[int]]:
     except CalibrationError:
         raise
     except READ_ERRORS as err:  # bad UTF-8, a damaged gzip or zstd stream
-        raise CalibrationError(f"cannot read calibration file {spec!r}: {' '.join(str(err).split())}") from err
+        raise _unreadable(spec, err) from err
+
+
+def _unreadable(path: str | Path, err: BaseException | str) -> CalibrationError:
+    return CalibrationError(f"cannot read calibration file {str(path)!r}: {' '.join(str(err).split())}")
 
 
 class TextFile:
@@ -613,14 +617,21 @@ class TextFile:
                     read += len(chunk)
                     yield chunk
         except UnicodeDecodeError as err:  # its position is within the bytes being decoded, not the file
-            raise CalibrationError(f"cannot read calibration file {str(self.path)!r}: not UTF-8 (byte "
-                                   f"0x{err.object[err.start]:02x} a little after character {read:,})") from err
+            raise _unreadable(self.path, f"not UTF-8 (byte 0x{err.object[err.start]:02x} a little after character "
+                                         f"{read:,})") from err
         except OSError as err:
-            raise CalibrationError(f"cannot read calibration file {str(self.path)!r}: {' '.join(str(err).split())}") from err
+            raise _unreadable(self.path, err) from err
+
+
+def _chunks(document: str | TextFile) -> Iterator[str]:
+    """A document's text in chunks: a string in slices of PIECE_CHARS, a file as it reads."""
+    if isinstance(document, str):
+        return (document[i:i + PIECE_CHARS] for i in range(0, len(document), PIECE_CHARS))
+    return iter(document)
 
 
 def _has_text(document: str | TextFile) -> bool:
-    return any(chunk.strip() for chunk in ((document,) if isinstance(document, str) else document))
+    return any(chunk.strip() for chunk in _chunks(document))
 
 
 LOCAL_JSONL = (".jsonl", ".jsonl.gz", ".jsonl.zst")
@@ -645,7 +656,7 @@ class LocalTexts:
         except CalibrationError:
             raise
         except READ_ERRORS as err:
-            raise CalibrationError(f"cannot read calibration file {str(self.path)!r}: {' '.join(str(err).split())}") from err
+            raise _unreadable(self.path, err) from err
 
 
 def _token_list(ids, path: Path, number: int) -> list[int]:
@@ -674,12 +685,11 @@ def _cuttable(document: str, newline: int) -> bool:
     return newline + 1 < len(document) and not document[newline + 1].isspace()
 
 
-def _pieces(document: str | Iterable[str]) -> Iterator[str]:
+def _pieces(document: str | TextFile | Iterable[str]) -> Iterator[str]:
     """The document (a string, or its text in chunks as a `TextFile` reads it), whole when short, else in pieces of
     whole lines of up to PIECE_CHARS (longer where no line within starts without whitespace), each ending before a
     line that starts with a non-space character. Memory holds about a piece beyond the document's chunks."""
-    whole = document if isinstance(document, str) else None
-    chunks = iter(document) if whole is None else (whole[i:i + PIECE_CHARS] for i in range(0, len(whole), PIECE_CHARS))
+    chunks = _chunks(document)
     text, ended, given = "", False, False
 
     def fill(size: int) -> bool:

@@ -218,7 +218,7 @@ def run_tasks(model, tokenizer, tasks: list[str], num_fewshot: int | None = None
 
     groups, include = task_plan(tasks, num_fewshot)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(next(model.parameters()).device))
-    # lm-eval's own tasks are indexed (some 15 s: thousands of YAML files) only where a task may name one.
+    # lm-eval's own tasks (thousands of YAML files) are indexed only where a task may name one.
     manager = task_manager(tuple(include), defaults=any(name != BUILTIN_TASK for name in tasks))
     rows = []
     for shots, specs in groups.items():
