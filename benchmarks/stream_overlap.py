@@ -10,6 +10,9 @@ streamed run is `ckpt_trace.scan`, which downloads the next revision while the c
 one is scored. A sampler records the bytes held in the cache throughout the streamed run.
 
     python benchmarks/stream_overlap.py [--revisions 12] [--samples 64] [--threads 1] [--prefetch 1] [--no-load-ahead]
+                                        [--device cpu] [--dtype float32]
+
+On a GPU (``--device cuda``), the scan's own default loads the next revision while one is scored.
 
 The last line is ``overlap_ratio=<streamed / max(total download, total scoring)>``;
 targets: ratio <= 1.10 (the ideal, with downloads and scoring of equal length, is 1 + 1/N for N revisions),
@@ -37,6 +40,8 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--load-ahead", action=argparse.BooleanOptionalAction, default=None,
                         help="load the next revision while one is scored in the streamed run [default: the scan's]")
+    parser.add_argument("--device", default="cpu", help="where both runs score: cpu, cuda, cuda:1, ...")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="stream-overlap-"))
     port = point_at_loopback(work)
@@ -48,13 +53,13 @@ def main() -> None:
     ids_file = calibration_file(work / "ids.jsonl", args.samples, args.seq_len)
 
     from ckpt_trace.calibration import CalibrationSpec
-    from ckpt_trace.scan import ScanConfig, build_calibration, score_checkpoint
+    from ckpt_trace.scan import ScanConfig, build_calibration, loads_ahead, score_checkpoint
     from ckpt_trace.sources import LocalSource
 
     spec = CalibrationSpec(str(ids_file))
-    scan_config = ScanConfig(calibration=spec, device="cpu", dtype="float32", progress=False, prefetch=args.prefetch,
-                             load_ahead=args.load_ahead)
-    device, dtype = torch.device("cpu"), torch.float32
+    scan_config = ScanConfig(calibration=spec, device=args.device, dtype=args.dtype, progress=False,
+                             prefetch=args.prefetch, load_ahead=args.load_ahead)
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     local = LocalSource(work / "suite").checkpoints()
     calibration = build_calibration(local[0].path, spec)
     score_checkpoint(local[0], calibration, scan_config, device, dtype)  # warm-up
@@ -70,6 +75,8 @@ def main() -> None:
         print(f"suite: {args.revisions} revisions of {weight_bytes / 1e6:.1f} MB; calibration {args.samples} x "
               f"{args.seq_len} tokens; Hub throttled to {weight_bytes / per_score / 1e6:.1f} MB/s so that one download "
               f"takes about one scoring ({per_score:.2f}s)")
+        print(f"scoring on {device} in {args.dtype}; the streamed run loads ahead: "
+              f"{'yes' if loads_ahead(scan_config, local, device, dtype) else 'no'}")
 
         # Sequential: download, then score, then evict, one revision at a time.
         source = HubSource(REPO, work / "cache-sequential")
@@ -89,7 +96,12 @@ def main() -> None:
         # Streamed: the library's scan, with a sampler watching the cache.
         cache = work / "cache-streamed"
         scan_config.source, scan_config.cache_dir, scan_config.store = REPO, cache, work / "store"
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
         streamed, peak = timed_scan(scan_config, cache / "models--bench--suite" / "blobs", interval=0.01)
+        if device.type == "cuda":
+            print(f"peak GPU memory in the streamed run: {torch.cuda.max_memory_allocated(device) / 2**20:,.0f} MiB "
+                  f"(one revision's weights in {args.dtype}: {weight_bytes * dtype.itemsize / 4 / 2**20:,.0f} MiB)")
     finally:
         server.kill()
 

@@ -48,6 +48,7 @@ FAMILIES = sorted(CONFIGS)
 
 
 def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: the test uses a GPU where there is one; every other test sees none")
     if os.environ.get("CKPT_TRACE_CANARY"):  # .ci/latest: show what pyproject's filters ignore, instead of hiding it
         for line in ("default::DeprecationWarning:torch.*", "default::FutureWarning:transformers.*"):
             config.addinivalue_line("filterwarnings", line)
@@ -67,6 +68,15 @@ class _Deprecations(logging.Handler):
 def private_home(tmp_path_factory, monkeypatch):
     """ckpt-trace's own cache (file hashes, download ledger, micro suites) in a temporary folder, never the user's."""
     monkeypatch.setenv("CKPT_TRACE_HOME", str(tmp_path_factory.getbasetemp() / "ckpt-trace-home"))
+
+
+@pytest.fixture(autouse=True)
+def cpu_only(request, monkeypatch):
+    """On a machine with a GPU, every test but those marked `gpu` sees none: `--device auto`, `--dtype auto` and
+    accelerate's `auto` map take the CPU in float32, as the references the tests compare with do."""
+    if request.node.get_closest_marker("gpu") is None and torch.cuda.is_available():
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
 
 
 @pytest.fixture(autouse=True)

@@ -204,8 +204,8 @@ def split_map(n_layers: int, far: str) -> dict[str, str]:
             "model.norm": far, "lm_head": far}
 
 
-@pytest.mark.parametrize("far", ["cpu", pytest.param("cuda:0", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="a split between the CPU and a GPU needs a GPU"))])
+@pytest.mark.parametrize("far", ["cpu", pytest.param("cuda:0", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="a split between the CPU and a GPU needs a GPU")])])
 def test_a_model_placed_by_a_device_map_scores_as_on_one_device(tmp_path, tokenizer_dir, capsys, far):
     from ckpt_trace.scoring import ablation_losses
 
@@ -220,9 +220,10 @@ def test_a_model_placed_by_a_device_map_scores_as_on_one_device(tmp_path, tokeni
         one.sort("layer", "module", "metric")["value"].to_list(), abs=1e-6)
     losses = [ablation_losses(m, calibration, batch_size=2).sort("layer", "module")["value"] for m in (whole, split)]
     assert losses[1].to_list() == pytest.approx(losses[0].to_list(), abs=1e-5)
-    # The command line: accelerate's placement over what this machine has.
+    # The command line: accelerate's placement over what this machine has (a GPU's sums differ in the last bits).
     assert main(["scan", str(model), "--store", str(tmp_path / "s"), "--device-map", "auto", *SMALL]) == 0
-    assert stored(tmp_path / "s")["value"].to_list() == reference(model)
+    expected = reference(model)
+    assert stored(tmp_path / "s")["value"].to_list() == (expected if far == "cpu" else pytest.approx(expected, abs=1e-5))
     capsys.readouterr()
     assert main(["scan", str(model), "--store", str(tmp_path / "s"), "--device-map", "fast", *SMALL]) == 2
     err = capsys.readouterr().err
