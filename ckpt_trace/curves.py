@@ -137,13 +137,15 @@ def summary(frame: pl.DataFrame) -> pl.DataFrame:
 
 def latest(frame: pl.DataFrame, model: str) -> pl.DataFrame:
     """The most recent stored pruning curve of each target of one model, on the checkpoint (its weights too),
-    perplexity set and dtype of the most recent run, so that the curves drawn side by side are measured alike."""
+    calibration set (what the similarity and oracle orders rank by), perplexity set and dtype of the most recent run,
+    so that the curves drawn side by side are measured alike."""
     mine = frame.filter(pl.col("model") == model)
     if mine.height == 0:
         return mine
     newest = mine.sort("created").row(-1, named=True)
     alike = mine.filter((pl.col("revision") == newest["revision"]) & pl.col("weights").eq_missing(newest["weights"])
-                        & (pl.col("data") == newest["data"]) & (pl.col("dtype") == newest["dtype"]))
+                        & pl.col("calibration").eq_missing(newest["calibration"]) & (pl.col("data") == newest["data"])
+                        & (pl.col("dtype") == newest["dtype"]))
     return alike.filter(pl.col("created") == pl.col("created").max().over("target"))
 
 

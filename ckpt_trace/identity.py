@@ -53,7 +53,9 @@ def _sha256(path: Path) -> str:
 
 
 class HashCache:
-    """Content sha256s of local files, valid while a file's size and modification time are unchanged."""
+    """Content sha256s of local files, valid while a file's size, modification time, inode and change time are all
+    unchanged: new contents given an old modification time (`cp -p`, `touch -r`, an archive's fixed times) change
+    the change time, which no one can set back, and a file replaced by another has a new inode."""
 
     def __init__(self, path: Path | None = None):
         self.path = path or home() / "file-hashes.json"
@@ -67,10 +69,10 @@ class HashCache:
         result, fresh = {}, {}
         for file in files:
             stat = file.stat()
-            stamp = [stat.st_size, stat.st_mtime_ns]
+            stamp = [stat.st_size, stat.st_mtime_ns, stat.st_ino, stat.st_ctime_ns]
             entry = known.get(str(file))
-            if entry and entry[:2] == stamp:
-                result[file] = entry[2]
+            if entry and entry[:-1] == stamp:
+                result[file] = entry[-1]
             else:
                 result[file] = _sha256(file)
                 fresh[str(file)] = [*stamp, result[file]]

@@ -179,8 +179,9 @@ def build_model_report(scores: pl.DataFrame, revisions: pl.DataFrame, model: str
         report.tables["validation_loss"] = ("validation loss", losses.sort("step").select("revision", "step", "tokens", "val_loss"))
     else:
         report.notes.append("the store has no validation loss for this model: its loss curve is not drawn")
+    # A revision drawn with scores of its own is no duplicate of the weights shown (re-published since, say).
     duplicates = revisions.filter((pl.col("model") == model) & pl.col("duplicate_of").is_not_null()).unique(
-        ["revision", "duplicate_of"], maintain_order=True)
+        ["revision", "duplicate_of"], maintain_order=True).join(scanned, on="revision", how="anti")
     if duplicates.height:
         report.tables["duplicates"] = (
             "revisions with byte-identical weights to an earlier one (scored once, under the earlier name)",

@@ -108,6 +108,11 @@ def test_curves_command_stores_them_and_the_report_draws_one_figure_per_target(t
     assert set(again.filter(pl.col("target") == "mlp")["seed"].drop_nulls()) == {0, 1}
     latest = latest_curves(again, "suite")
     assert set(latest["target"]) == {"attention", "mlp", "block"} and latest.height == again.height
+    # An mlp curve measured later with another calibration set (what the similarity order ranks by) is drawn alone.
+    other = again.filter(pl.col("target") == "mlp").with_columns(
+        calibration=pl.lit("0" * 12), created=pl.col("created") + pl.duration(seconds=1))
+    newer = latest_curves(pl.concat([again, other]), "suite")
+    assert set(newer["target"]) == {"mlp"} and newer["calibration"].to_list() == ["0" * 12] * other.height
 
     # step100 re-published with other weights and scanned again: its stored curves are not of the scores the report
     # shows, so they are left out, with a note, rather than drawn beside them.

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import re
 import shutil
+import time
 
 import polars as pl
 import pytest
@@ -94,6 +98,15 @@ def test_identical_weights_under_two_names_are_scored_once(tmp_path, tokenizer_d
     shutil.copytree(suite / "step100", suite / "step200")  # a copy, not a link: found by content
     summary = scan_summary(suite, tmp_path / "s")
     assert summary == {"step100": ("scored", "no scores yet"), "step200": ("duplicate", "same weights as step100")}
+    assert main(["report", "--store", str(tmp_path / "s"), "--out", str(tmp_path / "fig")]) == 0
+    copy = re.compile(r"\| step200 +\| step100 +\|")
+    assert copy.search((tmp_path / "fig" / "report.md").read_text())
+    # step200 re-published with weights of its own: the report draws its scores, and no longer lists it as a copy.
+    save_checkpoint(suite / "step200", "gpt_neox", seed=2, tokenizer_dir=tokenizer_dir)
+    assert scan_summary(suite, tmp_path / "s")["step200"] == ("scored", "no scores yet")
+    assert main(["report", "--store", str(tmp_path / "s"), "--out", str(tmp_path / "fig2")]) == 0
+    md = (tmp_path / "fig2" / "report.md").read_text()
+    assert not copy.search(md) and "byte-identical" not in md
 
 
 def test_file_hashes_are_read_once_and_again_only_when_a_file_changes(tmp_path, monkeypatch):
@@ -108,7 +121,25 @@ def test_file_hashes_are_read_once_and_again_only_when_a_file_changes(tmp_path, 
     first = cache.sha256s([file])
     assert cache.sha256s([file]) == first and len(reads) == 1
     file.write_bytes(b"b" * 1000)  # same size, new content and time
-    assert cache.sha256s([file]) != first and len(reads) == 2
+    second = cache.sha256s([file])
+    assert second != first and len(reads) == 2
+    # New content under the old modification time (cp -p, touch -r): its change time tells.
+    stat = file.stat()
+    time.sleep(0.01)
+    file.write_bytes(b"c" * 1000)
+    os.utime(file, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert file.stat().st_mtime_ns == stat.st_mtime_ns and file.stat().st_size == stat.st_size
+    assert cache.sha256s([file]) == {file.resolve(): hashlib.sha256(b"c" * 1000).hexdigest()} and len(reads) == 3
+    # Replaced by another file with the same size and times: a new inode.
+    other = tmp_path / "other"
+    other.write_bytes(b"d" * 1000)
+    os.utime(other, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    os.replace(other, file)
+    assert cache.sha256s([file]) == {file.resolve(): hashlib.sha256(b"d" * 1000).hexdigest()} and len(reads) == 4
+    assert cache.sha256s([file]) and len(reads) == 4  # and then read from the cache again
+    # An entry of the earlier form (size, time, sha) is read once more, not trusted.
+    cache.path.write_text(json.dumps({str(file.resolve()): [1000, file.stat().st_mtime_ns, "0" * 64]}))
+    assert cache.sha256s([file])[file.resolve()] == hashlib.sha256(b"d" * 1000).hexdigest() and len(reads) == 5
 
 
 def test_hub_and_local_copies_of_the_same_weights_share_a_fingerprint(tmp_path):
