@@ -172,17 +172,20 @@ _LOWER_IS_BETTER = {"perplexity", "prefill_latency_s", "kv_cache_bytes", "peak_m
 def pruned_vs_original(evals: pl.DataFrame) -> pl.DataFrame:
     """Each pruned model's latest results beside its original's, with `relative` (> 1 is better).
 
-    A result is compared only with the original's on the same task, shots, number of items,
-    dtype and device: a bfloat16 pruned model is not measured against a float32 original.
+    A result is compared only with the original's on the same task, shots, number of items, text (for
+    perplexity), dtype and device: a bfloat16 pruned model is not measured against a float32 original. The
+    original is the model it was pruned from, by weights: a checkpoint re-published under the same name, or
+    another directory of that name, is another model. Results stored before weights were recorded (null) are
+    compared among themselves only.
     """
     # On the CPU, peak memory is the process's high-water mark, which only grows from one model to the next; the
     # spread of a timing is no quality of the model, and a ratio of two spreads means nothing.
     comparable = ~((pl.col("metric") == "peak_memory_bytes") & pl.col("device").str.starts_with("cpu")) & \
         ~pl.col("metric").str.ends_with("_spread")
-    setting = ["task", "metric", "num_fewshot", "dtype", "device"]
-    latest = evals.filter(comparable).sort("created").group_by("model", "path", *setting, "n").last()
-    keys = ["source_model", "revision", *setting, "n"]
-    originals = latest.filter(pl.col("pruning").is_null()).group_by(keys).agg(
+    setting = ["task", "metric", "num_fewshot", "data", "dtype", "device"]
+    latest = evals.filter(comparable).sort("created").group_by("model", "path", "weights", *setting, "n").last()
+    keys = ["source_model", "revision", "source_weights", *setting, "n"]
+    originals = latest.filter(pl.col("pruning").is_null()).sort("created").group_by(keys).agg(
         original=pl.col("value").last(), original_stderr=pl.col("stderr").last())
     pruned = latest.filter(pl.col("pruning").is_not_null())
     return (
@@ -192,7 +195,7 @@ def pruned_vs_original(evals: pl.DataFrame) -> pl.DataFrame:
             .then(pl.col("original") / pl.col("value"))
             .otherwise(pl.col("value") / pl.col("original"))
         )
-        .select("source_model", "revision", "model", "pruning", "dtype", "device", "task", "metric", "n", "value",
+        .select("source_model", "revision", "source_weights", "model", "pruning", "dtype", "device", "task", "metric", "n", "value",
                 "stderr", "original", "original_stderr", "relative")
         .sort("source_model", "model", "dtype", "device", "task", "metric")
     )
@@ -201,9 +204,10 @@ def pruned_vs_original(evals: pl.DataFrame) -> pl.DataFrame:
 def tradeoff(comparison: pl.DataFrame, speed_metric: str = "decode_tokens_per_s") -> pl.DataFrame:
     """One row per pruned model and quality metric: quality kept and speedup, both relative to the original, and the
     standard error of the quality kept that the pruned model's own standard error gives (the original's held fixed)."""
-    speed = comparison.filter(pl.col("metric") == speed_metric).select("model", "dtype", "device", speedup="relative")
+    one = ["model", "revision", "source_weights", "dtype", "device"]  # one pruned model, measured alike
+    speed = comparison.filter(pl.col("metric") == speed_metric).select(*one, speedup="relative")
     quality = comparison.filter((pl.col("task") != "speed") & pl.col("metric").is_in(["perplexity", "acc"]))
-    return quality.join(speed, on=["model", "dtype", "device"], nulls_equal=True).select(
+    return quality.join(speed, on=one, nulls_equal=True).select(
         "source_model", "model", "pruning", "task", "metric", quality_kept="relative",
         quality_kept_stderr=pl.col("stderr") / pl.col("original"), speedup="speedup",
     )

@@ -246,7 +246,11 @@ def run_tasks(model, tokenizer, tasks: list[str], num_fewshot: int | None = None
 # -- the whole job ----------------------------------------------------------------------
 
 def describe(path: Path) -> dict:
-    """Who a model directory is: its own name, the model and revision it comes from, and its pruning."""
+    """Who a model directory is: its own name, the model and revision it comes from, its pruning, and the
+    fingerprints of its weights and of the unpruned model's (which a pruned model's manifest records; null in
+    manifests written before it did)."""
+    from .identity import local_weights
+
     manifest = path / "ckpt_trace_prune.json"
     if manifest.is_file():
         record = json.loads(manifest.read_text())
@@ -256,9 +260,11 @@ def describe(path: Path) -> dict:
             strategies.insert(0, step["strategy"])
             step = step.get("previous")
         return {"model": path.name, "source_model": record["model"], "revision": record["revision"],
-                "pruning": f"{dropped} ({' then '.join(strategies)})"}
+                "pruning": f"{dropped} ({' then '.join(strategies)})", "weights": local_weights(path)[0],
+                "source_weights": record.get("weights")}
     checkpoint = single_checkpoint(path)
-    return {"model": path.name, "source_model": checkpoint.model, "revision": checkpoint.revision.name, "pruning": None}
+    return {"model": path.name, "source_model": checkpoint.model, "revision": checkpoint.revision.name, "pruning": None,
+            "weights": checkpoint.weights, "source_weights": checkpoint.weights}
 
 
 @dataclass
@@ -305,7 +311,8 @@ def evaluate(config: EvalConfig) -> pl.DataFrame:
         if config.perplexity:
             data = perplexity_set(model_dir, model, tokenizer, config.calibration, config.perplexity_data)
             ppl, n = perplexity(model, data, config.batch_size)
-            rows.append({"task": "perplexity", "metric": "perplexity", "value": ppl, "n": n, "num_fewshot": None})
+            rows.append({"task": "perplexity", "metric": "perplexity", "value": ppl, "n": n, "num_fewshot": None,
+                         "data": data.id})
         if config.speed:
             for metric, value in measure_speed(model, config.prompt_tokens, config.new_tokens).items():
                 rows.append({"task": "speed", "metric": metric, "value": value, "n": None, "num_fewshot": None})

@@ -121,9 +121,14 @@ def _dropped_attention(pruning: str) -> int | None:
     return len(pruning.split("[", 1)[1].split("]", 1)[0].split(","))
 
 
-def pruning_payoff(evals: pl.DataFrame, model: str, n_layers: int, curve: pl.DataFrame | None = None) -> Finding:
+def pruning_payoff(evals: pl.DataFrame, model: str, n_layers: int, curve: pl.DataFrame | None = None,
+                   checkpoint: tuple[str, str | None] | None = None) -> Finding:
     """(c) Half the attention layers dropped: perplexity kept (on the pruning curve by similarity, where one is stored,
-    else of an evaluated pruned model) and decode speedup (of an evaluated pruned model)."""
+    else of an evaluated pruned model) and decode speedup (of an evaluated pruned model).
+
+    Both are of one checkpoint: with a curve, the speed is of a model pruned from the curve's `checkpoint` (its
+    revision and weights; a model whose manifest predates recorded weights is taken at its revision's word);
+    without, quality and speed are of one pruned model, where one has both."""
     claim = "(c) dropping half the attention layers costs little quality and speeds decoding"
     half = n_layers // 2
     comparison = pruned_vs_original(evals.filter(pl.col("source_model") == model)) if evals.height else evals
@@ -136,15 +141,25 @@ def pruning_payoff(evals: pl.DataFrame, model: str, n_layers: int, curve: pl.Dat
     parts, basis = [], []
     kept = speedup = None
     if point is not None and point.height and "similarity" in point.columns:
+        if checkpoint is not None:
+            revision, weights = checkpoint
+            same = pl.col("revision") == revision
+            if weights is not None:
+                same = same & (pl.col("source_weights").is_null() | (pl.col("source_weights") == weights))
+            speed = speed.filter(same)
         row = point.row(0, named=True)
         kept = row["original"] / row["similarity"]
         others = ", ".join(f"{s} {row['original'] / row[s]:.0%}" for s in ("oracle", "last", "random") if row.get(s))
-        parts.append(f"with {half} of {n_layers} attention layers dropped by similarity, perplexity {row['original']:.2f} -> "
+        at = f"at {checkpoint[0]}, " if checkpoint is not None else ""
+        parts.append(f"{at}with {half} of {n_layers} attention layers dropped by similarity, perplexity {row['original']:.2f} -> "
                      f"{row['similarity']:.2f} ({kept:.0%} of the original's quality kept; {others}"
                      f"{' (geometric mean of ' + str(row['seeds']) + ' seeds)' if row.get('seeds') else ''})")
         basis.append("the pruning curve")
     elif quality.height:
-        best = quality.sort("relative", descending=True).row(0, named=True)
+        one = ["model", "revision", "source_weights", "dtype", "device"]
+        paired = quality.join(speed.select(one), on=one, how="semi", nulls_equal=True)
+        best = (paired if paired.height else quality).sort("relative", descending=True).row(0, named=True)
+        speed = speed.filter(pl.all_horizontal(pl.col(c).eq_missing(best[c]) for c in one))
         kept = best["relative"]
         parts.append(f"{best['model']} ({best['pruning']}): perplexity {best['original']:.2f} -> {best['value']:.2f} "
                      f"({kept:.0%} of the original's quality kept)")
@@ -210,8 +225,11 @@ def cheap_versus_truth(frame: pl.DataFrame) -> Finding:
     return Finding(claim, verdict, evidence, f"{table.height} checkpoints, {n} modules each; {rule}")
 
 
-def findings(frame: pl.DataFrame, evals: pl.DataFrame, model: str, curve: pl.DataFrame | None = None) -> list[Finding]:
+def findings(frame: pl.DataFrame, evals: pl.DataFrame, model: str, curve: pl.DataFrame | None = None,
+             checkpoint: tuple[str, str | None] | None = None) -> list[Finding]:
     """The four findings for one model's scores (as `analysis.model_scores` gives them), the store's evaluations and
-    the model's pruning curve (as `ckpt_trace.curves.summary` gives it), if any."""
+    the model's pruning curve (as `ckpt_trace.curves.summary` gives it), if any, measured on `checkpoint` (its
+    revision and weights)."""
     n_layers = frame["layer"].n_unique()
-    return [redundancy(frame), persistence(frame), pruning_payoff(evals, model, n_layers, curve), cheap_versus_truth(frame)]
+    return [redundancy(frame), persistence(frame), pruning_payoff(evals, model, n_layers, curve, checkpoint),
+            cheap_versus_truth(frame)]

@@ -235,6 +235,8 @@ def prune(config: PruneConfig) -> Path:
             "source": str(config.source), "model": previous["model"] if previous else source.model,
             "revision": previous["revision"] if previous else checkpoint.revision.name,
             "commit": previous["commit"] if previous else checkpoint.revision.commit,
+            # The unpruned model's weights (see ckpt_trace.identity), which evaluations compare this model with.
+            "weights": previous.get("weights") if previous else checkpoint.weights,
             "target": config.target, "strategy": config.strategy, "drop": config.drop,
             # A block dropped takes its attention and MLP with it: they are listed under block only.
             "dropped": {kind: sorted(set(v) - (set(total["block"]) if kind != "block" else set())) for kind, v in total.items()},

@@ -80,7 +80,8 @@ def build_model_report(scores: pl.DataFrame, revisions: pl.DataFrame, model: str
                                 f"left out: run `ckpt-trace {again}` again")
             measured = measured.head(0)
     curve = curve_summary(measured) if measured.height else None
-    report.findings = findings(frame, evals if evals is not None else pl.DataFrame(schema=EVALS_SCHEMA), model, curve)
+    report.findings = findings(frame, evals if evals is not None else pl.DataFrame(schema=EVALS_SCHEMA), model, curve,
+                               (measured["revision"][0], measured["weights"][0]) if curve is not None else None)
     if curve is not None:
         first = measured.row(0, named=True)
         where = (f"{first['revision']} ({first['dtype']}), perplexity on {first['n_tokens']:,} held-out tokens (set "
@@ -203,7 +204,7 @@ def build_pruning_report(evals: pl.DataFrame, model: str) -> ModelReport | None:
         report.notes.append("no pruned model has both a quality metric and decode speed beside its original's")
     report.tables["relative"] = (
         "each pruned model relative to the original (relative > 1 is better: quality kept, speedup, memory saved)",
-        comparison.drop("source_model"),
+        comparison.drop("source_model").with_columns(pl.col("source_weights").str.slice(0, 12)),
     )
     return report
 

@@ -87,12 +87,15 @@ EVALS_SCHEMA: dict[str, pl.DataType] = {
     "source_model": pl.String,
     "revision": pl.String,
     "pruning": pl.String,
+    "weights": pl.String,  # fingerprint of the evaluated model's weight files
+    "source_weights": pl.String,  # of the unpruned model's: an original's own, a pruned model's manifest's
     "task": pl.String,
     "metric": pl.String,
     "value": pl.Float64,
     "stderr": pl.Float64,
     "n": pl.Int64,
     "num_fewshot": pl.Int64,
+    "data": pl.String,  # the id of the text perplexity was measured on; null for other tasks
     "dtype": pl.String,
     "device": pl.String,
     "version": pl.String,

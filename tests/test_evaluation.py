@@ -105,6 +105,14 @@ def test_eval_command_stores_results_for_original_and_pruned(task_model, tmp_pat
     assert evals.filter(pl.col("metric") == "perplexity")["stderr"].is_null().all()
     kv = dict(evals.filter(pl.col("metric") == "kv_cache_bytes").select("model", "value").rows())
     assert kv["pruned"] * 3 == kv["step100"] * 2
+    # Each result names the weights evaluated and those the pruned model came from; perplexity, its text.
+    from ckpt_trace.identity import local_weights
+
+    weights = {"step100": local_weights(original)[0], "pruned": local_weights(out)[0]}
+    assert evals.group_by("model").agg(pl.col("weights", "source_weights").unique()).sort("model").rows() == [
+        ("pruned", [weights["pruned"]], [weights["step100"]]), ("step100", [weights["step100"]], [weights["step100"]])]
+    texts = evals.filter(pl.col("metric") == "perplexity")["data"]
+    assert texts.n_unique() == 1 and texts[0] is not None and evals.filter(pl.col("task") != "perplexity")["data"].is_null().all()
 
 
 def test_unknown_task_is_one_line(task_model, tmp_path, tokenizer_dir, capsys):

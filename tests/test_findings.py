@@ -115,6 +115,22 @@ def test_pruning_payoff_reads_quality_off_the_curve():
     assert pruning_payoff(evals(10.0, 100.0)[:0], "m", LAYERS, curve(12.0)).verdict == FAILS
     open_ = pruning_payoff(evals(10.0, 100.0)[:0], "m", LAYERS, curve(10.5))
     assert open_.verdict == OPEN and "no decode speed of such a model is stored" in open_.evidence
+    # The speed is of a model pruned from the curve's checkpoint: not of another revision, nor of other weights.
+    here = pruning_payoff(evals(20.0, 150.0), "m", LAYERS, curve(10.5), ("step1000", "w1"))
+    assert here.verdict == HOLDS and "at step1000, with 2 of 4 attention layers dropped" in here.evidence
+    for other in (evals(20.0, 150.0).with_columns(revision=pl.lit("step500")),
+                  evals(20.0, 150.0).with_columns(source_weights=pl.lit("w0"))):
+        elsewhere = pruning_payoff(other, "m", LAYERS, curve(10.5), ("step1000", "w1"))
+        assert elsewhere.verdict == OPEN and "no decode speed of such a model is stored" in elsewhere.evidence
+
+
+def test_pruning_payoff_takes_quality_and_speed_of_one_pruned_model():
+    # "half" keeps 95% but its speed was never measured; "half-b" keeps 50% and decodes 1.5x as fast.
+    unmeasured = evals(10.5, 150.0).filter(~((pl.col("model") == "half") & (pl.col("task") == "speed")))
+    measured = evals(20.0, 150.0).filter(pl.col("model") == "half").with_columns(model=pl.lit("half-b"),
+                                                                               path=pl.lit("/x/half-b"))
+    finding = pruning_payoff(pl.concat([unmeasured, measured]), "m", LAYERS)
+    assert finding.verdict == FAILS and "half-b (attention [2, 3] (similarity)): perplexity 10.00 -> 20.00" in finding.evidence
 
 
 def test_cheap_versus_truth():

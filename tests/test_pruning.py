@@ -263,6 +263,10 @@ def test_pruning_a_pruned_model_again(checkpoint, tmp_path, capsys):
     assert second["order"] != ["attention 1"] and len(second["dropped"]["attention"]) == 2
     assert second["previous"] == first and second["model"] == first["model"] == "model"
     assert second["revision"] == first["revision"]
+    # The weights it came from are the unpruned model's, through every step.
+    from ckpt_trace.identity import local_weights
+
+    assert second["weights"] == first["weights"] == local_weights(checkpoint)[0] != local_weights(tmp_path / "a1")[0]
     config = json.loads((tmp_path / "a2" / "config.json").read_text())
     assert config["ckpt_trace_pruned"]["attention"] == second["dropped"]["attention"]
     # Only one attention layer is left to spare in a1; none in a2.

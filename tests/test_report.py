@@ -239,6 +239,31 @@ def test_pruned_models_are_compared_only_on_the_same_dtype_device_and_items():
     assert sorted(rows) == [("attention-2", 0.5), ("block-1", 0.5)]
 
 
+def test_pruned_models_are_compared_with_the_weights_they_came_from_on_the_same_text():
+    from ckpt_trace.analysis import pruned_vs_original
+
+    day = pl.duration(days=1)
+    evals = synthetic_evals().with_columns(
+        weights=pl.when(pl.col("pruning").is_null()).then(pl.lit("old")).otherwise("model"), source_weights=pl.lit("old"),
+        data=pl.when(pl.col("task") == "perplexity").then(pl.lit("text-a")))
+    original = (pl.col("model") == "step2000")
+    # step2000 re-published with other weights and evaluated later; then evaluated on another text: neither is the
+    # original the pruned models are compared with.
+    republished = evals.filter(original).with_columns(weights=pl.lit("new"), source_weights=pl.lit("new"),
+                                                      value=pl.col("value") * 3, created=pl.col("created") + day)
+    other_text = evals.filter(original & (pl.col("task") == "perplexity")).with_columns(
+        data=pl.lit("text-b"), value=pl.lit(99.0), created=pl.col("created") + 2 * day)
+    comparison = pruned_vs_original(pl.concat([evals, republished, other_text]))
+    assert dict(comparison.filter(pl.col("model") == "attention-2").select("metric", "original").rows()) == {
+        "perplexity": 10.0, "acc": 0.5, "decode_tokens_per_s": 100.0, "prefill_latency_s": 0.2, "kv_cache_bytes": 1000.0}
+    # A pruned model measured on the other text is compared with the original on that text.
+    pruned_b = evals.filter((pl.col("model") == "attention-2") & (pl.col("task") == "perplexity")).with_columns(
+        data=pl.lit("text-b"), value=pl.lit(110.0), created=pl.col("created") + 3 * day)
+    comparison = pruned_vs_original(pl.concat([evals, republished, other_text, pruned_b]))
+    assert sorted(comparison.filter((pl.col("model") == "attention-2") & (pl.col("metric") == "perplexity")).select(
+        "original", "value").rows()) == [(10.0, 12.5), (99.0, 110.0)]
+
+
 def test_report_has_a_pruning_section(tmp_path):
     store = store_with(tmp_path, synthetic_rows(steps=[0, 1000, 2000]))
     store.write_evals(synthetic_evals())
@@ -246,7 +271,7 @@ def test_report_has_a_pruning_section(tmp_path):
     md = (tmp_path / "out" / "report.md").read_text()
     assert "## m: pruned models" in md and "m-pruned/tradeoff.png" in md
     assert (tmp_path / "out" / "m-pruned" / "tradeoff.png").stat().st_size > 10_000
-    row = ["step2000", "attention-2", "attention [1, 3] (similarity)", "float32", "cpu", "mc", "acc", "", "0.45", "",
+    row = ["step2000", "", "attention-2", "attention [1, 3] (similarity)", "float32", "cpu", "mc", "acc", "", "0.45", "",
            "0.5", "", "0.9"]
     assert row in table_rows(md)
 
