@@ -321,7 +321,9 @@ class Store:
         return self._scan("scores", SCORES_SCHEMA)
 
     def scores(self) -> pl.DataFrame:
-        """Every stored score, one row per (model, revision, calibration, layer, module, metric)."""
+        """Every stored score of every scan: one row per (model, revision, weights, dtype, calibration, scorer, layer,
+        module, metric). A revision scanned with other weights, dtype, calibration set or scorer has rows of each:
+        select one before comparing or averaging (`ckpt_trace.analysis.model_scores` takes each revision's latest)."""
         return self._table("scores", SCORES_SCHEMA)
 
     def revisions(self) -> pl.DataFrame:
@@ -334,5 +336,5 @@ class Store:
 
 
 def load_scores(store: str | os.PathLike = "data") -> pl.DataFrame:
-    """All scores in a store as one polars frame."""
+    """All scores in a store as one polars frame, every scan's (see `Store.scores`)."""
     return Store(store).scores()
