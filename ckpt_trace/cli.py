@@ -157,7 +157,8 @@ def prune(source, calibration, samples, seq_len, seed, **options):
     config = PruneConfig(source=source, calibration=CalibrationSpec(calibration, samples, seq_len, seed), **options)
     out = run_prune(config)
     record = manifest(out)
-    click.echo(f"dropped {', '.join(record['order'])} ({record['strategy']}, scores {record['scores_from'] or 'not used'})")
+    scores = {"store": "scores from the store", "computed": "scores computed"}.get(record["scores_from"], "no scores used")
+    click.echo(f"dropped {', '.join(record['order'])} ({record['strategy']}, {scores})")
     if record["previous"]:
         dropped = ", ".join(f"{kind} {layers}" for kind, layers in record["dropped"].items() if layers)
         click.echo(f"dropped in all, in the original layer numbering: {dropped}")

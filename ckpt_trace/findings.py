@@ -146,6 +146,7 @@ def pruning_payoff(evals: pl.DataFrame, model: str, n_layers: int, curve: pl.Dat
             same = pl.col("revision") == revision
             if weights is not None:
                 same = same & (pl.col("source_weights").is_null() | (pl.col("source_weights") == weights))
+            rows = rows.filter(same)  # the accuracies quoted too
             speed = speed.filter(same)
         row = point.row(0, named=True)
         kept = row["original"] / row["similarity"]
@@ -153,7 +154,7 @@ def pruning_payoff(evals: pl.DataFrame, model: str, n_layers: int, curve: pl.Dat
         at = f"at {checkpoint[0]}, " if checkpoint is not None else ""
         parts.append(f"{at}with {half} of {n_layers} attention layers dropped by similarity, perplexity {row['original']:.2f} -> "
                      f"{row['similarity']:.2f} ({kept:.0%} of the original's quality kept; {others}"
-                     f"{' (geometric mean of ' + str(row['seeds']) + ' seeds)' if row.get('seeds') else ''})")
+                     f"{' (geometric mean of ' + _count(row['seeds'], 'seed') + ')' if row.get('seeds') else ''})")
         basis.append("the pruning curve")
     elif quality.height:
         one = ["model", "revision", "source_weights", "dtype", "device"]
@@ -169,8 +170,9 @@ def pruning_payoff(evals: pl.DataFrame, model: str, n_layers: int, curve: pl.Dat
                      f"{spread(row['value'], row['stderr'])} ({row['n']} items, ± one standard error)")
     if speed.height:
         speedup = speed["relative"].max()
-        parts.append(f"decode {speedup:.2f}x as fast ({speed.sort('relative').row(-1, named=True)['model']})")
-        basis.append(f"{len(labels)} evaluated pruned model{'s' if len(labels) > 1 else ''}")
+        fastest = speed.sort("relative").row(-1, named=True)
+        parts.append(f"decode {speedup:.2f}x as fast ({fastest['model']}, pruned from {fastest['revision']})")
+        basis.append(_count(speed["model"].n_unique(), "evaluated pruned model"))
     if kept is None and speedup is None:
         return Finding(claim, OPEN, f"no pruning curve (`ckpt-trace curves`) and no model pruned from {model} with "
                        f"{half} of its {n_layers} attention layers dropped evaluated beside the original (`ckpt-trace "
@@ -183,7 +185,11 @@ def pruning_payoff(evals: pl.DataFrame, model: str, n_layers: int, curve: pl.Dat
     else:
         verdict = HOLDS if speedup > 1 else FAILS
     rule = f"holds when {KEPT:.0%} of the quality is kept and decoding is faster"
-    return Finding(claim, verdict, "; ".join(parts), f"{' and '.join(basis)}; {rule}")
+    return Finding(claim, verdict, "; ".join(parts), "; ".join([" and ".join(basis)] * bool(basis) + [rule]))
+
+
+def _count(n: int, thing: str) -> str:
+    return f"{n} {thing}{'s' if n != 1 else ''}"
 
 
 def agreement(frame: pl.DataFrame) -> pl.DataFrame:

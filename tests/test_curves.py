@@ -97,7 +97,7 @@ def test_curves_command_stores_them_and_the_report_draws_one_figure_per_target(t
     findings = md.split("## Findings")[1].split("\n## ")[0]
     # 3 layers: "half" of the attention is 1 layer, read off the curve.
     similarity = stored.filter((pl.col("target") == "attention") & (pl.col("k") == 1) & (pl.col("strategy") == "similarity"))
-    assert f"With 1 of 3 attention layers dropped by similarity, perplexity {stored['perplexity'][0]:.2f} -> " \
+    assert f"At step100, with 1 of 3 attention layers dropped by similarity, perplexity {stored['perplexity'][0]:.2f} -> " \
            f"{similarity['perplexity'][0]:.2f}" in findings
 
     # A later run for one target replaces that target's curve and leaves the others'.

@@ -82,7 +82,8 @@ def evals(pruned_perplexity: float, pruned_decode: float, pruning: str = "attent
 def test_pruning_payoff():
     holds = pruning_payoff(evals(10.5, 150.0), "m", LAYERS)
     assert holds.verdict == HOLDS
-    assert "half (attention [2, 3] (similarity)): perplexity 10.00 -> 10.50 (95% of the original's quality kept); decode 1.50x as fast (half)" in holds.evidence
+    assert "half (attention [2, 3] (similarity)): perplexity 10.00 -> 10.50 (95% of the original's quality kept); decode 1.50x as fast (half, pruned from step1000)" in holds.evidence
+    assert holds.basis.startswith("1 evaluated pruned model; holds when")
     assert pruning_payoff(evals(20.0, 150.0), "m", LAYERS).verdict == FAILS
     assert pruning_payoff(evals(10.1, 90.0), "m", LAYERS).verdict == FAILS  # no faster
     # Accuracies are quoted with their standard errors, beside the perplexity the verdict rests on.
@@ -122,6 +123,12 @@ def test_pruning_payoff_reads_quality_off_the_curve():
                   evals(20.0, 150.0).with_columns(source_weights=pl.lit("w0"))):
         elsewhere = pruning_payoff(other, "m", LAYERS, curve(10.5), ("step1000", "w1"))
         assert elsewhere.verdict == OPEN and "no decode speed of such a model is stored" in elsewhere.evidence
+    # Accuracies of a model pruned from another revision are not quoted beside the curve either.
+    acc = evals(20.0, 150.0).filter(pl.col("metric") == "perplexity").with_columns(
+        task=pl.lit("mc"), metric=pl.lit("acc"), n=pl.lit(300, pl.Int64), revision=pl.lit("step500"))
+    quoted = pruning_payoff(pl.concat([evals(20.0, 150.0), acc]), "m", LAYERS, curve(10.5), ("step1000", "w1"))
+    assert quoted.verdict == HOLDS and "accuracy" not in quoted.evidence
+    assert "accuracy" in pruning_payoff(pl.concat([evals(20.0, 150.0), acc]), "m", LAYERS).evidence
 
 
 def test_pruning_payoff_takes_quality_and_speed_of_one_pruned_model():
