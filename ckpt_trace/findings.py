@@ -162,11 +162,11 @@ def pruning_payoff(evals: pl.DataFrame, model: str, n_layers: int, curve: pl.Dat
         best = (paired if paired.height else quality).sort("relative", descending=True).row(0, named=True)
         speed = speed.filter(pl.all_horizontal(pl.col(c).eq_missing(best[c]) for c in one))
         kept = best["relative"]
-        parts.append(f"{best['model']} ({best['pruning']}): perplexity {best['original']:.2f} -> {best['value']:.2f} "
+        parts.append(f"pruned model {best['model']} ({best['pruning']}): perplexity {best['original']:.2f} -> {best['value']:.2f} "
                      f"({kept:.0%} of the original's quality kept)")
     for row in rows.filter(pl.col("metric") == "acc").sort("task", "model").iter_rows(named=True):
         spread = lambda value, stderr: f"{value:.3f}" + (f" ± {stderr:.3f}" if stderr is not None else "")  # noqa: E731
-        parts.append(f"{row['model']}: {row['task']} accuracy {spread(row['original'], row['original_stderr'])} -> "
+        parts.append(f"pruned model {row['model']}: {row['task']} accuracy {spread(row['original'], row['original_stderr'])} -> "
                      f"{spread(row['value'], row['stderr'])} ({row['n']} items, ± one standard error)")
     if speed.height:
         speedup = speed["relative"].max()

@@ -82,7 +82,7 @@ def evals(pruned_perplexity: float, pruned_decode: float, pruning: str = "attent
 def test_pruning_payoff():
     holds = pruning_payoff(evals(10.5, 150.0), "m", LAYERS)
     assert holds.verdict == HOLDS
-    assert "half (attention [2, 3] (similarity)): perplexity 10.00 -> 10.50 (95% of the original's quality kept); decode 1.50x as fast (half, pruned from step1000)" in holds.evidence
+    assert "pruned model half (attention [2, 3] (similarity)): perplexity 10.00 -> 10.50 (95% of the original's quality kept); decode 1.50x as fast (half, pruned from step1000)" in holds.evidence
     assert holds.basis.startswith("1 evaluated pruned model; holds when")
     assert pruning_payoff(evals(20.0, 150.0), "m", LAYERS).verdict == FAILS
     assert pruning_payoff(evals(10.1, 90.0), "m", LAYERS).verdict == FAILS  # no faster
@@ -93,7 +93,7 @@ def test_pruning_payoff():
         stderr=pl.when(pl.col("model") == "orig").then(0.0289).otherwise(0.0287))
     quoted = pruning_payoff(pl.concat([evals(10.5, 150.0), acc]), "m", LAYERS)
     assert quoted.verdict == HOLDS
-    assert "half: mc accuracy 0.500 ± 0.029 -> 0.450 ± 0.029 (300 items, ± one standard error)" in quoted.evidence
+    assert "pruned model half: mc accuracy 0.500 ± 0.029 -> 0.450 ± 0.029 (300 items, ± one standard error)" in quoted.evidence
     missing = pruning_payoff(evals(10.5, 150.0, "attention [3] (last)"), "m", LAYERS)  # a quarter, not half
     assert missing.verdict == OPEN and "with 2 of its 4 attention layers dropped" in missing.evidence
 
