@@ -201,13 +201,17 @@ def pruned_vs_original(evals: pl.DataFrame) -> pl.DataFrame:
     )
 
 
+PRUNED_MODEL = ["model", "revision", "source_weights", "dtype", "device"]
+"""The columns of `pruned_vs_original` that name one pruned model, measured alike: its quality and its speed go
+together only within them."""
+
+
 def tradeoff(comparison: pl.DataFrame, speed_metric: str = "decode_tokens_per_s") -> pl.DataFrame:
     """One row per pruned model and quality metric: quality kept and speedup, both relative to the original, and the
     standard error of the quality kept that the pruned model's own standard error gives (the original's held fixed)."""
-    one = ["model", "revision", "source_weights", "dtype", "device"]  # one pruned model, measured alike
-    speed = comparison.filter(pl.col("metric") == speed_metric).select(*one, speedup="relative")
+    speed = comparison.filter(pl.col("metric") == speed_metric).select(*PRUNED_MODEL, speedup="relative")
     quality = comparison.filter((pl.col("task") != "speed") & pl.col("metric").is_in(["perplexity", "acc"]))
-    return quality.join(speed, on=one, nulls_equal=True).select(
+    return quality.join(speed, on=PRUNED_MODEL, nulls_equal=True).select(
         "source_model", "model", "pruning", "task", "metric", quality_kept="relative",
         quality_kept_stderr=pl.col("stderr") / pl.col("original"), speedup="speedup",
     )

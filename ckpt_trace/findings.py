@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import polars as pl
 
-from .analysis import drop_count, drop_set_overlap, drop_set_settled, pruned_vs_original, rank_consistency
+from .analysis import PRUNED_MODEL, drop_count, drop_set_overlap, drop_set_settled, pruned_vs_original, rank_consistency
 
 HOLDS, FAILS, OPEN = "holds", "does not hold", "inconclusive"
 EARLY = 0.25
@@ -157,10 +157,9 @@ def pruning_payoff(evals: pl.DataFrame, model: str, n_layers: int, curve: pl.Dat
                      f"{' (geometric mean of ' + _count(row['seeds'], 'seed') + ')' if row.get('seeds') else ''})")
         basis.append("the pruning curve")
     elif quality.height:
-        one = ["model", "revision", "source_weights", "dtype", "device"]
-        paired = quality.join(speed.select(one), on=one, how="semi", nulls_equal=True)
+        paired = quality.join(speed.select(PRUNED_MODEL), on=PRUNED_MODEL, how="semi", nulls_equal=True)
         best = (paired if paired.height else quality).sort("relative", descending=True).row(0, named=True)
-        speed = speed.filter(pl.all_horizontal(pl.col(c).eq_missing(best[c]) for c in one))
+        speed = speed.filter(pl.all_horizontal(pl.col(c).eq_missing(best[c]) for c in PRUNED_MODEL))
         kept = best["relative"]
         parts.append(f"pruned model {best['model']} ({best['pruning']}): perplexity {best['original']:.2f} -> {best['value']:.2f} "
                      f"({kept:.0%} of the original's quality kept)")

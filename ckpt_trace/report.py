@@ -71,12 +71,12 @@ def build_model_report(scores: pl.DataFrame, revisions: pl.DataFrame, model: str
     if measured.height:  # the curves drawn are of one checkpoint's weights (see curves.latest)
         revision, weights = measured["revision"][0], measured["weights"][0]
         scans = frame.filter((pl.col("revision") == revision) & pl.col("weights").is_not_null())
-        scanned = set(scans["weights"])
-        if weights is not None and scanned and weights not in scanned:
+        scanned_weights = set(scans["weights"])
+        if weights is not None and scanned_weights and weights not in scanned_weights:
             # The checkpoint was re-published (or retrained) between its scan and its curves.
             again = "curves" if measured["created"].max() < scans["created"].max() else "scan"
             report.notes.append(f"the pruning curves of {revision} are of other weights ({weights[:12]}) than its "
-                                f"scores here ({', '.join(sorted(w[:12] for w in scanned))}); they are "
+                                f"scores here ({', '.join(sorted(w[:12] for w in scanned_weights))}); they are "
                                 f"left out: run `ckpt-trace {again}` again")
             measured = measured.head(0)
     curve = curve_summary(measured) if measured.height else None
