@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import functools
-import json
 import math
 import os
 import resource
@@ -250,10 +249,10 @@ def describe(path: Path) -> dict:
     fingerprints of its weights and of the unpruned model's (which a pruned model's manifest records; null in
     manifests written before it did)."""
     from .identity import local_weights
+    from .pruning import MANIFEST, manifest
 
-    manifest = path / "ckpt_trace_prune.json"
-    if manifest.is_file():
-        record = json.loads(manifest.read_text())
+    if (path / MANIFEST).is_file():
+        record = manifest(path)
         dropped = ", ".join(f"{kind} {layers}" for kind, layers in record["dropped"].items() if layers)
         strategies, step = [], record
         while step:  # a model pruned again lists every step, earliest first
