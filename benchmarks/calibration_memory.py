@@ -58,7 +58,8 @@ def train_tokenizer(text: Path, out: Path) -> None:
 def child(text: str, tokenizer_dir: str) -> None:
     from transformers import AutoTokenizer
 
-    from ckpt_trace.calibration import CalibrationSpec, load_calibration
+    from ckpt_trace.calibration.blocks import load_calibration
+    from ckpt_trace.calibration.sets import CalibrationSpec
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     start = time.perf_counter()

@@ -1,5 +1,5 @@
 """Scoring alone, beside a download on a thread of the same process (as `ckpt_trace.scan` streams), and beside a
-download in a separate process, interleaved round by round, over the tests' loopback Hub.
+download in a separate process, interleaved round by round, over the loopback Hub (`ckpt_trace.testing`).
 
 Six random 27 MB GPT-NeoX checkpoints are served by the loopback Hub (a separate process), throttled to
 `--bandwidth`; the downloads loop over them without pause while three revisions are scored on one torch thread.
@@ -54,9 +54,11 @@ def main() -> None:
     random_suite(work / "suite", REVISIONS, layers=6)
     ids_file = calibration_file(work / "ids.jsonl", 64, 128)
 
-    from ckpt_trace.calibration import CalibrationSpec
-    from ckpt_trace.scan import ScanConfig, build_calibration, score_checkpoint
-    from ckpt_trace.sources import LocalSource
+    from ckpt_trace.calibration.sets import CalibrationSpec
+    from ckpt_trace.fetch.sources import LocalSource
+    from ckpt_trace.scan.options import ScanConfig
+    from ckpt_trace.scan.run import score_checkpoint
+    from ckpt_trace.scoring.options import build_calibration
 
     spec = CalibrationSpec(str(ids_file))
     config = ScanConfig(calibration=spec, device="cpu", dtype="float32", progress=False)

@@ -1,5 +1,5 @@
 """What the streaming benchmarks share: a suite of random GPT-NeoX checkpoints, a pre-tokenized calibration file,
-and the tests' loopback Hub serving the suite from a separate process (as the real Hub is another machine)."""
+and the loopback Hub (`ckpt_trace.testing`) serving the suite from a separate process (as the real Hub is another machine)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-TESTS = Path(__file__).resolve().parents[1] / "tests"
 
 
 def free_port() -> int:
@@ -67,7 +66,7 @@ def calibration_file(path: Path, samples: int, seq_len: int) -> Path:
 def start_hub(repo: str, suite: Path, bandwidth: float, port: int, per_connection: bool = False) -> subprocess.Popen:
     """The loopback Hub serving every checkpoint of `suite` as a branch of `repo`, throttled to `bandwidth` bytes/s
     (over all connections, or each connection's own); returns once it is up."""
-    command = [sys.executable, str(TESTS / "loopback_hub.py"), repo, str(suite), "--bandwidth", str(bandwidth),
+    command = [sys.executable, "-m", "ckpt_trace.testing.loopback_hub", repo, str(suite), "--bandwidth", str(bandwidth),
                "--port", str(port), *(["--per-connection"] if per_connection else [])]
     server = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     server.stdout.readline()  # the URL: the server is up
@@ -80,7 +79,7 @@ def timed_scan(config, watched: Path, interval: float) -> tuple[float, int]:
     import threading
     import time
 
-    from ckpt_trace.scan import scan
+    from ckpt_trace.scan.run import scan
 
     peak, stop = [0], threading.Event()
 

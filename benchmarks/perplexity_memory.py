@@ -4,8 +4,8 @@ A 2-layer Llama-shaped model of width 64 with a 262,144-token vocabulary (its we
 70 MB), random, so nothing is downloaded. Each side runs in a fresh subprocess, which
 reports its peak resident memory (on CUDA: peak allocation):
 
-- chunked: `ckpt_trace.evaluation.perplexity`, which applies the LM head a chunk of
-  positions at a time (`ckpt_trace.scoring.next_token_losses`);
+- chunked: `ckpt_trace.scoring.loss.perplexity`, which applies the LM head a chunk of
+  positions at a time (`ckpt_trace.scoring.loss.next_token_losses`);
 - full: the model's own full [8, 512, 262144] float32 logits, then cross-entropy.
 
     python benchmarks/perplexity_memory.py [--vocab 262144] [--batch 8] [--seq-len 512] [--device cpu]
@@ -25,8 +25,8 @@ import sys
 import torch
 import transformers
 
-from ckpt_trace.calibration import CalibrationSet
-from ckpt_trace.evaluation import perplexity
+from ckpt_trace.calibration.sets import CalibrationSet
+from ckpt_trace.scoring.loss import perplexity
 
 
 def model_and_data(vocab: int, batch: int, seq_len: int, device: str):

@@ -1,6 +1,6 @@
 """A download-bound suite scanned serially and over Ray with two workers, side by side.
 
-A suite of N random GPT-NeoX checkpoints is served by the tests' loopback Hub, run as a
+A suite of N random GPT-NeoX checkpoints is served by the loopback Hub (`ckpt_trace.testing`), run as a
 separate process, each connection throttled to a bandwidth at which one revision takes
 `--download-s` seconds to download (as from a CDN, where a connection, not the link, is the
 limit): the suite is download-bound. The serial run is `ckpt_trace.scan` (downloading the next
@@ -45,8 +45,8 @@ def main() -> None:
     try:
         import ray
 
-        from ckpt_trace.calibration import CalibrationSpec
-        from ckpt_trace.scan import ScanConfig
+        from ckpt_trace.calibration.sets import CalibrationSpec
+        from ckpt_trace.scan.options import ScanConfig
 
         print(f"suite: {args.revisions} revisions of {weight_bytes / 1e6:.1f} MB, each connection throttled to "
               f"{bandwidth / 1e6:.1f} MB/s ({args.download_s:.1f} s a revision); torch {torch.__version__}, "

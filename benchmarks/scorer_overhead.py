@@ -32,9 +32,9 @@ import time
 import torch
 import transformers
 
-from ckpt_trace.calibration import CalibrationSet
-from ckpt_trace.scoring import ABLATION, ALL_METRICS, METRICS, score
-
+from ckpt_trace.calibration.sets import CalibrationSet
+from ckpt_trace.scoring.metrics import ABLATION, ALL_METRICS, score
+from ckpt_trace.store import METRICS
 
 SHAPES = {  # Pythia's own widths, depths and heads
     "pythia-70m": dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=6, num_attention_heads=8),

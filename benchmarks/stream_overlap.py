@@ -1,6 +1,6 @@
 """Streamed scanning against download-then-score, over a throttled loopback Hub.
 
-A suite of N random GPT-NeoX checkpoints is served by the tests' loopback Hub, run as a
+A suite of N random GPT-NeoX checkpoints is served by the loopback Hub (`ckpt_trace.testing`), run as a
 separate process (as the real Hub is another machine), with its bandwidth set so that
 downloading one revision takes about as long as scoring it. Scoring gets one CPU thread
 in both runs (``--threads``): on a 2-core machine the other core serves the Hub and
@@ -53,9 +53,12 @@ def main() -> None:
     weight_bytes = random_suite(work / "suite", args.revisions, layers=6)
     ids_file = calibration_file(work / "ids.jsonl", args.samples, args.seq_len)
 
-    from ckpt_trace.calibration import CalibrationSpec
-    from ckpt_trace.scan import ScanConfig, build_calibration, loads_ahead, score_checkpoint
-    from ckpt_trace.sources import LocalSource
+    from ckpt_trace.calibration.sets import CalibrationSpec
+    from ckpt_trace.fetch.sources import LocalSource
+    from ckpt_trace.scan.options import ScanConfig
+    from ckpt_trace.scan.run import score_checkpoint
+    from ckpt_trace.scan.streaming import loads_ahead
+    from ckpt_trace.scoring.options import build_calibration
 
     spec = CalibrationSpec(str(ids_file))
     scan_config = ScanConfig(calibration=spec, device=args.device, dtype=args.dtype, progress=False,
@@ -71,7 +74,7 @@ def main() -> None:
 
     server = start_hub(REPO, work / "suite", weight_bytes / per_score, port)
     try:
-        from ckpt_trace.sources import HubSource
+        from ckpt_trace.fetch.sources import HubSource
 
         print(f"suite: {args.revisions} revisions of {weight_bytes / 1e6:.1f} MB; calibration {args.samples} x "
               f"{args.seq_len} tokens; Hub throttled to {weight_bytes / per_score / 1e6:.1f} MB/s so that one download "

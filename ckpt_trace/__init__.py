@@ -1,18 +1,18 @@
-"""ckpt-trace: which layers of a Transformer matter, checkpoint by checkpoint."""
+"""ckpt-trace: which layers of a Transformer matter, checkpoint by checkpoint.
 
-from importlib.metadata import PackageNotFoundError, version
+The package follows the data flow, one subpackage per stage: `fetch` (sources, revision names,
+weights identity, the Hub), `calibration`, `microsuite`, `model` (adapters, loading, surgery),
+`scoring`, `scan`, `pruning`, `evaluation`, `analysis`; `errors`, `paths`, `store` and `cli` are the
+edges. Each stage imports only the stages before it.
+"""
 
-try:
-    __version__ = version("ckpt-trace")
-except PackageNotFoundError:  # running from a source tree that is not installed
-    __version__ = "0.0.0+unknown"
-
-from .calibration import CalibrationSet, CalibrationSpec, load_calibration  # noqa: E402
-from .models import load_pruned  # noqa: E402
-from .pruning import PruneConfig, prune  # noqa: E402
-from .scan import ScanConfig, scan  # noqa: E402
-from .scoring import score  # noqa: E402
-from .store import Store, load_scores  # noqa: E402
+from .calibration import CalibrationSet, CalibrationSpec, load_calibration
+from .model import load_model, load_pruned
+from .pruning import PruneConfig, prune
+from .scan import ScanConfig, scan
+from .scoring import score
+from .store import VERSION as __version__
+from .store import Store, load_scores
 
 __all__ = [
     "CalibrationSet",
@@ -22,6 +22,7 @@ __all__ = [
     "Store",
     "__version__",
     "load_calibration",
+    "load_model",
     "load_pruned",
     "load_scores",
     "prune",

@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 import polars as pl
 
-from .calibration import DEFAULT_SPEC, CalibrationSpec
+from .calibration.sets import DEFAULT_SPEC, CalibrationSpec
 from .errors import CkptTraceError
 
 OK, FAILED, INPUT_ERROR, INTERRUPTED = 0, 1, 2, 130
@@ -79,7 +79,8 @@ def scan(source, revisions, calibration, samples, seq_len, seed, metrics, tokens
     ckpt-trace downloaded it. Without SOURCE, the built-in micro suite is built if needed
     and scanned.
     """
-    from .scan import ScanConfig, parse_shard, scan as run_scan
+    from .scan.options import ScanConfig, parse_shard
+    from .scan.run import scan as run_scan
 
     config = ScanConfig(
         shard=parse_shard(shard) if shard is not None else None,
@@ -121,7 +122,7 @@ def revisions(source, selection, branch, cache_dir):
     Weight bytes and byte-identical duplicates come from the Hub's tree listing, before
     anything is downloaded.
     """
-    from .sources import revision_table
+    from .fetch.sources import revision_table
 
     table = revision_table(source, selection, cache_dir, branch).with_columns(
         pl.col("commit").str.slice(0, 10), (pl.col("weight_bytes") / 1e6).round(1).alias("weight_MB")
@@ -152,7 +153,8 @@ def prune(source, calibration, samples, seq_len, seed, **options):
     A block-dropped model loads with plain transformers; an attention- or MLP-dropped one
     with ckpt_trace.load_pruned (and every ckpt-trace command).
     """
-    from .pruning import PruneConfig, manifest, prune as run_prune
+    from .pruning.run import PruneConfig, manifest
+    from .pruning.run import prune as run_prune
 
     config = PruneConfig(source=source, calibration=CalibrationSpec(calibration, samples, seq_len, seed), **options)
     out = run_prune(config)
@@ -180,7 +182,7 @@ def curves(source, targets, calibration, samples, seq_len, seed, **options):
     The oracle drops the modules whose removal alone costs the least loss (ablation_loss).
     Scores are taken from the store when it has them for these weights, else computed.
     """
-    from .curves import CurveConfig, run_curves, summary
+    from .pruning.curves import CurveConfig, run_curves, summary
 
     config = CurveConfig(source=source, targets=tuple(t.strip() for t in targets.split(",") if t.strip()),
                          calibration=CalibrationSpec(calibration, samples, seq_len, seed), **options)
@@ -222,7 +224,7 @@ def _task_list(tasks: str | None) -> list[str] | None:
 @click.option("--store", default="data", show_default=True, help="Store directory.")
 def eval_command(model_dirs, tasks, calibration, samples, seq_len, seed, **options):
     """Evaluate original and pruned MODEL_DIRS: lm-eval benchmarks, perplexity and speed, into the store."""
-    from .evaluation import EvalConfig, evaluate
+    from .evaluation.run import EvalConfig, evaluate
 
     config = EvalConfig(
         models=list(model_dirs), tasks=_task_list(tasks),
@@ -244,7 +246,7 @@ def eval_command(model_dirs, tasks, calibration, samples, seq_len, seed, **optio
               help="The heatmaps' colour scale (each module has its own range); log shows the late layers near 0.")
 def report(store, out, model, color_scale):
     """Write the report: findings, heatmaps, per-layer curves, consistency, drop-set emergence, pruning curves."""
-    from .report import write_report
+    from .analysis.report import write_report
 
     click.echo(f"wrote {write_report(store, out, model, color_scale)} and {Path(out) / 'report.html'}")
 
@@ -259,7 +261,7 @@ def micro_suite():
 @click.option("--force", is_flag=True, help="Train again even if the suite is built.")
 def micro_suite_build(arch, force):
     """Train the micro suite (a few minutes on a laptop CPU) and print where it is."""
-    from .microsuite import MicroSuiteConfig, build
+    from .microsuite.suite import MicroSuiteConfig, build
 
     click.echo(build(MicroSuiteConfig(arch=arch), force=force))
 

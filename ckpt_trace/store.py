@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, fields
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from urllib.parse import quote
 
@@ -29,9 +30,29 @@ import polars as pl
 
 from .errors import StoreError
 from .paths import atomic_write, unmakeable
-from .scoring import METRICS, MODULES, span_length
 
 log = logging.getLogger(__name__)
+
+try:
+    VERSION = version("ckpt-trace")
+except PackageNotFoundError:  # running from a source tree that is not installed
+    VERSION = "0.0.0+unknown"
+"""The ckpt-trace version, stamped on every row written."""
+
+MODULES = ("block", "attention", "mlp")
+METRICS = ("importance", "update_ratio")
+"""Stored by every scan: what a file of scores must hold whole."""
+
+
+def span_module(n: int) -> str:
+    return f"span{n}"
+
+
+def span_length(module: str) -> int | None:
+    """n of a `span<n>` module, else None."""
+    return int(module[4:]) if module.startswith("span") and module[4:].isdigit() else None
+
+
 
 SCORES_SCHEMA: dict[str, pl.DataType] = {
     "model": pl.String,
@@ -142,11 +163,11 @@ class ScoreKey:
     model: str
     revision: str
     weights: str | None
-    """Fingerprint of the weight files (`ckpt_trace.identity`)."""
+    """Fingerprint of the weight files (`ckpt_trace.fetch.identity`)."""
     dtype: str
     calibration: str
     scorer: int
-    """`ckpt_trace.scoring.SCORER_VERSION`: bumped whenever the same inputs would score differently."""
+    """`ckpt_trace.scoring.metrics.SCORER_VERSION`: bumped whenever the same inputs would score differently."""
 
     @classmethod
     def of(cls, row: dict) -> ScoreKey:
@@ -323,7 +344,7 @@ class Store:
     def scores(self) -> pl.DataFrame:
         """Every stored score of every scan: one row per (model, revision, weights, dtype, calibration, scorer, layer,
         module, metric). A revision scanned with other weights, dtype, calibration set or scorer has rows of each:
-        select one before comparing or averaging (`ckpt_trace.analysis.model_scores` takes each revision's latest)."""
+        select one before comparing or averaging (`ckpt_trace.analysis.statistics.model_scores` takes each revision's latest)."""
         return self._table("scores", SCORES_SCHEMA)
 
     def revisions(self) -> pl.DataFrame:

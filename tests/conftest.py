@@ -124,6 +124,7 @@ def write_tokenizer(path: Path, bos: bool = False, eos: bool = True) -> None:
     without `eos`, it has no EOS token.
     """
     from pydoc_data.topics import topics
+
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 

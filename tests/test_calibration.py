@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import VOCAB, write_jsonl
 from transformers import AutoTokenizer
 
-from ckpt_trace.calibration import CalibrationSet, CalibrationSpec, load_calibration, pydoc_documents
+from ckpt_trace.calibration.blocks import load_calibration
+from ckpt_trace.calibration.local import pydoc_documents
+from ckpt_trace.calibration.sets import CalibrationSet, CalibrationSpec
 from ckpt_trace.errors import CalibrationError, ConfigError
-
-from conftest import VOCAB, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +57,7 @@ def test_compressed_jsonl_gives_the_blocks_of_the_plain_file(tmp_path, tokenizer
     # Read a line at a time as the blocks are drawn: a bad line far into the file is found then, named by its number.
     bad = tmp_path / "late.jsonl"
     bad.write_text(plain.read_text() + "not json\n")
-    from ckpt_trace.calibration import read_source
+    from ckpt_trace.calibration.blocks import read_source
 
     assert len(list(iter(read_source(str(plain))))) == 40 and not isinstance(read_source(str(bad)), list)
     with pytest.raises(CalibrationError, match=r"late.jsonl:41 is not valid JSON"):
@@ -226,30 +227,30 @@ def test_a_tokenizer_without_eos_cannot_join_documents(tmp_path):
 
 
 def test_a_long_text_is_tokenized_in_pieces_and_its_blocks_taken_in_two_passes(tmp_path, tokenizer, monkeypatch):
-    from ckpt_trace import calibration as module
+    from ckpt_trace.calibration import blocks, local
 
-    monkeypatch.setattr(module, "PIECE_CHARS", 60)
+    monkeypatch.setattr(local, "PIECE_CHARS", 60)
     # One line longer than a piece, and indented lines, where no piece may end before them.
     lines = [f"line {i} says {'word ' * (i % 7)}" if i % 5 else f"   indented {i}" for i in range(200)] + ["x" * 150]
     text = "\n".join(lines) + "\n"
-    pieces = list(module._pieces(text))
+    pieces = list(local._pieces(text))
     assert "".join(pieces) == text and len(pieces) > 20
     assert all(p.endswith("\n") for p in pieces[:-1]) and all(not p[0].isspace() for p in pieces[1:])
     assert all(len(p) <= 60 or p.count("\n") <= 2 for p in pieces)
     # A byte-level BPE tokenizer gives the same tokens in pieces as for the whole text.
-    assert module.token_stream([text], tokenizer)[:-1] == tokenizer(text, add_special_tokens=False)["input_ids"]
-    stream = module.token_stream([text, "tail text"], tokenizer)
+    assert blocks.token_stream([text], tokenizer)[:-1] == tokenizer(text, add_special_tokens=False)["input_ids"]
+    stream = blocks.token_stream([text, "tail text"], tokenizer)
     assert stream == [t for p in pieces for t in tokenizer(p, add_special_tokens=False)["input_ids"]] + \
         [tokenizer.eos_token_id] + tokenizer("tail text", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     for width in (7, 16, 33):
-        n_blocks, take = module.stream_blocks([text, "tail text"], tokenizer, width)
+        n_blocks, take = blocks.stream_blocks([text, "tail text"], tokenizer, width)
         assert n_blocks == len(stream) // width
         indices = [0, 3, 4, n_blocks // 2, n_blocks - 1]
         assert take(indices) == [stream[i * width:(i + 1) * width] for i in sorted(set(indices))]
     path = tmp_path / "long.txt"
     path.write_text(text)
     calibration = load_calibration(CalibrationSpec(str(path), samples=5, seq_len=16, seed=3), tokenizer)
-    whole = module.token_stream([text], tokenizer)
+    whole = blocks.token_stream([text], tokenizer)
     import random
 
     chosen = sorted(random.Random(3).sample(range(len(whole) // 16), 5))
@@ -278,29 +279,29 @@ def _whole_text_pieces(document: str, size: int) -> list[str]:
 def test_a_text_read_in_chunks_is_cut_where_the_whole_text_is(tmp_path, tokenizer, monkeypatch):
     import random
 
-    from ckpt_trace import calibration as module
+    from ckpt_trace.calibration import blocks, local
 
-    monkeypatch.setattr(module, "PIECE_CHARS", 16)
+    monkeypatch.setattr(local, "PIECE_CHARS", 16)
     rng = random.Random(0)
     alphabet = ["a", "b", " ", "\n", "\n", "  ", "\t", "word "]
     texts = ["", "\n", "\n\n\n", "x" * 50, "x" * 50 + "\n", ("y" * 20 + "\n ") * 5, "a\n" * 40, " " * 40 + "\nb"]
     texts += ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 300))) for _ in range(300)]
     for text in texts:
         want = _whole_text_pieces(text, 16)
-        assert list(module._pieces(text)) == want, text
+        assert list(local._pieces(text)) == want, text
         cuts = sorted(rng.sample(range(1, len(text)), min(len(text) - 1, rng.randint(0, 12)))) if len(text) > 1 else []
         chunks = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])] if text else []
-        assert list(module._pieces(iter(chunks))) == want, (text, chunks)
+        assert list(local._pieces(iter(chunks))) == want, (text, chunks)
     # A .txt file is read 16 characters at a time, never whole, and cut as the whole text is (\r\n read as \n).
     path = tmp_path / "t.txt"
     text = "".join(rng.choice(alphabet) for _ in range(5000))
     path.write_bytes(text.replace("\n", "\r\n").encode())
-    document = module.read_source(str(path))[0]
+    document = blocks.read_source(str(path))[0]
     chunks = list(document)
-    assert isinstance(document, module.TextFile) and "".join(chunks) == text
+    assert isinstance(document, local.TextFile) and "".join(chunks) == text
     assert len(chunks) == -(-len(text) // 16) and all(len(c) == 16 for c in chunks[:-1])
-    assert list(module._pieces(document)) == _whole_text_pieces(text, 16)
-    assert module.token_stream([document], tokenizer) == module.token_stream([text], tokenizer)
+    assert list(local._pieces(document)) == _whole_text_pieces(text, 16)
+    assert blocks.token_stream([document], tokenizer) == blocks.token_stream([text], tokenizer)
 
 
 def test_a_damaged_file_is_one_line(tmp_path, tokenizer):

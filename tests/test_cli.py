@@ -7,14 +7,14 @@ import json
 import polars as pl
 import pytest
 import torch
-
-from ckpt_trace.calibration import CalibrationSpec, load_calibration
-from ckpt_trace.cli import main
-from ckpt_trace.models import load_model, load_tokenizer
-from ckpt_trace.scoring import score
-from ckpt_trace.store import SCORES_SCHEMA, load_scores
-
 from conftest import LAYERS, VOCAB, save_checkpoint, write_jsonl
+
+from ckpt_trace.calibration.blocks import load_calibration
+from ckpt_trace.calibration.sets import CalibrationSpec
+from ckpt_trace.cli import main
+from ckpt_trace.model.loading import load_model, load_tokenizer
+from ckpt_trace.scoring.metrics import score
+from ckpt_trace.store import SCORES_SCHEMA, load_scores
 
 SMALL = ["--samples", "4", "--seq-len", "16", "--batch-size", "2", "--device", "cpu"]
 

@@ -8,18 +8,18 @@ import math
 
 import polars as pl
 import pytest
-
-from ckpt_trace.calibration import CalibrationSet
-from ckpt_trace.cli import main
-from ckpt_trace.curves import curves, latest as latest_curves, summary
-from ckpt_trace.evaluation import perplexity
-from ckpt_trace.models import load_pruned
-from ckpt_trace.pruning import choose_random
-from ckpt_trace.scoring import ablation_losses, score
-from ckpt_trace.store import Store
-from ckpt_trace.surgery import apply_
-
 from conftest import LAYERS, make_model, random_ids, save_checkpoint, write_jsonl
+
+from ckpt_trace.calibration.sets import CalibrationSet
+from ckpt_trace.cli import main
+from ckpt_trace.model.loading import load_pruned
+from ckpt_trace.model.surgery import apply_
+from ckpt_trace.pruning.choice import choose_random
+from ckpt_trace.pruning.curves import curves, summary
+from ckpt_trace.pruning.curves import latest as latest_curves
+from ckpt_trace.scoring.loss import ablation_losses, perplexity
+from ckpt_trace.scoring.metrics import score
+from ckpt_trace.store import Store
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt_neox", "olmo2", "gpt2", "gemma2"])

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers.cache_utils import DummyLayer, DynamicCache
-
-from ckpt_trace.evaluation import decode, kv_cache_bytes, measure_speed, prefill
-from ckpt_trace.surgery import DroppedAttention, apply_
-
 from conftest import CONFIGS, FAMILIES, LAYERS, make_model, random_ids
 from test_pruning import zeroed
+from transformers.cache_utils import DummyLayer, DynamicCache
+
+from ckpt_trace.evaluation.speed import decode, kv_cache_bytes, measure_speed, prefill
+from ckpt_trace.model.surgery import DroppedAttention, apply_
 
 WINDOW = 4
 PROMPT, NEW = 7, 6  # 13 tokens in all: more than three windows

@@ -9,13 +9,13 @@ import polars as pl
 import pytest
 import torch
 import transformers
-
-from ckpt_trace.calibration import CalibrationSet
-from ckpt_trace.cli import main
-from ckpt_trace.evaluation import BUILTIN_TASK, TASK_DATA, perplexity, run_tasks
-from ckpt_trace.store import Store
-
 from conftest import make_model, random_ids, save_checkpoint
+
+from ckpt_trace.calibration.sets import CalibrationSet
+from ckpt_trace.cli import main
+from ckpt_trace.evaluation.harness import BUILTIN_TASK, TASK_DATA, run_tasks
+from ckpt_trace.scoring.loss import perplexity
+from ckpt_trace.store import Store
 
 
 @pytest.fixture(autouse=True)
@@ -106,7 +106,7 @@ def test_eval_command_stores_results_for_original_and_pruned(task_model, tmp_pat
     kv = dict(evals.filter(pl.col("metric") == "kv_cache_bytes").select("model", "value").rows())
     assert kv["pruned"] * 3 == kv["step100"] * 2
     # Each result names the weights evaluated and those the pruned model came from; perplexity, its text.
-    from ckpt_trace.identity import local_weights
+    from ckpt_trace.fetch.identity import local_weights
 
     weights = {"step100": local_weights(original)[0], "pruned": local_weights(out)[0]}
     assert evals.group_by("model").agg(pl.col("weights", "source_weights").unique()).sort("model").rows() == [

@@ -17,11 +17,10 @@ from pathlib import Path
 
 import polars as pl
 import pytest
+from conftest import LAYERS, save_checkpoint, write_jsonl
 
 from ckpt_trace.cli import main
 from ckpt_trace.store import Store
-
-from conftest import LAYERS, save_checkpoint, write_jsonl
 
 SMALL = ["--samples", "4", "--seq-len", "16", "--batch-size", "2", "--device", "cpu"]
 KEY = ["revision", "layer", "module", "metric"]
@@ -100,7 +99,6 @@ def test_weights_that_do_not_fit_the_config(tmp_path, tokenizer_dir, capsys):
 
 def test_a_model_with_no_layers_and_a_config_that_is_no_object(tmp_path, tokenizer_dir, capsys):
     import transformers
-
     from conftest import CONFIGS
 
     empty = tmp_path / "empty"
@@ -306,7 +304,7 @@ class RecordingSource:
 
 @pytest.mark.parametrize("depth", [1, 2, 3])
 def test_prefetch_depth_bounds_the_cache_and_releases_run_between_fetches(depth):
-    from ckpt_trace.scan import streamed
+    from ckpt_trace.scan.streaming import streamed
 
     source, names = RecordingSource(fail="r3"), [f"r{i}" for i in range(7)]
     seen = []
@@ -332,7 +330,7 @@ def test_prefetch_depth_bounds_the_cache_and_releases_run_between_fetches(depth)
 def test_prepare_runs_one_revision_ahead_of_the_caller():
     """With `prepare`, the next revision is prepared while the caller works on the current one, never more than
     one ahead; a failing prepare is handed out with its revision, and a failed fetch fails its prepare too."""
-    from ckpt_trace.scan import streamed
+    from ckpt_trace.scan.streaming import streamed
 
     source, names = RecordingSource(fail="r1"), [f"r{i}" for i in range(5)]
     started = []
@@ -362,9 +360,10 @@ def test_prepare_runs_one_revision_ahead_of_the_caller():
 def test_load_ahead_on_a_gpu_where_two_models_fit_in_half_its_free_memory(monkeypatch):
     import torch
 
-    from ckpt_trace.revisions import parse_revision
-    from ckpt_trace.scan import ScanConfig, loads_ahead
-    from ckpt_trace.sources import Checkpoint
+    from ckpt_trace.fetch.revisions import parse_revision
+    from ckpt_trace.fetch.sources import Checkpoint
+    from ckpt_trace.scan.options import ScanConfig
+    from ckpt_trace.scan.streaming import loads_ahead
 
     memory = 80 * 2**30  # free, of a GPU of twice that, the rest held by another process
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (memory, 2 * memory))
@@ -386,7 +385,7 @@ def test_load_ahead_on_a_gpu_where_two_models_fit_in_half_its_free_memory(monkey
 
 SLOW_LOAD = """
 import importlib, sys, time, torch
-scan = importlib.import_module("ckpt_trace.scan")
+scan = importlib.import_module("ckpt_trace.scan.run")
 real = scan.load_model
 def load_model(path, *args, **kwargs):
     if path.name == "step300":  # loaded ahead while step200 fails: busy inside torch when the scan stops
@@ -423,7 +422,7 @@ def test_a_model_that_runs_out_of_memory_loading_ahead_is_loaded_again_alone(sui
 
     from ckpt_trace.errors import SourceError
 
-    scan_module = importlib.import_module("ckpt_trace.scan")
+    scan_module = importlib.import_module("ckpt_trace.scan.run")
     real, lock = scan_module.load_model, threading.Lock()
     loads, running = [], set()
 
@@ -465,7 +464,7 @@ def test_a_failed_revision_does_not_keep_its_model_alive(suite, tmp_path, monkey
 
     from ckpt_trace.errors import SourceError
 
-    scan_module = importlib.import_module("ckpt_trace.scan")
+    scan_module = importlib.import_module("ckpt_trace.scan.run")
     real, alive, counts = scan_module.load_model, weakref.WeakSet(), []
 
     def load_model(*args, **kwargs):
@@ -490,7 +489,7 @@ def test_a_failed_revision_does_not_keep_its_model_alive(suite, tmp_path, monkey
 def test_a_stopped_stream_waits_for_a_load_under_way_not_for_a_download():
     """Closing a stream returns at once while the next revision still downloads, and nothing is loaded after; a load
     under way is waited for."""
-    from ckpt_trace.scan import streamed
+    from ckpt_trace.scan.streaming import streamed
 
     class SlowSource(RecordingSource):
         def fetch(self, name):
@@ -522,7 +521,7 @@ def test_an_error_keeps_no_locals_of_its_causes():
     import weakref
 
     from ckpt_trace.errors import SourceError
-    from ckpt_trace.scan import _drop_locals
+    from ckpt_trace.scan.streaming import _drop_locals
 
     class Model:
         pass

@@ -7,7 +7,16 @@ from datetime import datetime, timezone
 import polars as pl
 import pytest
 
-from ckpt_trace.findings import FAILS, HOLDS, OPEN, agreement, cheap_versus_truth, persistence, pruning_payoff, redundancy
+from ckpt_trace.analysis.findings import (
+    FAILS,
+    HOLDS,
+    OPEN,
+    agreement,
+    cheap_versus_truth,
+    persistence,
+    pruning_payoff,
+    redundancy,
+)
 from ckpt_trace.store import EVALS_SCHEMA
 
 LAYERS = 4

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import io
+import json
 import os
 import pickle
 import shutil
@@ -14,17 +14,17 @@ from pathlib import Path
 import polars as pl
 import pytest
 import torch
+from conftest import LAYERS, make_model, write_tokenizer
 from huggingface_hub import constants, snapshot_download
 
-from ckpt_trace import hub as hub_module
 from ckpt_trace.cli import main
 from ckpt_trace.errors import SourceError
-from ckpt_trace.models import load_model
-from ckpt_trace.sources import HubSource, revision_table
+from ckpt_trace.fetch import cache
+from ckpt_trace.fetch import hub as hub_module
+from ckpt_trace.fetch.sources import HubSource, revision_table
+from ckpt_trace.model.loading import load_model
 from ckpt_trace.store import Store
-
-from conftest import LAYERS, make_model, write_tokenizer
-from loopback_hub import LoopbackHub
+from ckpt_trace.testing import LoopbackHub
 
 REPO = "org/tiny-suite"
 SMALL = ["--samples", "2", "--seq-len", "16", "--batch-size", "2", "--device", "cpu"]
@@ -274,7 +274,7 @@ def test_a_snapshot_another_scan_still_uses_is_evicted_by_the_last_to_release_it
 
 
 def _add_entries(path: str, worker: int, count: int) -> None:
-    ledger = hub_module.DownloadLedger(Path(path))
+    ledger = cache.DownloadLedger(Path(path))
     for i in range(count):
         with ledger.locked() as state:
             state.files.add(f"/cache/snapshots/{worker}/file-{i}")
@@ -430,7 +430,8 @@ def test_calibration_from_a_hub_dataset(hub, tmp_path, monkeypatch):
     """hf:REPO[:CONFIG][:SPLIT] reads a dataset's text column through huggingface_hub, config and split chosen."""
     from transformers import AutoTokenizer
 
-    from ckpt_trace.calibration import CalibrationSpec, load_calibration, token_stream
+    from ckpt_trace.calibration.blocks import load_calibration, token_stream
+    from ckpt_trace.calibration.sets import CalibrationSpec
 
     def parquet(texts):
         buffer = io.BytesIO()
@@ -472,7 +473,9 @@ def test_a_hub_dataset_is_drawn_from_its_first_blocks_and_only_their_files_are_d
 
     from transformers import AutoTokenizer
 
-    from ckpt_trace.calibration import HUB_POOL, CalibrationSpec, HubTexts, heldout_set, load_calibration, token_stream
+    from ckpt_trace.calibration.blocks import heldout_set, load_calibration, token_stream
+    from ckpt_trace.calibration.hub import HUB_POOL, HubTexts
+    from ckpt_trace.calibration.sets import CalibrationSpec
     from ckpt_trace.errors import CalibrationError
 
     words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
@@ -528,7 +531,9 @@ def test_a_hub_dataset_offline_and_in_other_layouts(hub, tmp_path, monkeypatch):
     cache lacks is named; files that name no split make the config's one split; bad files are one clear error."""
     from transformers import AutoTokenizer
 
-    from ckpt_trace.calibration import CalibrationSpec, HubTexts, load_calibration
+    from ckpt_trace.calibration.blocks import load_calibration
+    from ckpt_trace.calibration.hub import HubTexts
+    from ckpt_trace.calibration.sets import CalibrationSpec
     from ckpt_trace.errors import CalibrationError
 
     def parquet(frame):
@@ -621,9 +626,12 @@ def test_a_hub_dataset_whose_readme_declares_its_configs(hub, tmp_path, monkeypa
     """A README's `configs:` say which files make a config's split (FineWeb's `sample-10BT` lives in sample/10BT/),
     the default config is taken where none is named, `.json` files they name are read (JSON lines or one array),
     offline reads the same files, and what the README does not declare is one clear error."""
-    from ckpt_trace.calibration import CalibrationSpec, HubTexts, load_calibration
-    from ckpt_trace.errors import CalibrationError
     from transformers import AutoTokenizer
+
+    from ckpt_trace.calibration.blocks import load_calibration
+    from ckpt_trace.calibration.hub import HubTexts
+    from ckpt_trace.calibration.sets import CalibrationSpec
+    from ckpt_trace.errors import CalibrationError
 
     def parquet(texts):
         buffer = io.BytesIO()
@@ -732,7 +740,7 @@ def test_what_a_dataset_card_declares_is_read_as_datasets_reads_it(hub, tmp_path
     else all train); config and split names are read as written; globs follow fsspec (brackets, `**/` over no
     folder, hidden and special folders only where named, `**` inside a component an error); the default is the
     one marked, named `default`, or the only one. Bad entries fail only the config that has them."""
-    from ckpt_trace.calibration import HubTexts, _glob_match, _inferred_splits
+    from ckpt_trace.calibration.hub import HubTexts, _glob_match, _inferred_splits
     from ckpt_trace.errors import CalibrationError
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))

@@ -12,17 +12,18 @@ import time
 import polars as pl
 import pytest
 import torch
-
-from ckpt_trace.calibration import CalibrationSpec, load_calibration
-from ckpt_trace.cli import main
-from ckpt_trace.identity import HashCache, local_weights
-from ckpt_trace.models import load_model, load_tokenizer
-from ckpt_trace.pruning import MANIFEST
-from ckpt_trace.scan import ScanConfig, scan
-from ckpt_trace.scoring import score
-from ckpt_trace.store import Store
-
 from conftest import LAYERS, save_checkpoint
+
+from ckpt_trace.calibration.blocks import load_calibration
+from ckpt_trace.calibration.sets import CalibrationSpec
+from ckpt_trace.cli import main
+from ckpt_trace.fetch.identity import HashCache, local_weights
+from ckpt_trace.model.loading import load_model, load_tokenizer
+from ckpt_trace.pruning.run import MANIFEST
+from ckpt_trace.scan.options import ScanConfig
+from ckpt_trace.scan.run import scan
+from ckpt_trace.scoring.metrics import score
+from ckpt_trace.store import Store
 
 SMALL = ["--samples", "4", "--seq-len", "16", "--batch-size", "2", "--device", "cpu"]
 
@@ -110,7 +111,7 @@ def test_identical_weights_under_two_names_are_scored_once(tmp_path, tokenizer_d
 
 
 def test_file_hashes_are_read_once_and_again_only_when_a_file_changes(tmp_path, monkeypatch):
-    import ckpt_trace.identity as identity
+    import ckpt_trace.fetch.identity as identity
 
     file = tmp_path / "model.safetensors"
     file.write_bytes(b"a" * 1000)
@@ -145,7 +146,7 @@ def test_file_hashes_are_read_once_and_again_only_when_a_file_changes(tmp_path, 
 def test_hub_and_local_copies_of_the_same_weights_share_a_fingerprint(tmp_path):
     import hashlib
 
-    from ckpt_trace.hub import choose_files
+    from ckpt_trace.fetch.hub import choose_files
 
     data = bytes(range(256)) * 4
     (tmp_path / "model.safetensors").write_bytes(data)
@@ -179,7 +180,7 @@ def test_a_gemma_model_is_scored_with_bos(tmp_path, capsys):
 
 
 def test_asking_for_ablation_loss_scores_again_what_lacks_it(tmp_path, tokenizer_dir, capsys):
-    from ckpt_trace.scoring import ablation_losses
+    from ckpt_trace.scoring.loss import ablation_losses
 
     model = save_checkpoint(tmp_path / "m", "gpt_neox", seed=2, tokenizer_dir=tokenizer_dir)
     assert main(["scan", str(model), "--store", str(tmp_path / "s"), *SMALL]) == 0
@@ -201,7 +202,7 @@ def test_asking_for_ablation_loss_scores_again_what_lacks_it(tmp_path, tokenizer
 
 
 def test_last_token_and_span_metrics_join_what_is_stored(tmp_path, tokenizer_dir, capsys):
-    from ckpt_trace.scoring import MAX_SPAN
+    from ckpt_trace.scoring.metrics import MAX_SPAN
 
     model = save_checkpoint(tmp_path / "m", "llama", seed=4, tokenizer_dir=tokenizer_dir)
     store = str(tmp_path / "s")
@@ -238,7 +239,7 @@ def split_map(n_layers: int, far: str) -> dict[str, str]:
 @pytest.mark.parametrize("far", ["cpu", pytest.param("cuda:0", marks=[pytest.mark.gpu, pytest.mark.skipif(
     not torch.cuda.is_available(), reason="a split between the CPU and a GPU needs a GPU")])])
 def test_a_model_placed_by_a_device_map_scores_as_on_one_device(tmp_path, tokenizer_dir, capsys, far):
-    from ckpt_trace.scoring import ablation_losses
+    from ckpt_trace.scoring.loss import ablation_losses
 
     model = save_checkpoint(tmp_path / "m", "llama", seed=5, tokenizer_dir=tokenizer_dir)
     metrics = ("importance", "update_ratio", "angular_distance", "span_distance", "span_distance_last")

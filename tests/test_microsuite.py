@@ -6,15 +6,14 @@ import json
 
 import polars as pl
 import pytest
-
-from ckpt_trace import microsuite
-from ckpt_trace.adapters import locate
-from ckpt_trace.cli import main
-from ckpt_trace.microsuite import MicroSuiteConfig, build, schedule
-from ckpt_trace.models import load_model
-from ckpt_trace.store import Store
-
 import torch
+
+from ckpt_trace.cli import main
+from ckpt_trace.microsuite import suite as microsuite
+from ckpt_trace.microsuite.suite import MicroSuiteConfig, build, schedule
+from ckpt_trace.model.adapters import locate
+from ckpt_trace.model.loading import load_model
+from ckpt_trace.store import Store
 
 # A reduced schedule that trains in seconds.
 QUICK = dict(layers=6, hidden=64, steps=60, interval=20, batch_size=8, seq_len=64)
@@ -113,7 +112,6 @@ def test_micro_suite_build_command(home, monkeypatch, capsys):
 
 def test_held_out_perplexity_is_the_suites_validation_loss(home, tmp_path, capsys):
     import math
-
     from pydoc_data.topics import topics
 
     path = build(MicroSuiteConfig(**QUICK), progress=False)
@@ -149,7 +147,7 @@ def test_held_out_documents_are_those_the_suite_recorded(home, monkeypatch):
 def test_builtin_task_is_held_out_documentation_with_the_true_continuation():
     from pydoc_data.topics import topics as texts
 
-    from ckpt_trace.evaluation import TASK_DATA
+    from ckpt_trace.evaluation.harness import TASK_DATA
 
     config = MicroSuiteConfig()
     heldout = set(microsuite.heldout_topics(config.seed, config.holdout))

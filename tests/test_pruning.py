@@ -10,20 +10,18 @@ import polars as pl
 import pytest
 import torch
 import transformers
+from conftest import FAMILIES, LAYERS, make_model, random_ids, save_checkpoint
 
-from ckpt_trace.adapters import locate
-from ckpt_trace.calibration import CalibrationSet
+from ckpt_trace.calibration.sets import CalibrationSet
 from ckpt_trace.cli import main
 from ckpt_trace.errors import ConfigError
-from ckpt_trace.models import load_pruned
-from ckpt_trace.pruning import (
-    MANIFEST, check_drop, choose_iterative, choose_last, choose_random, choose_similarity,
-)
-from ckpt_trace.scoring import score
+from ckpt_trace.model.adapters import locate
+from ckpt_trace.model.loading import load_pruned
+from ckpt_trace.model.surgery import DroppedAttention, apply_, drop_modules_, dropped
+from ckpt_trace.pruning.choice import check_drop, choose_iterative, choose_last, choose_random, choose_similarity
+from ckpt_trace.pruning.run import MANIFEST
+from ckpt_trace.scoring.metrics import score
 from ckpt_trace.store import SCORES_SCHEMA, Store
-from ckpt_trace.surgery import DroppedAttention, apply_, drop_modules_, dropped
-
-from conftest import FAMILIES, LAYERS, make_model, random_ids, save_checkpoint
 
 # What each target drops in the equivalence test: (module, layer) pairs, layer 0 included somewhere.
 DROPS = {
@@ -169,7 +167,7 @@ def test_drop_counts_the_rules_cannot_meet(target, k, n_layers, already, message
 
 
 def test_iterative_joint_never_drops_every_attention_layer(monkeypatch):
-    import ckpt_trace.pruning as pruning
+    import ckpt_trace.pruning.choice as pruning
 
     model = make_model("llama")
     # Every attention layer scores below every MLP, in every round: the last attention layer must still stay.
@@ -196,7 +194,7 @@ def test_similarity_uses_stored_scores(checkpoint, tmp_path, monkeypatch, capsys
     stored = stored.with_columns(value=pl.when((pl.col("module") == "attention") & (pl.col("metric") == "importance"))
                                  .then(pl.col("layer").replace_strict(values, return_dtype=pl.Float64)).otherwise("value"))
     Store(store).write_scores(stored.select(list(SCORES_SCHEMA)))
-    import ckpt_trace.pruning as pruning
+    import ckpt_trace.pruning.run as pruning
 
     monkeypatch.setattr(pruning, "score", lambda *a, **k: pytest.fail("scored although the store has the scores"))
     out = tmp_path / "pruned"
@@ -264,7 +262,7 @@ def test_pruning_a_pruned_model_again(checkpoint, tmp_path, capsys):
     assert second["previous"] == first and second["model"] == first["model"] == "model"
     assert second["revision"] == first["revision"]
     # The weights it came from are the unpruned model's, through every step.
-    from ckpt_trace.identity import local_weights
+    from ckpt_trace.fetch.identity import local_weights
 
     assert second["weights"] == first["weights"] == local_weights(checkpoint)[0] != local_weights(tmp_path / "a1")[0]
     config = json.loads((tmp_path / "a2" / "config.json").read_text())
@@ -333,7 +331,7 @@ def test_loading_a_pruned_model_never_allocates_what_was_dropped(tmp_path, monke
     model.save_pretrained(tmp_path)
     script = (
         "import resource, sys, torch, transformers.models.llama.modeling_llama\n"
-        "from ckpt_trace.models import load_pruned\n"
+        "from ckpt_trace.model.loading import load_pruned\n"
         "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
         "model = load_pruned(sys.argv[1])\n"
         "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)\n"
@@ -346,7 +344,7 @@ def test_loading_a_pruned_model_never_allocates_what_was_dropped(tmp_path, monke
     assert type(pickle.loads(pickle.dumps(loaded))) is transformers.LlamaForCausalLM
     assert all(isinstance(layer.mlp, type(loaded.model.layers[0].mlp)) for layer in loaded.model.layers)
     assert sum(p.numel() for p in loaded.parameters()) == sum(p.numel() for p in model.parameters())
-    monkeypatch.setattr("ckpt_trace.models._dropping_class", lambda *args: None)
+    monkeypatch.setattr("ckpt_trace.model.loading._dropping_class", lambda *args: None)
     whole = load_pruned(tmp_path)  # allocated, initialized, then dropped
     ids = torch.tensor(random_ids(2, 12, seed=5))
     assert torch.equal(logits(loaded, ids), logits(whole, ids))

@@ -13,12 +13,13 @@ import pytest
 ray = pytest.importorskip("ray")
 psutil = pytest.importorskip("psutil")
 
-from ckpt_trace.calibration import CalibrationSpec  # noqa: E402
-from ckpt_trace.cli import main  # noqa: E402
-from ckpt_trace.scan import ScanConfig, scan  # noqa: E402
-from ckpt_trace.store import Store  # noqa: E402
-
 from conftest import save_checkpoint  # noqa: E402
+
+from ckpt_trace.calibration.sets import CalibrationSpec  # noqa: E402
+from ckpt_trace.cli import main  # noqa: E402
+from ckpt_trace.scan.options import ScanConfig  # noqa: E402
+from ckpt_trace.scan.run import scan  # noqa: E402
+from ckpt_trace.store import Store  # noqa: E402
 
 NAMES = ["step0", "step100", "step200", "step300"]
 

@@ -9,9 +9,14 @@ import numpy as np
 import polars as pl
 import pytest
 
-from ckpt_trace import plots
-from ckpt_trace.analysis import (
-    drop_count, drop_set_overlap, drop_set_settled, layer_matrix, model_scores, rank_consistency,
+from ckpt_trace.analysis import plots
+from ckpt_trace.analysis.statistics import (
+    drop_count,
+    drop_set_overlap,
+    drop_set_settled,
+    layer_matrix,
+    model_scores,
+    rank_consistency,
 )
 from ckpt_trace.cli import main
 from ckpt_trace.store import REVISIONS_SCHEMA, SCORES_SCHEMA, Store, write_parquet
@@ -198,7 +203,7 @@ def synthetic_evals() -> pl.DataFrame:
 
 
 def test_pruned_models_relative_to_the_original():
-    from ckpt_trace.analysis import pruned_vs_original, tradeoff
+    from ckpt_trace.analysis.statistics import pruned_vs_original, tradeoff
 
     comparison = pruned_vs_original(synthetic_evals())
     relative = {(m, k): v for m, k, v in comparison.select("model", "metric", "relative").rows()}
@@ -217,7 +222,7 @@ def test_pruned_models_relative_to_the_original():
 
 
 def test_pruned_models_are_compared_only_on_the_same_dtype_device_and_items():
-    from ckpt_trace.analysis import pruned_vs_original
+    from ckpt_trace.analysis.statistics import pruned_vs_original
 
     evals = synthetic_evals()
     # The original again in bfloat16 on a GPU, slower there; the attention-pruned model again in bfloat16 too,
@@ -240,7 +245,7 @@ def test_pruned_models_are_compared_only_on_the_same_dtype_device_and_items():
 
 
 def test_pruned_models_are_compared_with_the_weights_they_came_from_on_the_same_text():
-    from ckpt_trace.analysis import pruned_vs_original
+    from ckpt_trace.analysis.statistics import pruned_vs_original
 
     day = pl.duration(days=1)
     evals = synthetic_evals().with_columns(

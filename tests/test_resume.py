@@ -11,12 +11,11 @@ import time
 from pathlib import Path
 
 import polars as pl
+from conftest import write_tokenizer
+from test_hub import model_files
 
 from ckpt_trace.store import Store
-
-from conftest import write_tokenizer
-from loopback_hub import LoopbackHub
-from test_hub import model_files
+from ckpt_trace.testing import LoopbackHub
 
 ROOT = Path(__file__).resolve().parents[1]
 REPO = "org/kill-me"

@@ -7,7 +7,7 @@ import logging
 import pytest
 
 from ckpt_trace.errors import SelectionError
-from ckpt_trace.revisions import lines, parse_revision, place, select, unplaced
+from ckpt_trace.fetch.revisions import lines, parse_revision, place, select, unplaced
 
 B, T = 10**9, 10**12
 
@@ -84,7 +84,7 @@ def test_olmo2_ingredients_are_lines_from_the_last_stage1_checkpoint(caplog):
     assert names(select(olmo2(), "log:3", "ingredient2")) == ["step1000-tokens5B", "stage1-step140000-tokens588B",
                                                               "stage2-ingredient2-step11931-tokens50B"]
     # Without a branch: ranges and counts on the trunk; main is left out of them, and said to be.
-    with caplog.at_level(logging.WARNING, logger="ckpt_trace.revisions"):
+    with caplog.at_level(logging.WARNING, logger="ckpt_trace.fetch.revisions"):
         assert names(select(olmo2(), "last:1")) == ["stage1-step928646-tokens3896B"]
     assert "left out of ranges: main" in caplog.text
     assert names(select(olmo2(), "main")) == ["main"]

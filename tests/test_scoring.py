@@ -8,12 +8,12 @@ import polars as pl
 import pytest
 import torch
 import torch.nn.functional as F
-
-from ckpt_trace.adapters import locate
-from ckpt_trace.calibration import CalibrationSet
-from ckpt_trace.scoring import METRICS, MODULES, score
-
 from conftest import CONFIGS, LAYERS, make_model, random_ids
+
+from ckpt_trace.calibration.sets import CalibrationSet
+from ckpt_trace.model.adapters import locate
+from ckpt_trace.scoring.metrics import score
+from ckpt_trace.store import METRICS, MODULES
 
 # How each family computes its MLP delta from the MLP's residual input, written out from
 # the Hugging Face modeling code. If a tap sat on the wrong module, these would not hold.
@@ -206,7 +206,7 @@ def test_importance_is_accurate_for_tiny_and_large_deltas(scale):
     At scale 1e-4, 1 - cos is about 6e-12, where the float64 reference is still accurate to ~2e-5 and
     the naive float32 1 - cos would be all rounding error.
     """
-    from ckpt_trace.scoring import ResidualStats
+    from ckpt_trace.scoring.metrics import ResidualStats
 
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(2, 8, 256, generator=generator) * 30
@@ -232,9 +232,9 @@ def test_importance_is_accurate_for_tiny_and_large_deltas(scale):
 def test_ablation_loss_equals_a_per_sequence_reference(family):
     """Loss with one module's delta removed minus the intact loss, mean over every predicted token, from
     unpadded sequences one at a time with an independent hook (the tests' `zeroed`)."""
-    from ckpt_trace.scoring import ablation_losses
-
     from test_pruning import zeroed
+
+    from ckpt_trace.scoring.loss import ablation_losses
 
     model = make_model(family)
     lengths = [12, 7, 10]
@@ -280,7 +280,7 @@ def angular(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 def test_every_one_pass_metric_matches_a_float64_reference(family):
     """importance, update_ratio, angular_distance and span_distance, over every real token and over each
     sequence's last, from padded batches, against float64 values from each sequence run alone."""
-    from ckpt_trace.scoring import ALL_METRICS, MAX_SPAN, ABLATION
+    from ckpt_trace.scoring.metrics import ABLATION, ALL_METRICS, MAX_SPAN
 
     model = make_model(family)
     lengths = [17, 6, 12]
@@ -326,7 +326,7 @@ def test_spans_beyond_the_window_and_last_tokens_on_either_side(padding):
     """11 layers (more than MAX_SPAN): spans of 1 .. 8 from every layer where one starts, over every real token and
     over each row's last, with padding on either side, equal float64 angles; keeping only the last rows gives the
     same last-token spans."""
-    from ckpt_trace.scoring import MAX_SPAN, ResidualStats
+    from ckpt_trace.scoring.metrics import MAX_SPAN, ResidualStats
 
     layers, lengths, width = 11, [7, 3, 5], 32
     generator = torch.Generator().manual_seed(3)
@@ -367,7 +367,7 @@ def test_spans_beyond_the_window_and_last_tokens_on_either_side(padding):
 def test_losses_a_chunk_of_positions_at_a_time_equal_the_full_logits(family, monkeypatch):
     """The per-position loss from the decoder and the LM head applied a few positions at a time (soft-capping
     included) equals cross-entropy of the model's own full logits, with padding."""
-    from ckpt_trace import scoring
+    from ckpt_trace.scoring import loss as scoring
 
     model = make_model(family)
     lengths = [13, 6]

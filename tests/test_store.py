@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+from datetime import datetime, timezone
+from urllib.parse import unquote
+
 import polars as pl
 import pytest
 
 from ckpt_trace.errors import StoreError
-from datetime import datetime, timezone
-from urllib.parse import unquote
-
 from ckpt_trace.store import SCORES_SCHEMA, ScoreKey, Store, load_scores, path_part, write_parquet
 
 

@@ -30,10 +30,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .calibration import CalibrationSet, pydoc_documents
-from .errors import ConfigError
-from .paths import home
-from .sources import EVAL_FILE
+from ..calibration.local import pydoc_documents
+from ..calibration.sets import CalibrationSet
+from ..errors import ConfigError
+from ..fetch.sources import EVAL_FILE
+from ..paths import home
 
 ARCHS = ("pythia", "llama")
 EOS = "<|endoftext|>"
@@ -171,7 +172,7 @@ def python_mc_items(topics: list[str], seed: int = 0) -> list[dict]:
 
 
 def builtin_task_items(config: MicroSuiteConfig | None = None) -> list[dict]:
-    """The items of the built-in task `ckpt_trace_python_mc` (`ckpt_trace/tasks/python_mc.jsonl`): built from the
+    """The items of the built-in task `ckpt_trace_python_mc` (`ckpt_trace/evaluation/tasks/python_mc.jsonl`): built from the
     topics the default micro suite holds out from training."""
     config = config or MicroSuiteConfig()
     return python_mc_items(heldout_topics(config.seed, config.holdout))

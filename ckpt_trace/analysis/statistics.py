@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import polars as pl
 
-from .revisions import lines, parse_revision, place
+from ..fetch.revisions import lines, parse_revision, place
 
 DROP_FRACTIONS = (0.25, 0.5)
 
 
 def training_line(revisions: list[tuple[str, str | None]], branch: str | None = None) -> list[str]:
     """The revisions, given as (name, commit), of one line of training in order: the trunk, or the side line
-    `branch` with the trunk into it (see `ckpt_trace.revisions`). A run whose names fit no scheme (one model,
+    `branch` with the trunk into it (see `ckpt_trace.fetch.revisions`). A run whose names fit no scheme (one model,
     revision main) is one line of all of them."""
     placed = place([parse_revision(name, commit=commit) for name, commit in revisions])
     line = lines(placed).get(branch, []) if branch else lines(placed)[None]

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 
+from ..errors import ConfigError, SourceError
 from .adapters import adapter_for_type
-from .errors import ConfigError, SourceError
 from .surgery import drop_modules_, layer_list, module_prefixes, pruned_record
 
 DEVICES = "auto, cpu, cuda or cuda:N"

@@ -16,7 +16,14 @@ from dataclasses import dataclass
 
 import polars as pl
 
-from .analysis import PRUNED_MODEL, drop_count, drop_set_overlap, drop_set_settled, pruned_vs_original, rank_consistency
+from .statistics import (
+    PRUNED_MODEL,
+    drop_count,
+    drop_set_overlap,
+    drop_set_settled,
+    pruned_vs_original,
+    rank_consistency,
+)
 
 HOLDS, FAILS, OPEN = "holds", "does not hold", "inconclusive"
 EARLY = 0.25
@@ -233,7 +240,7 @@ def cheap_versus_truth(frame: pl.DataFrame) -> Finding:
 def findings(frame: pl.DataFrame, evals: pl.DataFrame, model: str, curve: pl.DataFrame | None = None,
              checkpoint: tuple[str, str | None] | None = None) -> list[Finding]:
     """The four findings for one model's scores (as `analysis.model_scores` gives them), the store's evaluations and
-    the model's pruning curve (as `ckpt_trace.curves.summary` gives it), if any, measured on `checkpoint` (its
+    the model's pruning curve (as `ckpt_trace.pruning.curves.summary` gives it), if any, measured on `checkpoint` (its
     revision and weights)."""
     n_layers = frame["layer"].n_unique()
     return [redundancy(frame), persistence(frame), pruning_payoff(evals, model, n_layers, curve, checkpoint),

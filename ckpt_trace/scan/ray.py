@@ -18,9 +18,9 @@ from collections.abc import Callable, Iterator
 import polars as pl
 import torch
 
-from .calibration import CalibrationSet
-from .errors import REVISION_ERRORS, ConfigError
-from .sources import Checkpoint
+from ..calibration.sets import CalibrationSet
+from ..errors import REVISION_ERRORS, ConfigError
+from ..fetch.sources import Checkpoint
 
 RETRIES = 3
 """How many times Ray runs a revision's task again after its worker died."""
@@ -37,7 +37,7 @@ def ray_module():
 def cluster_dtype(name: str) -> torch.dtype:
     """The dtype the workers score in: as asked, or for `auto` bfloat16 where the cluster has GPUs, else float32 (a
     scan's dtype is part of what it stores, so it is settled once, for every worker)."""
-    from .models import DTYPES, resolve_dtype
+    from ..model.loading import DTYPES, resolve_dtype
 
     if name != "auto":
         return resolve_dtype(name, torch.device("cpu"))
@@ -57,7 +57,7 @@ def scored_on_ray(work: Callable, source: str, cache_dir, checkpoints: list[Chec
                   config, dtype) -> Iterator[tuple[Checkpoint, tuple[pl.DataFrame, pl.DataFrame] | None, Exception | None, float]]:
     """Yield (checkpoint, (revision row, scores) or None, error or None, seconds since its task was sent) as each
     revision's task ends; each task is ``work(source, cache_dir, checkpoint, calibration, config, dtype)`` on a worker
-    (`ckpt_trace.scan.score_revision`).
+    (`ckpt_trace.scan.run.score_revision`).
 
     At most twice as many tasks as the cluster has workers for are in flight, so a worker's cache holds a
     revision or two, however many there are.

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import polars as pl
 
-from .errors import SourceError
+from ..errors import SourceError
 from .hub import tokens_per_step
 from .identity import local_weights
 from .revisions import Revision, parse_revision, select
@@ -41,7 +41,7 @@ class Checkpoint:
     files: object = None
     """Source-specific description of what to fetch."""
     weights: str | None = None
-    """Fingerprint of the weight files (see `ckpt_trace.identity`): what is scored, whatever the name."""
+    """Fingerprint of the weight files (see `ckpt_trace.fetch.identity`): what is scored, whatever the name."""
 
     def record(self) -> dict:
         """The evaluation record kept beside the weights (validation loss, tokens), or {}."""

@@ -17,7 +17,7 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from .paths import atomic_write_bytes, home
+from ..paths import atomic_write_bytes, home
 
 WEIGHT_FORMATS = {
     "safetensors": ("*.safetensors", "*.safetensors.index.json"),

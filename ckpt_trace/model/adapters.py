@@ -17,7 +17,7 @@ from typing import Literal
 
 from torch import nn
 
-from .errors import UnsupportedArchitectureError
+from ..errors import UnsupportedArchitectureError
 
 ResidualStyle = Literal["sequential", "parallel", "post-norm"]
 

@@ -12,20 +12,17 @@ small ledger beside ckpt-trace's other files remembers across interrupted runs.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 import sys
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import SourceError
+from ..errors import SourceError
+from .cache import DownloadLedger, LedgerState
 from .identity import fingerprint, weight_files
-from .paths import alive, atomic_write_bytes, process_id
 from .revisions import Revision, parse_revision, place
 
 log = logging.getLogger(__name__)
@@ -87,7 +84,12 @@ def _network_errors() -> tuple[type[BaseException], ...]:
 
 def _transient(err: BaseException) -> bool:
     """A network fault or server error worth another try (not a missing repo, revision or file)."""
-    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled, RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub.errors import (
+        HfHubHTTPError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     seen = set()
     while err is not None and id(err) not in seen:
@@ -115,75 +117,6 @@ def with_retries(fn, what: str):
             time.sleep(delay)
 
 
-@dataclass
-class LedgerState:
-    """The cache files ckpt-trace downloaded and has not evicted yet, and which scans use which snapshot."""
-
-    files: set[str]
-    holders: dict[str, set[str]]
-    """snapshot folder -> the scans (host:pid) using it."""
-
-    def under(self, folder: Path) -> list[Path]:
-        """The recorded files inside `folder`."""
-        prefix = f"{folder}{os.sep}"
-        return sorted(Path(e) for e in self.files if e.startswith(prefix))
-
-    def hold(self, snapshot: Path) -> None:
-        self.holders.setdefault(str(snapshot), set()).add(process_id())
-
-    def release(self, snapshot: Path) -> set[str]:
-        """Stop using a snapshot; return the scans still using it (those whose processes ended are forgotten)."""
-        left = {h for h in self.holders.pop(str(snapshot), set()) if h != process_id() and alive(h)}
-        if left:
-            self.holders[str(snapshot)] = left
-        return left
-
-
-class DownloadLedger:
-    """A JSON file of what ckpt-trace downloaded into a cache and who uses it (`LedgerState`).
-
-    Several scans (threads, processes, jobs of an array) may share it: every change is a
-    read-modify-write under a file lock, written atomically. A scan holds a snapshot from
-    before its download until it releases it; the files ckpt-trace downloaded are evicted by
-    the last scan to release the snapshot, so one scan never deletes what another still reads.
-    """
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    @contextmanager
-    def locked(self) -> Iterator[LedgerState]:
-        """The ledger, for reading and changing, while no other scan can; written back on exit."""
-        from filelock import FileLock
-
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with FileLock(f"{self.path}.lock"):
-            state = self._read()
-            before = json.dumps(self._dump(state), sort_keys=True)
-            yield state
-            after = json.dumps(self._dump(state), sort_keys=True)
-            if after != before:
-                atomic_write_bytes(self.path, after.encode())
-
-    @staticmethod
-    def _dump(state: LedgerState) -> dict:
-        return {"files": sorted(state.files), "holders": {k: sorted(v) for k, v in sorted(state.holders.items())}}
-
-    def _read(self) -> LedgerState:
-        try:
-            data = json.loads(self.path.read_text())
-        except (OSError, ValueError):
-            data = {}
-        if isinstance(data, list):  # the earlier form: files only
-            data = {"files": data}
-        if not isinstance(data, dict):
-            data = {}
-        return LedgerState(set(data.get("files", [])), {k: set(v) for k, v in data.get("holders", {}).items()})
-
-    def under(self, folder: Path) -> list[Path]:
-        """The recorded files inside `folder`."""
-        return self._read().under(folder)
-
 
 class HubRepo:
     """One model repo on the Hub (or in the local cache when offline)."""
@@ -195,13 +128,16 @@ class HubRepo:
         self.api = HfApi()
         self.cache_dir = Path(cache_dir or constants.HF_HUB_CACHE).expanduser().resolve()
         self.offline = constants.HF_HUB_OFFLINE
-        from .paths import home
+        from ..paths import home
 
         self.ledger = DownloadLedger(ledger or home() / "downloads.json")
         self.repo_folder = self.cache_dir / ("models--" + repo_id.replace("/", "--"))
 
     def _hub_error(self, err: Exception, action: str, revision: str | None = None) -> SourceError:
-        from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
+        from huggingface_hub.errors import (
+            RepositoryNotFoundError,
+            RevisionNotFoundError,
+        )
 
         if isinstance(err, RevisionNotFoundError):
             return SourceError(f"revision {revision!r} not found in {self.repo_id!r}; see `ckpt-trace revisions {self.repo_id}`")

@@ -25,21 +25,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from functools import partial
 
 import polars as pl
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .adapters import ResidualLayout, locate
-from .calibration import CalibrationSet
+from ..calibration.sets import CalibrationSet
+from ..model.adapters import ResidualLayout, locate
+from ..store import METRICS, MODULES, span_module
 
-MODULES = ("block", "attention", "mlp")
-METRICS = ("importance", "update_ratio")
-"""Stored by every scan: what a file of scores must hold whole."""
 PASS_METRICS = (*METRICS, "angular_distance")
 """Per layer and module, from the one hooked pass."""
 SPAN = "span_distance"
@@ -67,13 +64,6 @@ WEIGHTINGS = ("", LAST)
 """Every real token, and each sequence's last real token."""
 
 
-def span_module(n: int) -> str:
-    return f"span{n}"
-
-
-def span_length(module: str) -> int | None:
-    """n of a `span<n>` module, else None."""
-    return int(module[4:]) if module.startswith("span") and module[4:].isdigit() else None
 
 
 def _angular(ii: torch.Tensor, dd: torch.Tensor, i_d: torch.Tensor) -> torch.Tensor:
@@ -322,106 +312,3 @@ def score(
         bar.close()
         model.train(was_training)
     return stats.frame(metrics)
-
-
-# -- the ground truth: what removing a module costs ------------------------------------
-
-def _returns_input(module, args, kwargs, output):
-    return args[0] if args else kwargs["hidden_states"]
-
-
-def _returns_zero(module, args, output):
-    if isinstance(output, tuple):
-        return (torch.zeros_like(output[0]), *output[1:])
-    return torch.zeros_like(output)
-
-
-@contextmanager
-def removed(layout: ResidualLayout, layer: int, module: str) -> Iterator[None]:
-    """One module's delta removed by a hook: attention a = 0, MLP m = 0, or the block's output = its input."""
-    taps = layout.layers[layer]
-    if module == "block":
-        handle = taps.block.register_forward_hook(_returns_input, with_kwargs=True)
-    else:
-        handle = (taps.attention if module == "attention" else taps.mlp).register_forward_hook(_returns_zero)
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
-LOGITS_CHUNK_BYTES = 256 * 2**20
-"""The float32 logits computed at once by `next_token_losses`: a chunk of positions, whatever the vocabulary."""
-
-
-def next_token_losses(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Per-position next-token cross-entropy [B, T-1] (0 where the target is padding), from the decoder's hidden
-    states and the LM head applied to a chunk of positions at a time in float32 (with the final logit soft-capping of
-    the families that have it), so that full [B, T, vocab] logits never exist: at a 262,144-token vocabulary they would
-    take 4 GiB for 8 x 512 tokens."""
-    base, head = getattr(model, "base_model", model), model.get_output_embeddings()
-    if base is model or head is None:  # no separate decoder and head to call: the whole model, logits and all
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1].float()
-        nll = F.cross_entropy(logits.transpose(1, 2), input_ids[:, 1:], reduction="none")
-        return nll * attention_mask[:, 1:].to(nll.dtype)
-    hidden = base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    cap = getattr(config, "final_logit_softcapping", None)
-    batch, length = input_ids.shape
-    step = max(1, LOGITS_CHUNK_BYTES // (4 * batch * head.out_features))
-    pieces = []
-    device = execution_device(head)  # the head may sit on another device than the last layer
-    hidden, targets = hidden.to(device), input_ids.to(device)
-    for start in range(0, length - 1, step):
-        end = min(start + step, length - 1)
-        logits = head(hidden[:, start:end]).float()
-        if cap:
-            logits = torch.tanh(logits / cap) * cap
-        pieces.append(F.cross_entropy(logits.transpose(1, 2), targets[:, start + 1:end + 1], reduction="none"))
-    nll = torch.cat(pieces, dim=1) if pieces else hidden.new_zeros(batch, 0, dtype=torch.float32)
-    return nll * attention_mask[:, 1:].to(nll)  # right padding: a real target has a real context
-
-
-class LossSums:
-    """Summed next-token cross-entropy over the predicted tokens, in float64, batch by batch."""
-
-    def __init__(self):
-        self.total = 0.0
-        self.count = 0
-
-    def update(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
-        self.total += float(next_token_losses(model, input_ids, attention_mask).sum(dtype=torch.float64))
-        self.count += int(attention_mask[:, 1:].sum())
-
-    def mean(self) -> float:
-        return self.total / self.count
-
-
-def ablation_losses(model: nn.Module, calibration: CalibrationSet, batch_size: int = 8,
-                    progress: bool | str = False) -> pl.DataFrame:
-    """`ablation_loss` of every layer and module: the mean next-token loss (nats per predicted token, every
-    position whose next token is real) with that module's delta removed, minus the intact model's, on the
-    same tokens. One forward pass of the whole model per batch, layer and module, plus one intact."""
-    layout = locate(model)
-    calibration.check_vocab(model.get_input_embeddings().num_embeddings)
-    device = model_device(model)
-    cells = [(layer, module) for layer in range(len(layout.layers)) for module in MODULES]
-    sums = {cell: LossSums() for cell in [None, *cells]}
-    bar = tqdm(total=calibration.n_batches(batch_size) * len(sums), desc=progress if isinstance(progress, str) else
-               "ablation", unit="pass", disable=None if progress else True, leave=False)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            for input_ids, attention_mask in calibration.batches(batch_size):
-                input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-                for cell, loss in sums.items():
-                    with removed(layout, *cell) if cell else nullcontext():
-                        loss.update(model, input_ids, attention_mask)
-                    bar.update()
-    finally:
-        bar.close()
-        model.train(was_training)
-    intact = sums[None].mean()
-    rows = [(layer, module, ABLATION, sums[(layer, module)].mean() - intact, sums[None].count) for layer, module in cells]
-    return pl.DataFrame(rows, schema=SCORE_SCHEMA, orient="row")

@@ -11,7 +11,7 @@ import polars as pl
 import seaborn as sns
 from matplotlib.figure import Figure
 
-from .analysis import checkpoint_labels, layer_matrix
+from .statistics import checkpoint_labels, layer_matrix
 
 MODULE_ORDER = ("attention", "mlp", "block")
 MODULE_TITLES = {"attention": "Attention", "mlp": "MLP", "block": "Block"}

@@ -11,7 +11,7 @@ modules dropped as each strategy chooses them:
 
 So claim (c) reads off a curve rather than one point, and the gap between `similarity`,
 `oracle` and `random` says what the cheap score is worth. Modules are dropped in place for
-the measurement and put back (`ckpt_trace.surgery.dropped`); a dropped block is its
+the measurement and put back (`ckpt_trace.model.surgery.dropped`); a dropped block is its
 attention and MLP dropped, which passes its input through as a removed layer does. Each
 distinct drop set is measured once.
 """
@@ -26,14 +26,19 @@ from datetime import datetime, timezone
 import polars as pl
 from tqdm.auto import tqdm
 
-from . import __version__
-from .adapters import locate
-from .errors import ConfigError
-from .evaluation import perplexity
-from .pruning import choose_last, choose_oracle, choose_random, choose_similarity, most_droppable
-from .scan import ScoringOptions
-from .store import CURVES_SCHEMA
-from .surgery import dropped, pruned_record
+from ..errors import ConfigError
+from ..model.adapters import locate
+from ..model.surgery import dropped, pruned_record
+from ..scoring.loss import perplexity
+from ..scoring.options import ScoringOptions
+from ..store import CURVES_SCHEMA, VERSION
+from .choice import (
+    choose_last,
+    choose_oracle,
+    choose_random,
+    choose_similarity,
+    most_droppable,
+)
 
 TARGETS = ("attention", "mlp", "block")
 STRATEGIES = ("similarity", "last", "random", "oracle")
@@ -151,11 +156,11 @@ def latest(frame: pl.DataFrame, model: str) -> pl.DataFrame:
 
 def run_curves(config: CurveConfig) -> pl.DataFrame:
     """Measure the pruning curves of one checkpoint and store them in the store's curves/ table."""
-    from .evaluation import perplexity_set
-    from .models import dtype_name, load_tokenizer
-    from .scan import build_calibration, loaded, score_key
-    from .scoring import ablation_losses, score
-    from .store import Store
+    from ..model.loading import dtype_name, load_tokenizer
+    from ..scoring.loss import ablation_losses, perplexity_set
+    from ..scoring.metrics import score
+    from ..scoring.options import build_calibration, loaded, score_key
+    from ..store import Store
 
     store = Store(config.store)
     with loaded(config, config.source, config.revision) as at:
@@ -173,7 +178,7 @@ def run_curves(config: CurveConfig) -> pl.DataFrame:
     frame = frame.with_columns(
         model=pl.lit(checkpoint.model), revision=pl.lit(checkpoint.revision.name),
         weights=pl.lit(checkpoint.weights, pl.String), data=pl.lit(data.id), calibration=pl.lit(calibration.id),
-        dtype=pl.lit(dtype_name(dtype)), version=pl.lit(__version__),
+        dtype=pl.lit(dtype_name(dtype)), version=pl.lit(VERSION),
         created=pl.lit(datetime.now(timezone.utc), CURVES_SCHEMA["created"]),
     ).select(list(CURVES_SCHEMA))
     store.write_curves(frame)

@@ -18,7 +18,7 @@ import math
 import re
 from dataclasses import dataclass, replace
 
-from .errors import SelectionError
+from ..errors import SelectionError
 
 log = logging.getLogger(__name__)
 

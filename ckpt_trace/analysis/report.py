@@ -17,15 +17,22 @@ import polars as pl
 from matplotlib.figure import Figure
 from tabulate import tabulate
 
-from . import __version__, plots
-from .analysis import (
-    best_spans, drop_set_overlap, drop_set_settled, model_scores, pruned_vs_original, rank_consistency, tradeoff,
-)
-from .curves import latest as latest_curves, summary as curve_summary
-from .errors import ConfigError, StoreError
+from ..errors import ConfigError, StoreError
+from ..paths import unmakeable
+from ..pruning.curves import latest as latest_curves
+from ..pruning.curves import summary as curve_summary
+from ..store import CURVES_SCHEMA, EVALS_SCHEMA, VERSION, Store, path_part
+from . import plots
 from .findings import Finding, agreement, findings
-from .paths import unmakeable
-from .store import CURVES_SCHEMA, EVALS_SCHEMA, Store, path_part
+from .statistics import (
+    best_spans,
+    drop_set_overlap,
+    drop_set_settled,
+    model_scores,
+    pruned_vs_original,
+    rank_consistency,
+    tradeoff,
+)
 
 DPI = 110
 
@@ -39,7 +46,7 @@ class ModelReport:
     intro: str = ""
     """What was scored: checkpoints, calibration set, dtype, scorer."""
     findings: list[Finding] = field(default_factory=list)
-    """The papers' claims checked against this model (see `ckpt_trace.findings`)."""
+    """The papers' claims checked against this model (see `ckpt_trace.analysis.findings`)."""
     figures: dict[str, tuple[str, Figure]] = field(default_factory=dict)
     """name -> (caption, figure)"""
     tables: dict[str, tuple[str, pl.DataFrame]] = field(default_factory=dict)
@@ -279,7 +286,7 @@ FINDINGS_INTRO = ("The claims of He et al. and Tyukin et al., checked against ea
 
 
 def _templates() -> jinja2.Environment:
-    environment = jinja2.Environment(loader=jinja2.PackageLoader("ckpt_trace", "templates"), trim_blocks=True,
+    environment = jinja2.Environment(loader=jinja2.PackageLoader("ckpt_trace.analysis", "templates"), trim_blocks=True,
                                      lstrip_blocks=True, autoescape=jinja2.select_autoescape(["html.j2"]),
                                      undefined=jinja2.StrictUndefined)
     # `code` in prose: <code> in HTML, the text itself escaped first.
@@ -339,7 +346,7 @@ def write_report(store: str | os.PathLike = "data", out: str | os.PathLike = "fi
                   for caption, table in report.tables.values()]
         sections.append({"title": report.model, "intro": report.intro, "notes": report.notes, "figures": figures,
                          "tables": tables})
-    context = {"version": __version__, "store": str(store), "models": models, "findings_intro": FINDINGS_INTRO,
+    context = {"version": VERSION, "store": str(store), "models": models, "findings_intro": FINDINGS_INTRO,
                "findings": findings_blocks, "sections": sections}
     templates = _templates()
     (out / "report.md").write_text(templates.get_template("report.md.j2").render(context), encoding="utf-8")

@@ -331,7 +331,7 @@ class _Handler(BaseHTTPRequestHandler):
 def serve_forever() -> None:
     """Serve a suite of model directories as one repo from a separate process (for benchmarks).
 
-    ``python tests/loopback_hub.py REPO DIR [--bandwidth BYTES_PER_S] [--per-connection] [--port N]``: every subdirectory of
+    ``python -m ckpt_trace.testing.loopback_hub REPO DIR [--bandwidth BYTES_PER_S] [--per-connection] [--port N]``: every subdirectory of
     DIR becomes a branch. The server prints its URL on one line, then serves until killed.
     """
     import argparse

@@ -1,0 +1,12 @@
+"""Analysis: statistics, findings, figures and the report, from the store's tables.
+
+Takes polars frames read from the store; hands on frames of statistics (`statistics`), verdicts on
+the papers' claims (`findings`), matplotlib figures (`plots`), and the Markdown and HTML report
+(`report`, with its templates).
+
+May import: `pruning` (the curves table's readers), `fetch` (training order) and the edges.
+"""
+
+from .report import write_report
+
+__all__ = ["write_report"]

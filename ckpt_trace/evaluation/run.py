@@ -1,0 +1,122 @@
+"""Evaluation of original and pruned models: benchmarks, perplexity and speed, stored side by side.
+
+- Benchmarks run through lm-evaluation-harness (``lm-eval``), which is handed the loaded
+  model object, so pruned models need no files copied anywhere. Task names, paths to
+  local task YAML files (fully offline), ``paper`` (the tasks and shots of He et al.) and
+  ``ckpt_trace_python_mc`` (a small multiple-choice task shipped with ckpt-trace) are
+  understood.
+- Perplexity is exp of the mean negative log-likelihood over every predicted token, by
+  default on the documents a micro suite held out from training (so it equals exp of the
+  suite's validation loss), else on blocks of the calibration text that the calibration
+  set does not take.
+- Speed: prefill latency (batch 1, T tokens), decode throughput with the KV cache, peak
+  memory and KV-cache bytes, after warm-up, as medians with their spread, synchronised on GPU.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import polars as pl
+
+from ..calibration.sets import CalibrationSpec
+from ..fetch.sources import single_checkpoint
+from ..scoring.loss import perplexity, perplexity_set
+from ..store import EVALS_SCHEMA, VERSION
+from .harness import run_tasks
+from .speed import measure_speed
+
+
+def describe(path: Path) -> dict:
+    """Who a model directory is: its own name, the model and revision it comes from, its pruning, and the
+    fingerprints of its weights and of the unpruned model's (which a pruned model's manifest records; null in
+    manifests written before it did)."""
+    from ..fetch.identity import local_weights
+    from ..pruning.run import MANIFEST, manifest
+
+    if (path / MANIFEST).is_file():
+        record = manifest(path)
+        dropped = ", ".join(f"{kind} {layers}" for kind, layers in record["dropped"].items() if layers)
+        strategies, step = [], record
+        while step:  # a model pruned again lists every step, earliest first
+            strategies.insert(0, step["strategy"])
+            step = step.get("previous")
+        return {"model": path.name, "source_model": record["model"], "revision": record["revision"],
+                "pruning": f"{dropped} ({' then '.join(strategies)})", "weights": local_weights(path)[0],
+                "source_weights": record.get("weights")}
+    checkpoint = single_checkpoint(path)
+    return {"model": path.name, "source_model": checkpoint.model, "revision": checkpoint.revision.name, "pruning": None,
+            "weights": checkpoint.weights, "source_weights": checkpoint.weights}
+
+
+@dataclass
+class EvalConfig:
+    """An evaluation job over one or more model directories."""
+
+    models: list[str | os.PathLike]
+    tasks: list[str] | None = None
+    """lm-eval tasks; None: the paper's tasks unless only perplexity or speed is asked for."""
+    num_fewshot: int | None = None
+    perplexity: bool = False
+    perplexity_data: str | None = None
+    """Any calibration spec; default: held-out blocks of the calibration text."""
+    speed: bool = False
+    calibration: CalibrationSpec = field(default_factory=CalibrationSpec)
+    """The calibration set that default perplexity blocks are kept apart from."""
+    batch_size: int = 8
+    device: str = "auto"
+    dtype: str = "auto"
+    store: str | os.PathLike = "data"
+    limit: int | None = None
+    """At most this many items per task (for quick looks)."""
+    prompt_tokens: int = 128
+    new_tokens: int = 32
+
+    def __post_init__(self):
+        if self.tasks is None and not (self.perplexity or self.speed):
+            self.tasks = ["paper"]
+
+
+def evaluate(config: EvalConfig) -> pl.DataFrame:
+    """Evaluate every model directory and store the results in the store's evals/ table."""
+    from ..model.loading import (
+        dtype_name,
+        load_model,
+        load_tokenizer,
+        resolve_device,
+        resolve_dtype,
+    )
+    from ..store import Store
+
+    store = Store(config.store)
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
+    frames = []
+    for model_dir in map(Path, config.models):
+        model = load_model(model_dir, device, dtype)
+        tokenizer = load_tokenizer(model_dir)
+        rows = []
+        if config.perplexity:
+            data = perplexity_set(model_dir, model, tokenizer, config.calibration, config.perplexity_data)
+            ppl, n = perplexity(model, data, config.batch_size)
+            rows.append({"task": "perplexity", "metric": "perplexity", "value": ppl, "n": n, "num_fewshot": None,
+                         "data": data.id})
+        if config.speed:
+            for metric, value in measure_speed(model, config.prompt_tokens, config.new_tokens).items():
+                rows.append({"task": "speed", "metric": metric, "value": value, "n": None, "num_fewshot": None})
+        if config.tasks:
+            rows += run_tasks(model, tokenizer, config.tasks, config.num_fewshot, config.batch_size, config.limit)
+        identity = describe(model_dir)
+        now = datetime.now(timezone.utc)
+        frame = pl.DataFrame(
+            [{**identity, **row, "path": str(model_dir.resolve()), "dtype": dtype_name(dtype), "device": str(device),
+              "version": VERSION, "created": now} for row in rows],
+            schema=EVALS_SCHEMA,
+        )
+        store.write_evals(frame)
+        frames.append(frame)
+        del model
+    return pl.concat(frames) if frames else pl.DataFrame(schema=EVALS_SCHEMA)

@@ -1,0 +1,12 @@
+"""Pruning: Attention, MLP, Block and Joint Layer Drop of a checkpoint, and pruning curves.
+
+Takes a checkpoint and its stored scores; hands on a pruned model folder with its manifest
+(`run`), the choice of what to drop by each strategy (`choice`), and perplexity against the
+number of modules dropped per strategy, stored in the curves table (`curves`).
+
+May import: `scoring`, `model`, `calibration`, `fetch` and the edges.
+"""
+
+from .run import MANIFEST, PruneConfig, manifest, prune
+
+__all__ = ["MANIFEST", "PruneConfig", "manifest", "prune"]

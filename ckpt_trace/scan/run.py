@@ -1,0 +1,296 @@
+"""The scan: score every selected revision that the store lacks, in this process or on Ray, and store its rows.
+
+Revisions already in the store (the same weights, dtype, calibration set and scorer) are
+skipped, so a scan that was interrupted, by Ctrl-C, SIGKILL or a crash, picks up where it
+stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Iterator
+from contextlib import closing
+from dataclasses import replace
+from datetime import datetime, timezone
+
+import polars as pl
+import torch
+from tqdm.auto import tqdm
+
+from ..calibration.sets import CalibrationSet
+from ..errors import REVISION_ERRORS
+from ..fetch.sources import Checkpoint, open_source
+from ..model.loading import (
+    dtype_name,
+    load_model,
+    resolve_device,
+    resolve_dtype,
+)
+from ..paths import remove_stale_temporaries
+from ..scoring.loss import ablation_losses
+from ..scoring.metrics import (
+    ABLATION,
+    SCORER_VERSION,
+    SPAN,
+    score,
+)
+from ..scoring.options import build_calibration, score_key
+from ..store import (
+    METRICS,
+    MODULES,
+    REVISIONS_SCHEMA,
+    RUNS_SCHEMA,
+    SCORES_SCHEMA,
+    VERSION,
+    ScoreKey,
+    Store,
+)
+from .options import ScanConfig, resolve_metrics, shard
+from .streaming import LoadAhead, _drop_locals, loads_ahead, streamed
+
+log = logging.getLogger(__name__)
+
+def score_checkpoint(
+    checkpoint: Checkpoint, calibration: CalibrationSet, config: ScanConfig, device: torch.device, dtype: torch.dtype,
+    model: torch.nn.Module | None = None,
+) -> pl.DataFrame:
+    """Score one fetched checkpoint (loaded here, unless its `model` is given) and return its rows in the store's
+    scores schema."""
+    if model is None:
+        model = load_model(checkpoint.path, device, dtype, config.trust_remote_code, config.device_map)
+    label = checkpoint.revision.name if config.progress else False
+    frame = score(model, calibration, config.batch_size, progress=label, metrics=config.metrics or METRICS)
+    if ABLATION in (config.metrics or ()):
+        frame = pl.concat([frame, ablation_losses(model, calibration, config.batch_size, progress=label)])
+    rev = checkpoint.revision
+    return frame.with_columns(
+        model=pl.lit(checkpoint.model),
+        revision=pl.lit(rev.name),
+        commit=pl.lit(rev.commit, pl.String),
+        weights=pl.lit(checkpoint.weights, pl.String),
+        step=pl.lit(rev.step, pl.Int64),
+        branch=pl.lit(rev.branch, pl.String),
+        tokens=pl.lit(rev.tokens, pl.Int64),
+        calibration=pl.lit(calibration.id),
+        dtype=pl.lit(dtype_name(dtype)),
+        scorer=pl.lit(SCORER_VERSION, pl.Int32),
+        version=pl.lit(VERSION),
+        created=pl.lit(datetime.now(timezone.utc), pl.Datetime("us", "UTC")),
+    )
+
+
+
+
+
+def keep_stored(store: Store, key: ScoreKey, frame: pl.DataFrame) -> pl.DataFrame:
+    """The new scores with the stored metrics of the same key that were not measured again (an earlier scan's
+    ablation_loss, say): the same weights, dtype, calibration set and scorer gave both, so one file holds both.
+    Their `version` stays the one that measured them; `created` becomes the file's."""
+    stored = store.read_scores(key, ())
+    if stored is None:
+        return frame
+    kept = stored.filter(~pl.col("metric").is_in(frame["metric"].unique().implode()))
+    if kept.height == 0:
+        return frame
+    return pl.concat([frame, kept.select(frame.columns).with_columns(created=frame["created"][0])], how="vertical_relaxed")
+
+
+def why_score(store: Store, key: ScoreKey, force: bool, metrics: tuple[str, ...] = METRICS) -> str | None:
+    """Why a checkpoint is to be scored, or None when whole scores of exactly its key, with these metrics, are stored."""
+    if force:
+        return "--force"
+    if store.has_scores(key, metrics):
+        return None
+    if store.has_scores(key):
+        stored = set(store.read_scores(key)["metric"])
+        return f"the stored scores lack {', '.join(m for m in metrics if m not in stored)}"
+    others = store.stored_keys(key.model, key.revision)
+    if not others:
+        return "no scores yet"
+    closest = min((key.differences(other) for other in others), key=len)
+    names = {"weights": "weights", "dtype": "dtype", "calibration": "calibration set", "scorer": "scorer version"}
+    return "the stored scores are of other " + ", ".join(names.get(f, f) for f in closest)
+
+
+def _revision_row(checkpoint: Checkpoint) -> pl.DataFrame:
+    rev = checkpoint.revision
+    row = {
+        "model": checkpoint.model, "revision": rev.name, "commit": rev.commit, "weights": checkpoint.weights, "step": rev.step,
+        "tokens": rev.tokens, "stage": rev.stage, "branch": rev.branch, "val_loss": checkpoint.val_loss(),
+        "weight_bytes": checkpoint.weight_bytes, "duplicate_of": checkpoint.duplicate_of,
+    }
+    return pl.DataFrame([row], schema=REVISIONS_SCHEMA)
+
+
+def _run_row(checkpoint: Checkpoint, key: ScoreKey, status: str, error: str | None, seconds: float) -> pl.DataFrame:
+    row = {
+        "model": checkpoint.model, "revision": checkpoint.revision.name, "weights": checkpoint.weights,
+        "dtype": key.dtype, "calibration": key.calibration,
+        "status": status, "error": error, "seconds": seconds, "finished_at": datetime.now(timezone.utc),
+        "version": VERSION,
+    }
+    return pl.DataFrame([row], schema=RUNS_SCHEMA)
+
+
+
+
+def score_revision(source: str, cache_dir, checkpoint: Checkpoint, calibration: CalibrationSet, config: ScanConfig,
+                   dtype: torch.dtype) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """On a Ray worker: fetch, load and score one revision, then release it; its revision row and its scores."""
+    opened = open_source(source, cache_dir)
+    fetched = checkpoint
+    try:
+        fetched = opened.fetch(checkpoint)
+        device = resolve_device(config.device)  # the worker's own: the GPU Ray gave the task, else the CPU
+        return _revision_row(fetched), score_checkpoint(fetched, calibration, config, device, dtype)
+    finally:
+        opened.release(fetched)  # a download cut short too
+
+
+def scored_here(source, checkpoints: list[Checkpoint], calibration: CalibrationSet, config: ScanConfig,
+                device: torch.device, dtype: torch.dtype) -> Iterator[tuple[Checkpoint, tuple | None, Exception | None, float]]:
+    """Yield (checkpoint, (revision row, scores) or None, error or None, seconds) for each checkpoint, streamed
+    (see `streamed`) and scored in this process; with load-ahead (see `loads_ahead`, `LoadAhead`), each revision's
+    model is loaded while the one before it is scored."""
+    def load(checkpoint: Checkpoint) -> torch.nn.Module:
+        return load_model(checkpoint.path, device, dtype, config.trust_remote_code, config.device_map)
+
+    ahead = LoadAhead(load) if loads_ahead(config, checkpoints, device, dtype) else None
+    with closing(streamed(source, checkpoints, config.prefetch, ahead)) as stream:
+        for checkpoint, fetch_error, model in stream:
+            start = time.perf_counter()
+            try:
+                if fetch_error is not None:
+                    raise fetch_error
+                row = _revision_row(checkpoint)  # reads what is recorded beside the weights: a bad record fails early
+                frame = score_checkpoint(checkpoint, calibration, config, device, dtype,
+                                         ahead.take(model, checkpoint) if ahead is not None else None)
+            except REVISION_ERRORS as err:
+                _drop_locals(err)  # its frames hold the model: freed before the next is loaded
+                yield checkpoint, None, err, time.perf_counter() - start
+                continue
+            finally:
+                model = None  # freed before the next is loaded
+            yield checkpoint, (row, frame), None, time.perf_counter() - start
+
+
+
+
+def scan(config: ScanConfig) -> pl.DataFrame:
+    """Score every selected revision that the store lacks; return one summary row per revision."""
+    if config.metrics is None:  # the ground truth too where it is cheap: the micro suite
+        micro = (*METRICS, "angular_distance", SPAN, ABLATION)
+        config = replace(config, metrics=resolve_metrics(micro if config.source is None else METRICS, config.tokens))
+    store = Store(config.store)
+    if config.ray:  # each worker resolves its own device; the dtype, part of what is stored, is settled here
+        from .ray import cluster_dtype
+
+        device, dtype = None, cluster_dtype(config.dtype)
+    else:
+        device = resolve_device(config.device)  # bad options fail before any work
+        dtype = resolve_dtype(config.dtype, device)
+    for file in remove_stale_temporaries(store.root):
+        log.info("removed %s, left by a scan that was killed while writing it", file)
+    if config.source is None:
+        from ..microsuite.suite import build
+
+        source = open_source(build(progress=config.progress))
+    else:
+        source = open_source(config.source, config.cache_dir)
+    checkpoints = source.checkpoints(config.revisions, config.branch)
+    # Tokenized by the first revision that has weights (a Hub repo's main may hold only a README).
+    first = next((c for c in checkpoints if c.weights is not None), checkpoints[0])
+    calibration = build_calibration(source.metadata(first), config.calibration)
+    if config.shard is not None:  # every shard tokenizes with the same revision, so all share one calibration set
+        checkpoints = shard(checkpoints, *config.shard)
+        if first not in checkpoints:
+            source.release(first)  # its metadata: the shard that scores it evicts it
+
+    statuses, todo, keys = {}, [], {}
+    for checkpoint in checkpoints:
+        name = checkpoint.revision.name
+        key = keys[name] = score_key(checkpoint, dtype, calibration.id)
+        if checkpoint.weights is None and not isinstance(checkpoint.files, Exception):
+            statuses[name] = ("skipped", None, "no weight files in this revision")
+        elif checkpoint.duplicate_of is not None:
+            why = f"same weights as {checkpoint.duplicate_of}"
+            store.write_revision(_revision_row(checkpoint))
+            store.write_run(_run_row(checkpoint, key, "duplicate", why, 0.0))
+            statuses[name] = ("duplicate", None, why)
+        elif (why := why_score(store, key, config.force, config.metrics)) is None:
+            statuses[name] = ("stored", None, "same weights, dtype, calibration set and scorer")
+        else:
+            statuses[name] = ("to score", None, why)
+            todo.append(checkpoint)
+    to_score = {c.revision.name for c in todo}
+    for checkpoint in checkpoints:
+        if checkpoint.revision.name not in to_score:  # metadata fetched above, or what an interrupted scan left
+            source.release(checkpoint)
+
+    bar = tqdm(total=len(todo), desc="revisions", unit="rev", disable=None if config.progress else True)
+    if config.ray:
+        from .ray import scored_on_ray
+
+        where = source.root if config.source is None else config.source
+        local = os.path.exists(where)  # a path, made absolute for workers that run elsewhere; else a repo id
+        results = scored_on_ray(score_revision, os.path.abspath(where) if local else str(where),
+                                config.cache_dir and os.path.abspath(config.cache_dir), todo, calibration, config, dtype)
+    else:
+        results = scored_here(source, todo, calibration, config, device, dtype)
+    with closing(results):  # on an early exit, what the stream holds (a model, the cache) is released now
+        for checkpoint, result, error, seconds in results:
+            if config.ray:  # a worker fetched and released it; what this process holds of it (metadata) goes too
+                source.release(checkpoint)
+            name = checkpoint.revision.name
+            key, why = keys[name], statuses[name][2]
+            bar.set_postfix_str(name)
+            if error is not None:
+                store.write_run(_run_row(checkpoint, key, "failed", str(error), seconds))
+                if not config.keep_going:
+                    bar.close()
+                    raise error
+                message = " ".join(str(error).split())
+                log.warning("revision %s failed: %s", name, message)
+                statuses[name] = ("failed", seconds, message)
+                bar.update()
+                continue
+            row, frame = result
+            if not config.force:
+                frame = keep_stored(store, key, frame)
+            # The revision row first, the scores last: whole scores on disk mean the revision is stored whole, and a
+            # scan killed between the two writes scores it again on resume.
+            store.write_revision(row)
+            store.write_scores(frame)
+            store.write_run(_run_row(checkpoint, key, "scored", None, seconds))
+            statuses[name] = ("scored", seconds, why)
+            bar.update()
+    bar.close()
+    return summarize(store, [keys[c.revision.name] for c in checkpoints], statuses)
+
+
+def summarize(store: Store, keys: list[ScoreKey], statuses: dict[str, tuple]) -> pl.DataFrame:
+    """Per revision: status, why, seconds, and the mean importance of each module type, from the scores of its key."""
+    if not keys:  # a shard with no revision of the selection
+        return pl.DataFrame(schema={"revision": pl.String, "status": pl.String, "seconds": pl.Float64, "step": pl.Int64,
+                                    "why": pl.String, "weights": pl.String, "dtype": pl.String,
+                                    "calibration": pl.String, "scorer": pl.Int32})
+    status = pl.DataFrame(
+        [(k.revision, *statuses[k.revision]) for k in keys], orient="row",
+        schema={"revision": pl.String, "status": pl.String, "seconds": pl.Float64, "why": pl.String},
+    )
+    wanted = pl.DataFrame([(k.revision, k.weights) for k in keys], schema={"revision": pl.String, "weights": pl.String},
+                          orient="row")
+    stored = [frame for frame in map(store.read_scores, keys) if frame is not None]  # exactly the scan's keys
+    scores = pl.concat(stored) if stored else pl.DataFrame(schema=SCORES_SCHEMA)
+    means = (
+        scores.filter(pl.col("metric") == "importance").group_by("revision", "step", "module")
+        .agg(pl.col("value").mean())
+        .pivot(on="module", index=["revision", "step"], values="value")
+    )
+    modules = [m for m in MODULES if m in means.columns]
+    return (status.join(means.select("revision", "step", *modules), on="revision", how="left", maintain_order="left")
+            .join(wanted, on="revision", how="left", maintain_order="left")
+            .with_columns(dtype=pl.lit(keys[0].dtype), calibration=pl.lit(keys[0].calibration), scorer=pl.lit(keys[0].scorer))
+            .select("revision", "status", "seconds", "step", *modules, "why", "weights", "dtype", "calibration", "scorer"))
