@@ -11,6 +11,7 @@ undoes it on exit and an in-place twin whose name ends in ``_``.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
@@ -26,17 +27,33 @@ def _zeros_like(x: torch.Tensor) -> torch.Tensor:
     return x.new_zeros(()).expand_as(x)  # a broadcast view of one zero: no memory
 
 
-def _release_cache_slot(cache, layer_idx: int) -> None:
-    """Make a dropped layer's cache slot a DummyLayer, which holds nothing and which the cache skips when it
-    reports the sequence length and mask sizes; slots that a cache creates on first use are created up to it."""
+@functools.cache
+def _dropped_slot_class() -> type:
+    """The cache slot of a dropped attention layer: a transformers `DummyLayer`, which holds nothing and which caches
+    skip when they report lengths, that answers for the sequence length where it is asked all the same (from 5.25,
+    a cache asks its layer 0 whatever that layer is): the length of the first slot that holds keys."""
     from transformers.cache_utils import DummyLayer
 
+    class DroppedSlot(DummyLayer):
+        def __init__(self, layers: list):
+            super().__init__()
+            self._layers = layers
+
+        def get_seq_length(self) -> int:
+            return next((s.get_seq_length() for s in self._layers if not isinstance(s, DummyLayer)), 0)
+
+    return DroppedSlot
+
+
+def _release_cache_slot(cache, layer_idx: int) -> None:
+    """Make a dropped layer's cache slot hold nothing (see `_dropped_slot_class`); slots that a cache creates on first
+    use are created up to it."""
     cache = getattr(cache, "self_attention_cache", cache)
-    layers = cache.layers
+    layers, slot = cache.layers, _dropped_slot_class()
     while len(layers) <= layer_idx and cache.layer_class_to_replicate is not None:
         layers.append(cache.layer_class_to_replicate())
-    if layer_idx < len(layers) and not isinstance(layers[layer_idx], DummyLayer):
-        layers[layer_idx] = DummyLayer()
+    if layer_idx < len(layers) and not isinstance(layers[layer_idx], slot):
+        layers[layer_idx] = slot(layers)
 
 
 class DroppedAttention(nn.Module):
