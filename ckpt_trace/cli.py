@@ -1,18 +1,145 @@
-"""The ckpt-trace command line: thin click commands over the library functions."""
+"""The ckpt-trace command line: thin click commands over the library functions.
+
+Every option is a field of the dataclass its command fills in (`ScanConfig`, `PruneConfig`, `CurveConfig`,
+`EvalConfig`, their shared `ScoringOptions` and `CalibrationSpec`): the option's name, default, type and help are
+made from the field and the docstring under it, so that each is declared once.
+"""
 
 from __future__ import annotations
 
+import ast
+import dataclasses
+import functools
+import inspect
 import logging
+import re
 import sys
+import textwrap
+import types
+import typing
 from pathlib import Path
 
 import click
 import polars as pl
 
-from .calibration.sets import DEFAULT_SPEC, CalibrationSpec
-from .errors import CkptTraceError
+from .analysis import COLOR_SCALES
+from .calibration.sets import CalibrationSpec
+from .errors import CkptTraceError, one_line
+from .evaluation.run import EvalConfig
+from .microsuite.suite import MicroSuiteConfig
+from .pruning.choice import STRATEGIES, TARGETS
+from .pruning.curves import CurveConfig
+from .pruning.run import PruneConfig
+from .scan.options import TOKENS, ScanConfig, parse_shard
+from .scoring.options import ScoringOptions
 
 OK, FAILED, INPUT_ERROR, INTERRUPTED = 0, 1, 2, 130
+
+
+@functools.cache
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each field of a dataclass and of the dataclasses it extends, whitespace folded."""
+    docs = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass) or klass is object:
+            continue
+        body = ast.parse(textwrap.dedent(inspect.getsource(klass))).body[0].body
+        for node, after in zip(body, body[1:]):
+            if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(after, ast.Expr)
+                    and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)):
+                docs[node.target.id] = one_line(after.value.value).replace("``", "").replace("`", "")
+    return docs
+
+
+class Listed(click.ParamType):
+    """A comma-separated list, as a tuple of its non-empty items; one that names none is an error where `empty` says
+    why (else the config's own check says so)."""
+
+    name = "LIST"
+
+    def __init__(self, empty: str | None = None):
+        self.empty = empty
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        items = tuple(t.strip() for t in value.split(",") if t.strip())
+        if not items and self.empty:
+            self.fail(f"{value!r} {self.empty}", param, ctx)
+        return items
+
+
+class Parsed(click.ParamType):
+    """A value read by a parser of the library (which raises its own one-line error)."""
+
+    def __init__(self, parse, name: str):
+        self.parse, self.name = parse, name
+
+    def convert(self, value, param, ctx):
+        return value if not isinstance(value, str) else self.parse(value)
+
+
+def option(cls: type, name: str, *decls: str, dest: str | None = None, **kwargs):
+    """The click option of field `name` of dataclass `cls`, passed to the command as `dest` (default: `name`): its
+    default, its type (a flag for a bool, `--x/--no-x` where None means "decide"), and its docstring as help, where
+    "None:" reads "default:" and pointers into the code are left out; `kwargs` add to or override what click is
+    given."""
+    field = next(f for f in dataclasses.fields(cls) if f.name == name)
+    kind = typing.get_type_hints(cls)[name]
+    args = [a for a in typing.get_args(kind) if a is not type(None)]
+    optional = isinstance(kind, types.UnionType) and len(args) < len(typing.get_args(kind))
+    flag = f"--{name.replace('_', '-')}"
+    if field.default is not dataclasses.MISSING:
+        default = field.default
+    elif field.default_factory is not dataclasses.MISSING:
+        default = field.default_factory()
+    else:
+        default, kwargs = None, {"required": True, **kwargs}
+    doc = re.sub(r" \(see [^)]*\)", "", field_docs(cls).get(name, "")).replace("None: ", "default: ")
+    settings = {"default": default, "help": doc}
+    if kind is bool:
+        settings["is_flag"] = True
+    elif optional and args == [bool]:
+        decls = decls or (f"{flag}/--no-{flag[2:]}",)
+    elif (args or [kind])[0] in (int, float):
+        settings["type"] = (args or [kind])[0]
+    settings["show_default"] = default is not None and default is not False and default != ()
+    return click.option(*(decls or (flag,)), dest or name, **{**settings, **kwargs})
+
+
+def options(*made):
+    """Apply click options in the order given (the first on top of --help)."""
+    def apply(command):
+        for each in reversed(made):
+            command = each(command)
+        return command
+    return apply
+
+
+CALIBRATION = options(
+    option(CalibrationSpec, "source", "--calibration", dest="calibration"),
+    option(CalibrationSpec, "samples"),
+    option(CalibrationSpec, "seq_len"),
+    option(CalibrationSpec, "seed"),
+)
+"""Which calibration set: the fields of `CalibrationSpec`, gathered into one by `calibration`."""
+
+def loading(*without: str):
+    """How checkpoints are loaded and scored, but for the fields named in `without`: the rest of `ScoringOptions`,
+    which scan, prune, curves and eval share."""
+    names = ("batch_size", "device", "device_map", "dtype", "store", "cache_dir", "trust_remote_code")
+    return options(*(option(ScoringOptions, name) for name in names if name not in without))
+
+
+def calibration(values: dict) -> CalibrationSpec:
+    """The calibration spec that the CALIBRATION options in `values` give (taken out of `values`)."""
+    return CalibrationSpec(values.pop("calibration"), values.pop("samples"), values.pop("seq_len"), values.pop("seed"))
+
+
+def echo_frame(frame: pl.DataFrame, **settings) -> None:
+    with pl.Config(tbl_hide_dataframe_shape=True, tbl_hide_column_data_types=True, tbl_rows=-1, tbl_cols=-1,
+                   **{"tbl_width_chars": 220, **settings}):
+        click.echo(frame)
 
 
 class _OneLine(logging.Handler):
@@ -26,51 +153,22 @@ def cli():
     """Which layers of a Transformer matter, and since when: score checkpoints layer by layer."""
 
 
-def model_options(command):
-    """The calibration, batching, device and storage options that scan and prune share."""
-    options = [
-        click.option("--calibration", default=DEFAULT_SPEC, show_default=True, help="pydoc, a .txt/.jsonl(.gz/.zst) file, or hf:REPO."),
-        click.option("--samples", default=64, show_default=True, help="Calibration blocks drawn from text."),
-        click.option("--seq-len", type=int, help="Tokens per calibration block  [default: the model's positions, at most 512]"),
-        click.option("--seed", default=0, show_default=True, help="Seed of the calibration block draw."),
-        click.option("--batch-size", default=8, show_default=True, help="Sequences per forward pass."),
-        click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
-        click.option("--device-map", help="Split the model over every GPU (then the CPU) instead of --device: auto, "
-                     "balanced or sequential (accelerate's placement), for a model larger than one GPU."),
-        click.option("--dtype", default="auto", show_default=True, help="auto, float32, bfloat16 or float16."),
-        click.option("--store", default="data", show_default=True, help="Store directory."),
-        click.option("--cache-dir", help="Hugging Face cache for Hub sources  [default: HF_HUB_CACHE]"),
-        click.option("--trust-remote-code", is_flag=True, help="Allow a checkpoint's own modeling code to run."),
-    ]
-    for option in reversed(options):
-        command = option(command)
-    return command
-
-
 @cli.command()
 @click.argument("source", required=False)
-@click.option("--revisions", help="Selection: names, A..B step ranges, every:K, log:K, first:N, last:N (default: all).")
-@click.option("--branch", help="The side line of training to select from (e.g. ingredient1), with the trunk into it.")
-@click.option("--metrics", help="Comma-separated: importance, update_ratio (always), angular_distance, span_distance "
-              "(the same pass), their _last variants, ablation_loss (one forward pass more per layer and module)  "
-              "[default: importance,update_ratio; for the micro suite, every one but the _last variants]")
-@click.option("--tokens", default="all", show_default=True, type=click.Choice(["all", "last"]),
-              help="Average the one-pass metrics over every real token, or over each sequence's last (stored as "
-              "their _last variants; importance and update_ratio over every token are stored too).")
-@click.option("--ray", "use_ray", is_flag=True, help="Spread the revisions over the Ray cluster in RAY_ADDRESS (else a "
-              "local Ray instance): one task per revision, one GPU each where the cluster has GPUs.")
-@click.option("--prefetch", default=1, show_default=True,
-              help="Revisions downloaded ahead of the one being scored (each takes its place in the cache).")
-@click.option("--load-ahead/--no-load-ahead", default=None,
-              help="Load the next revision's model while one is scored (two models in memory)  [default: on a GPU, "
-              "where two of the largest revision take at most half its free memory and no --device-map splits it]")
-@click.option("--shard", help="I/N: scan only the I-th of N parts of the selected revisions (every N-th in training "
-              "order), so that N processes (a job array) share one store.")
-@model_options
-@click.option("--force", is_flag=True, help="Score again what is already stored.")
-@click.option("--keep-going", is_flag=True, help="Record failing revisions and go on.")
-def scan(source, revisions, calibration, samples, seq_len, seed, metrics, tokens, shard, prefetch, load_ahead, use_ray,
-         **options):
+@options(
+    option(ScanConfig, "revisions"),
+    option(ScanConfig, "branch"),
+    option(ScanConfig, "metrics", type=Listed()),
+    option(ScanConfig, "tokens", type=click.Choice(TOKENS)),
+    option(ScanConfig, "ray"),
+    option(ScanConfig, "prefetch"),
+    option(ScanConfig, "load_ahead"),
+    option(ScanConfig, "shard", type=Parsed(parse_shard, "I/N")),
+)
+@CALIBRATION
+@loading()
+@options(option(ScanConfig, "force"), option(ScanConfig, "keep_going"))
+def scan(**values):
     """Score every layer of every revision of SOURCE and store the scores as Parquet.
 
     SOURCE is a Hub repo id (EleutherAI/pythia-160m), a model directory, or a directory of
@@ -79,28 +177,14 @@ def scan(source, revisions, calibration, samples, seq_len, seed, metrics, tokens
     ckpt-trace downloaded it. Without SOURCE, the built-in micro suite is built if needed
     and scanned.
     """
-    from .scan.options import ScanConfig, parse_shard
     from .scan.run import scan as run_scan
 
-    config = ScanConfig(
-        shard=parse_shard(shard) if shard is not None else None,
-        prefetch=prefetch,
-        load_ahead=load_ahead,
-        ray=use_ray,
-        source=source,
-        revisions=revisions,
-        metrics=tuple(m.strip() for m in metrics.split(",")) if metrics is not None else None,
-        tokens=tokens,
-        calibration=CalibrationSpec(calibration, samples, seq_len, seed),
-        **options,
-    )
+    config = ScanConfig(calibration=calibration(values), **values)
     summary = run_scan(config)
     if summary.height == 0:
-        click.echo(f"shard {shard} holds none of the selected revisions: nothing to do")
+        click.echo(f"shard {'/'.join(map(str, config.shard))} holds none of the selected revisions: nothing to do")
         return
-    with pl.Config(tbl_hide_dataframe_shape=True, tbl_hide_column_data_types=True, float_precision=4, tbl_rows=-1,
-                   fmt_str_lengths=60, tbl_width_chars=220, tbl_cols=-1):
-        click.echo(summary.drop("dtype", "calibration", "scorer"))
+    echo_frame(summary.drop("dtype", "calibration", "scorer"), float_precision=4, fmt_str_lengths=60)
     first = summary.row(0, named=True)
     click.echo(f"scores stored in {config.store}/scores (dtype {first['dtype']}, calibration set {first['calibration']}, "
                f"scorer {first['scorer']}; `weights` is each revision's weights fingerprint)")
@@ -113,10 +197,9 @@ def scan(source, revisions, calibration, samples, seq_len, seed, metrics, tokens
 
 @cli.command()
 @click.argument("source")
-@click.option("--select", "selection", help="Selection: names, A..B step ranges, every:K, log:K, first:N, last:N.")
-@click.option("--branch", help="The side line of training to select from (e.g. ingredient1), with the trunk into it.")
-@click.option("--cache-dir", help="Hugging Face cache  [default: HF_HUB_CACHE]")
-def revisions(source, selection, branch, cache_dir):
+@options(option(ScanConfig, "revisions", "--select"), option(ScanConfig, "branch"),
+         option(ScoringOptions, "cache_dir"))
+def revisions(source, revisions, branch, cache_dir):
     """List the revisions of SOURCE (a Hub repo id or a directory) in training order.
 
     Weight bytes and byte-identical duplicates come from the Hub's tree listing, before
@@ -124,13 +207,11 @@ def revisions(source, selection, branch, cache_dir):
     """
     from .fetch.sources import revision_table
 
-    table = revision_table(source, selection, cache_dir, branch).with_columns(
+    table = revision_table(source, revisions, cache_dir, branch).with_columns(
         pl.col("commit").str.slice(0, 10), (pl.col("weight_bytes") / 1e6).round(1).alias("weight_MB")
     ).drop("weight_bytes")
-    shown = table.select(c for c in table.columns if c == "revision" or table[c].null_count() < table.height)
-    with pl.Config(tbl_hide_dataframe_shape=True, tbl_hide_column_data_types=True, tbl_rows=-1, tbl_cols=-1,
-                   tbl_width_chars=220):
-        click.echo(shown)  # columns with nothing to say (no commits for a local suite, say) left out
+    # columns with nothing to say (no commits for a local suite, say) left out
+    echo_frame(table.select(c for c in table.columns if c == "revision" or table[c].null_count() < table.height))
     duplicates = table["duplicate_of"].drop_nulls().len()
     no_weights = table.filter(pl.col("weights").is_null()).height
     click.echo(f"{table.height} revisions" + (f", {duplicates} with the same weights as an earlier one" if duplicates else "")
@@ -139,25 +220,26 @@ def revisions(source, selection, branch, cache_dir):
 
 @cli.command()
 @click.argument("source")
-@click.option("--revision", help="Revision to prune  [default: the last in training order]")
-@click.option("--target", required=True, type=click.Choice(["attention", "mlp", "block", "joint"]), help="What to drop.")
-@click.option("--drop", required=True, type=int, help="How many to drop.")
-@click.option("--strategy", default="similarity", show_default=True,
-              type=click.Choice(["similarity", "iterative", "last", "random"]), help="How to choose them.")
-@click.option("--out", required=True, help="Output directory (new or empty).")
-@click.option("--random-seed", default=0, show_default=True, help="Seed of the random strategy.")
-@model_options
-def prune(source, calibration, samples, seq_len, seed, **options):
+@options(
+    option(PruneConfig, "revision"),
+    option(PruneConfig, "target", type=click.Choice(TARGETS)),
+    option(PruneConfig, "drop"),
+    option(PruneConfig, "strategy", type=click.Choice(STRATEGIES)),
+    option(PruneConfig, "out"),
+    option(PruneConfig, "random_seed"),
+)
+@CALIBRATION
+@loading()
+def prune(**values):
     """Drop attention layers, MLP layers, whole blocks, or both kinds jointly, and save the pruned model.
 
     A block-dropped model loads with plain transformers; an attention- or MLP-dropped one
     with ckpt_trace.load_pruned (and every ckpt-trace command).
     """
-    from .pruning.run import PruneConfig, manifest
+    from .pruning.run import manifest
     from .pruning.run import prune as run_prune
 
-    config = PruneConfig(source=source, calibration=CalibrationSpec(calibration, samples, seq_len, seed), **options)
-    out = run_prune(config)
+    out = run_prune(PruneConfig(calibration=calibration(values), **values))
     record = manifest(out)
     scores = {"store": "scores from the store", "computed": "scores computed"}.get(record["scores_from"], "no scores used")
     click.echo(f"dropped {', '.join(record['order'])} ({record['strategy']}, {scores})")
@@ -169,81 +251,66 @@ def prune(source, calibration, samples, seq_len, seed, **options):
 
 @cli.command()
 @click.argument("source")
-@click.option("--revision", help="Revision to measure  [default: the last in training order]")
-@click.option("--targets", default="attention,mlp,block", show_default=True,
-              help="Comma-separated: which of attention, mlp and block to draw curves for.")
-@click.option("--seeds", default=5, show_default=True, help="Random drop sets per k (seeds 0 .. N-1).")
-@click.option("--perplexity-data", help="Any calibration spec  [default: as eval --perplexity: a micro suite's "
-              "held-out documents, else calibration text the calibration set does not take]")
-@model_options
-def curves(source, targets, calibration, samples, seq_len, seed, **options):
+@options(
+    option(CurveConfig, "revision"),
+    option(CurveConfig, "targets", type=Listed(), default=",".join(CurveConfig.targets), show_default=True),
+    option(CurveConfig, "seeds"),
+    option(CurveConfig, "perplexity_data"),
+)
+@CALIBRATION
+@loading()
+def curves(**values):
     """Pruning curves: held-out perplexity with k = 1 .. L-1 modules dropped by similarity, last, random and oracle.
 
     The oracle drops the modules whose removal alone costs the least loss (ablation_loss).
     Scores are taken from the store when it has them for these weights, else computed.
     """
-    from .pruning.curves import CurveConfig, run_curves, summary
+    from .pruning.curves import run_curves, summary
 
-    config = CurveConfig(source=source, targets=tuple(t.strip() for t in targets.split(",") if t.strip()),
-                         calibration=CalibrationSpec(calibration, samples, seq_len, seed), **options)
+    config = CurveConfig(calibration=calibration(values), **values)
     frame = run_curves(config)
-    with pl.Config(tbl_hide_dataframe_shape=True, tbl_hide_column_data_types=True, tbl_rows=-1, tbl_cols=-1,
-                   float_precision=2, tbl_width_chars=200):
-        click.echo(summary(frame))
+    echo_frame(summary(frame), float_precision=2, tbl_width_chars=200)
     first = frame.row(0, named=True)
     click.echo(f"perplexity of {first['model']} {first['revision']} on {first['n_tokens']:,} held-out tokens (set "
                f"{first['data']}), stored in {config.store}/curves; random: geometric mean, lowest and highest over seeds")
 
 
-def _task_list(tasks: str | None) -> list[str] | None:
-    if tasks is None:
-        return None
-    names = [t.strip() for t in tasks.split(",") if t.strip()]
-    if not names:
-        raise click.BadParameter(f"{tasks!r} names no task; give lm-eval task names, task YAML paths, paper or "
-                                 "ckpt_trace_python_mc, comma-separated", param_hint="--tasks")
-    return names
-
-
 @cli.command("eval")
-@click.argument("model_dirs", nargs=-1, required=True)
-@click.option("--tasks", help="Comma-separated lm-eval tasks, task YAML paths, 'paper', or ckpt_trace_python_mc  "
-              "[default: paper, unless only --perplexity or --speed is asked for]")
-@click.option("--num-fewshot", type=click.IntRange(min=0), help="Shots for every task  [default: each task's own; the paper's for its tasks]")
-@click.option("--limit", type=int, help="At most this many items per task.")
-@click.option("--perplexity", is_flag=True, help="Perplexity on held-out text (or --perplexity-data).")
-@click.option("--perplexity-data", help="Any calibration spec, pre-tokenized jsonl included.")
-@click.option("--speed", is_flag=True, help="Prefill latency, decode throughput, peak memory, KV-cache bytes.")
-@click.option("--calibration", default=DEFAULT_SPEC, show_default=True, help="Calibration text the default perplexity blocks avoid.")
-@click.option("--samples", default=64, show_default=True, help="Calibration blocks (kept out of perplexity).")
-@click.option("--seq-len", type=int, help="Tokens per block  [default: the model's positions, at most 512]")
-@click.option("--seed", default=0, show_default=True, help="Seed of the calibration block draw.")
-@click.option("--batch-size", default=8, show_default=True, help="Sequences per forward pass.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--dtype", default="auto", show_default=True, help="auto, float32, bfloat16 or float16.")
-@click.option("--store", default="data", show_default=True, help="Store directory.")
-def eval_command(model_dirs, tasks, calibration, samples, seq_len, seed, **options):
-    """Evaluate original and pruned MODEL_DIRS: lm-eval benchmarks, perplexity and speed, into the store."""
-    from .evaluation.run import EvalConfig, evaluate
+@click.argument("models", nargs=-1, required=True)
+@options(
+    option(EvalConfig, "tasks", type=Listed("names no task; give lm-eval task names, task YAML paths, paper or "
+                                            "ckpt_trace_python_mc, comma-separated")),
+    option(EvalConfig, "num_fewshot", type=click.IntRange(min=0)),
+    option(EvalConfig, "limit"),
+    option(EvalConfig, "perplexity"),
+    option(EvalConfig, "perplexity_data"),
+    option(EvalConfig, "speed"),
+)
+@CALIBRATION
+@loading("cache_dir")  # model directories are local
+def eval_command(**values):
+    """Evaluate original and pruned MODELS (model directories): lm-eval benchmarks, perplexity and speed, into the
+    store."""
+    from .evaluation.run import evaluate
 
-    config = EvalConfig(
-        models=list(model_dirs), tasks=_task_list(tasks),
-        calibration=CalibrationSpec(calibration, samples, seq_len, seed), **options,
-    )
+    tasks, models = values.pop("tasks"), list(values.pop("models"))
+    config = EvalConfig(models=models, tasks=list(tasks) if tasks is not None else None, calibration=calibration(values),
+                        **values)
     results = evaluate(config)
     table = results.filter(~pl.col("metric").str.ends_with("_spread")).select("model", "task", "metric", "value", "stderr", "n")
-    with pl.Config(tbl_hide_dataframe_shape=True, tbl_hide_column_data_types=True, tbl_rows=-1, float_precision=4):
-        click.echo(table)
+    echo_frame(table, float_precision=4)
     click.echo(f"results stored in {config.store}/evals")
 
 
 @cli.command()
-@click.option("--store", default="data", show_default=True, help="Store directory.")
-@click.option("--out", default="figures", show_default=True,
-              help="Where report.md, report.html and the figures (PNG and SVG) go.")
-@click.option("--model", help="Only this model (default: every model in the store).")
-@click.option("--color-scale", default="linear", show_default=True, type=click.Choice(["linear", "log"]),
-              help="The heatmaps' colour scale (each module has its own range); log shows the late layers near 0.")
+@options(
+    option(ScoringOptions, "store"),
+    click.option("--out", default="figures", show_default=True,
+                 help="Where report.md, report.html and the figures (PNG and SVG) go."),
+    click.option("--model", help="Only this model (default: every model in the store)."),
+    click.option("--color-scale", default="linear", show_default=True, type=click.Choice(COLOR_SCALES),
+                 help="The heatmaps' colour scale (each module has its own range); log shows the late layers near 0."),
+)
 def report(store, out, model, color_scale):
     """Write the report: findings, heatmaps, per-layer curves, consistency, drop-set emergence, pruning curves."""
     from .analysis.report import write_report
@@ -257,8 +324,8 @@ def micro_suite():
 
 
 @micro_suite.command("build")
-@click.option("--arch", default="pythia", show_default=True, help="pythia (parallel residual) or llama (sequential).")
-@click.option("--force", is_flag=True, help="Train again even if the suite is built.")
+@options(option(MicroSuiteConfig, "arch"),
+         click.option("--force", is_flag=True, help="Train again even if the suite is built."))
 def micro_suite_build(arch, force):
     """Train the micro suite (a few minutes on a laptop CPU) and print where it is."""
     from .microsuite.suite import MicroSuiteConfig, build
@@ -283,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
         click.echo(f"ckpt-trace: error: {err.format_message()}", err=True)
         return INPUT_ERROR if isinstance(err, click.UsageError) else err.exit_code
     except CkptTraceError as err:
-        click.echo(f"ckpt-trace: error: {' '.join(str(err).split())}", err=True)
+        click.echo(f"ckpt-trace: error: {one_line(err)}", err=True)
         return INPUT_ERROR
     except OSError as err:  # the disk is full, a folder is read-only, a path runs through a file
         where = f" {err.filename}" if err.filename else ""

@@ -7,6 +7,6 @@ the papers' claims (`findings`), matplotlib figures (`plots`), and the Markdown 
 May import: `pruning` (the curves table's readers), `fetch` (training order) and the edges.
 """
 
-from .report import write_report
-
-__all__ = ["write_report"]
+COLOR_SCALES = ("linear", "log")
+"""The heatmaps' colour scales (`report --color-scale`); the package's modules are imported where used, so that
+the command line starts without the plotting libraries."""

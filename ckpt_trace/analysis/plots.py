@@ -6,6 +6,8 @@ and in notebooks alike; saving is the caller's business.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import numpy as np
 import polars as pl
 import seaborn as sns
@@ -19,7 +21,6 @@ METRIC_TITLES = {"importance": "importance = 1 - cos(in, out)", "update_ratio": 
                  "angular_distance": "angular distance = arccos(cos(in, out)) / π"}
 
 
-COLOR_SCALES = ("linear", "log")
 LOW, HIGH = 2, 98
 """Percentiles that bound a heatmap's colour scale: a few extreme cells do not wash out the rest."""
 
@@ -133,34 +134,32 @@ def layer_lines(frame: pl.DataFrame, metric: str = "importance") -> Figure:
     return figure
 
 
-def consistency(frame: pl.DataFrame) -> Figure:
-    """Spearman correlation with the final checkpoint's layer ranking over training, per module type."""
+def _spearman_over_training(frame: pl.DataFrame, lines: Iterable[tuple[str, pl.DataFrame]], reference: float,
+                            ylabel: str) -> Figure:
+    """One line of Spearman correlations over training per (label, part), with a dotted line at `reference`."""
     figure = Figure(figsize=(6.4, 3.8), layout="constrained")
     ax = figure.subplots()
-    for module in MODULE_ORDER:
-        part = frame.filter(pl.col("module") == module).sort("order")
-        if part.height:
-            _plot_over_training(ax, part, "spearman", marker="o", label=MODULE_TITLES[module])
-    ax.axhline(1.0, color="grey", lw=0.8, ls=":")
-    ax.set_ylabel("Spearman ρ with final ranking")
+    for label, part in lines:
+        _plot_over_training(ax, part, "spearman", marker="o", label=label)
+    ax.axhline(reference, color="grey", lw=0.8, ls=":")
+    ax.set_ylabel(ylabel)
     ax.set_ylim(-1.05, 1.05)
     _training_axis(ax, frame[training_position(frame)].to_numpy(), training_position(frame))
     ax.legend()
     return figure
+
+
+def consistency(frame: pl.DataFrame) -> Figure:
+    """Spearman correlation with the final checkpoint's layer ranking over training, per module type."""
+    parts = ((MODULE_TITLES[m], frame.filter(pl.col("module") == m).sort("order")) for m in MODULE_ORDER)
+    return _spearman_over_training(frame, ((label, part) for label, part in parts if part.height), 1.0,
+                                   "Spearman ρ with final ranking")
 
 
 def agreement(frame: pl.DataFrame) -> Figure:
     """Spearman correlation of the cheap scores with ablation_loss, over every layer and module, over training."""
-    figure = Figure(figsize=(6.4, 3.8), layout="constrained")
-    ax = figure.subplots()
-    for score, part in frame.sort("order").group_by("score", maintain_order=True):
-        _plot_over_training(ax, part, "spearman", marker="o", label=score[0])
-    ax.axhline(0.0, color="grey", lw=0.8, ls=":")
-    ax.set_ylabel("Spearman ρ with ablation_loss")
-    ax.set_ylim(-1.05, 1.05)
-    _training_axis(ax, frame[training_position(frame)].to_numpy(), training_position(frame))
-    ax.legend()
-    return figure
+    parts = frame.sort("order").group_by("score", maintain_order=True)
+    return _spearman_over_training(frame, ((score, part) for (score,), part in parts), 0.0, "Spearman ρ with ablation_loss")
 
 
 def drop_set(frame: pl.DataFrame) -> Figure:

@@ -22,7 +22,7 @@ from ..paths import unmakeable
 from ..pruning.curves import latest as latest_curves
 from ..pruning.curves import summary as curve_summary
 from ..store import CURVES_SCHEMA, EVALS_SCHEMA, VERSION, Store, path_part
-from . import plots
+from . import COLOR_SCALES, plots
 from .findings import Finding, agreement, findings
 from .statistics import (
     best_spans,
@@ -300,9 +300,11 @@ def write_report(store: str | os.PathLike = "data", out: str | os.PathLike = "fi
     """Write PNG and SVG figures, report.md and a self-contained report.html for every model in the store (or one).
 
     `color_scale` (linear or log) is the heatmaps' colour scale; each module has its own (see `plots.colour_range`).
+    Raises `ConfigError` for another colour scale or an `out` that cannot be made, `StoreError` for a store without
+    scores (of `model`, where given); a damaged or foreign file in the store is skipped with a warning.
     """
-    if color_scale not in plots.COLOR_SCALES:
-        raise ConfigError(f"colour scale {color_scale!r} is not one of: {', '.join(plots.COLOR_SCALES)}")
+    if color_scale not in COLOR_SCALES:
+        raise ConfigError(f"colour scale {color_scale!r} is not one of: {', '.join(COLOR_SCALES)}")
     db = Store(store)
     scores, revisions, evals, curves = db.scores(), db.revisions(), db.evals(), db.curves()
     models = sorted(scores["model"].unique())

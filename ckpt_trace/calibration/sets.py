@@ -21,7 +21,7 @@ class CalibrationSpec:
     """What calibration set to build."""
 
     source: str = DEFAULT_SPEC
-    """``pydoc``, a .txt/.jsonl path, or ``hf:REPO[:CONFIG][:SPLIT]``."""
+    """``pydoc`` (Python's bundled documentation), a .txt or .jsonl(.gz/.zst) file, or ``hf:REPO[:CONFIG][:SPLIT]``."""
     samples: int = 64
     """Number of blocks drawn from text sources (pre-tokenized files are used whole)."""
     seq_len: int | None = None

@@ -16,15 +16,15 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 import polars as pl
 
-from ..calibration.sets import CalibrationSpec
 from ..fetch.sources import single_checkpoint
 from ..scoring.loss import perplexity, perplexity_set
+from ..scoring.options import ScoringOptions
 from ..store import EVALS_SCHEMA, VERSION
 from .harness import run_tasks
 from .speed import measure_speed
@@ -53,35 +53,41 @@ def describe(path: Path) -> dict:
 
 
 @dataclass
-class EvalConfig:
-    """An evaluation job over one or more model directories."""
+class EvalConfig(ScoringOptions):
+    """An evaluation job over one or more model directories; the command line only fills this in."""
 
     models: list[str | os.PathLike]
+    """Model directories: checkpoints and pruned models alike."""
     tasks: list[str] | None = None
-    """lm-eval tasks; None: the paper's tasks unless only perplexity or speed is asked for."""
+    """lm-eval task names, task YAML paths, ``paper`` (the tasks and shots of He et al.) or ``ckpt_trace_python_mc``;
+    None: ``paper``, unless only perplexity or speed is asked for."""
     num_fewshot: int | None = None
-    perplexity: bool = False
-    perplexity_data: str | None = None
-    """Any calibration spec; default: held-out blocks of the calibration text."""
-    speed: bool = False
-    calibration: CalibrationSpec = field(default_factory=CalibrationSpec)
-    """The calibration set that default perplexity blocks are kept apart from."""
-    batch_size: int = 8
-    device: str = "auto"
-    dtype: str = "auto"
-    store: str | os.PathLike = "data"
+    """Shots for every task; None: each task's own (the paper's for its tasks)."""
     limit: int | None = None
     """At most this many items per task (for quick looks)."""
+    perplexity: bool = False
+    """Measure perplexity on held-out text (or on `perplexity_data`)."""
+    perplexity_data: str | None = None
+    """Any calibration spec, pre-tokenized jsonl included; None: the documents a micro suite held out from training,
+    else blocks of the calibration text that the calibration set does not take."""
+    speed: bool = False
+    """Measure prefill latency, decode throughput, peak memory and KV-cache bytes."""
     prompt_tokens: int = 128
+    """Prompt length of the speed measurement."""
     new_tokens: int = 32
+    """Tokens decoded by the speed measurement."""
 
     def __post_init__(self):
+        super().__post_init__()
         if self.tasks is None and not (self.perplexity or self.speed):
             self.tasks = ["paper"]
 
 
 def evaluate(config: EvalConfig) -> pl.DataFrame:
-    """Evaluate every model directory and store the results in the store's evals/ table."""
+    """Evaluate every model directory and store the results in the store's evals/ table.
+
+    Raises `SourceError` for a directory that is no model, `ConfigError` for a task lm-eval cannot run,
+    `CalibrationError` for perplexity data that cannot be used, OSError where the store cannot be written."""
     from ..model.loading import (
         dtype_name,
         load_model,
@@ -96,7 +102,7 @@ def evaluate(config: EvalConfig) -> pl.DataFrame:
     dtype = resolve_dtype(config.dtype, device)
     frames = []
     for model_dir in map(Path, config.models):
-        model = load_model(model_dir, device, dtype)
+        model = load_model(model_dir, device, dtype, config.trust_remote_code, config.device_map)
         tokenizer = load_tokenizer(model_dir)
         rows = []
         if config.perplexity:

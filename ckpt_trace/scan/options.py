@@ -29,7 +29,8 @@ class ScanConfig(ScoringOptions):
     source: str | os.PathLike | None = None
     """A Hub repo id, a model directory, or a directory of revision subdirectories; None: the micro suite."""
     revisions: str | None = None
-    """Selection spec (see `ckpt_trace.fetch.revisions.select`); all revisions when None."""
+    """Selection: names, A..B step ranges, every:K, log:K, first:N, last:N (see `ckpt_trace.fetch.revisions.select`);
+    None: all revisions."""
     branch: str | None = None
     """The side line of training that ranges and counts select from, with the trunk into it; None: the trunk."""
     force: bool = False
@@ -42,15 +43,19 @@ class ScanConfig(ScoringOptions):
     """Load the next revision's model while one is scored (two models in memory); None: on a GPU, where two fit in
     half its free memory and no device map splits them (see `loads_ahead`)."""
     shard: tuple[int, int] | None = None
-    """(I, N): scan only the I-th (from 1) of N parts of the selected revisions (see `shard`)."""
+    """I/N: only the I-th (from 1) of N parts of the selected revisions, every N-th in training order (see `shard`), so
+    that N processes (a job array) share one store."""
     ray: bool = False
-    """Spread the revisions over a Ray cluster (``RAY_ADDRESS``, else a local instance): see `ckpt_trace.scan.ray`."""
+    """Spread the revisions over the Ray cluster in ``RAY_ADDRESS`` (else a local Ray instance): one task per
+    revision, one GPU each where the cluster has GPUs (see `ckpt_trace.scan.ray`)."""
     metrics: tuple[str, ...] | None = None
     """Metrics to store (`ckpt_trace.scoring.ALL_METRICS`): importance and update_ratio always; angular_distance,
     span_distance and the `_last` variants from the same pass where asked; ablation_loss where asked (one forward
-    pass more per layer and module). None: the two, and ablation_loss too for the micro suite (no source)."""
+    pass more per layer and module). None: importance and update_ratio; for the micro suite (no source), every one
+    but the `_last` variants."""
     tokens: str = "all"
-    """`last`: the asked one-pass metrics over each sequence's last real token only (their `_last` variants)."""
+    """Average the one-pass metrics over every real token (``all``), or over each sequence's last (``last``: stored as
+    their `_last` variants; importance and update_ratio over every token are stored too)."""
 
     def __post_init__(self):
         super().__post_init__()
