@@ -39,3 +39,9 @@ class StoreError(CkptTraceError, OSError):
 REVISION_ERRORS = (CkptTraceError, OSError, RuntimeError)
 """What scoring one revision may fail with for a reason of its own (bad weights, a download, out of memory): a scan
 records it and, with --keep-going, goes on; anything else is a bug that stops the scan."""
+
+
+def one_line(message: object, most: int | None = None) -> str:
+    """A message (an error's, say) on one line, its whitespace folded; cut to `most` characters where given."""
+    folded = " ".join(str(message).split())
+    return folded if most is None else folded[:most]

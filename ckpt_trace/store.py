@@ -28,7 +28,7 @@ from urllib.parse import quote
 
 import polars as pl
 
-from .errors import StoreError
+from .errors import StoreError, one_line
 from .paths import atomic_write, unmakeable
 
 log = logging.getLogger(__name__)
@@ -40,11 +40,13 @@ except PackageNotFoundError:  # running from a source tree that is not installed
 """The ckpt-trace version, stamped on every row written."""
 
 MODULES = ("block", "attention", "mlp")
+"""The modules a score is of, at every layer; a run of n blocks from a layer is module `span<n>` (`span_module`)."""
 METRICS = ("importance", "update_ratio")
 """Stored by every scan: what a file of scores must hold whole."""
 
 
 def span_module(n: int) -> str:
+    """The module name of a span of n blocks."""
     return f"span{n}"
 
 
@@ -54,13 +56,18 @@ def span_length(module: str) -> int | None:
 
 
 
-SCORES_SCHEMA: dict[str, pl.DataType] = {
+CHECKPOINT_COLUMNS: dict[str, pl.DataType] = {
     "model": pl.String,
     "revision": pl.String,
     "commit": pl.String,
     "weights": pl.String,
     "step": pl.Int64,
     "tokens": pl.Int64,
+}
+"""Which checkpoint a row is of, leading the scores and revisions tables."""
+
+SCORES_SCHEMA: dict[str, pl.DataType] = {
+    **CHECKPOINT_COLUMNS,
     "branch": pl.String,
     "layer": pl.Int32,
     "module": pl.String,
@@ -89,12 +96,7 @@ RUNS_SCHEMA: dict[str, pl.DataType] = {
 
 
 REVISIONS_SCHEMA: dict[str, pl.DataType] = {
-    "model": pl.String,
-    "revision": pl.String,
-    "commit": pl.String,
-    "weights": pl.String,
-    "step": pl.Int64,
-    "tokens": pl.Int64,
+    **CHECKPOINT_COLUMNS,
     "stage": pl.Int64,
     "branch": pl.String,
     "val_loss": pl.Float64,
@@ -143,6 +145,17 @@ CURVES_SCHEMA: dict[str, pl.DataType] = {
 
 
 _skipped: set[Path] = set()
+
+
+DAMAGED = pl.exceptions.PolarsError
+"""What polars raises for a file that is cut short, is not Parquet, or whose data does not decode. Anything else
+(a file that cannot be opened, a bug) is not a damaged file and is raised."""
+
+
+def _fits(found: pl.DataType | None, wanted: pl.DataType) -> bool:
+    """Whether a file's column of type `found` reads as the schema's `wanted` (an integer of another width, a column
+    of nulls)."""
+    return found is not None and (found == wanted or found == pl.Null or (found.is_integer() and wanted.is_integer()))
 
 
 def _skip(file: Path, why: str) -> None:
@@ -221,29 +234,33 @@ class Store:
         stored-always metrics exactly once, with a value; any other metric once per layer for the modules it has
         (a span of n blocks once per layer it can start at).
         Else None (a file cut short, damaged or foreign)."""
+        if not path.is_file():
+            return None
         try:
             frame = pl.read_parquet(path)
-            if frame.height == 0 or set(SCORES_SCHEMA) - set(frame.columns):
-                return None
-            if frame.select(*(f.name for f in fields(ScoreKey))).n_unique() != 1:
-                return None
-            core = frame.filter(pl.col("metric").is_in(METRICS))
-            layers = core["layer"].max() + 1
-            expected = layers * len(MODULES) * len(METRICS)
-            cells = core.select("layer", "module", "metric").unique()
-            whole = (core.height == cells.height == expected and core["value"].null_count() == 0
-                     and set(core["module"]) == set(MODULES) and set(core["layer"]) == set(range(layers)))
-            for _, extra in frame.filter(~pl.col("metric").is_in(METRICS)).group_by("metric"):
-                # A span of n blocks starts at layers 0 .. L - n, for every n up to its longest; anything else is
-                # at every layer.
-                spans = sorted(n for n in map(span_length, extra["module"].unique()) if n is not None)
-                whole = whole and (not spans or spans == list(range(1, spans[-1] + 1))) and extra.height == \
-                    extra.select("layer", "module").n_unique() and extra["value"].null_count() == 0
-                for (module,), part in extra.group_by("module"):
-                    starts = set(range(layers - (span_length(module) or 1) + 1))
-                    whole = whole and set(part["layer"]) == starts
-        except Exception:  # cut short, not Parquet, columns of other types: polars raises several kinds
+        except DAMAGED:  # cut short, not Parquet
             return None
+        if frame.height == 0 or not all(_fits(frame.schema.get(c), t) for c, t in SCORES_SCHEMA.items()):
+            return None  # foreign: columns missing or of other kinds
+        if frame.select(*(f.name for f in fields(ScoreKey))).n_unique() != 1:
+            return None
+        core = frame.filter(pl.col("metric").is_in(METRICS))
+        if core.height == 0 or core["layer"].null_count():
+            return None
+        layers = core["layer"].max() + 1
+        expected = layers * len(MODULES) * len(METRICS)
+        cells = core.select("layer", "module", "metric").unique()
+        whole = (core.height == cells.height == expected and core["value"].null_count() == 0
+                 and set(core["module"]) == set(MODULES) and set(core["layer"]) == set(range(layers)))
+        for _, extra in frame.filter(~pl.col("metric").is_in(METRICS)).group_by("metric"):
+            # A span of n blocks starts at layers 0 .. L - n, for every n up to its longest; anything else is
+            # at every layer.
+            spans = sorted(n for n in map(span_length, extra["module"].unique()) if n is not None)
+            whole = whole and (not spans or spans == list(range(1, spans[-1] + 1))) and extra.height == \
+                extra.select("layer", "module").n_unique() and extra["value"].null_count() == 0
+            for (module,), part in extra.group_by("module"):
+                starts = set(range(layers - (span_length(module) or 1) + 1))
+                whole = whole and set(part["layer"]) == starts
         if not whole:
             return None
         return frame if key is None or ScoreKey.of(frame.row(0, named=True)) == key else None
@@ -264,7 +281,8 @@ class Store:
     def write_scores(self, frame: pl.DataFrame) -> Path:
         """Store one revision's scores; the frame must hold exactly one `ScoreKey`."""
         keys = frame.select(*(f.name for f in fields(ScoreKey))).unique()
-        assert keys.height == 1, f"one file holds the scores of one key, got {keys.height}"
+        if keys.height != 1:
+            raise ValueError(f"one file holds the scores of one key; this frame holds {keys.height}")
         return self._write(frame, SCORES_SCHEMA, lambda r: self.scores_path(ScoreKey.of(r)))
 
     def write_run(self, frame: pl.DataFrame) -> Path:
@@ -307,8 +325,8 @@ class Store:
         for file in sorted((self.root / table).glob("**/*.parquet")):
             try:
                 found = pl.read_parquet_schema(file)
-            except Exception as err:  # cut short, not Parquet: polars raises several kinds
-                _skip(file, f"not a readable Parquet file ({' '.join(str(err).split())[:120]})")
+            except DAMAGED as err:  # cut short, not Parquet
+                _skip(file, f"not a readable Parquet file ({one_line(err, 120)})")
                 continue
             clash = sorted(c for c, t in schema.items() if c in found and found[c] != t)
             if clash:
@@ -327,14 +345,14 @@ class Store:
     def _table(self, table: str, schema: dict[str, pl.DataType]) -> pl.DataFrame:
         try:
             return self._scan(table, schema).collect()
-        except Exception:  # a file whose footer reads but whose data does not: read file by file, skip it
+        except DAMAGED:  # a file whose footer reads but whose data does not: read file by file, skip it
             frames = []
             for file in self._files(table, schema):
                 try:
                     frames.append(pl.scan_parquet(file, schema=schema, missing_columns="insert",
                                                   extra_columns="ignore").collect())
-                except Exception as err:
-                    _skip(file, f"its data cannot be read ({' '.join(str(err).split())[:120]})")
+                except DAMAGED as err:
+                    _skip(file, f"its data cannot be read ({one_line(err, 120)})")
             return pl.concat(frames) if frames else pl.DataFrame(schema=schema)
 
     def scan_scores(self) -> pl.LazyFrame:
@@ -357,5 +375,6 @@ class Store:
 
 
 def load_scores(store: str | os.PathLike = "data") -> pl.DataFrame:
-    """All scores in a store as one polars frame, every scan's (see `Store.scores`)."""
+    """All scores in a store as one polars frame, every scan's (see `Store.scores`). Raises `StoreError` for a path
+    that is no store; a damaged or foreign file is skipped with a warning."""
     return Store(store).scores()

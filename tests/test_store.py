@@ -164,3 +164,24 @@ def test_write_parquet_creates_parents(tmp_path):
     target = tmp_path / "a" / "b" / "c.parquet"
     write_parquet(pl.DataFrame({"x": [1]}), target)
     assert pl.read_parquet(target)["x"].to_list() == [1]
+
+
+@pytest.mark.parametrize("error", [RuntimeError("a bug in a reader"), PermissionError(13, "Permission denied")])
+def test_a_read_error_other_than_a_damaged_file_is_raised_not_taken_for_missing_scores(tmp_path, monkeypatch, error):
+    """Only a damaged or foreign file reads as "not stored" (or is skipped with a warning): a bug, or a file that
+    cannot be opened, is raised, so that no scan scores again in silence and no reader drops rows unseen."""
+    store = Store(tmp_path)
+    store.write_scores(rows())
+    assert store.has_scores(KEY) and store.scores().height == rows().height
+
+    def fails(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(pl, "read_parquet", fails)
+    with pytest.raises(type(error)):
+        store.has_scores(KEY)
+    with pytest.raises(type(error)):
+        store.stored_keys("org/m", "step1")
+    monkeypatch.setattr(pl, "read_parquet_schema", fails)
+    with pytest.raises(type(error)):
+        store.scores()

@@ -173,7 +173,8 @@ def heldout_set(spec: CalibrationSpec, tokenizer, samples: int = 32) -> Calibrat
 
 
 def load_calibration(spec: CalibrationSpec | str, tokenizer=None) -> CalibrationSet:
-    """Build the calibration set a spec names; text sources need the model's tokenizer."""
+    """Build the calibration set a spec names; text sources need the model's tokenizer. Raises `CalibrationError`
+    for a source that cannot be read or gives no block."""
     if isinstance(spec, str):
         spec = CalibrationSpec(spec)
     docs = read_source(spec.source)

@@ -11,7 +11,9 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
-from ..errors import CalibrationError, ConfigError
+from ..errors import CalibrationError, ConfigError, one_line
+from ..fetch.hub import hub_errors
+from ..paths import json_object
 from .local import READ_ERRORS, _jsonl_records
 
 log = logging.getLogger(__name__)
@@ -99,7 +101,7 @@ class HubTexts:
             raise
         except (yaml.YAMLError, ValueError, RecursionError, OSError) as err:  # a header that does not parse, a bad date
             raise CalibrationError(f"cannot read the configs in README.md of dataset {self.repo!r}: "
-                                   f"{' '.join(str(err).split())}") from err
+                                   f"{one_line(err)}") from err
         entries = header.get("configs") if isinstance(header, dict) else None
         if not isinstance(entries, list) or not any(isinstance(e, dict) for e in entries):
             return {}, 0
@@ -168,17 +170,18 @@ class HubTexts:
 
         try:
             return Path(hf_hub_download(self.repo, name, repo_type="dataset", revision=self.commit))
-        except Exception as err:
+        except hub_errors() as err:
             if constants.HF_HUB_OFFLINE:
                 raise CalibrationError(f"{name} of dataset {self.repo!r} (commit {self.commit[:12]}) is not in "
                                        "the cache, and HF_HUB_OFFLINE is set; read the dataset once online to "
                                        "cache it") from err
-            raise CalibrationError(f"cannot fetch {name} of dataset {self.repo!r}: {' '.join(str(err).split())}") from err
+            raise CalibrationError(f"cannot fetch {name} of dataset {self.repo!r}: {one_line(err)}") from err
 
     def _listing(self) -> tuple[str, list[str]]:
         """The dataset's commit and files: from the Hub, remembered for offline use; offline, the remembered ones
         where the cache holds that commit, else the cache's copy of the main branch (as huggingface_hub left it)."""
         from huggingface_hub import HfApi, constants, snapshot_download
+        from huggingface_hub.file_download import repo_folder_name
 
         from ..paths import atomic_write_bytes, home
 
@@ -186,22 +189,23 @@ class HubTexts:
         record = home() / "datasets" / f"{folder}.json"
         if constants.HF_HUB_OFFLINE:
             try:
-                listing = json.loads(record.read_text())
+                listing = json_object(record)
                 commit, files = str(listing["commit"]), list(listing["files"])
-                snapshots = Path(constants.HF_HUB_CACHE) / f"datasets--{folder}" / "snapshots"
+                cached = Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=self.repo, repo_type="dataset")
+                snapshots = cached / "snapshots"
                 if (snapshots / commit).is_dir():
                     return commit, files
             except (OSError, ValueError, KeyError, TypeError):
                 pass
             try:
                 local = Path(snapshot_download(self.repo, repo_type="dataset"))
-            except Exception as err:
+            except hub_errors() as err:
                 raise CalibrationError(f"dataset {self.repo!r} is not in the cache, and HF_HUB_OFFLINE is set") from err
             return local.name, sorted(p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file())
         try:
             info = HfApi().dataset_info(self.repo, revision="main")
-        except Exception as err:  # the client raises several classes for one cause: unreachable or unknown
-            raise CalibrationError(f"cannot fetch dataset {self.repo!r}: {' '.join(str(err).split())}") from err
+        except hub_errors() as err:  # the client raises several classes for one cause: unreachable or unknown
+            raise CalibrationError(f"cannot fetch dataset {self.repo!r}: {one_line(err)}") from err
         files = sorted(s.rfilename for s in info.siblings or [])
         try:
             atomic_write_bytes(record, json.dumps({"commit": info.sha, "files": files}).encode())
@@ -218,7 +222,7 @@ class HubTexts:
             except CalibrationError:
                 raise
             except READ_ERRORS as err:  # pyarrow's for a damaged file or zstd, bad UTF-8, a gzip cut short or damaged
-                raise CalibrationError(f"cannot read {name} of dataset {self.repo!r}: {' '.join(str(err).split())}") from err
+                raise CalibrationError(f"cannot read {name} of dataset {self.repo!r}: {one_line(err)}") from err
 
 
 DATASET_FILES = (".parquet", ".jsonl", ".jsonl.gz", ".json.gz", ".jsonl.zst")

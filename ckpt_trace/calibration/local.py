@@ -3,14 +3,12 @@
 
 from __future__ import annotations
 
-import gzip
 import io
 import json
-import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from ..errors import CalibrationError
+from ..errors import CalibrationError, one_line
 
 PIECE_CHARS = 65_536
 """A document longer than this is tokenized in pieces of whole lines of about this many characters, so that a text
@@ -19,9 +17,9 @@ the same tokens in pieces as whole; one that marks the start of a text (Sentence
 such mark per piece, so such a document's calibration id differs from a whole-text tokenization."""
 
 
-READ_ERRORS = (OSError, ValueError, EOFError, zlib.error)
-"""What reading a damaged or cut-short file raises: bad UTF-8, a gzip stream cut short (EOFError) or damaged
-(zlib.error, no OSError), pyarrow's for damaged zstd or parquet."""
+READ_ERRORS = (OSError, ValueError)
+"""What reading a damaged or cut-short file raises: bad UTF-8 (a ValueError), a compressed stream cut short or
+damaged (pyarrow's OSError), a damaged parquet file (pyarrow's ArrowInvalid, a ValueError)."""
 
 
 def pydoc_documents() -> list[str]:
@@ -37,17 +35,11 @@ def pydoc_documents() -> list[str]:
 
 
 def _jsonl_records(path: Path, label: str, fields: tuple[str, ...] = ("text", "input_ids")) -> Iterator[dict]:
-    """The records of a jsonl file (gzipped where its name ends in .gz, zstd-compressed where in .zst), read a line at
-    a time; each must be an object with one of `fields`."""
-    if path.name.endswith(".gz"):
-        opened = gzip.open(path, "rt", encoding="utf-8-sig")
-    elif path.name.endswith(".zst"):
-        import pyarrow as pa
+    """The records of a jsonl file (decompressed as its name says: .gz, .zst, ... as pyarrow detects them), read a line
+    at a time; each must be an object with one of `fields`."""
+    import pyarrow as pa
 
-        opened = io.TextIOWrapper(pa.CompressedInputStream(pa.OSFile(str(path)), "zstd"), encoding="utf-8-sig")
-    else:
-        opened = path.open(encoding="utf-8-sig")
-    with opened as handle:
+    with io.TextIOWrapper(pa.input_stream(str(path), compression="detect"), encoding="utf-8-sig") as handle:
         for number, line in enumerate(handle, 1):
             if not line.strip():
                 continue
@@ -62,7 +54,7 @@ def _jsonl_records(path: Path, label: str, fields: tuple[str, ...] = ("text", "i
 
 
 def _unreadable(path: str | Path, err: BaseException | str) -> CalibrationError:
-    return CalibrationError(f"cannot read calibration file {str(path)!r}: {' '.join(str(err).split())}")
+    return CalibrationError(f"cannot read calibration file {str(path)!r}: {one_line(err)}")
 
 
 class TextFile:

@@ -8,13 +8,18 @@ import functools
 import math
 from pathlib import Path
 
-from ..errors import ConfigError
+import yaml
+
+from ..errors import ConfigError, one_line
 
 PAPER_TASKS = {"boolq": 0, "rte": 0, "openbookqa": 0, "piqa": 0, "mmlu": 5, "winogrande": 5, "hellaswag": 10,
                "arc_challenge": 25}
 BUILTIN_TASK = "ckpt_trace_python_mc"
 TASK_DATA = Path(__file__).parent / "tasks" / "python_mc.jsonl"
 STDERR_BOOTSTRAP = 1000
+TASK_ERRORS = (ValueError, KeyError, OSError, ImportError, yaml.YAMLError)
+"""What lm-eval raises for a task it cannot find (ValueError, KeyError), read (OSError, YAMLError) or load (a dataset
+offline: OSError; a missing extra: ImportError)."""
 
 
 def builtin_task() -> dict:
@@ -84,9 +89,9 @@ def run_tasks(model, tokenizer, tasks: list[str], num_fewshot: int | None = None
             # the few metrics it can only bootstrap.
             results = simple_evaluate(model=lm, tasks=specs, num_fewshot=shots, task_manager=manager, limit=limit,
                                       log_samples=False, bootstrap_iters=STDERR_BOOTSTRAP, verbosity="ERROR")
-        except Exception as err:  # lm-eval raises many kinds for a task it cannot load (offline, unknown name)
+        except TASK_ERRORS as err:  # a task it cannot find, read or load (offline, unknown name, bad YAML)
             names = [s["task"] if isinstance(s, dict) else s for s in specs]
-            raise ConfigError(f"lm-eval could not run {', '.join(names)}: {' '.join(str(err).split())}") from err
+            raise ConfigError(f"lm-eval could not run {', '.join(names)}: {one_line(err)}") from err
         for task, metrics in results["results"].items():
             n = results.get("n-samples", {}).get(task, {}).get("effective")
             for key, value in metrics.items():

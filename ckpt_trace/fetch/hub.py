@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import SourceError
+from ..errors import SourceError, one_line
 from .cache import DownloadLedger, LedgerState
 from .identity import fingerprint, weight_files
 from .revisions import Revision, parse_revision, place
@@ -82,6 +82,16 @@ def _network_errors() -> tuple[type[BaseException], ...]:
     return ()
 
 
+@functools.cache
+def hub_errors() -> tuple[type[BaseException], ...]:
+    """What the Hub client raises for a fault of the Hub, the network or the cache, never for a bug of ours: OSError
+    (its HTTP answers, a missing repo, revision or file, offline mode, the cache's disk), an invalid repo id, a Xet
+    transfer failing, and the transport errors of its HTTP library."""
+    from huggingface_hub.errors import EntryNotFoundError, HFValidationError, XetDownloadError
+
+    return (OSError, HFValidationError, XetDownloadError, EntryNotFoundError, *_network_errors())
+
+
 def _transient(err: BaseException) -> bool:
     """A network fault or server error worth another try (not a missing repo, revision or file)."""
     from huggingface_hub.errors import (
@@ -109,11 +119,11 @@ def with_retries(fn, what: str):
     for attempt in range(1, RETRIES + 1):
         try:
             return fn()
-        except Exception as err:
+        except hub_errors() as err:
             if attempt == RETRIES or not _transient(err):
                 raise
             delay = BACKOFF_S * 2 ** (attempt - 1)
-            log.warning("%s failed (%s); retry %d of %d in %.0fs", what, " ".join(str(err).split()), attempt, RETRIES - 1, delay)
+            log.warning("%s failed (%s); retry %d of %d in %.0fs", what, one_line(err), attempt, RETRIES - 1, delay)
             time.sleep(delay)
 
 
@@ -123,6 +133,7 @@ class HubRepo:
 
     def __init__(self, repo_id: str, cache_dir: str | os.PathLike | None = None, ledger: Path | None = None):
         from huggingface_hub import HfApi, constants
+        from huggingface_hub.file_download import repo_folder_name
 
         self.repo_id = repo_id
         self.api = HfApi()
@@ -131,7 +142,7 @@ class HubRepo:
         from ..paths import home
 
         self.ledger = DownloadLedger(ledger or home() / "downloads.json")
-        self.repo_folder = self.cache_dir / ("models--" + repo_id.replace("/", "--"))
+        self.repo_folder = self.cache_dir / repo_folder_name(repo_id=repo_id, repo_type="model")
 
     def _hub_error(self, err: Exception, action: str, revision: str | None = None) -> SourceError:
         from huggingface_hub.errors import (
@@ -146,7 +157,7 @@ class HubRepo:
                 f"repo {self.repo_id!r} not found on {self.api.endpoint} (a private or gated repo needs `hf auth login`)"
             )
         where = f"{self.repo_id}@{revision}" if revision else self.repo_id
-        return SourceError(f"{action} {where} failed: {' '.join(str(err).split())}")
+        return SourceError(f"{action} {where} failed: {one_line(err)}")
 
     # -- listing ----------------------------------------------------------------------
     def revisions(self) -> list[Revision]:
@@ -157,7 +168,7 @@ class HubRepo:
         else:
             try:
                 refs = with_retries(lambda: self.api.list_repo_refs(self.repo_id), f"listing {self.repo_id}")
-            except Exception as err:
+            except hub_errors() as err:
                 raise self._hub_error(err, "listing") from err
             refs = {t.name: t.target_commit for t in refs.tags} | {b.name: b.target_commit for b in refs.branches}
         return place([parse_revision(name, per_step, commit) for name, commit in refs.items()], per_step)
@@ -181,7 +192,7 @@ class HubRepo:
         try:  # some huggingface_hub releases retry tree listings themselves, others do not
             tree = with_retries(lambda: list(self.api.list_repo_tree(self.repo_id, revision=ref, recursive=True)),
                                 f"listing {self.repo_id}@{revision.name}")
-        except Exception as err:
+        except hub_errors() as err:
             raise self._hub_error(err, "listing", revision.name) from err
         entries = {
             f.path: (f.size, f.lfs.sha256 if f.lfs is not None else f.blob_id)
@@ -231,7 +242,7 @@ class HubRepo:
                 ),
                 f"downloading {self.repo_id}@{revision.name}",
             )
-        except Exception as err:
+        except hub_errors() as err:
             if self.offline and isinstance(err, LocalEntryNotFoundError):
                 raise SourceError(
                     f"revision {revision.name!r} of {self.repo_id!r} is not in the cache and HF_HUB_OFFLINE is set"

@@ -255,6 +255,8 @@ def select(revisions: list[Revision], spec: str | None, branch: str | None = Non
     Ranges, ``every``, ``log``, ``first`` and ``last`` apply to one line of training: the trunk, or the
     side line `branch` with the trunk leading into it. ``all`` is every revision (of that line, with
     `branch`); a name picks that revision wherever it is.
+
+    Raises `SelectionError` for a spec that cannot be parsed or matches nothing, naming what exists.
     """
     placed = place(revisions, tokens_per_step)
     if not placed:

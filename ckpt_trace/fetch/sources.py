@@ -9,7 +9,6 @@ Both kinds of source answer the same four calls, so a scan does not care which i
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass, replace
@@ -18,6 +17,7 @@ from pathlib import Path
 import polars as pl
 
 from ..errors import SourceError
+from ..paths import json_object
 from .hub import tokens_per_step
 from .identity import local_weights
 from .revisions import Revision, parse_revision, select
@@ -47,12 +47,9 @@ class Checkpoint:
         """The evaluation record kept beside the weights (validation loss, tokens), or {}."""
         file = self.path / EVAL_FILE if self.path else None
         try:
-            record = json.loads(file.read_text(encoding="utf-8")) if file and file.is_file() else {}
+            return json_object(file) if file and file.is_file() else {}
         except (OSError, ValueError) as err:
             raise SourceError(f"cannot read {file}: {err}") from err
-        if not isinstance(record, dict):
-            raise SourceError(f"{file} holds a JSON {type(record).__name__}, not an object")
-        return record
 
     def val_loss(self) -> float | None:
         """The validation loss recorded beside the weights, if any."""
@@ -219,7 +216,8 @@ def open_source(source: str | os.PathLike, cache_dir: str | os.PathLike | None =
 
 def revision_table(source: str | os.PathLike, selection: str | None = None, cache_dir=None,
                    branch: str | None = None) -> pl.DataFrame:
-    """The revisions of a source in training order: step, tokens, stage, branch, commit, weight bytes, duplicates."""
+    """The revisions of a source in training order: step, tokens, stage, branch, commit, weight bytes, duplicates.
+    Raises `SourceError` for a source that does not exist, `SelectionError` for a selection that matches nothing."""
     checkpoints = open_source(source, cache_dir).checkpoints(selection, branch)
     rows = [
         {

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
 
 import torch
 
-from ..errors import ConfigError, SourceError
+from ..errors import ConfigError, SourceError, one_line
+from ..paths import json_object
 from .adapters import adapter_for_type
 from .surgery import drop_modules_, layer_list, module_prefixes, pruned_record
 
@@ -57,16 +57,24 @@ def read_config(path: str | os.PathLike) -> dict:
     if not file.is_file():
         raise SourceError(f"{str(path)!r} is not a model directory: it has no config.json")
     try:
-        config = json.loads(file.read_text(encoding="utf-8"))
+        return json_object(file)
     except (OSError, ValueError) as err:
-        raise SourceError(f"cannot read {file}: {err}") from err
-    if not isinstance(config, dict):
-        raise SourceError(f"{file} is not a model config: it holds a JSON {type(config).__name__}, not an object")
-    return config
+        raise SourceError(f"{file} is not a model config: {err}") from err
 
 
 def _names(keys: list[str]) -> str:
     return ", ".join(sorted(keys)[:4]) + (f" and {len(keys) - 4} more" if len(keys) > 4 else "")
+
+
+def _load_errors() -> tuple[type[BaseException], ...]:
+    """What loading raises for weight files that are cut short, empty or not weights, each library its own kind
+    (transformers OSError or ValueError, torch RuntimeError, EOFError or an unpickling error, safetensors its own),
+    and for the device running out of memory (RuntimeError); a bug is none of these."""
+    from pickle import UnpicklingError
+
+    from safetensors import SafetensorError
+
+    return (OSError, ValueError, RuntimeError, EOFError, UnpicklingError, SafetensorError)
 
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
@@ -81,6 +89,9 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", dtyp
     must hold no decoder layer the config lacks: a model is never scored with random initialisation
     or with layers left out. Attention and MLP layers dropped by pruning (recorded in the config)
     are the exception: they stay dropped.
+
+    Raises `SourceError` for a folder that is no model or weights that are damaged or do not fit the config (the
+    device running out of memory too, as its cause), `UnsupportedArchitectureError` for a family without adapter.
     """
     import transformers
     from transformers import AutoModelForCausalLM
@@ -97,8 +108,8 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", dtyp
             path, dtype=dtype, trust_remote_code=trust_remote_code, weights_only=True, output_loading_info=True,
             device_map=device_map if device_map is not None else str(torch.device(device)),
         )
-    except Exception as err:  # a weight file cut short, empty or not weights: each library raises its own kind
-        raise SourceError(f"cannot load the weights in {str(path)!r}: {' '.join(str(err).split())[:300]}") from err
+    except _load_errors() as err:
+        raise SourceError(f"cannot load the weights in {str(path)!r}: {one_line(err, 300)}") from err
     finally:
         transformers.logging.set_verbosity(verbosity)
     prefixes = tuple(module_prefixes(model, record))

@@ -155,7 +155,10 @@ def latest(frame: pl.DataFrame, model: str) -> pl.DataFrame:
 
 
 def run_curves(config: CurveConfig) -> pl.DataFrame:
-    """Measure the pruning curves of one checkpoint and store them in the store's curves/ table."""
+    """Measure the pruning curves of one checkpoint and store them in the store's curves/ table.
+
+    Raises `CkptTraceError` (a `SourceError`, `CalibrationError`, ...) for input that cannot be used, OSError where
+    the store cannot be written."""
     from ..model.loading import dtype_name, load_tokenizer
     from ..scoring.loss import ablation_losses, perplexity_set
     from ..scoring.metrics import score

@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..calibration.sets import CalibrationSet
-from ..errors import REVISION_ERRORS
+from ..errors import REVISION_ERRORS, one_line
 from ..fetch.sources import Checkpoint, open_source
 from ..model.loading import (
     dtype_name,
@@ -179,7 +179,12 @@ def scored_here(source, checkpoints: list[Checkpoint], calibration: CalibrationS
 
 
 def scan(config: ScanConfig) -> pl.DataFrame:
-    """Score every selected revision that the store lacks; return one summary row per revision."""
+    """Score every selected revision that the store lacks; return one summary row per revision.
+
+    Raises `SourceError`, `SelectionError`, `CalibrationError`, `ConfigError` or `StoreError` (all `CkptTraceError`)
+    for bad input, before any revision is scored; a revision that fails to fetch, load or score raises its error
+    (`REVISION_ERRORS`) after it is recorded in runs/, unless `keep_going`; OSError where the store cannot be
+    written."""
     if config.metrics is None:  # the ground truth too where it is cheap: the micro suite
         micro = (*METRICS, "angular_distance", SPAN, ABLATION)
         config = replace(config, metrics=resolve_metrics(micro if config.source is None else METRICS, config.tokens))
@@ -251,7 +256,7 @@ def scan(config: ScanConfig) -> pl.DataFrame:
                 if not config.keep_going:
                     bar.close()
                     raise error
-                message = " ".join(str(error).split())
+                message = one_line(error)
                 log.warning("revision %s failed: %s", name, message)
                 statuses[name] = ("failed", seconds, message)
                 bar.update()

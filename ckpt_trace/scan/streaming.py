@@ -74,7 +74,7 @@ def streamed(source, checkpoints: list[Checkpoint], depth: int = PREFETCH,
     def release(checkpoint: Checkpoint) -> None:
         try:
             source.release(checkpoint)
-        except Exception as err:  # the scores are stored; a file left in the cache is the next scan's to evict
+        except OSError as err:  # the scores are stored; a file left in the cache is the next scan's to evict
             log.warning("could not evict %s from the cache: %s", checkpoint.revision.name, err)
 
     stop, preparing = threading.Event(), threading.Lock()
@@ -89,7 +89,7 @@ def streamed(source, checkpoints: list[Checkpoint], depth: int = PREFETCH,
     worker, loader = _Worker(), _Worker() if prepare is not None else None
     futures = [worker.submit(source.fetch, c) for c in checkpoints[:depth]]
     ahead = loader.submit(prepared, 0) if loader is not None and checkpoints else None
-    handed, held, finished = 0, None, False
+    handed, held, finished, releases = 0, None, False, []
     try:
         for i, checkpoint in enumerate(checkpoints):
             try:
@@ -106,7 +106,7 @@ def streamed(source, checkpoints: list[Checkpoint], depth: int = PREFETCH,
             if current is not None:
                 wait([current])  # done already where the caller took its result
             del current  # the caller's to keep or drop
-            worker.submit(release, held)
+            releases.append(worker.submit(release, held))
             held = None
         finished = True
     finally:
@@ -115,11 +115,13 @@ def streamed(source, checkpoints: list[Checkpoint], depth: int = PREFETCH,
             _await_unlocked(preparing)
             loader.close()
         if held is not None:
-            worker.submit(release, held)
+            releases.append(worker.submit(release, held))
         for checkpoint in checkpoints[handed:len(futures)]:  # fetched ahead, never handed out
-            worker.submit(release, checkpoint)
+            releases.append(worker.submit(release, checkpoint))
         worker.close(wait=finished)  # a scan that ran to the end leaves the cache as it found it
-
+        if finished:
+            for released in releases:
+                released.result()  # a release that failed other than on the disk is a bug: raised, not lost
 
 def _await_unlocked(lock: threading.Lock) -> None:
     """Return once no one holds `lock`; a Ctrl-C meanwhile is said and waited through."""
