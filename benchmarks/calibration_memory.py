@@ -19,12 +19,11 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import resource
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
+
+from measure import in_fresh_process, peak_memory
 
 WORDS = [f"w{i}" + "abcdefghij"[i % 10] * (i % 5) for i in range(3000)]
 
@@ -43,16 +42,13 @@ def write_text(path: Path, megabytes: float, jsonl: bool = False) -> None:
 
 
 def train_tokenizer(text: Path, out: Path) -> None:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=4096, special_tokens=["<|endoftext|>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tokenizer.train([str(text)], trainer)
-    PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>").save_pretrained(out)
+    from ckpt_trace.microsuite.suite import EOS, byte_level_bpe
+
+    with text.open(encoding="utf-8") as lines:
+        tokenizer = byte_level_bpe(lines, 4096)
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOS).save_pretrained(out)
 
 
 def child(text: str, tokenizer_dir: str) -> None:
@@ -65,7 +61,7 @@ def child(text: str, tokenizer_dir: str) -> None:
     start = time.perf_counter()
     calibration = load_calibration(CalibrationSpec(text, samples=64, seq_len=512), tokenizer)
     seconds = time.perf_counter() - start
-    print(calibration.n_tokens, f"{seconds:.1f}", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    print(calibration.n_tokens, f"{seconds:.1f}", peak_memory())
 
 
 def main() -> None:
@@ -88,9 +84,8 @@ def main() -> None:
                 write_text(root / f"{name}.jsonl", size, jsonl=True)
         train_tokenizer(root / "small.txt", root / "tokenizer")
         for name, size in (("small", args.small_mb), ("large", args.large_mb)):
-            out = subprocess.run([sys.executable, __file__, "--child", str(root / f"{name}{suffix}"), str(root / "tokenizer")],
-                                 check=True, capture_output=True, text=True)
-            tokens, seconds, peak = out.stdout.split()[-3:]
+            tokens, seconds, peak = in_fresh_process(__file__, "--child", str(root / f"{name}{suffix}"),
+                                                     str(root / "tokenizer"))
             peaks[name] = int(peak)
             print(f"{size:6.1f} MB {suffix[1:]}: {tokens} calibration tokens in {seconds} s, peak memory {int(peak) / 2**20:,.0f} MiB")
     print(f"memory_ratio={peaks['large'] / peaks['small']:.3f}")

@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 
-
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

@@ -18,12 +18,10 @@ from __future__ import annotations
 
 import argparse
 import math
-import resource
-import subprocess
-import sys
 
 import torch
 import transformers
+from measure import in_fresh_process, peak_memory
 
 from ckpt_trace.calibration.sets import CalibrationSet
 from ckpt_trace.scoring.loss import perplexity
@@ -52,9 +50,7 @@ def child(side: str, vocab: int, batch: int, seq_len: int, device: str) -> None:
             logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
             nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:])
         ppl = math.exp(float(nll))
-    peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else \
-        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(f"{ppl} {peak}")
+    print(f"{ppl} {peak_memory(device)}")
 
 
 def main() -> None:
@@ -71,10 +67,8 @@ def main() -> None:
     print(f"vocabulary {args.vocab:,}, batch {args.batch} x {args.seq_len}, {args.device}, torch {torch.__version__}")
     results = {}
     for side in ("chunked", "full"):
-        out = subprocess.run([sys.executable, __file__, "--child", side, "--vocab", str(args.vocab), "--batch",
-                              str(args.batch), "--seq-len", str(args.seq_len), "--device", args.device],
-                             check=True, capture_output=True, text=True)
-        ppl, peak = out.stdout.split()[-2:]
+        ppl, peak = in_fresh_process(__file__, "--child", side, "--vocab", str(args.vocab), "--batch",
+                                     str(args.batch), "--seq-len", str(args.seq_len), "--device", args.device)
         results[side] = (float(ppl), int(peak))
         print(f"{side:8s} perplexity {float(ppl):,.1f}  peak memory {int(peak) / 2**30:.2f} GiB")
     chunked, full = results["chunked"][1], results["full"][1]

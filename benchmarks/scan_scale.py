@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import tempfile
 from pathlib import Path
 
 from loopback_suite import calibration_file, point_at_loopback, random_suite, start_hub, timed_scan
+from measure import peak_memory
 
 REPO = "bench/scale"
 
@@ -59,7 +59,7 @@ def main() -> None:
                                      dtype="float32", progress=False, store=work / f"store-{name}",
                                      cache_dir=work / f"cache-{name}", ray=use_ray)
             seconds, disk = timed_scan(scan_config, work / f"cache-{name}", interval=0.02)
-            rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            rss = peak_memory()
             runs[name] = seconds
             print(f"{name:6s}: {seconds:7.2f} s  ({args.revisions / seconds:.2f} revisions/s); peak cache "
                   f"{disk / 1e6:.1f} MB = {disk / weight_bytes:.2f} revisions; driver peak memory {rss / 2**20:,.0f} MiB")

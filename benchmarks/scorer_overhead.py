@@ -23,14 +23,12 @@ The last line is ``overhead_ratio=<hooked/plain>``; the target on CPU is <= 1.10
 from __future__ import annotations
 
 import argparse
-import resource
 import statistics
-import subprocess
-import sys
 import time
 
 import torch
 import transformers
+from measure import in_fresh_process, peak_memory
 
 from ckpt_trace.calibration.sets import CalibrationSet
 from ckpt_trace.scoring.metrics import ABLATION, ALL_METRICS, score
@@ -82,11 +80,8 @@ def peak_memory_child(n: int, seq_len: int, batch_size: int, device: str, metric
     cal = calibration(n, seq_len)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-        score(model, cal, batch_size, metrics=metrics)
-        print(torch.cuda.max_memory_allocated())
-    else:
-        score(model, cal, batch_size, metrics=metrics)
-        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    score(model, cal, batch_size, metrics=metrics)
+    print(peak_memory(device))
 
 
 def main() -> None:
@@ -127,13 +122,12 @@ def main() -> None:
 
     peaks = {}
     for n in (args.sequences, 4 * args.sequences):
-        out = subprocess.run(
-            [sys.executable, __file__, "--peak-memory-child", str(n), "--seq-len", str(args.seq_len),
-             "--batch-size", str(args.batch_size), "--device", args.device, "--metrics", ",".join(metrics),
-             "--shape", args.shape, "--dtype", args.dtype],
-            check=True, capture_output=True, text=True,
+        (peak,) = in_fresh_process(
+            __file__, "--peak-memory-child", str(n), "--seq-len", str(args.seq_len), "--batch-size",
+            str(args.batch_size), "--device", args.device, "--metrics", ",".join(metrics), "--shape", args.shape,
+            "--dtype", args.dtype,
         )
-        peaks[n] = int(out.stdout.strip().splitlines()[-1])
+        peaks[n] = int(peak)
         print(f"peak memory scoring {n:4d} sequences: {peaks[n] / 2**20:,.0f} MiB")
     n, n4 = args.sequences, 4 * args.sequences
     print(f"memory_growth_ratio={peaks[n4] / peaks[n]:.3f}  (4N / N sequences)")

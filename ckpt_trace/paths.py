@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import shutil
 import socket
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -60,6 +63,22 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         tmp.unlink(missing_ok=True)
 
 
+@contextmanager
+def staged_folder(target: Path, replace: bool = False) -> Iterator[Path]:
+    """A temporary folder's path beside `target` for the caller to make and fill; on a clean exit it takes
+    `target`'s place in one step, and on any exit nothing of it is left. A folder at `target` must be empty, or is
+    deleted first with `replace`."""
+    staging = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        yield staging
+        if target.exists():
+            shutil.rmtree(target) if replace else target.rmdir()
+        os.replace(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """`atomic_write` of bytes."""
     atomic_write(path, lambda tmp: tmp.write_bytes(data))
@@ -83,3 +102,12 @@ def unmakeable(folder: Path) -> Path | None:
         return None
     existing = next((p for p in folder.absolute().parents if p.exists()), None)
     return existing if existing is not None and not existing.is_dir() else None
+
+
+def json_object(file: Path) -> dict:
+    """The JSON object a file holds. Raises OSError where it cannot be read, ValueError where it holds no JSON, or
+    JSON other than an object."""
+    data = json.loads(Path(file).read_text(encoding="utf-8"))
+    if not isinstance(data, dict):
+        raise ValueError(f"it holds a JSON {type(data).__name__}, not an object")
+    return data

@@ -125,17 +125,12 @@ def write_tokenizer(path: Path, bos: bool = False, eos: bool = True) -> None:
     """
     from pydoc_data.topics import topics
 
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import processors
     from transformers import PreTrainedTokenizerFast
 
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB, special_tokens=["<|endoftext|>", "<bos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    texts = [topics[k] for k in sorted(topics)[:20]]
-    tokenizer.train_from_iterator(texts, trainer)
+    from ckpt_trace.microsuite.suite import byte_level_bpe
+
+    tokenizer = byte_level_bpe([topics[k] for k in sorted(topics)[:20]], VOCAB, ("<|endoftext|>", "<bos>"))
     if bos:
         tokenizer.post_processor = processors.TemplateProcessing(
             single="<bos> $A", special_tokens=[("<bos>", tokenizer.token_to_id("<bos>"))])

@@ -91,12 +91,8 @@ def rank_consistency(frame: pl.DataFrame, metric: str = "importance") -> pl.Data
     part = _with_final(frame, metric, ("attention", "mlp", "block"))
     keys = ["module", "revision"]
     return (
-        part.with_columns(
-            pl.col("value").rank("average").over(keys).alias("rank"),
-            pl.col("final").rank("average").over(keys).alias("final_rank"),
-        )
-        .group_by(keys)
-        .agg(pl.col("order", "step", "tokens").first(), pl.corr("rank", "final_rank").alias("spearman"))
+        part.group_by(keys)
+        .agg(pl.col("order", "step", "tokens").first(), pl.corr("value", "final", method="spearman").alias("spearman"))
         .sort("module", "order")
     )
 

@@ -17,7 +17,7 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from ..paths import atomic_write_bytes, home
+from ..paths import atomic_write_bytes, home, json_object
 
 WEIGHT_FORMATS = {
     "safetensors": ("*.safetensors", "*.safetensors.index.json"),
@@ -45,11 +45,8 @@ def fingerprint(shas: dict[str, str]) -> str | None:
 
 
 def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as file:
-        while chunk := file.read(1 << 24):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(file, "sha256").hexdigest()
 
 
 class HashCache:
@@ -85,8 +82,7 @@ class HashCache:
 
     def _read(self) -> dict[str, list]:
         try:
-            data = json.loads(self.path.read_text())
-            return data if isinstance(data, dict) else {}
+            return json_object(self.path)
         except (OSError, ValueError):
             return {}
 

@@ -21,9 +21,9 @@ import math
 import os
 import random
 import re
-import shutil
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -34,7 +34,7 @@ from ..calibration.local import pydoc_documents
 from ..calibration.sets import CalibrationSet
 from ..errors import ConfigError
 from ..fetch.sources import EVAL_FILE
-from ..paths import home
+from ..paths import home, json_object, staged_folder
 
 ARCHS = ("pythia", "llama")
 EOS = "<|endoftext|>"
@@ -192,7 +192,7 @@ def suite_of(model_dir: str | os.PathLike) -> tuple[dict, MicroSuiteConfig] | No
     places = [model_dir, model_dir.parent]
     manifest = model_dir / "ckpt_trace_prune.json"
     try:
-        record = json.loads(manifest.read_text()) if manifest.is_file() else {}
+        record = json_object(manifest) if manifest.is_file() else {}
     except (OSError, ValueError):
         record = {}
     while record:  # a model pruned from a model pruned from a checkpoint: follow the earliest source
@@ -203,7 +203,7 @@ def suite_of(model_dir: str | os.PathLike) -> tuple[dict, MicroSuiteConfig] | No
         file = place / "suite.json"
         if file.is_file():
             try:
-                meta = json.loads(file.read_text())
+                meta = json_object(file)
                 return meta, MicroSuiteConfig(**meta["config"])
             except (OSError, ValueError, KeyError, TypeError):
                 return None
@@ -234,19 +234,25 @@ def heldout_set(model_dir: str | os.PathLike, tokenizer) -> CalibrationSet | Non
     return CalibrationSet(tuple(blocks), f"{config.name} held-out documents ({len(blocks)}x{config.seq_len})")
 
 
-def train_tokenizer(documents: list[str], vocab: int):
-    """A byte-level BPE tokenizer trained on `documents` with the tokenizers library."""
+def byte_level_bpe(documents: Iterable[str], vocab: int, special_tokens: tuple[str, ...] = (EOS,)):
+    """A byte-level BPE tokenizer (the tokenizers library's `Tokenizer`) trained on `documents`."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab, special_tokens=[EOS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
-    )
+    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=list(special_tokens), show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tokenizer.train_from_iterator(documents, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOS, bos_token=EOS, unk_token=EOS)
+    return tokenizer
+
+
+def train_tokenizer(documents: list[str], vocab: int):
+    """The micro suite's tokenizer: a byte-level BPE trained on `documents`, EOS its one special token."""
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(tokenizer_object=byte_level_bpe(documents, vocab), eos_token=EOS, bos_token=EOS,
+                                   unk_token=EOS)
 
 
 def _stream(tokenizer, documents: list[str]) -> torch.Tensor:
@@ -362,21 +368,14 @@ def build(config: MicroSuiteConfig | None = None, force: bool = False, progress:
     target = suite_path(config)
     if target.is_dir() and (target / "suite.json").is_file() and not force:
         return target
-    staging = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    shutil.rmtree(staging, ignore_errors=True)
     if progress:  # said once, also where the bar is hidden (no terminal): the build takes minutes
         tqdm.write(f"building the micro suite {config.name} into {target} ({config.steps} training steps, "
                    "minutes on a CPU); later runs find it there", file=sys.stderr)
-    try:
+    with staged_folder(target, replace=True) as staging:
         start = time.perf_counter()
         records = train_suite(config, staging, progress)
         (staging / "main").symlink_to(records[-1]["revision"], target_is_directory=True)
         meta = {"config": asdict(config), "heldout_topics": heldout_topics(config.seed, config.holdout), "revisions": records,
                 "seconds": round(time.perf_counter() - start, 1)}
         (staging / "suite.json").write_text(json.dumps(meta, indent=2) + "\n")
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return target

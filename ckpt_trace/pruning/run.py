@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -13,7 +12,7 @@ from pathlib import Path
 from ..errors import ConfigError
 from ..model.adapters import locate
 from ..model.surgery import apply_, pruned_record
-from ..paths import unmakeable
+from ..paths import json_object, staged_folder, unmakeable
 from ..scoring.metrics import score
 from ..scoring.options import ScoringOptions
 from ..store import VERSION
@@ -64,7 +63,11 @@ class PruneConfig(ScoringOptions):
 
 
 def prune(config: PruneConfig) -> Path:
-    """Choose what to drop, drop it, and save the pruned model with a manifest; return the output directory."""
+    """Choose what to drop, drop it, and save the pruned model with a manifest; return the output directory.
+
+    Raises `ConfigError` for a drop count the model cannot take, `SourceError`, `SelectionError` or
+    `CalibrationError` for a source, revision or calibration set that cannot be used, OSError where `out` cannot be
+    written (nothing is left there then)."""
     from ..model.loading import load_tokenizer
     from ..scoring.options import build_calibration, loaded, score_key
     from ..store import Store
@@ -121,25 +124,19 @@ def prune(config: PruneConfig) -> Path:
             "previous": previous,
         }
         out = Path(config.out)
-        staging = out.with_name(f".{out.name}.tmp")
-        shutil.rmtree(staging, ignore_errors=True)
-        try:
+        with staged_folder(out) as staging:  # an empty `out` (checked above) is replaced
             model.save_pretrained(staging)
             tokenizer = load_tokenizer(at.path)
             if tokenizer is not None:
                 tokenizer.save_pretrained(staging)
             (staging / MANIFEST).write_text(json.dumps(record, indent=2) + "\n")
-            if out.exists():
-                out.rmdir()  # empty, checked above
-            os.replace(staging, out)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
         return out
 
 
 def manifest(path: str | os.PathLike) -> dict:
-    """The manifest of a pruned model directory."""
-    return json.loads((Path(path) / MANIFEST).read_text())
+    """The manifest of a pruned model directory. Raises OSError where it cannot be read, ValueError where it is no
+    JSON object."""
+    return json_object(Path(path) / MANIFEST)
 
 
 def _dropped_so_far(previous: dict | None, already: dict[str, list[int]] | None = None) -> dict[str, list[int]]:
