@@ -124,6 +124,7 @@ CALIBRATION = options(
 )
 """Which calibration set: the fields of `CalibrationSpec`, gathered into one by `calibration`."""
 
+
 def loading(*without: str):
     """How checkpoints are loaded and scored, but for the fields named in `without`: the rest of `ScoringOptions`,
     which scan, prune, curves and eval share."""
@@ -137,6 +138,7 @@ def calibration(values: dict) -> CalibrationSpec:
 
 
 def echo_frame(frame: pl.DataFrame, **settings) -> None:
+    """Print a frame whole, without its shape and column types; `settings` add to or override polars' `Config`."""
     with pl.Config(tbl_hide_dataframe_shape=True, tbl_hide_column_data_types=True, tbl_rows=-1, tbl_cols=-1,
                    **{"tbl_width_chars": 220, **settings}):
         click.echo(frame)

@@ -55,7 +55,6 @@ def span_length(module: str) -> int | None:
     return int(module[4:]) if module.startswith("span") and module[4:].isdigit() else None
 
 
-
 CHECKPOINT_COLUMNS: dict[str, pl.DataType] = {
     "model": pl.String,
     "revision": pl.String,

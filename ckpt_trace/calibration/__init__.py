@@ -29,13 +29,7 @@ May import: the edges (`errors`, `paths`).
 
 from .blocks import heldout_set, load_calibration
 from .local import pydoc_documents
-from .sets import (
-           DEFAULT_SEQ_LEN,
-           DEFAULT_SPEC,
-           CalibrationSet,
-           CalibrationSpec,
-           fit_seq_len,
-)
+from .sets import DEFAULT_SEQ_LEN, DEFAULT_SPEC, CalibrationSet, CalibrationSpec, fit_seq_len
 
 __all__ = ["DEFAULT_SEQ_LEN", "DEFAULT_SPEC", "CalibrationSet", "CalibrationSpec", "fit_seq_len", "heldout_set",
            "load_calibration", "pydoc_documents"]

@@ -1,5 +1,4 @@
-"""From documents to calibration blocks: reading a spec's source, tokenizing, cutting and drawing.
-"""
+"""From documents to calibration blocks: reading a spec's source, tokenizing, cutting and drawing."""
 
 from __future__ import annotations
 
@@ -56,10 +55,6 @@ def read_source(spec: str) -> Iterable[str | TextFile] | list[list[int]]:
         raise
     except READ_ERRORS as err:  # bad UTF-8, a damaged gzip or zstd stream
         raise _unreadable(spec, err) from err
-
-
-
-
 
 
 def token_pieces(documents: Iterable[str | TextFile], tokenizer) -> Iterator[list[int]]:

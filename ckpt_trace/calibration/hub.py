@@ -1,5 +1,4 @@
-"""A Hugging Face dataset's texts, read lazily, downloading only the files a draw needs.
-"""
+"""A Hugging Face dataset's texts, read lazily, downloading only the files a draw needs."""
 
 from __future__ import annotations
 

@@ -1,5 +1,4 @@
-"""Local calibration text: Python's bundled documentation, plain text and JSON-lines files, read a piece at a time.
-"""
+"""Local calibration text: Python's bundled documentation, plain text and JSON-lines files, read a piece at a time."""
 
 from __future__ import annotations
 
@@ -50,7 +49,6 @@ def _jsonl_records(path: Path, label: str, fields: tuple[str, ...] = ("text", "i
             if not isinstance(record, dict) or not (set(fields) & record.keys()):
                 raise CalibrationError(f"{label}:{number} needs a {' or '.join(map(json.dumps, fields))} field")
             yield record
-
 
 
 def _unreadable(path: str | Path, err: BaseException | str) -> CalibrationError:

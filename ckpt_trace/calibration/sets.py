@@ -98,7 +98,6 @@ class CalibrationSet:
             yield ids, mask
 
 
-
 def fit_seq_len(spec: CalibrationSpec, max_positions: int | None = None) -> CalibrationSpec:
     """The spec with its block length settled: as given, else the model's positions, at most DEFAULT_SEQ_LEN."""
     if spec.seq_len is not None:

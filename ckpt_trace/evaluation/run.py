@@ -88,13 +88,7 @@ def evaluate(config: EvalConfig) -> pl.DataFrame:
 
     Raises `SourceError` for a directory that is no model, `ConfigError` for a task lm-eval cannot run,
     `CalibrationError` for perplexity data that cannot be used, OSError where the store cannot be written."""
-    from ..model.loading import (
-        dtype_name,
-        load_model,
-        load_tokenizer,
-        resolve_device,
-        resolve_dtype,
-    )
+    from ..model.loading import dtype_name, load_model, load_tokenizer, resolve_device, resolve_dtype
     from ..store import Store
 
     store = Store(config.store)

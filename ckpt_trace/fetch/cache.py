@@ -1,5 +1,4 @@
-"""What ckpt-trace downloaded into a Hugging Face cache, and which scans use it: a ledger shared by processes.
-"""
+"""What ckpt-trace downloaded into a Hugging Face cache, and which scans use it: a ledger shared by processes."""
 
 from __future__ import annotations
 

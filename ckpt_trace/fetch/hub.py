@@ -127,7 +127,6 @@ def with_retries(fn, what: str):
             time.sleep(delay)
 
 
-
 class HubRepo:
     """One model repo on the Hub (or in the local cache when offline)."""
 
@@ -145,10 +144,7 @@ class HubRepo:
         self.repo_folder = self.cache_dir / repo_folder_name(repo_id=repo_id, repo_type="model")
 
     def _hub_error(self, err: Exception, action: str, revision: str | None = None) -> SourceError:
-        from huggingface_hub.errors import (
-            RepositoryNotFoundError,
-            RevisionNotFoundError,
-        )
+        from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
 
         if isinstance(err, RevisionNotFoundError):
             return SourceError(f"revision {revision!r} not found in {self.repo_id!r}; see `ckpt-trace revisions {self.repo_id}`")

@@ -32,13 +32,7 @@ from ..model.surgery import dropped, pruned_record
 from ..scoring.loss import perplexity
 from ..scoring.options import ScoringOptions
 from ..store import CURVES_SCHEMA, VERSION
-from .choice import (
-    choose_last,
-    choose_oracle,
-    choose_random,
-    choose_similarity,
-    most_droppable,
-)
+from .choice import choose_last, choose_oracle, choose_random, choose_similarity, most_droppable
 
 TARGETS = ("attention", "mlp", "block")
 STRATEGIES = ("similarity", "last", "random", "oracle")

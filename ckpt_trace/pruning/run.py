@@ -1,5 +1,4 @@
-"""The pruning job: choose what to drop, drop it, and save the pruned model with its manifest.
-"""
+"""The pruning job: choose what to drop, drop it, and save the pruned model with its manifest."""
 
 from __future__ import annotations
 
@@ -16,18 +15,9 @@ from ..paths import json_object, staged_folder, unmakeable
 from ..scoring.metrics import score
 from ..scoring.options import ScoringOptions
 from ..store import VERSION
-from .choice import (
-    STRATEGIES,
-    TARGETS,
-    check_drop,
-    choose_iterative,
-    choose_last,
-    choose_random,
-    choose_similarity,
-)
+from .choice import STRATEGIES, TARGETS, check_drop, choose_iterative, choose_last, choose_random, choose_similarity
 
 MANIFEST = "ckpt_trace_prune.json"
-
 
 
 @dataclass

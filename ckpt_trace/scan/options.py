@@ -1,5 +1,4 @@
-"""What a scan is asked to do: `ScanConfig`, shards and the metrics it stores.
-"""
+"""What a scan is asked to do: `ScanConfig`, shards and the metrics it stores."""
 
 from __future__ import annotations
 
@@ -7,19 +6,12 @@ import os
 from dataclasses import dataclass
 
 from ..errors import ConfigError
-from ..scoring.metrics import (
-    ALL_METRICS,
-    CHEAP,
-    LAST,
-)
+from ..scoring.metrics import ALL_METRICS, CHEAP, LAST
 from ..scoring.options import ScoringOptions
-from ..store import (
-    METRICS,
-)
+from ..store import METRICS
 
 PREFETCH = 1
 """Revisions fetched ahead of the one being scored, by default (see `streamed`; measured in benchmarks/)."""
-
 
 
 @dataclass

@@ -22,31 +22,12 @@ from tqdm.auto import tqdm
 from ..calibration.sets import CalibrationSet
 from ..errors import REVISION_ERRORS, one_line
 from ..fetch.sources import Checkpoint, open_source
-from ..model.loading import (
-    dtype_name,
-    load_model,
-    resolve_device,
-    resolve_dtype,
-)
+from ..model.loading import dtype_name, load_model, resolve_device, resolve_dtype
 from ..paths import remove_stale_temporaries
 from ..scoring.loss import ablation_losses
-from ..scoring.metrics import (
-    ABLATION,
-    SCORER_VERSION,
-    SPAN,
-    score,
-)
+from ..scoring.metrics import ABLATION, SCORER_VERSION, SPAN, score
 from ..scoring.options import build_calibration, score_key
-from ..store import (
-    METRICS,
-    MODULES,
-    REVISIONS_SCHEMA,
-    RUNS_SCHEMA,
-    SCORES_SCHEMA,
-    VERSION,
-    ScoreKey,
-    Store,
-)
+from ..store import METRICS, MODULES, REVISIONS_SCHEMA, RUNS_SCHEMA, SCORES_SCHEMA, VERSION, ScoreKey, Store
 from .options import ScanConfig, resolve_metrics, shard
 from .streaming import LoadAhead, _drop_locals, loads_ahead, streamed
 
@@ -79,9 +60,6 @@ def score_checkpoint(
         version=pl.lit(VERSION),
         created=pl.lit(datetime.now(timezone.utc), pl.Datetime("us", "UTC")),
     )
-
-
-
 
 
 def keep_stored(store: Store, key: ScoreKey, frame: pl.DataFrame) -> pl.DataFrame:
@@ -134,8 +112,6 @@ def _run_row(checkpoint: Checkpoint, key: ScoreKey, status: str, error: str | No
     return pl.DataFrame([row], schema=RUNS_SCHEMA)
 
 
-
-
 def score_revision(source: str, cache_dir, checkpoint: Checkpoint, calibration: CalibrationSet, config: ScanConfig,
                    dtype: torch.dtype) -> tuple[pl.DataFrame, pl.DataFrame]:
     """On a Ray worker: fetch, load and score one revision, then release it; its revision row and its scores."""
@@ -174,8 +150,6 @@ def scored_here(source, checkpoints: list[Checkpoint], calibration: CalibrationS
             finally:
                 model = None  # freed before the next is loaded
             yield checkpoint, (row, frame), None, time.perf_counter() - start
-
-
 
 
 def scan(config: ScanConfig) -> pl.DataFrame:

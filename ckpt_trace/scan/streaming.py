@@ -133,8 +133,6 @@ def _await_unlocked(lock: threading.Lock) -> None:
             log.warning("finishing the model load under way before stopping")
 
 
-
-
 def _chain(err: BaseException | None) -> Iterator[BaseException]:
     """An error and its causes (or, where none, the errors it was raised in handling), each once."""
     seen = set()

@@ -64,8 +64,6 @@ WEIGHTINGS = ("", LAST)
 """Every real token, and each sequence's last real token."""
 
 
-
-
 def _angular(ii: torch.Tensor, dd: torch.Tensor, i_d: torch.Tensor) -> torch.Tensor:
     """arccos(cos(in, in + d)) / pi from |in|^2, |d|^2 and in . d, as atan2(|in x d|, in . out): accurate at small
     angles, where arccos of a cosine near 1 is not."""

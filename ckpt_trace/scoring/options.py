@@ -25,9 +25,7 @@ from ..model.loading import (
     resolve_device,
     resolve_dtype,
 )
-from ..store import (
-    ScoreKey,
-)
+from ..store import ScoreKey
 from .metrics import SCORER_VERSION
 
 
@@ -92,7 +90,6 @@ def loaded(options: ScoringOptions, source: str | os.PathLike, revision: str | N
         opened.release(fetched)
 
 
-
 def build_calibration(model_dir, spec: CalibrationSpec) -> CalibrationSet:
     """The scan's one calibration set, tokenized by (and checked against) the model in `model_dir`."""
     config = read_config(model_dir)
@@ -108,7 +105,6 @@ def build_calibration(model_dir, spec: CalibrationSpec) -> CalibrationSet:
             f"use --seq-len {limit} or less"
         )
     return calibration
-
 
 
 def score_key(checkpoint: Checkpoint, dtype: torch.dtype, calibration: str) -> ScoreKey:
