@@ -879,3 +879,68 @@ configs:
         (["notes.jsonl", ".hidden/a.jsonl", "__pycache__/b.jsonl"], {"train": ["notes.jsonl"]}),
     ]:
         assert _inferred_splits(names) == splits, names
+
+
+def shared_store_link(cache: Path, repo_id: str, name: str, revision: str) -> tuple[Path, str, int]:
+    """Move a cached file's blob into the cache-wide Xet store, as huggingface_hub 2.x does for a Xet download:
+    the repo's blobs/<etag> becomes a link into blobs/<2 hex>/<xet hash>, listed in that file's .refs manifest.
+    Where the store holds the content already (another repo's copy), the blob is linked to it instead. The Xet hash
+    of the content stands in for the Hub's (a sha256 here: any 64 hex digits name a store entry)."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.utils import _shared_blobs
+
+    entry = Path(hf_hub_download(repo_id, name, revision=revision, cache_dir=cache, local_files_only=True))
+    blob = entry.parent.parent.parent / "blobs" / os.readlink(entry).rsplit("/", 1)[-1]
+    data = blob.read_bytes()
+    xet_hash = hashlib.sha256(data).hexdigest()
+    if not _shared_blobs.try_link_from_shared_store(blob_path=str(blob), xet_hash=xet_hash, cache_dir=cache,
+                                                    expected_size=len(data)):
+        assert _shared_blobs.publish_blob_to_shared_store(blob_path=str(blob), xet_hash=xet_hash, cache_dir=cache,
+                                                          expected_size=len(data))
+    store = _shared_blobs.shared_blob_path(cache, xet_hash)
+    assert blob.is_symlink() and blob.resolve() == store.resolve() and store.read_bytes() == data
+    return store, xet_hash, len(data)
+
+
+def test_eviction_leaves_a_xet_file_that_another_repo_shares_in_the_cache(hub, suite_files, tmp_path, monkeypatch,
+                                                                          capsys):
+    """A Xet-backed cache keeps one copy of a file for every repo that has it: evicting a scanned revision whose
+    weights another cached repo shares deletes this repo's links only, and the other repo stays whole and loads."""
+    other = "someone/same-weights"
+    hub.add_revision(other, "main", suite_files["step0"])
+    cache = (tmp_path / "cache").resolve()
+    theirs = Path(snapshot_download(other, cache_dir=cache))  # the user's own, from before
+    before = {p.name: p.read_bytes() for p in theirs.iterdir()}
+    store, _, size = shared_store_link(cache, other, "model.safetensors", "main")
+
+    real = hub_module.HubRepo.download
+    linked = []
+
+    def download_as_xet(self, revision, files):  # what a Xet download of content the store holds leaves
+        path = real(self, revision, files)
+        if "model.safetensors" in files.files:
+            linked.append(shared_store_link(cache, self.repo_id, "model.safetensors", revision.commit)[0])
+        return path
+
+    monkeypatch.setattr(hub_module.HubRepo, "download", download_as_xet)
+    code = main(["scan", REPO, "--store", str(tmp_path / "s"), "--cache-dir", str(cache), "--revisions", "step0",
+                 *SMALL])
+    assert code == 0, capsys.readouterr().err
+    assert linked == [store] and snapshots(cache) == []  # the scan's revision went through the store, and is gone
+    assert {p.name: p.read_bytes() for p in theirs.iterdir()} == before and store.stat().st_size == size
+    assert load_model(theirs).config.model_type == "gpt_neox"
+
+    # Evicted alone, the same revision frees its own blobs, and the shared file only once no repo links to it.
+    repo = hub_module.HubRepo(REPO, cache, tmp_path / "ledger.json")
+    revision = next(r for r in repo.revisions() if r.name == "step0")
+    files = repo.files(revision)
+    own = sum(len(suite_files["step0"][name]) for name in files.files if name != "model.safetensors")
+    for keep_theirs in (True, False):
+        repo.download(revision, files)
+        shared_store_link(cache, REPO, "model.safetensors", revision.commit)
+        if not keep_theirs:
+            from huggingface_hub import scan_cache_dir
+
+            scan_cache_dir(cache).delete_revisions(theirs.name).execute()  # the user deletes their repo's copy
+        assert repo.evict(revision) == own + (0 if keep_theirs else size)
+        assert store.exists() is keep_theirs

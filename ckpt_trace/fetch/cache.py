@@ -1,4 +1,10 @@
-"""What ckpt-trace downloaded into a Hugging Face cache, and which scans use it: a ledger shared by processes."""
+"""What ckpt-trace downloaded into a Hugging Face cache, which scans use it, and how it leaves the cache.
+
+The ledger is shared by processes. Eviction goes through huggingface_hub's own cache API, because the cache is the
+user's, shared by every repo they have: a blob is deleted only where no other cached file refers to it, and a Xet
+file in the cache-wide shared store (``blobs/<2 hex>/<xet hash>``, linked from each repo's ``blobs/<etag>``) only
+where its reference manifest lists no other link, in any repo.
+"""
 
 from __future__ import annotations
 
@@ -80,3 +86,29 @@ class DownloadLedger:
     def under(self, folder: Path) -> list[Path]:
         """The recorded files inside `folder`."""
         return self._read().under(folder)
+
+
+def delete_entries(cache_dir: Path, entries: list[Path], snapshot: Path) -> int:
+    """Delete snapshot entries that ckpt-trace downloaded, and the blobs behind them that nothing else in the cache
+    refers to, as `huggingface_hub.scan_cache_dir(...).delete_files` plans it; then the folders this left empty, up
+    to and including `snapshot`. Return the bytes freed.
+
+    An entry the cache scan does not list (its repo folder is damaged, say) is unlinked itself, never what it points
+    to: a blob that cannot be shown unused is left in place."""
+    from huggingface_hub import scan_cache_dir
+
+    wanted = set(entries)
+    info = scan_cache_dir(cache_dir)
+    files = [f for repo in info.repos for revision in repo.revisions for f in revision.files if f.file_path in wanted]
+    plan = info.delete_files(*files)
+    plan.execute()
+    freed = plan.expected_freed_size
+    for entry in wanted - {f.file_path for f in files}:
+        if entry.is_file() and not entry.is_symlink():
+            freed += entry.stat().st_size
+        entry.unlink(missing_ok=True)
+    for folder in sorted({e.parent for e in entries} | {snapshot}, key=lambda p: len(p.parts), reverse=True):
+        while folder != snapshot.parent and folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+            folder = folder.parent
+    return freed

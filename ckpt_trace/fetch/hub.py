@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import SourceError, one_line
-from .cache import DownloadLedger, LedgerState
+from .cache import DownloadLedger, delete_entries
 from .identity import fingerprint, weight_files
 from .revisions import Revision, parse_revision, place
 
@@ -246,32 +246,14 @@ class HubRepo:
             raise self._hub_error(err, "download of", revision.name) from err
         return Path(path)
 
-    def eviction_plan(self, revision: Revision, state: LedgerState) -> tuple[list[Path], list[Path]]:
-        """What evicting a revision deletes: the snapshot entries ckpt-trace downloaded, and the blobs
-        behind them that no other snapshot of the repo points to. Only this repo's folder is read."""
-        mine = state.under(self.snapshot(revision))
-        blobs = {p.resolve() for p in mine if p.is_symlink()}
-        snapshots = self.repo_folder / "snapshots"
-        kept = {p.resolve() for p in snapshots.rglob("*") if p.is_symlink() and p not in set(mine)} if blobs else set()
-        return mine, sorted(b for b in blobs - kept if b.is_file())
-
     def evict(self, revision: Revision) -> int:
         """Release a revision; when no other scan uses it, delete from the cache the files of it that ckpt-trace
-        downloaded. Return the bytes freed."""
+        downloaded (see `cache.delete_entries`). Return the bytes freed."""
         snapshot = self.snapshot(revision)
         with self.ledger.locked() as state:  # no scan starts a download of it meanwhile
             if state.release(snapshot):
                 return 0  # another scan still reads it; the last one to release it evicts
-            entries, blobs = self.eviction_plan(revision, state)
-            freed = sum(b.stat().st_size for b in blobs) + sum(
-                e.stat().st_size for e in entries if e.is_file() and not e.is_symlink())
-            for entry in entries:
-                entry.unlink(missing_ok=True)
-            for blob in blobs:
-                blob.unlink(missing_ok=True)
-            for folder in sorted({e.parent for e in entries} | {snapshot}, key=lambda p: len(p.parts), reverse=True):
-                while folder != snapshot.parent and folder.is_dir() and not any(folder.iterdir()):
-                    folder.rmdir()  # empty folders the eviction left, up to and including the snapshot
-                    folder = folder.parent
+            entries = state.under(snapshot)
+            freed = delete_entries(self.cache_dir, entries, snapshot)
             state.files.difference_update(map(str, entries))
         return freed
