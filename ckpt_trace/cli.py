@@ -151,8 +151,10 @@ class _OneLine(logging.Handler):
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="ckpt-trace")
-def cli():
+@click.option("-v", "--verbose", is_flag=True, help="Show the log lines of the libraries ckpt-trace runs (lm-eval's).")
+def cli(verbose):
     """Which layers of a Transformer matter, and since when: score checkpoints layer by layer."""
+    logging.getLogger("lm_eval").setLevel(logging.INFO if verbose else logging.ERROR)
 
 
 @cli.command()

@@ -122,3 +122,29 @@ def test_unknown_task_is_one_line(task_model, tmp_path, tokenizer_dir, capsys):
     assert code == 2 and "no_such_task_anywhere" in err[-1] and err[-1].startswith("ckpt-trace: error:")
     code = main(["eval", str(model_dir), "--tasks", str(tmp_path / "missing.yaml"), "--device", "cpu"])
     assert code == 2 and "does not exist" in capsys.readouterr().err
+
+
+def test_lm_eval_errors_and_a_limit_of_nothing_are_one_line(tmp_path, tokenizer_dir, capsys):
+    """An unknown task is one line on stderr, lm-eval's own log lines shown only with -v; --limit 0 is refused
+    before lm-eval runs. In a fresh process: lm-eval's log handler writes to the stderr it found first."""
+    import subprocess
+    import sys
+
+    model_dir = save_checkpoint(tmp_path / "m", "gpt_neox", tokenizer_dir=tokenizer_dir)
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        entry = "from ckpt_trace.cli import entry_point; entry_point()"
+        return subprocess.run([sys.executable, "-c", entry, *args], capture_output=True, text=True)
+
+    unknown = ["eval", str(model_dir), "--tasks", "no_such_task_anywhere", "--store", str(tmp_path / "s"),
+               "--device", "cpu"]
+    quiet = run(*unknown)
+    assert quiet.returncode == 2
+    assert quiet.stderr.strip().splitlines() == [
+        "ckpt-trace: error: lm-eval could not run no_such_task_anywhere: \"Spec 'no_such_task_anywhere' is not a "
+        "registered task/group/tag name or valid YAML path\""]
+    verbose = run("-v", *unknown)
+    assert verbose.returncode == 2 and "`pretrained` model kwarg is not of type `str`" in verbose.stderr
+    assert main(["eval", str(model_dir), "--tasks", BUILTIN_TASK, "--limit", "0", "--device", "cpu"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "ckpt-trace: error: --limit 0 leaves no item to evaluate; give 1 or more, or leave it out"]

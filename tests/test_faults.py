@@ -83,6 +83,28 @@ def test_unreadable_weights_in_the_middle_of_a_suite(suite, scanned, tmp_path, c
     assert sorted(set(Store(scanned).scores()["revision"])) == ["step0", "step100", "step300"]
 
 
+@pytest.mark.parametrize("ahead", ["--load-ahead", "--no-load-ahead"])
+def test_a_revision_with_a_config_and_no_weights_fails_and_is_recorded(suite, scanned, tmp_path, capsys, ahead):
+    """A revision folder with config.json but no weight files is a broken checkpoint, not a folder to pass over:
+    it stops the scan with exit 2 and is recorded in runs/; with --keep-going every other revision is stored and
+    the exit status is 1. A lone model folder without weights is one line and exit 2."""
+    (suite / "step200" / "model.safetensors").unlink()
+    before = files_of(scanned)
+    assert main(["scan", str(suite), "--store", str(scanned), ahead, *SMALL]) == 2
+    line = one_line(capsys)
+    assert line == (f"ckpt-trace: error: revision 'step200' of '{suite.name}' has a config.json but no weight files "
+                    "(.safetensors or .bin)")
+    assert all(files_of(scanned)[f] == data for f, data in before.items())
+    runs = Store(scanned).runs().filter(pl.col("status") == "failed")
+    assert runs["revision"].to_list() == ["step200"] and "no weight files" in runs["error"][0]
+    assert main(["scan", str(suite), "--store", str(scanned), "--keep-going", ahead, *SMALL]) == 1
+    assert "1 revision failed and is recorded" in capsys.readouterr().err
+    assert sorted(set(Store(scanned).scores()["revision"])) == ["step0", "step100", "step300"]
+    assert main(["scan", str(suite / "step200"), "--store", str(tmp_path / "lone"), *SMALL]) == 2
+    assert "has a config.json but no weight files" in one_line(capsys)
+    assert not (tmp_path / "lone" / "scores").exists()
+
+
 def test_weights_that_do_not_fit_the_config(tmp_path, tokenizer_dir, capsys):
     deeper = save_checkpoint(tmp_path / "deeper", "llama", tokenizer_dir=tokenizer_dir)
     config = json.loads((deeper / "config.json").read_text())

@@ -237,6 +237,20 @@ def test_tags_are_revisions_and_a_readme_only_main_is_skipped(hub, suite_files, 
     assert revision_table(repo, "last:1")["revision"].to_list() == ["checkpoint-100"]
 
 
+def test_a_hub_revision_with_a_config_and_no_weights_fails(hub, suite_files, tmp_path, capsys):
+    """A Hub revision whose tree holds a config.json and no weights is a broken checkpoint: exit 2, recorded in
+    runs/; with --keep-going the others are stored and the exit status is 1."""
+    hub.add_revision(REPO, "step3000", {"config.json": suite_files["step2000"]["config.json"]})
+    store, cache = tmp_path / "s", tmp_path / "c"
+    args = ["scan", REPO, "--store", str(store), "--cache-dir", str(cache), "--revisions", "step2000,step3000", *SMALL]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"revision 'step3000' of '{REPO}' has a config.json but no weight files" in err and "Traceback" not in err
+    assert Store(store).runs().filter(pl.col("status") == "failed")["revision"].to_list() == ["step3000"]
+    assert main([*args, "--keep-going"]) == 1
+    assert sorted(set(Store(store).scores()["revision"])) == ["step2000"] and snapshots(cache) == []
+
+
 def test_a_file_in_the_cache_before_the_scan_survives_it(hub, tmp_path, capsys):
     from huggingface_hub import hf_hub_download
 

@@ -5,6 +5,7 @@ no files copied anywhere.
 from __future__ import annotations
 
 import functools
+import logging
 import math
 from pathlib import Path
 
@@ -79,6 +80,8 @@ def run_tasks(model, tokenizer, tasks: list[str], num_fewshot: int | None = None
     from lm_eval.models.huggingface import HFLM
 
     groups, include = task_plan(tasks, num_fewshot)
+    # lm-eval logs at the level its logger is given (the command line's -v), else errors only.
+    verbosity = logging.getLevelName(logging.getLogger("lm_eval").level or logging.ERROR)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(next(model.parameters()).device))
     # lm-eval's own tasks (thousands of YAML files) are indexed only where a task may name one.
     manager = task_manager(tuple(include), defaults=any(name != BUILTIN_TASK for name in tasks))
@@ -88,7 +91,7 @@ def run_tasks(model, tokenizer, tasks: list[str], num_fewshot: int | None = None
             # Accuracies are means, whose standard error lm-eval computes in closed form; the iterations are for
             # the few metrics it can only bootstrap.
             results = simple_evaluate(model=lm, tasks=specs, num_fewshot=shots, task_manager=manager, limit=limit,
-                                      log_samples=False, bootstrap_iters=STDERR_BOOTSTRAP, verbosity="ERROR")
+                                      log_samples=False, bootstrap_iters=STDERR_BOOTSTRAP, verbosity=verbosity)
         except TASK_ERRORS as err:  # a task it cannot find, read or load (offline, unknown name, bad YAML)
             names = [s["task"] if isinstance(s, dict) else s for s in specs]
             raise ConfigError(f"lm-eval could not run {', '.join(names)}: {one_line(err)}") from err

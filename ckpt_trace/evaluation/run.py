@@ -22,6 +22,7 @@ from pathlib import Path
 
 import polars as pl
 
+from ..errors import ConfigError
 from ..fetch.sources import single_checkpoint
 from ..scoring.loss import perplexity, perplexity_set
 from ..scoring.options import ScoringOptions
@@ -79,6 +80,8 @@ class EvalConfig(ScoringOptions):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"--limit {self.limit} leaves no item to evaluate; give 1 or more, or leave it out")
         if self.tasks is None and not (self.perplexity or self.speed):
             self.tasks = ["paper"]
 

@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..calibration.sets import CalibrationSet
-from ..errors import REVISION_ERRORS, one_line
+from ..errors import REVISION_ERRORS, SourceError, one_line
 from ..fetch.sources import Checkpoint, open_source
 from ..model.loading import dtype_name, load_model, resolve_device, resolve_dtype
 from ..paths import remove_stale_temporaries
@@ -112,12 +112,28 @@ def _run_row(checkpoint: Checkpoint, key: ScoreKey, status: str, error: str | No
     return pl.DataFrame([row], schema=RUNS_SCHEMA)
 
 
+def holds_config(checkpoint: Checkpoint) -> bool:
+    """Whether a revision holds a model's config: a revision with neither config nor weights (a Hub repo's
+    README-only main) is no model, while one with a config and no weights is a checkpoint that is broken."""
+    if checkpoint.path is not None:
+        return (checkpoint.path / "config.json").is_file()
+    return "config.json" in getattr(checkpoint.files, "files", ())
+
+
+def check_weights(checkpoint: Checkpoint) -> None:
+    """Raise `SourceError` for a checkpoint without weight files: it fails, as weights that cannot be read do."""
+    if checkpoint.weights is None:
+        raise SourceError(f"revision {checkpoint.revision.name!r} of {checkpoint.model!r} has a config.json but no "
+                          "weight files (.safetensors or .bin)")
+
+
 def score_revision(source: str, cache_dir, checkpoint: Checkpoint, calibration: CalibrationSet, config: ScanConfig,
                    dtype: torch.dtype) -> tuple[pl.DataFrame, pl.DataFrame]:
     """On a Ray worker: fetch, load and score one revision, then release it; its revision row and its scores."""
     opened = open_source(source, cache_dir)
     fetched = checkpoint
     try:
+        check_weights(checkpoint)
         fetched = opened.fetch(checkpoint)
         device = resolve_device(config.device)  # the worker's own: the GPU Ray gave the task, else the CPU
         return _revision_row(fetched), score_checkpoint(fetched, calibration, config, device, dtype)
@@ -141,6 +157,7 @@ def scored_here(source, checkpoints: list[Checkpoint], calibration: CalibrationS
                 if fetch_error is not None:
                     raise fetch_error
                 row = _revision_row(checkpoint)  # reads what is recorded beside the weights: a bad record fails early
+                check_weights(checkpoint)
                 frame = score_checkpoint(checkpoint, calibration, config, device, dtype,
                                          ahead.take(model, checkpoint) if ahead is not None else None)
             except REVISION_ERRORS as err:
@@ -191,8 +208,8 @@ def scan(config: ScanConfig) -> pl.DataFrame:
     for checkpoint in checkpoints:
         name = checkpoint.revision.name
         key = keys[name] = score_key(checkpoint, dtype, calibration.id)
-        if checkpoint.weights is None and not isinstance(checkpoint.files, Exception):
-            statuses[name] = ("skipped", None, "no weight files in this revision")
+        if checkpoint.weights is None and not isinstance(checkpoint.files, Exception) and not holds_config(checkpoint):
+            statuses[name] = ("skipped", None, "no model: no weight files in this revision, and no config.json")
         elif checkpoint.duplicate_of is not None:
             why = f"same weights as {checkpoint.duplicate_of}"
             store.write_revision(_revision_row(checkpoint))
