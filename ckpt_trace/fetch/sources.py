@@ -26,6 +26,8 @@ EVAL_FILE = "ckpt_trace_eval.json"
 """A checkpoint's own evaluation record, written beside its weights by the micro suite."""
 
 _REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+RELEASE = "main"
+"""The revision that holds the released model, on the Hub and in a directory of revisions (see `revisions.place`)."""
 
 
 @dataclass(frozen=True)
@@ -140,7 +142,7 @@ class LocalSource:
         if not subdirs:
             raise SourceError(f"{str(self.root)!r} is no model: it has no config.json and no subdirectories with one")
         checkpoints = []
-        for rev in select([parse_revision(n) for n in subdirs], selection, branch):
+        for rev in select([parse_revision(n) for n in subdirs], selection, branch, release=RELEASE):
             checkpoint = _local(self.model, rev, subdirs[rev.name])
             try:
                 tokens = checkpoint.record().get("tokens")
@@ -172,7 +174,8 @@ class HubSource:
 
     def checkpoints(self, selection: str | None = None, branch: str | None = None) -> list[Checkpoint]:
         """Selected revisions with their files; byte-identical weights point at the first revision that has them."""
-        revisions = select(self.repo.revisions(), selection, branch, tokens_per_step(self.model))
+        listed = self.repo.revisions()
+        revisions = select(listed, selection, branch, tokens_per_step(self.model), self._release(listed))
         checkpoints = [
             # A listing that failed is kept as the files: fetch() raises it, so the scan records the revision as failed.
             Checkpoint(self.model, rev, files=files) if isinstance(files, Exception)
@@ -180,6 +183,17 @@ class HubSource:
             for rev, files in zip(revisions, self.repo.describe(revisions))
         ]
         return mark_duplicates(checkpoints)
+
+    def _release(self, listed: list[Revision]) -> str | None:
+        """RELEASE, unless its own commit holds no weight files: a README-only main (SmolLM2's and SmolLM3's
+        checkpoint repos) is no final model, so it does not end the trunk; a scan skips it where it is named."""
+        main = next((r for r in listed if r.name == RELEASE and r.alias_of is None), None)
+        if main is None:
+            return RELEASE
+        try:
+            return RELEASE if self.repo.files(main).fingerprint is not None else None
+        except SourceError:  # cannot tell: the release it is, and a scan of it records the failure
+            return RELEASE
 
     def _files(self, checkpoint: Checkpoint):
         if isinstance(checkpoint.files, Exception):
@@ -216,17 +230,21 @@ def open_source(source: str | os.PathLike, cache_dir: str | os.PathLike | None =
 
 def revision_table(source: str | os.PathLike, selection: str | None = None, cache_dir=None,
                    branch: str | None = None) -> pl.DataFrame:
-    """The revisions of a source in training order: step, tokens, stage, branch, commit, weight bytes, duplicates.
+    """The revisions of a source in training order: step, tokens, stage, phase, branch, commit, weight bytes,
+    duplicates, and for the release whose commit is no checkpoint's, `after`: the trunk's last checkpoint, which it
+    follows.
     Raises `SourceError` for a source that does not exist, `SelectionError` for a selection that matches nothing."""
     checkpoints = open_source(source, cache_dir).checkpoints(selection, branch)
     rows = [
         {
             "revision": c.revision.name, "step": c.revision.step, "tokens": c.revision.tokens,
-            "stage": c.revision.stage, "branch": c.revision.branch, "commit": c.revision.commit,
-            "weight_bytes": c.weight_bytes, "weights": c.weights, "duplicate_of": c.duplicate_of or c.revision.alias_of,
+            "stage": c.revision.stage, "phase": c.revision.phase, "branch": c.revision.branch,
+            "commit": c.revision.commit, "weight_bytes": c.weight_bytes, "weights": c.weights,
+            "duplicate_of": c.duplicate_of or c.revision.alias_of, "after": c.revision.after,
         }
         for c in checkpoints
     ]
-    schema = {"revision": pl.String, "step": pl.Int64, "tokens": pl.Int64, "stage": pl.Int64, "branch": pl.String,
-              "commit": pl.String, "weight_bytes": pl.Int64, "weights": pl.String, "duplicate_of": pl.String}
+    schema = {"revision": pl.String, "step": pl.Int64, "tokens": pl.Int64, "stage": pl.Int64, "phase": pl.String,
+              "branch": pl.String, "commit": pl.String, "weight_bytes": pl.Int64, "weights": pl.String,
+              "duplicate_of": pl.String, "after": pl.String}
     return pl.DataFrame(rows, schema=schema)
