@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 LFS_SUFFIXES = (".safetensors", ".bin")
 
@@ -217,6 +217,15 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self):
         self._route()
 
+    def do_POST(self):  # paths-info: the files and folders at the given paths of a revision
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0)).decode()
+        form = parse_qs(body)
+        parts = [unquote(p) for p in urlsplit(self.path).path.split("/")[1:]]
+        if parts[:1] != ["api"] or len(parts) != 6 or parts[4] != "paths-info":
+            return self._error("EntryNotFound")
+        prefix = "" if parts[1] == "models" else f"{parts[1]}/"
+        return self._api(f"{prefix}{parts[2]}/{parts[3]}", "paths-info", [parts[5]], form.get("paths", []))
+
     def _route(self):
         parts = [unquote(p) for p in urlsplit(self.path).path.split("/")[1:]]
         if self.hub.take_error(self.path, self.hub.hang_ups):  # a network fault: the connection closes, no status line
@@ -228,10 +237,12 @@ class _Handler(BaseHTTPRequestHandler):
         if parts[:1] == ["cdn"] and len(parts) == 2:
             data = self.hub.blobs.get(parts[1])
             return self._error("EntryNotFound") if data is None else self._bytes(data, parts[1])
-        if parts[:2] == ["api", "models"] and len(parts) >= 5:
-            return self._api(f"{parts[2]}/{parts[3]}", parts[4], parts[5:])
-        if parts[:2] == ["api", "datasets"] and len(parts) >= 5:
-            return self._api(f"datasets/{parts[2]}/{parts[3]}", parts[4], parts[5:])
+        if parts[:2] in (["api", "models"], ["api", "datasets"]) and len(parts) >= 4:
+            prefix = "" if parts[1] == "models" else "datasets/"
+            verb, rest = (parts[4], parts[5:]) if len(parts) >= 5 else ("revision", ["main"])  # info: at main
+            query = parse_qs(urlsplit(self.path).query)
+            return self._api(f"{prefix}{parts[2]}/{parts[3]}", verb, rest, recursive=query.get("recursive") == ["True"]
+                             or query.get("recursive") == ["true"])
         if parts[:1] == ["datasets"] and len(parts) >= 6 and parts[3] == "resolve":
             return self._resolve(f"datasets/{parts[1]}/{parts[2]}", parts[4], "/".join(parts[5:]))
         if len(parts) >= 5 and parts[2] == "resolve":
@@ -244,7 +255,7 @@ class _Handler(BaseHTTPRequestHandler):
         return rev if rev in repo.commits else None
 
     # -- API --------------------------------------------------------------------------
-    def _api(self, repo_id: str, verb: str, rest: list[str]):
+    def _api(self, repo_id: str, verb: str, rest: list[str], paths: list[str] | None = None, recursive: bool = False):
         repo = self.hub.repos.get(repo_id)
         if repo is None:
             return self._error("RepoNotFound")
@@ -252,7 +263,7 @@ class _Handler(BaseHTTPRequestHandler):
             branches = [{"name": b, "ref": f"refs/heads/{b}", "targetCommit": c} for b, c in repo.branches.items()]
             tags = [{"name": t, "ref": f"refs/tags/{t}", "targetCommit": c} for t, c in repo.tags.items()]
             return self._json({"branches": branches, "converts": [], "tags": tags})
-        if verb not in ("revision", "tree") or not rest:
+        if verb not in ("revision", "tree", "paths-info") or not rest:
             return self._error("EntryNotFound")
         commit = self._commit(repo, rest[0])
         if commit is None:
@@ -262,7 +273,26 @@ class _Handler(BaseHTTPRequestHandler):
             siblings = [{"rfilename": p} for p in sorted(files)]
             public_id = repo_id.removeprefix("datasets/")
             return self._json({"id": public_id, "modelId": public_id, "sha": commit, "siblings": siblings, "private": False})
-        return self._json([self._tree_entry(path, data) for path, data in sorted(files.items())])
+        if verb == "paths-info":
+            return self._json([self._entry(files, p.strip("/")) for p in paths or [] if self._entry(files, p.strip("/"))])
+        folder = "/".join(rest[1:]).strip("/")
+        if folder and self._entry(files, folder) is None:
+            return self._error("EntryNotFound")
+        under = [p for p in sorted(files) if not folder or p.startswith(f"{folder}/")]
+        depth = folder.count("/") + 1 if folder else 0
+        folders = sorted({"/".join(p.split("/")[:n]) for p in under for n in range(depth + 1, p.count("/") + 1)})
+        if not recursive:  # a folder's own files and folders; recursive listings hold every level
+            under = [p for p in under if p.count("/") == depth]
+            folders = [f for f in folders if f.count("/") == depth]
+        return self._json([self._entry(files, f) for f in folders] + [self._tree_entry(p, files[p]) for p in under])
+
+    def _entry(self, files: dict[str, bytes], path: str) -> dict | None:
+        """A file's tree entry, a folder's (one that holds files), or None."""
+        if path in files:
+            return self._tree_entry(path, files[path])
+        if any(p.startswith(f"{path}/") for p in files):
+            return {"type": "directory", "path": path, "oid": hashlib.sha1(path.encode()).hexdigest()}
+        return None
 
     def _tree_entry(self, path: str, data: bytes) -> dict:
         if path.endswith(LFS_SUFFIXES):
