@@ -95,7 +95,8 @@ def option(cls: type, name: str, *decls: str, dest: str | None = None, **kwargs)
         default = field.default_factory()
     else:
         default, kwargs = None, {"required": True, **kwargs}
-    doc = re.sub(r" \(see [^)]*\)", "", field_docs(cls).get(name, "")).replace("None: ", "default: ")
+    doc = re.sub(r" \((?:see|of) [^)]*\)", "", field_docs(cls).get(name, ""))  # pointers into the code
+    doc = re.sub(r"(^|\. )None: ", r"\1Default: ", doc).replace("None: ", "default: ")
     settings = {"default": default, "help": doc}
     if kind is bool:
         settings["is_flag"] = True
@@ -149,7 +150,7 @@ class _OneLine(logging.Handler):
         click.echo(f"ckpt-trace: {record.levelname.lower()}: {record.getMessage()}", err=True)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120})
 @click.version_option(package_name="ckpt-trace")
 @click.option("-v", "--verbose", is_flag=True, help="Show the log lines of the libraries ckpt-trace runs (lm-eval's).")
 def cli(verbose):
@@ -157,7 +158,7 @@ def cli(verbose):
     logging.getLogger("lm_eval").setLevel(logging.INFO if verbose else logging.ERROR)
 
 
-@cli.command()
+@cli.command(short_help="Score every layer of every revision into the store.")
 @click.argument("source", required=False)
 @options(
     option(ScanConfig, "revisions"),
@@ -199,7 +200,7 @@ def scan(**values):
         return FAILED
 
 
-@cli.command()
+@cli.command(short_help="List the revisions of a source in training order.")
 @click.argument("source")
 @options(option(ScanConfig, "revisions", "--select"), option(ScanConfig, "branch"),
          option(ScoringOptions, "cache_dir"))
@@ -214,15 +215,18 @@ def revisions(source, revisions, branch, cache_dir):
     table = revision_table(source, revisions, cache_dir, branch).with_columns(
         pl.col("commit").str.slice(0, 10), (pl.col("weight_bytes") / 1e6).round(1).alias("weight_MB")
     ).drop("weight_bytes")
-    # columns with nothing to say (no commits for a local suite, say) left out
-    echo_frame(table.select(c for c in table.columns if c == "revision" or table[c].null_count() < table.height))
+    shown = table.drop("after")  # columns with nothing to say (no commits for a local suite, say) left out
+    echo_frame(shown.select(c for c in shown.columns if c == "revision" or shown[c].null_count() < shown.height))
+    for name, after in table.filter(pl.col("after").is_not_null()).select("revision", "after").rows():
+        click.echo(f"{name}: the release, after {after}; its commit matches no checkpoint")
     duplicates = table["duplicate_of"].drop_nulls().len()
     no_weights = table.filter(pl.col("weights").is_null()).height
-    click.echo(f"{table.height} revisions" + (f", {duplicates} with the same weights as an earlier one" if duplicates else "")
-               + (f", {no_weights} with no weight files (a scan skips them)" if no_weights else ""))
+    click.echo(f"{table.height} revision{'s' if table.height != 1 else ''}" + (f", {duplicates} with the same weights as an earlier one" if duplicates else "")
+               + (f", {no_weights} with no weight files (a scan skips those without a config.json, and fails those with one)"
+                  if no_weights else ""))
 
 
-@cli.command()
+@cli.command(short_help="Drop attention, MLP or whole blocks and save the model.")
 @click.argument("source")
 @options(
     option(PruneConfig, "revision"),
@@ -238,7 +242,7 @@ def prune(**values):
     """Drop attention layers, MLP layers, whole blocks, or both kinds jointly, and save the pruned model.
 
     A block-dropped model loads with plain transformers; an attention- or MLP-dropped one
-    with ckpt_trace.load_pruned (and every ckpt-trace command).
+    with every ckpt-trace command (and ckpt_trace.load_pruned in Python).
     """
     from .pruning.run import manifest
     from .pruning.run import prune as run_prune
@@ -253,7 +257,7 @@ def prune(**values):
     click.echo(f"parameters {record['parameters_before']:,} -> {record['parameters_after']:,}; saved to {out}")
 
 
-@cli.command()
+@cli.command(short_help="Perplexity against the number of modules dropped.")
 @click.argument("source")
 @options(
     option(CurveConfig, "revision"),
@@ -264,7 +268,9 @@ def prune(**values):
 @CALIBRATION
 @loading()
 def curves(**values):
-    """Pruning curves: held-out perplexity with k = 1 .. L-1 modules dropped by similarity, last, random and oracle.
+    """Held-out perplexity against the number of modules dropped, by similarity, last, random and oracle.
+
+    k = 1 .. L-1 modules are dropped from one checkpoint, for each target.
 
     The oracle drops the modules whose removal alone costs the least loss (ablation_loss).
     Scores are taken from the store when it has them for these weights, else computed.
@@ -279,7 +285,7 @@ def curves(**values):
                f"{first['data']}), stored in {config.store}/curves; random: geometric mean, lowest and highest over seeds")
 
 
-@cli.command("eval")
+@cli.command("eval", short_help="Benchmarks, perplexity and speed of model folders.")
 @click.argument("models", nargs=-1, required=True)
 @options(
     option(EvalConfig, "tasks", type=Listed("names no task; give lm-eval task names, task YAML paths, paper or "
@@ -306,7 +312,7 @@ def eval_command(**values):
     click.echo(f"results stored in {config.store}/evals")
 
 
-@cli.command()
+@cli.command(short_help="Write the report: the findings and their figures.")
 @options(
     option(ScoringOptions, "store"),
     click.option("--out", default="figures", show_default=True,
@@ -322,12 +328,12 @@ def report(store, out, model, color_scale):
     click.echo(f"wrote {write_report(store, out, model, color_scale)} and {Path(out) / 'report.html'}")
 
 
-@cli.group("micro-suite")
+@cli.group("micro-suite", short_help="The built-in micro checkpoint suite.")
 def micro_suite():
     """The built-in micro checkpoint suite, trained on Python's own documentation."""
 
 
-@micro_suite.command("build")
+@micro_suite.command("build", short_help="Train the micro suite and print where it is.")
 @options(option(MicroSuiteConfig, "arch"),
          click.option("--force", is_flag=True, help="Train again even if the suite is built."))
 def micro_suite_build(arch, force):

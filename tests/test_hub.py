@@ -228,7 +228,8 @@ def test_tags_are_revisions_and_a_readme_only_main_is_skipped(hub, suite_files, 
     assert table["revision"].to_list() == ["checkpoint-3", "checkpoint-20", "checkpoint-100", "main"]
     assert table["weights"].to_list()[3] is None
     assert main(["revisions", repo]) == 0
-    assert "4 revisions, 1 with no weight files (a scan skips them)" in capsys.readouterr().out
+    assert ("4 revisions, 1 with no weight files (a scan skips those without a config.json, and fails those with "
+            "one)") in capsys.readouterr().out
     code = main(["scan", repo, "--store", str(tmp_path / "s"), "--cache-dir", str(tmp_path / "c"), *SMALL])
     assert code == 0, capsys.readouterr().err
     assert sorted(set(Store(tmp_path / "s").scores()["revision"])) == ["checkpoint-100", "checkpoint-20", "checkpoint-3"]

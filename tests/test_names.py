@@ -299,7 +299,7 @@ def weights(text: str) -> dict[str, bytes]:
     ("ckpt_358", "ckpt_358", None),  # the last checkpoint under a second name
     ("readme", "ckpt_358", None),  # a README only: no model, so not the end of the trunk; a scan skips it
 ])
-def test_main_on_the_hub(hub, main, last, after):
+def test_main_on_the_hub(hub, main, last, after, capsys):
     repo = "LLM360/tiny-amber"
     commits = {n: hub.add_revision(repo, n, weights(n)) for n in ["ckpt_001", "ckpt_000", "ckpt_358"]}
     if main == "own":
@@ -312,5 +312,10 @@ def test_main_on_the_hub(hub, main, last, after):
     assert table.select("revision", "after").rows() == [("ckpt_000", None), ("ckpt_001", None), ("ckpt_358", None),
                                                         ("main", after)]
     assert revision_table(repo, "last:1")["revision"].to_list() == [last]
+    from ckpt_trace.cli import main as command_line
+
+    assert command_line(["revisions", repo]) == 0
+    said = f"main: the release, after {after}; its commit matches no checkpoint"
+    assert (said in capsys.readouterr().out) is (after is not None)
     assert revision_table(repo, "ckpt_001..")["revision"].to_list() == ["ckpt_001", "ckpt_358"] + (
         ["main"] if main == "own" else [])

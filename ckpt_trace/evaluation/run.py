@@ -67,7 +67,7 @@ class EvalConfig(ScoringOptions):
     limit: int | None = None
     """At most this many items per task (for quick looks)."""
     perplexity: bool = False
-    """Measure perplexity on held-out text (or on `perplexity_data`)."""
+    """Measure perplexity on held-out text (or on the perplexity data given)."""
     perplexity_data: str | None = None
     """Any calibration spec, pre-tokenized jsonl included; None: the documents a micro suite held out from training,
     else blocks of the calibration text that the calibration set does not take."""

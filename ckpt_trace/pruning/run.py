@@ -33,7 +33,8 @@ class PruneConfig(ScoringOptions):
     out: str | os.PathLike
     """Output directory for the pruned model; must not exist or be empty."""
     strategy: str = "similarity"
-    """similarity, iterative, last or random."""
+    """similarity (the least important by importance, in one shot), iterative (the least important, scored again
+    after each drop), last (the deepest, keeping the final layer) or random (chosen with the random seed)."""
     revision: str | None = None
     """Revision to prune; default: the last in training order."""
     random_seed: int = 0

@@ -22,9 +22,10 @@ class ScanConfig(ScoringOptions):
     """A Hub repo id, a model directory, or a directory of revision subdirectories; None: the micro suite."""
     revisions: str | None = None
     """Selection: names, A..B step ranges, every:K, log:K, first:N, last:N (see `ckpt_trace.fetch.revisions.select`);
-    None: all revisions."""
+    last:1 and open ranges (A..) reach the release, main, where its commit is no checkpoint's. None: all revisions."""
     branch: str | None = None
-    """The side line of training that ranges and counts select from, with the trunk into it; None: the trunk."""
+    """The side line of training that ranges and counts select from, with the trunk into it; None: the trunk, or the
+    side line a range's ends name."""
     force: bool = False
     """Score revisions again even when their scores are stored."""
     keep_going: bool = False
@@ -41,10 +42,11 @@ class ScanConfig(ScoringOptions):
     """Spread the revisions over the Ray cluster in ``RAY_ADDRESS`` (else a local Ray instance): one task per
     revision, one GPU each where the cluster has GPUs (see `ckpt_trace.scan.ray`)."""
     metrics: tuple[str, ...] | None = None
-    """Metrics to store (`ckpt_trace.scoring.ALL_METRICS`): importance and update_ratio always; angular_distance,
-    span_distance and the `_last` variants from the same pass where asked; ablation_loss where asked (one forward
+    """Metrics to store (of `ckpt_trace.scoring.ALL_METRICS`): importance and update_ratio always; angular_distance,
+    span_distance and their variants over each sequence's last token (importance_last, update_ratio_last,
+    angular_distance_last, span_distance_last) from the same pass where asked; ablation_loss where asked (one forward
     pass more per layer and module). None: importance and update_ratio; for the micro suite (no source), every one
-    but the `_last` variants."""
+    but the last-token variants."""
     tokens: str = "all"
     """Average the one-pass metrics over every real token (``all``), or over each sequence's last (``last``: stored as
     their `_last` variants; importance and update_ratio over every token are stored too)."""

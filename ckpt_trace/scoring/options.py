@@ -40,8 +40,9 @@ class ScoringOptions:
     device: str = "auto"
     """auto, cpu, cuda or cuda:N."""
     device_map: str | dict | None = None
-    """Split the model over devices instead: auto, balanced or sequential (every GPU, then the CPU, placed by
-    accelerate), or a map of module names to devices. None: all of it on `device`."""
+    """Split the model over devices instead of putting it on one: auto, balanced, balanced_low_0 or sequential (every
+    GPU, then the CPU, placed by accelerate), or, from Python, a dict of module names to devices. None: all of it on
+    the one device."""
     dtype: str = "auto"
     """auto (bfloat16 on a GPU that supports it, else float32), float32, bfloat16 or float16."""
     store: str | os.PathLike = "data"
