@@ -71,16 +71,24 @@ def test_unreadable_weights_in_the_middle_of_a_suite(suite, scanned, tmp_path, c
     """Whether step200 is loaded while step100 is scored or after, its error is its own, and stops the scan."""
     weights = suite / "step200" / "model.safetensors"
     weights.write_bytes(WEIGHT_DAMAGE[damage](weights.read_bytes()))
+    line = step200_fails(suite, scanned, capsys, ahead, "cannot load the weights")
+    assert line.startswith(f"ckpt-trace: error: cannot load the weights in '{suite / 'step200'}'")
+
+
+def step200_fails(suite: Path, scanned: Path, capsys, ahead: str, error: str) -> str:
+    """Scan the suite whose step200 is broken: the scan stops with exit 2, nothing stored changes, and step200 is
+    recorded as failed with `error` in its message; then --keep-going scores the rest, records the failure, and
+    says so in its exit status. The one line the first scan printed."""
     before = files_of(scanned)
     assert main(["scan", str(suite), "--store", str(scanned), ahead, *SMALL]) == 2
-    assert one_line(capsys).startswith(f"ckpt-trace: error: cannot load the weights in '{suite / 'step200'}'")
+    line = one_line(capsys)
     assert all(files_of(scanned)[f] == data for f, data in before.items())
     runs = Store(scanned).runs().filter(pl.col("status") == "failed")
-    assert runs["revision"].to_list() == ["step200"] and "cannot load the weights" in runs["error"][0]
-    # --keep-going scores the rest, records the failure, and says so in its exit status.
+    assert runs["revision"].to_list() == ["step200"] and error in runs["error"][0]
     assert main(["scan", str(suite), "--store", str(scanned), "--keep-going", ahead, *SMALL]) == 1
-    assert "1 revision failed" in capsys.readouterr().err
+    assert "1 revision failed and is recorded" in capsys.readouterr().err
     assert sorted(set(Store(scanned).scores()["revision"])) == ["step0", "step100", "step300"]
+    return line
 
 
 @pytest.mark.parametrize("ahead", ["--load-ahead", "--no-load-ahead"])
@@ -89,17 +97,9 @@ def test_a_revision_with_a_config_and_no_weights_fails_and_is_recorded(suite, sc
     it stops the scan with exit 2 and is recorded in runs/; with --keep-going every other revision is stored and
     the exit status is 1. A lone model folder without weights is one line and exit 2."""
     (suite / "step200" / "model.safetensors").unlink()
-    before = files_of(scanned)
-    assert main(["scan", str(suite), "--store", str(scanned), ahead, *SMALL]) == 2
-    line = one_line(capsys)
+    line = step200_fails(suite, scanned, capsys, ahead, "no weight files")
     assert line == (f"ckpt-trace: error: revision 'step200' of '{suite.name}' has a config.json but no weight files "
                     "(.safetensors or .bin)")
-    assert all(files_of(scanned)[f] == data for f, data in before.items())
-    runs = Store(scanned).runs().filter(pl.col("status") == "failed")
-    assert runs["revision"].to_list() == ["step200"] and "no weight files" in runs["error"][0]
-    assert main(["scan", str(suite), "--store", str(scanned), "--keep-going", ahead, *SMALL]) == 1
-    assert "1 revision failed and is recorded" in capsys.readouterr().err
-    assert sorted(set(Store(scanned).scores()["revision"])) == ["step0", "step100", "step300"]
     assert main(["scan", str(suite / "step200"), "--store", str(tmp_path / "lone"), *SMALL]) == 2
     assert "has a config.json but no weight files" in one_line(capsys)
     assert not (tmp_path / "lone" / "scores").exists()

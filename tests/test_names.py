@@ -51,6 +51,14 @@ B, T = 10**9, 10**12
         ("extension_step0000250", 250, None, None, "extension", None),
         ("annealing_step0000250", 250, None, None, "annealing", None),
         ("step-013500-28BT", 13500, 28 * B, None, None, None),  # FineWeb ablations
+        ("step0", 0, None, None, None, None),  # Pythia
+        ("stage2-ingredient3-step11931-tokens50B", 11931, 50 * B, 2, None, "ingredient3"),
+        ("stage3-step-2000", 2000, None, 3, None, None),  # SmolLM3
+        ("lc-32k-to-64k-step-3000", 3000, None, None, "lc-32k-to-64k", None),
+        ("ckpt_358", 358, None, None, None, None),  # LLM360
+        ("checkpoint-400", 400, None, None, None, None),  # stanford-crfm (tags)
+        ("extension_step500", 500, None, None, "extension", None),  # Lucie
+        ("step-001000-2BT", 1000, 2 * B, None, None, None),  # FineWeb ablations
         ("main", None, None, None, None, None),
         ("custom-branch", None, None, None, None, None),
     ],
