@@ -20,7 +20,7 @@ def training_line(revisions: list[tuple[str, str | None]], branch: str | None = 
     """The revisions, given as (name, commit), of one line of training in order: the trunk, or the side line
     `branch` with the trunk into it (see `ckpt_trace.fetch.revisions`). A run whose names fit no scheme (one model,
     revision main) is one line of all of them."""
-    placed = place([parse_revision(name, commit=commit) for name, commit in revisions], release="main")
+    placed = place([parse_revision(name, commit=commit) for name, commit in revisions])
     line = lines(placed).get(branch, []) if branch else lines(placed)[None]
     return [r.name for r in (line or placed)]
 
