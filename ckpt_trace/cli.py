@@ -1,8 +1,9 @@
 """The ckpt-trace command line: thin click commands over the library functions.
 
-Every option is a field of the dataclass its command fills in (`ScanConfig`, `PruneConfig`, `CurveConfig`,
-`EvalConfig`, their shared `ScoringOptions` and `CalibrationSpec`): the option's name, default, type and help are
-made from the field and the docstring under it, so that each is declared once.
+Every option of a command that fills in a dataclass (`ScanConfig`, `PruneConfig`, `CurveConfig`, `EvalConfig`, their
+shared `ScoringOptions` and `CalibrationSpec`, `MicroSuiteConfig`) is made from its field: the option's name,
+default, type and help come from the field and the docstring under it, so that each is declared once. The few
+options that fill in no dataclass (`report`'s, `micro-suite build --force`) are declared here, once.
 """
 
 from __future__ import annotations
@@ -217,8 +218,9 @@ def revisions(source, revisions, branch, cache_dir):
     ).drop("weight_bytes")
     shown = table.drop("after")  # columns with nothing to say (no commits for a local suite, say) left out
     echo_frame(shown.select(c for c in shown.columns if c == "revision" or shown[c].null_count() < shown.height))
-    for name, after in table.filter(pl.col("after").is_not_null()).select("revision", "after").rows():
-        click.echo(f"{name}: the release, after {after}; its commit matches no checkpoint")
+    for name, after, commit in table.filter(pl.col("after").is_not_null()).select("revision", "after", "commit").rows():
+        why = "its commit matches no checkpoint" if commit else "it is no link to a checkpoint"
+        click.echo(f"{name}: the release, after {after}; {why}")
     duplicates = table["duplicate_of"].drop_nulls().len()
     no_weights = table.filter(pl.col("weights").is_null()).height
     click.echo(f"{table.height} revision{'s' if table.height != 1 else ''}" + (f", {duplicates} with the same weights as an earlier one" if duplicates else "")

@@ -31,7 +31,7 @@ from .metrics import SCORER_VERSION
 
 @dataclass(kw_only=True)
 class ScoringOptions:
-    """How checkpoints are loaded and scored; shared by scans and pruning."""
+    """How checkpoints are loaded and scored; shared by scans, pruning, curves and evaluation."""
 
     calibration: CalibrationSpec = field(default_factory=CalibrationSpec)
     """Which calibration set to score on."""

@@ -1,8 +1,9 @@
 """A loopback HTTP server that answers like the Hugging Face Hub, for tests and benchmarks.
 
 It serves repositories whose files the tests make, through the endpoints that the real
-huggingface_hub client calls (see ../shared/HUB_NOTES.md): refs, revision info, tree
-listings, file metadata (HEAD) and file downloads with Range. LFS files (``.safetensors``
+huggingface_hub client calls, and the datasets library through it: refs, repo and revision
+info, tree listings (a folder level by level, or whole), paths-info, file metadata (HEAD)
+and file downloads with Range. LFS files (``.safetensors``
 and ``.bin``) are redirected to ``localhost`` while the server listens on ``127.0.0.1``,
 which takes the client's CDN path. Every request is logged. Faults can be injected: a
 download cut off half-way, or server errors for the next requests matching a path.
