@@ -322,12 +322,14 @@ def eval_command(**values):
     click.option("--model", help="Only this model (default: every model in the store)."),
     click.option("--color-scale", default="linear", show_default=True, type=click.Choice(COLOR_SCALES),
                  help="The heatmaps' colour scale (each module has its own range); log shows the late layers near 0."),
+    click.option("--branch", help="Draw this side line of training (an OLMo-2 ingredient, say), with the trunk into "
+                 "it, instead of the trunk: for every model that has it."),
 )
-def report(store, out, model, color_scale):
+def report(store, out, model, color_scale, branch):
     """Write the report: findings, heatmaps, per-layer curves, consistency, drop-set emergence, pruning curves."""
     from .analysis.report import write_report
 
-    click.echo(f"wrote {write_report(store, out, model, color_scale)} and {Path(out) / 'report.html'}")
+    click.echo(f"wrote {write_report(store, out, model, color_scale, branch)} and {Path(out) / 'report.html'}")
 
 
 @cli.group("micro-suite", short_help="The built-in micro checkpoint suite.")

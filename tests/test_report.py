@@ -392,3 +392,33 @@ def test_links_to_figures_of_a_hub_model_survive_a_markdown_viewer(tmp_path):
     assert (tmp_path / "out" / "EleutherAI%2Fpythia-160m" / "consistency.png").is_file()
     # The viewer decodes the link once, to the folder's name on disk.
     assert "(EleutherAI%252Fpythia-160m/consistency.png)" in md and "(EleutherAI%252Fpythia-160m/consistency.svg)" in md
+
+
+OLMO2 = {  # an OLMo-2-style run: a stage-1 trunk, and two stage-2 anneals (ingredients) from its last checkpoint
+    "stage1-step100-tokens1B": 100, "stage1-step200-tokens2B": 200, "stage1-step300-tokens3B": 300,
+    "stage2-ingredient1-step10-tokens1B": 1000, "stage2-ingredient1-step20-tokens2B": 2000,
+    "stage2-ingredient2-step10-tokens1B": 4,
+}
+
+
+def test_report_draws_a_side_line_with_the_trunk_into_it(tmp_path, capsys):
+    rows = pl.concat(synthetic_rows("olmo", steps=[step]).with_columns(revision=pl.lit(name))
+                     for name, step in OLMO2.items())
+    store = store_with(tmp_path, pl.concat([rows, synthetic_rows("pythia")]))
+
+    def drawn(*args: str) -> list[str]:
+        out = tmp_path / "-".join(args or ("trunk",))
+        assert main(["report", "--store", str(store.root), "--out", str(out), "--model", "olmo", *args]) == 0
+        section = (out / "report.md").read_text().split("## olmo")[1]
+        return [row[0] for row in table_rows(section) if row[0] in OLMO2]
+
+    trunk = ["stage1-step100-tokens1B", "stage1-step200-tokens2B", "stage1-step300-tokens3B"]
+    assert drawn()[:3] == trunk and set(drawn()) == set(trunk)
+    line = drawn("--branch", "ingredient1")
+    assert line[:5] == [*trunk, "stage2-ingredient1-step10-tokens1B", "stage2-ingredient1-step20-tokens2B"]
+    assert set(line) == set(line[:5])
+    capsys.readouterr()
+    assert main(["report", "--store", str(store.root), "--out", str(tmp_path / "x"), "--branch", "ingredient3"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"ckpt-trace: error: no model in '{store.root}' has a side line 'ingredient3'; their side lines: olmo: "
+        "ingredient1, ingredient2; pythia: none"]

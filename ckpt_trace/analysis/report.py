@@ -31,6 +31,7 @@ from .statistics import (
     model_scores,
     pruned_vs_original,
     rank_consistency,
+    side_lines,
     tradeoff,
 )
 
@@ -67,13 +68,15 @@ def _per_revision(frame: pl.DataFrame, module: str, metric: str) -> pl.DataFrame
 
 def build_model_report(scores: pl.DataFrame, revisions: pl.DataFrame, model: str,
                        evals: pl.DataFrame | None = None, curves: pl.DataFrame | None = None,
-                       color_scale: str = "linear") -> ModelReport:
-    """Analyse one model's scores (and its pruned models' evaluations and pruning curves) and draw its figures."""
-    frame = model_scores(scores, model)
+                       color_scale: str = "linear", branch: str | None = None) -> ModelReport:
+    """Analyse one model's scores (and its pruned models' evaluations and pruning curves) and draw its figures, on
+    its trunk or on the side line `branch` with the trunk into it."""
+    frame = model_scores(scores, model, branch=branch)
     calibration, dtype, scorer = frame["calibration"][0], frame["dtype"][0], frame["scorer"][0]
     n_revisions = frame["revision"].n_unique()
-    report = ModelReport(model, calibration, f"{n_revisions} checkpoints, calibration set `{calibration}`, dtype "
-                         f"{dtype}, scorer {scorer}; each checkpoint's latest scan of the weights it names.")
+    line = f" of the side line `{branch}`, with the trunk into it" if branch else ""
+    report = ModelReport(model, calibration, f"{n_revisions} checkpoints{line}, calibration set `{calibration}`, "
+                         f"dtype {dtype}, scorer {scorer}; each checkpoint's latest scan of the weights it names.")
     measured = latest_curves(curves, model) if curves is not None else pl.DataFrame(schema=CURVES_SCHEMA)
     if measured.height:  # the curves drawn are of one checkpoint's weights (see curves.latest)
         revision, weights = measured["revision"][0], measured["weights"][0]
@@ -296,12 +299,14 @@ def _templates() -> jinja2.Environment:
 
 
 def write_report(store: str | os.PathLike = "data", out: str | os.PathLike = "figures", model: str | None = None,
-                 color_scale: str = "linear") -> Path:
+                 color_scale: str = "linear", branch: str | None = None) -> Path:
     """Write PNG and SVG figures, report.md and a self-contained report.html for every model in the store (or one).
 
     `color_scale` (linear or log) is the heatmaps' colour scale; each module has its own (see `plots.colour_range`).
-    Raises `ConfigError` for another colour scale or an `out` that cannot be made, `StoreError` for a store without
-    scores (of `model`, where given); a damaged or foreign file in the store is skipped with a warning.
+    `branch` draws the side line of that name (with the trunk into it) of every model that has one, where the
+    trunk is drawn otherwise. Raises `ConfigError` for another colour scale, an `out` that cannot be made or a
+    `branch` no model has, `StoreError` for a store without scores (of `model`, where given); a damaged or foreign
+    file in the store is skipped with a warning.
     """
     if color_scale not in COLOR_SCALES:
         raise ConfigError(f"colour scale {color_scale!r} is not one of: {', '.join(COLOR_SCALES)}")
@@ -314,13 +319,19 @@ def write_report(store: str | os.PathLike = "data", out: str | os.PathLike = "fi
         if model not in models:
             raise StoreError(f"no scores for model {model!r} in {str(store)!r}; models there: {', '.join(models)}")
         models = [model]
+    if branch is not None:
+        having = {name: side_lines(scores.filter(pl.col("model") == name)["revision"].unique().to_list())
+                  for name in models}
+        if not (models := [name for name in models if branch in having[name]]):
+            found = "; ".join(f"{name}: {', '.join(lines) or 'none'}" for name, lines in having.items())
+            raise ConfigError(f"no model in {str(store)!r} has a side line {branch!r}; their side lines: {found}")
     out = Path(out)
     if (blocker := unmakeable(out)) is not None:
         raise ConfigError(f"output folder {str(out)!r} cannot be made: {str(blocker)!r} is a file; choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     reports = []
     for name in models:
-        reports.append((build_model_report(scores, revisions, name, evals, curves, color_scale), name))
+        reports.append((build_model_report(scores, revisions, name, evals, curves, color_scale, branch), name))
         pruning = build_pruning_report(evals, name) if evals.height else None
         if pruning is not None:
             pruning.intro = "Pruned models evaluated beside the original (`ckpt-trace eval`)."

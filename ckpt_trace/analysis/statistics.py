@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import polars as pl
 
+from ..errors import ConfigError
 from ..fetch.revisions import lines, parse_revision, place
 
 DROP_FRACTIONS = (0.25, 0.5)
@@ -19,10 +20,18 @@ DROP_FRACTIONS = (0.25, 0.5)
 def training_line(revisions: list[tuple[str, str | None]], branch: str | None = None) -> list[str]:
     """The revisions, given as (name, commit), of one line of training in order: the trunk, or the side line
     `branch` with the trunk into it (see `ckpt_trace.fetch.revisions`). A run whose names fit no scheme (one model,
-    revision main) is one line of all of them."""
+    revision main) is one line of all of them. Raises `ConfigError` for a `branch` the revisions do not have."""
     placed = place([parse_revision(name, commit=commit) for name, commit in revisions])
-    line = lines(placed).get(branch, []) if branch else lines(placed)[None]
-    return [r.name for r in (line or placed)]
+    by_line = lines(placed)
+    if branch is not None and branch not in by_line:
+        sides = sorted(name for name in by_line if name is not None)
+        raise ConfigError(f"no side line {branch!r} among the revisions; side lines: {', '.join(sides) or 'none'}")
+    return [r.name for r in (by_line[branch] or placed)]
+
+
+def side_lines(revisions: list[str]) -> list[str]:
+    """The side lines of training (OLMo-2's ingredients, say) that the named revisions hold, in name order."""
+    return sorted(name for name in lines(place([parse_revision(r) for r in revisions])) if name is not None)
 
 
 def _most_covering(frame: pl.DataFrame, column: str, newest: bool = False) -> object:
