@@ -297,8 +297,9 @@ def test_the_report_takes_one_scorer_and_the_trunk_and_says_what_it_left_out(tmp
     md = (tmp_path / "out" / "report.md").read_text()
     assert "2 checkpoints, calibration set `cal`, dtype float32, scorer 2" in md
     assert "scores of other scorer versions (1) are left out" in md
-    assert "revisions off the trunk of training (side lines, or names placed by commit beside a revision) are left out: " \
-           "stage2-ingredient1-step3000-tokens1B" in md
+    # The side line is drawn in a section of its own, from the checkpoint it forks from, not left out of the trunk's.
+    trunk, side = md.split("\n## m\n")[1].split("\n## m (ingredient1)\n")
+    assert "left out: stage2" not in trunk and "stage2-ingredient1-step3000-tokens1B" in side
 
 
 def test_the_report_opens_with_findings_for_every_model(tmp_path):
@@ -414,6 +415,18 @@ def test_report_draws_a_side_line_with_the_trunk_into_it(tmp_path, capsys):
 
     trunk = ["stage1-step100-tokens1B", "stage1-step200-tokens2B", "stage1-step300-tokens3B"]
     assert drawn()[:3] == trunk and set(drawn()) == set(trunk)
+    # By default every line is drawn: the trunk, then each side line from the checkpoint it forks from.
+    md = (tmp_path / "trunk" / "report.md").read_text()
+    sections = {title: body for title, body in (s.split("\n", 1) for s in md.split("\n## ")[1:])}
+    assert [title for title in sections if title.startswith("olmo")] == ["olmo", "olmo (ingredient1)",
+                                                                          "olmo (ingredient2)"]
+    for side, own in (("ingredient1", ["stage2-ingredient1-step10-tokens1B", "stage2-ingredient1-step20-tokens2B"]),
+                      ("ingredient2", ["stage2-ingredient2-step10-tokens1B"])):
+        rows = [row[0] for row in table_rows(sections[f"olmo ({side})"]) if row[0] in OLMO2]
+        assert rows[:1 + len(own)] == ["stage1-step300-tokens3B", *own] and set(rows) == {rows[0], *own}
+    findings = sections["Findings"]
+    assert all(f"**{line}**" in findings for line in ("olmo", "olmo (ingredient1)", "olmo (ingredient2)"))
+    assert "left out" not in sections["olmo"]  # the side lines are drawn, each in its own section
     line = drawn("--branch", "ingredient1")
     assert line[:5] == [*trunk, "stage2-ingredient1-step10-tokens1B", "stage2-ingredient1-step20-tokens2B"]
     assert set(line) == set(line[:5])

@@ -18,6 +18,7 @@ from matplotlib.figure import Figure
 from tabulate import tabulate
 
 from ..errors import ConfigError, StoreError
+from ..fetch.revisions import parse_revision
 from ..paths import unmakeable
 from ..pruning.curves import latest as latest_curves
 from ..pruning.curves import summary as curve_summary
@@ -68,13 +69,14 @@ def _per_revision(frame: pl.DataFrame, module: str, metric: str) -> pl.DataFrame
 
 def build_model_report(scores: pl.DataFrame, revisions: pl.DataFrame, model: str,
                        evals: pl.DataFrame | None = None, curves: pl.DataFrame | None = None,
-                       color_scale: str = "linear", branch: str | None = None) -> ModelReport:
+                       color_scale: str = "linear", branch: str | None = None, from_fork: bool = False) -> ModelReport:
     """Analyse one model's scores (and its pruned models' evaluations and pruning curves) and draw its figures, on
-    its trunk or on the side line `branch` with the trunk into it."""
-    frame = model_scores(scores, model, branch=branch)
+    its trunk or on the side line `branch` with the trunk into it (`from_fork`: from the checkpoint it forks from)."""
+    frame = model_scores(scores, model, branch=branch, from_fork=from_fork)
     calibration, dtype, scorer = frame["calibration"][0], frame["dtype"][0], frame["scorer"][0]
     n_revisions = frame["revision"].n_unique()
-    line = f" of the side line `{branch}`, with the trunk into it" if branch else ""
+    line = "" if branch is None else (f" of the side line `{branch}` from the checkpoint it forks from" if from_fork
+                                      else f" of the side line `{branch}`, with the trunk into it")
     report = ModelReport(model, calibration, f"{n_revisions} checkpoints{line}, calibration set `{calibration}`, "
                          f"dtype {dtype}, scorer {scorer}; each checkpoint's latest scan of the weights it names.")
     measured = latest_curves(curves, model) if curves is not None else pl.DataFrame(schema=CURVES_SCHEMA)
@@ -124,9 +126,11 @@ def build_model_report(scores: pl.DataFrame, revisions: pl.DataFrame, model: str
         report.notes.append(f"earlier scans (other weights) of {len(older)} checkpoint{'s' if len(older) > 1 else ''} "
                             "are left out; each checkpoint's latest scan is used")
     off_line = sorted(set(same["revision"]) - set(frame["revision"]))
+    if branch is None or from_fork:  # every line is drawn in a section of its own: only names no line holds
+        off_line = [name for name in off_line if not parse_revision(name).parsed]
     if off_line:
-        report.notes.append(f"revisions off the trunk of training (side lines, or names placed by commit beside a "
-                            f"revision) are left out: {', '.join(off_line)}")
+        report.notes.append(f"revisions off this line of training (other side lines, or names placed by commit "
+                            f"beside a revision) are left out: {', '.join(off_line)}")
     metrics = set(frame["metric"].unique())
     for metric in ("importance", "update_ratio"):
         if metric not in metrics:
@@ -332,6 +336,11 @@ def write_report(store: str | os.PathLike = "data", out: str | os.PathLike = "fi
     reports = []
     for name in models:
         reports.append((build_model_report(scores, revisions, name, evals, curves, color_scale, branch), name))
+        if branch is None:  # each side line too, from the trunk's checkpoint it forks from
+            for side in side_lines(scores.filter(pl.col("model") == name)["revision"].unique().to_list()):
+                report = build_model_report(scores, revisions, name, None, None, color_scale, side, from_fork=True)
+                report.model, report.over_training = f"{name} ({side})", []  # across models: the trunks
+                reports.append((report, f"{name}-{side}"))
         pruning = build_pruning_report(evals, name) if evals.height else None
         if pruning is not None:
             pruning.intro = "Pruned models evaluated beside the original (`ckpt-trace eval`)."

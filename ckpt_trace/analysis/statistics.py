@@ -54,19 +54,24 @@ def latest_scans(frame: pl.DataFrame) -> pl.DataFrame:
 
 
 def model_scores(scores: pl.DataFrame, model: str, calibration: str | None = None, dtype: str | None = None,
-                 branch: str | None = None) -> pl.DataFrame:
+                 branch: str | None = None, from_fork: bool = False) -> pl.DataFrame:
     """One model's scores, one scan per revision, on one line of training, with an `order` column.
 
     The calibration set, dtype and scorer version are those covering the most revisions (a
     file written before scorer versions were recorded counts as version 1); per revision,
-    the latest scan of those; the revisions of the trunk, or of the side line `branch`.
+    the latest scan of those; the revisions of the trunk, or of the side line `branch` with the
+    trunk into it (`from_fork`: from the trunk's checkpoint it forks from).
     """
     frame = scores.filter(pl.col("model") == model).with_columns(pl.col("scorer").fill_null(1))
     frame = frame.filter(pl.col("calibration") == (calibration or _most_covering(frame, "calibration")))
     frame = frame.filter(pl.col("dtype") == (dtype or _most_covering(frame, "dtype")))
     frame = latest_scans(frame.filter(pl.col("scorer") == _most_covering(frame, "scorer", newest=True)))
     named = frame.select("revision", "commit").unique("revision", keep="first").rows()
-    rank = {name: i for i, name in enumerate(training_line(named, branch))}
+    line = training_line(named, branch)
+    if from_fork and branch is not None:
+        own = next(i for i, name in enumerate(line) if parse_revision(name).branch == branch)
+        line = line[max(own - 1, 0):]
+    rank = {name: i for i, name in enumerate(line)}
     frame = frame.filter(pl.col("revision").is_in(list(rank)))
     return frame.with_columns(order=pl.col("revision").replace_strict(rank, return_dtype=pl.Int64)).sort(
         "order", "module", "layer"
