@@ -216,6 +216,17 @@ def test_an_olmo2_style_run_with_ingredients(hub, suite_files, tmp_path, capsys)
     assert stored == [("stage1-step200-tokens2B", 2 * 10**9, None), ("stage2-ingredient2-step10-tokens1B", 3 * 10**9, "ingredient2")]
     assert main(["revisions", repo, "--branch", "ingredient9"]) == 2
     assert "no branch 'ingredient9'; branches: ingredient1, ingredient2" in capsys.readouterr().err
+    # The whole run scanned, the report draws the trunk and each ingredient from the checkpoint it forks from.
+    assert main(["scan", repo, "--store", str(tmp_path / "s"), "--cache-dir", str(tmp_path / "c"), *SMALL]) == 0
+    assert main(["report", "--store", str(tmp_path / "s"), "--out", str(tmp_path / "r")]) == 0
+    md = (tmp_path / "r" / "report.md").read_text()
+    sections = dict(s.split("\n", 1) for s in md.split("\n## ")[1:])
+    assert [s for s in sections if s.startswith(repo)] == [repo, f"{repo} (ingredient1)", f"{repo} (ingredient2)"]
+    for side in ("ingredient1", "ingredient2"):
+        drawn = [row.split(" | ")[0].strip("| ") for row in sections[f"{repo} ({side})"].splitlines()
+                 if row.startswith("| stage")]
+        assert drawn[:2] == ["stage1-step200-tokens2B", f"stage2-{side}-step10-tokens1B"], drawn
+        assert set(drawn) == set(drawn[:2])
 
 
 def test_tags_are_revisions_and_a_readme_only_main_is_skipped(hub, suite_files, tmp_path, capsys):
