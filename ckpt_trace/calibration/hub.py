@@ -55,7 +55,7 @@ class HubTexts:
         """The dataset's commit and the readable files of the split, in name order: resolved by ``datasets`` and
         remembered; offline, the remembered ones where the cache holds that commit, else resolved by ``datasets``
         over the cache's copy of the main branch (as huggingface_hub left it)."""
-        from huggingface_hub import constants, snapshot_download
+        from huggingface_hub import HfApi, constants, snapshot_download
         from huggingface_hub.file_download import repo_folder_name
 
         record = home() / "datasets" / f"{self.repo.replace('/', '--')}.json"
@@ -74,8 +74,6 @@ class HubTexts:
             except hub_errors() as err:
                 raise CalibrationError(f"dataset {self.repo!r} is not in the cache, and HF_HUB_OFFLINE is set") from err
             return local.name, self._split_files(str(local), config, split, f"{local}/")
-        from huggingface_hub import HfApi
-
         try:
             commit = HfApi().dataset_info(self.repo, revision="main").sha
         except hub_errors() as err:  # the client raises several classes for one cause: unreachable or unknown
@@ -102,16 +100,16 @@ class HubTexts:
         named = f"dataset {self.repo!r}" + (f" config {config!r}" if config else "")
         try:
             if config is None and datasets.get_dataset_default_config_name(where, revision=commit) is None:
-                names = datasets.get_dataset_config_names(where, revision=commit)
-                tail = f":{split}" if split != "train" else ""
-                raise CalibrationError(f"{named} declares several configs and no default ({', '.join(names)}); name "
-                                       f"one, as hf:{self.repo}:{names[0]}{tail}")
-            builder = load_dataset_builder(where, name=config, revision=commit)
+                builder, names = None, datasets.get_dataset_config_names(where, revision=commit)
+            else:
+                builder = load_dataset_builder(where, name=config, revision=commit)
         # TypeError: datasets reading a card value of a type it does not expect (a number for a name, say).
         except (ValueError, TypeError, OSError, yaml.YAMLError, datasets.exceptions.DatasetsError, *hub_errors()) as err:
-            if isinstance(err, CalibrationError):
-                raise
             raise CalibrationError(f"cannot resolve {named}: {one_line(err, 300)}") from err  # datasets' can run long
+        if builder is None:
+            tail = f":{split}" if split != "train" else ""
+            raise CalibrationError(f"{named} declares several configs and no default ({', '.join(names)}); name one, "
+                                   f"as hf:{self.repo}:{names[0]}{tail}")
         found = builder.config.data_files or {}
         if split not in found:
             raise CalibrationError(f"{named} has no split {split!r}; its splits: {', '.join(map(str, found)) or 'none'}")
