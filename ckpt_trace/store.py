@@ -157,6 +157,17 @@ def _fits(found: pl.DataType | None, wanted: pl.DataType) -> bool:
     return found is not None and (found == wanted or found == pl.Null or (found.is_integer() and wanted.is_integer()))
 
 
+REQUIRED = {
+    "scores": ("model", "revision", "layer", "module", "metric", "value"),
+    "revisions": ("model", "revision"),
+    "runs": ("model", "revision", "status"),
+    "evals": ("model", "task", "metric", "value"),
+    "curves": ("model", "revision", "target", "k", "strategy", "perplexity"),
+}
+"""The columns every file of a table has held since the table existed: a file that lacks one is not the table's
+(columns added since read as null in older files)."""
+
+
 def _skip(file: Path, why: str) -> None:
     if file not in _skipped:
         _skipped.add(file)
@@ -318,8 +329,9 @@ class Store:
         return self._table("curves", CURVES_SCHEMA)
 
     def _files(self, table: str, schema: dict[str, pl.DataType]) -> list[Path]:
-        """The table's files that read as Parquet with its column types; any other is named in a warning, once,
-        and left alone, so that one foreign or damaged file does not stop every reader."""
+        """The table's files that read as Parquet with its columns and their types (and, for scores, are not a copy
+        of the file their key names); any other is named in a warning, once, and left alone, so that one foreign,
+        damaged or duplicate file does not stop every reader, or count twice."""
         good = []
         for file in sorted((self.root / table).glob("**/*.parquet")):
             try:
@@ -331,8 +343,27 @@ class Store:
             if clash:
                 _skip(file, f"its columns {', '.join(clash)} are not of the {table} table's types")
                 continue
+            if missing := [c for c in REQUIRED[table] if c not in found]:
+                _skip(file, f"it lacks the {table} table's columns {', '.join(missing)}")
+                continue
+            if table == "scores" and (original := self._original(file)) is not None:
+                _skip(file, f"a copy of {original}, the file its scores' key names")
+                continue
             good.append(file)
         return good
+
+    def _original(self, file: Path) -> Path | None:
+        """The file at the path a scores file's key names, where that is another file that exists: `file` is then a
+        copy (a backup, say), whose rows would count twice."""
+        names = [f.name for f in fields(ScoreKey)]
+        try:
+            row = pl.read_parquet(file, columns=[c for c in names if c in pl.read_parquet_schema(file)], n_rows=1)
+        except DAMAGED:
+            return None
+        if row.height == 0 or set(names) - set(row.columns):
+            return None
+        canonical = self.scores_path(ScoreKey.of(row.row(0, named=True)))
+        return canonical if canonical != file and canonical.is_file() else None
 
     def _scan(self, table: str, schema: dict[str, pl.DataType]) -> pl.LazyFrame:
         files = self._files(table, schema)

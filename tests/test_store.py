@@ -185,3 +185,30 @@ def test_a_read_error_other_than_a_damaged_file_is_raised_not_taken_for_missing_
     monkeypatch.setattr(pl, "read_parquet_schema", fails)
     with pytest.raises(type(error)):
         store.scores()
+
+
+def test_stray_files_in_every_table_are_named_and_left_out(tmp_path, capsys):
+    """A Parquet file of other columns in any table, and a backup copy of a scores file, are each skipped by every
+    reader with one warning naming it: the report draws the store's own rows and exits 0."""
+    import shutil
+
+    from ckpt_trace.cli import main
+
+    store = Store(tmp_path / "store")
+    path = store.write_scores(rows())
+    copy = path.with_name("backup copy.parquet")
+    shutil.copy(path, copy)
+    foreign = {table: tmp_path / "store" / table / "stray.parquet" for table in ("scores", "revisions", "runs", "evals",
+                                                                                 "curves")}
+    for file in foreign.values():
+        file.parent.mkdir(parents=True, exist_ok=True)
+        pl.DataFrame({"a": [1], "model": ["someone else's"]}).write_parquet(file)
+    assert main(["report", "--store", str(store.root), "--out", str(tmp_path / "out")]) == 0
+    err = capsys.readouterr().err
+    assert f"skipping {copy}: a copy of {path}, the file its scores' key names" in err
+    for table, file in foreign.items():
+        if table != "runs":  # the report reads every table but runs
+            assert f"skipping {file}: it lacks the {table} table's columns" in err
+    assert store.scores().equals(store.read_scores(KEY).select(store.scores().columns))  # once, not twice
+    for table in ("revisions", "runs", "evals", "curves"):
+        assert getattr(store, table)().height == 0
