@@ -346,18 +346,18 @@ class Store:
             if missing := [c for c in REQUIRED[table] if c not in found]:
                 _skip(file, f"it lacks the {table} table's columns {', '.join(missing)}")
                 continue
-            if table == "scores" and (original := self._original(file)) is not None:
+            if table == "scores" and (original := self._original(file, found)) is not None:
                 _skip(file, f"a copy of {original}, the file its scores' key names")
                 continue
             good.append(file)
         return good
 
-    def _original(self, file: Path) -> Path | None:
-        """The file at the path a scores file's key names, where that is another file that exists: `file` is then a
-        copy (a backup, say), whose rows would count twice."""
+    def _original(self, file: Path, columns: dict) -> Path | None:
+        """The file at the path a scores file (of these `columns`) names by its key, where that is another file that
+        exists: `file` is then a copy (a backup, say), whose rows would count twice."""
         names = [f.name for f in fields(ScoreKey)]
         try:
-            row = pl.read_parquet(file, columns=[c for c in names if c in pl.read_parquet_schema(file)], n_rows=1)
+            row = pl.read_parquet(file, columns=[c for c in names if c in columns], n_rows=1)
         except DAMAGED:
             return None
         if row.height == 0 or set(names) - set(row.columns):
