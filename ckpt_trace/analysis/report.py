@@ -104,7 +104,8 @@ def build_model_report(scores: pl.DataFrame, revisions: pl.DataFrame, model: str
                 f"ablation_loss), last and random; {where}", plots.pruning_curve(curve, target))
         report.tables["pruning_curves"] = (f"pruning curves: perplexity with k dropped; {where}", curve)
     truth = agreement(frame)
-    if n_revisions >= 2:
+    compared = n_revisions >= 2 and not from_fork  # across models: whole lines, not a side line from its fork
+    if compared:
         report.over_training.append(by_fraction(model, "agreement", truth.filter(pl.col("score") == "importance")))
     if truth.height:
         report.figures["agreement"] = ("Spearman correlation of the one-pass scores with ablation_loss over "
@@ -163,8 +164,9 @@ def build_model_report(scores: pl.DataFrame, revisions: pl.DataFrame, model: str
             )
         else:
             consistency = rank_consistency(frame)
-            report.over_training.insert(0, by_fraction(model, "consistency",
-                                                       consistency.filter(pl.col("module") == "attention")))
+            if compared:
+                report.over_training.insert(0, by_fraction(model, "consistency",
+                                                           consistency.filter(pl.col("module") == "attention")))
             report.figures["consistency"] = (
                 "Spearman correlation of each checkpoint's layer ranking with the final checkpoint's",
                 plots.consistency(consistency),
@@ -339,7 +341,7 @@ def write_report(store: str | os.PathLike = "data", out: str | os.PathLike = "fi
         if branch is None:  # each side line too, from the trunk's checkpoint it forks from
             for side in side_lines(scores.filter(pl.col("model") == name)["revision"].unique().to_list()):
                 report = build_model_report(scores, revisions, name, None, None, color_scale, side, from_fork=True)
-                report.model, report.over_training = f"{name} ({side})", []  # across models: the trunks
+                report.model = f"{name} ({side})"
                 reports.append((report, f"{name}-{side}"))
         pruning = build_pruning_report(evals, name) if evals.height else None
         if pruning is not None:
