@@ -57,7 +57,7 @@ def main() -> None:
     from ckpt_trace.calibration.sets import CalibrationSpec
     from ckpt_trace.fetch.sources import LocalSource
     from ckpt_trace.scan.options import ScanConfig
-    from ckpt_trace.scan.run import score_checkpoint
+    from ckpt_trace.scan.run import score_stably
     from ckpt_trace.scoring.options import build_calibration
 
     spec = CalibrationSpec(str(ids_file))
@@ -69,7 +69,7 @@ def main() -> None:
         seconds = []
         for checkpoint in local[:3]:
             begin = time.perf_counter()
-            score_checkpoint(checkpoint, calibration, config, torch.device("cpu"), torch.float32)
+            score_stably(checkpoint, calibration, config, torch.device("cpu"), torch.float32)
             seconds.append(time.perf_counter() - begin)
         return seconds
 

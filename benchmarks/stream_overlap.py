@@ -56,7 +56,7 @@ def main() -> None:
     from ckpt_trace.calibration.sets import CalibrationSpec
     from ckpt_trace.fetch.sources import LocalSource
     from ckpt_trace.scan.options import ScanConfig
-    from ckpt_trace.scan.run import score_checkpoint
+    from ckpt_trace.scan.run import score_stably
     from ckpt_trace.scan.streaming import loads_ahead
     from ckpt_trace.scoring.options import build_calibration
 
@@ -66,10 +66,10 @@ def main() -> None:
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     local = LocalSource(work / "suite").checkpoints()
     calibration = build_calibration(local[0].path, spec)
-    score_checkpoint(local[0], calibration, scan_config, device, dtype)  # warm-up
+    score_stably(local[0], calibration, scan_config, device, dtype)  # warm-up
     start = time.perf_counter()
     for checkpoint in local[:3]:
-        score_checkpoint(checkpoint, calibration, scan_config, device, dtype)
+        score_stably(checkpoint, calibration, scan_config, device, dtype)
     per_score = (time.perf_counter() - start) / 3
 
     server = start_hub(REPO, work / "suite", weight_bytes / per_score, port)
@@ -90,7 +90,7 @@ def main() -> None:
             t0 = time.perf_counter()
             fetched = source.fetch(checkpoint)
             t1 = time.perf_counter()
-            score_checkpoint(fetched, calibration, scan_config, device, dtype)
+            score_stably(fetched, calibration, scan_config, device, dtype)
             t2 = time.perf_counter()
             source.release(fetched)
             download_s += t1 - t0

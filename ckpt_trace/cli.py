@@ -167,6 +167,7 @@ def cli(verbose):
     option(ScanConfig, "metrics", type=Listed()),
     option(ScanConfig, "tokens", type=click.Choice(TOKENS)),
     option(ScanConfig, "ray"),
+    option(ScanConfig, "ray_timeout"),
     option(ScanConfig, "prefetch"),
     option(ScanConfig, "load_ahead"),
     option(ScanConfig, "shard", type=Parsed(parse_shard, "I/N")),
@@ -252,6 +253,9 @@ def prune(**values):
     out = run_prune(PruneConfig(calibration=calibration(values), **values))
     record = manifest(out)
     scores = {"store": "scores from the store", "computed": "scores computed"}.get(record["scores_from"], "no scores used")
+    if record["scores_from"] is not None:  # the key the scores are, or would be, stored under
+        scores += (f" of {record['revision']}, weights {record['weights']}, dtype {record['dtype']}, calibration set "
+                   f"{record['calibration']}")
     click.echo(f"dropped {', '.join(record['order'])} ({record['strategy']}, {scores})")
     if record["previous"]:
         dropped = ", ".join(f"{kind} {layers}" for kind, layers in record["dropped"].items() if layers)

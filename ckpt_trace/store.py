@@ -7,7 +7,7 @@ beside it, and a reader picks rows by those columns. Layout under the store root
 (``data/`` by default)::
 
     scores/<model>/<revision>/<calibration>-<dtype>-<weights>-s<scorer>.parquet
-    revisions/<model>/<revision>/<weights>.parquet
+    revisions/<model>/<revision>/<weights>_<source hash>.parquet
     runs/<model>/<revision>/<calibration>-<time>.parquet
     evals/<model>/<time>.parquet
     curves/<model>/<revision>/<perplexity set>-<dtype>-<weights>.parquet
@@ -19,6 +19,7 @@ Names are made path-safe and reversible (``EleutherAI/pythia-160m`` becomes
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from dataclasses import dataclass, fields
@@ -62,8 +63,10 @@ CHECKPOINT_COLUMNS: dict[str, pl.DataType] = {
     "weights": pl.String,
     "step": pl.Int64,
     "tokens": pl.Int64,
+    "source": pl.String,
 }
-"""Which checkpoint a row is of, leading the scores and revisions tables."""
+"""Which checkpoint a row is of, leading the scores and revisions tables. `source` is where it was read: the
+absolute path of a local folder, or a Hub repo id; null in files written before it was recorded."""
 
 SCORES_SCHEMA: dict[str, pl.DataType] = {
     **CHECKPOINT_COLUMNS,
@@ -74,6 +77,7 @@ SCORES_SCHEMA: dict[str, pl.DataType] = {
     "value": pl.Float64,
     "n_tokens": pl.Int64,
     "calibration": pl.String,
+    "calibration_source": pl.String,  # what the calibration set is: its text and size, for people
     "dtype": pl.String,
     "scorer": pl.Int32,
     "version": pl.String,
@@ -83,6 +87,7 @@ SCORES_SCHEMA: dict[str, pl.DataType] = {
 RUNS_SCHEMA: dict[str, pl.DataType] = {
     "model": pl.String,
     "revision": pl.String,
+    "source": pl.String,
     "weights": pl.String,
     "dtype": pl.String,
     "calibration": pl.String,
@@ -127,6 +132,7 @@ EVALS_SCHEMA: dict[str, pl.DataType] = {
 CURVES_SCHEMA: dict[str, pl.DataType] = {
     "model": pl.String,
     "revision": pl.String,
+    "source": pl.String,
     "weights": pl.String,
     "target": pl.String,
     "k": pl.Int32,
@@ -166,6 +172,14 @@ REQUIRED = {
 }
 """The columns every file of a table has held since the table existed: a file that lacks one is not the table's
 (columns added since read as null in older files)."""
+
+
+RECORDED_SINCE = ("source", "calibration_source")
+"""Columns a frame written from Python may lack (null then), as older files do."""
+
+_WHOLE_SCORES = (*REQUIRED["scores"], "commit", "weights", "step", "tokens", "branch", "n_tokens", "calibration",
+                 "dtype", "scorer", "version", "created")
+"""The columns a scores file must hold to count as whole scores of its key (those added since read as null)."""
 
 
 def _skip(file: Path, why: str) -> None:
@@ -250,8 +264,10 @@ class Store:
             frame = pl.read_parquet(path)
         except DAMAGED:  # cut short, not Parquet
             return None
-        if frame.height == 0 or not all(_fits(frame.schema.get(c), t) for c, t in SCORES_SCHEMA.items()):
+        if frame.height == 0 or not all(_fits(frame.schema.get(c), SCORES_SCHEMA[c]) for c in _WHOLE_SCORES) or \
+                any(not _fits(t, SCORES_SCHEMA[c]) for c, t in frame.schema.items() if c in SCORES_SCHEMA):
             return None  # foreign: columns missing or of other kinds
+        frame = frame.with_columns(pl.lit(None, SCORES_SCHEMA[c]).alias(c) for c in SCORES_SCHEMA if c not in frame.columns)
         if frame.select(*(f.name for f in fields(ScoreKey))).n_unique() != 1:
             return None
         core = frame.filter(pl.col("metric").is_in(METRICS))
@@ -283,7 +299,8 @@ class Store:
 
     def _write(self, frame: pl.DataFrame, schema: dict[str, pl.DataType], path_of) -> Path:
         """Cast a frame to a table's schema and write it atomically where `path_of(first row)` says."""
-        frame = frame.select([pl.col(c).cast(t) for c, t in schema.items()])
+        frame = frame.select([pl.col(c).cast(t) if c in frame.columns or c not in RECORDED_SINCE else pl.lit(None, t).alias(c)
+                              for c, t in schema.items()])
         path = path_of(frame.row(0, named=True))
         write_parquet(frame, path)
         return path
@@ -302,8 +319,13 @@ class Store:
 
     def write_revision(self, frame: pl.DataFrame) -> Path:
         """Record what is known of one revision: step, tokens, stage, validation loss, duplicates."""
-        return self._write(frame, REVISIONS_SCHEMA, lambda r: self.root / "revisions" / path_part(r["model"])
-                           / path_part(r["revision"]) / f"{r['weights'] or 'none'}.parquet")
+        def path_of(r: dict) -> Path:
+            # One file per source too: two folders of one name are two models, each with its own record.
+            where = f"_{hashlib.sha256(r['source'].encode()).hexdigest()[:8]}" if r["source"] else ""
+            return self.root / "revisions" / path_part(r["model"]) / path_part(r["revision"]) / \
+                f"{r['weights'] or 'none'}{where}.parquet"
+
+        return self._write(frame, REVISIONS_SCHEMA, path_of)
 
     def write_evals(self, frame: pl.DataFrame) -> Path:
         """Store one evaluation run of one model."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import polars as pl
 import pytest
@@ -22,13 +22,20 @@ from ckpt_trace.store import EVALS_SCHEMA
 LAYERS = 4
 
 
+CALIBRATION = "0123456789ab"
+SCANNED = {"step1000": "w1000"}
+"""The weights the scores of `evals`' checkpoint are of."""
+
+
 def scores(values: dict[int, dict[tuple[str, str], list[float]]]) -> pl.DataFrame:
-    """{step: {(module, metric): value per layer}} -> the frame `analysis.model_scores` gives (tokens = 10 per step)."""
+    """{step: {(module, metric): value per layer}} -> the frame `analysis.model_scores` gives (tokens = 10 per step,
+    weights w<step>, float32 on calibration set CALIBRATION)."""
     rows = []
     for order, (step, cells) in enumerate(sorted(values.items())):
         for (module, metric), per_layer in cells.items():
-            rows += [{"revision": f"step{step}", "order": order, "step": step, "tokens": 10 * step, "layer": layer,
-                      "module": module, "metric": metric, "value": value} for layer, value in enumerate(per_layer)]
+            rows += [{"revision": f"step{step}", "weights": f"w{step}", "order": order, "step": step, "tokens": 10 * step,
+                      "layer": layer, "module": module, "metric": metric, "value": value, "dtype": "float32",
+                      "calibration": CALIBRATION} for layer, value in enumerate(per_layer)]
     return pl.DataFrame(rows)
 
 
@@ -79,32 +86,44 @@ def test_persistence(settle_at, verdict, share):
 
 
 def evals(pruned_perplexity: float, pruned_decode: float, pruning: str = "attention [2, 3] (similarity)") -> pl.DataFrame:
+    """step1000 (weights w1000) and a model pruned from it, each evaluated for perplexity and decode speed."""
     rows = []
     for model, label, ppl, decode in (("orig", None, 10.0, 100.0), ("half", pruning, pruned_perplexity, pruned_decode)):
         for task, metric, value in (("perplexity", "perplexity", ppl), ("speed", "decode_tokens_per_s", decode)):
             rows.append({"model": model, "path": f"/x/{model}", "source_model": "m", "revision": "step1000",
-                         "pruning": label, "task": task, "metric": metric, "value": value, "dtype": "float32",
-                         "device": "cpu", "created": datetime(2026, 1, 1, tzinfo=timezone.utc)})
+                         "pruning": label, "weights": "w1000" if label is None else f"w-{model}",
+                         "source_weights": "w1000", "task": task, "metric": metric, "value": value, "dtype": "float32",
+                         "device": "cpu", "created": datetime(2026, 1, 1, tzinfo=UTC)})
     return pl.DataFrame([dict.fromkeys(EVALS_SCHEMA) | r for r in rows], schema=EVALS_SCHEMA)
 
 
+def payoff(evals: pl.DataFrame, curve: pl.DataFrame | None = None, checkpoint=None):
+    return pruning_payoff(evals, "m", LAYERS, curve, checkpoint, SCANNED)
+
+
 def test_pruning_payoff():
-    holds = pruning_payoff(evals(10.5, 150.0), "m", LAYERS)
+    holds = payoff(evals(10.5, 150.0))
     assert holds.verdict == HOLDS
-    assert "pruned model half (attention [2, 3] (similarity)): perplexity 10.00 -> 10.50 (95% of the original's quality kept); decode 1.50x as fast (half, pruned from step1000)" in holds.evidence
-    assert holds.basis.startswith("1 evaluated pruned model; holds when")
-    assert pruning_payoff(evals(20.0, 150.0), "m", LAYERS).verdict == FAILS
-    assert pruning_payoff(evals(10.1, 90.0), "m", LAYERS).verdict == FAILS  # no faster
+    assert holds.evidence == ("pruned model half (attention [2, 3] (similarity)) of step1000, evaluated 2026-01-01: "
+                              "perplexity 10.00 -> 10.50 (95% of the original's quality kept); decode 1.50x as fast")
+    assert holds.basis.startswith("pruned model half, the most recent of 1 evaluated pruned model with half the attention "
+                                  "layers dropped from weights scanned here, from step1000's w1000, in float32, cpu; "
+                                  "holds when")
+    assert payoff(evals(20.0, 150.0)).verdict == FAILS
+    assert payoff(evals(10.1, 90.0)).verdict == FAILS  # no faster
     # Accuracies are quoted with their standard errors, beside the perplexity the verdict rests on.
     acc = evals(10.5, 150.0).filter(pl.col("metric") == "perplexity").with_columns(
         task=pl.lit("mc"), metric=pl.lit("acc"), n=pl.lit(300, pl.Int64),
         value=pl.when(pl.col("model") == "orig").then(0.5).otherwise(0.45),
         stderr=pl.when(pl.col("model") == "orig").then(0.0289).otherwise(0.0287))
-    quoted = pruning_payoff(pl.concat([evals(10.5, 150.0), acc]), "m", LAYERS)
+    quoted = payoff(pl.concat([evals(10.5, 150.0), acc]))
     assert quoted.verdict == HOLDS
-    assert "pruned model half: mc accuracy 0.500 ± 0.029 -> 0.450 ± 0.029 (300 items, ± one standard error)" in quoted.evidence
-    missing = pruning_payoff(evals(10.5, 150.0, "attention [3] (last)"), "m", LAYERS)  # a quarter, not half
+    assert "; mc accuracy 0.500 ± 0.029 -> 0.450 ± 0.029 (300 items, ± one standard error); decode" in quoted.evidence
+    missing = payoff(evals(10.5, 150.0, "attention [3] (last)"))  # a quarter, not half
     assert missing.verdict == OPEN and "with 2 of its 4 attention layers dropped" in missing.evidence
+    # Nothing scanned: no evaluation can be told to be of the scores' weights.
+    unscanned = pruning_payoff(evals(10.5, 150.0), "m", LAYERS)
+    assert unscanned.verdict == OPEN and "left out: 2 evaluations of a checkpoint not scanned here" in unscanned.evidence
 
 
 def curve(similarity: float) -> pl.DataFrame:
@@ -114,39 +133,60 @@ def curve(similarity: float) -> pl.DataFrame:
                          "random_max": [40.0], "seeds": [5]})
 
 
+HERE = ("step1000", "w1000")
+"""The checkpoint the curves are of: the scanned weights of step1000."""
+
+
 def test_pruning_payoff_reads_quality_off_the_curve():
     # The curve's quality (similarity at k = 2) wins over an evaluated model's; speed comes from the evaluated model.
-    holds = pruning_payoff(evals(20.0, 150.0), "m", LAYERS, curve(10.5))
+    holds = payoff(evals(20.0, 150.0), curve(10.5), HERE)
     assert holds.verdict == HOLDS
-    assert ("with 2 of 4 attention layers dropped by similarity, perplexity 10.00 -> 10.50 (95% of the original's "
-            "quality kept; oracle 98%, last 80%, random 50% (geometric mean of 5 seeds)); decode 1.50x as fast") in holds.evidence
-    assert pruning_payoff(evals(10.0, 150.0), "m", LAYERS, curve(12.0)).verdict == FAILS  # 83% kept
+    assert holds.evidence == (
+        "at step1000, with 2 of 4 attention layers dropped by similarity, perplexity 10.00 -> 10.50 (95% of the "
+        "original's quality kept; oracle 98%, last 80%, random 50% (geometric mean of 5 seeds)); pruned model half "
+        "(attention [2, 3] (similarity)) of step1000, evaluated 2026-01-01: decode 1.50x as fast")
+    assert holds.basis.startswith("the pruning curve of step1000 and pruned model half, the most recent")
+    assert payoff(evals(10.0, 150.0), curve(12.0), HERE).verdict == FAILS  # 83% kept
     # Quality alone: too low fails, enough is inconclusive without a speed.
-    assert pruning_payoff(evals(10.0, 100.0)[:0], "m", LAYERS, curve(12.0)).verdict == FAILS
-    open_ = pruning_payoff(evals(10.0, 100.0)[:0], "m", LAYERS, curve(10.5))
+    assert payoff(evals(10.0, 100.0)[:0], curve(12.0), HERE).verdict == FAILS
+    open_ = payoff(evals(10.0, 100.0)[:0], curve(10.5), HERE)
     assert open_.verdict == OPEN and "no decode speed of such a model is stored" in open_.evidence
-    # The speed is of a model pruned from the curve's checkpoint: not of another revision, nor of other weights.
-    here = pruning_payoff(evals(20.0, 150.0), "m", LAYERS, curve(10.5), ("step1000", "w1"))
-    assert here.verdict == HOLDS and "at step1000, with 2 of 4 attention layers dropped" in here.evidence
-    for other in (evals(20.0, 150.0).with_columns(revision=pl.lit("step500")),
-                  evals(20.0, 150.0).with_columns(source_weights=pl.lit("w0"))):
-        elsewhere = pruning_payoff(other, "m", LAYERS, curve(10.5), ("step1000", "w1"))
+    # The speed is of a model pruned from the curve's checkpoint: not of another revision, nor of other weights, nor
+    # of weights not recorded.
+    # (An original's source weights are its own.)
+    for other, why in ((evals(20.0, 150.0).with_columns(revision=pl.lit("step500")), ""),
+                       (evals(20.0, 150.0).with_columns(source_weights=pl.lit("w0")),
+                        "; left out: 1 evaluation of other weights than the checkpoint's scores here"),
+                       (evals(20.0, 150.0).with_columns(source_weights=pl.lit(None), weights=pl.lit(None)),
+                        "; left out: 2 evaluations of unknown weights (stored before evaluations recorded them)")):
+        elsewhere = payoff(other, curve(10.5), HERE)
         assert elsewhere.verdict == OPEN and "no decode speed of such a model is stored" in elsewhere.evidence
+        assert why in elsewhere.evidence and ("left out" in elsewhere.evidence) == bool(why)
     # Accuracies of a model pruned from another revision are not quoted beside the curve either.
     acc = evals(20.0, 150.0).filter(pl.col("metric") == "perplexity").with_columns(
         task=pl.lit("mc"), metric=pl.lit("acc"), n=pl.lit(300, pl.Int64), revision=pl.lit("step500"))
-    quoted = pruning_payoff(pl.concat([evals(20.0, 150.0), acc]), "m", LAYERS, curve(10.5), ("step1000", "w1"))
+    quoted = pruning_payoff(pl.concat([evals(20.0, 150.0), acc]), "m", LAYERS, curve(10.5), HERE,
+                            SCANNED | {"step500": "w1000"})
     assert quoted.verdict == HOLDS and "accuracy" not in quoted.evidence
-    assert "accuracy" in pruning_payoff(pl.concat([evals(20.0, 150.0), acc]), "m", LAYERS).evidence
+    # A curve of other weights than the scores' is left out, and the evaluations speak for themselves.
+    republished = payoff(evals(20.0, 150.0), curve(10.5), ("step1000", "w0"))
+    assert republished.verdict == FAILS and republished.evidence.startswith("pruned model half") and (
+        "the pruning curve of step1000 is left out: it is of other weights (w0), its scores of w1000") in republished.evidence
 
 
 def test_pruning_payoff_takes_quality_and_speed_of_one_pruned_model():
-    # "half" keeps 95% but its speed was never measured; "half-b" keeps 50% and decodes 1.5x as fast.
-    unmeasured = evals(10.5, 150.0).filter(~((pl.col("model") == "half") & (pl.col("task") == "speed")))
+    # "half" keeps 95% but its speed was never measured, evaluated a day after "half-b", which keeps 50% and decodes
+    # 1.5x as fast: the most recent is the evidence, its missing speed said, never "half-b"'s borrowed.
+    unmeasured = evals(10.5, 150.0).filter(~((pl.col("model") == "half") & (pl.col("task") == "speed"))).with_columns(
+        created=pl.col("created") + pl.duration(days=1))
     measured = evals(20.0, 150.0).filter(pl.col("model") == "half").with_columns(model=pl.lit("half-b"),
                                                                                path=pl.lit("/x/half-b"))
-    finding = pruning_payoff(pl.concat([unmeasured, measured]), "m", LAYERS)
-    assert finding.verdict == FAILS and "half-b (attention [2, 3] (similarity)): perplexity 10.00 -> 20.00" in finding.evidence
+    finding = payoff(pl.concat([unmeasured, measured]))
+    assert finding.verdict == OPEN and "half (attention [2, 3] (similarity)) of step1000, evaluated 2026-01-02: " \
+        "perplexity 10.00 -> 10.50" in finding.evidence
+    assert "no decode speed of half beside its original's is stored" in finding.evidence
+    assert "half-b" not in finding.evidence and "1.50x" not in finding.evidence
+    assert "the most recent of 2 evaluated pruned models" in finding.basis
 
 
 def test_cheap_versus_truth():

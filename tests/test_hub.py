@@ -103,7 +103,9 @@ def test_revisions_in_training_order_with_bytes_and_duplicates_before_any_downlo
     bytes_of = {r: len(suite_files[r]["model.safetensors" if "model.safetensors" in suite_files[r] else "pytorch_model.bin"])
                 for r in suite_files}
     assert table["weight_bytes"].to_list()[:4] == [bytes_of[r] for r in ["step0", "step2", "step1000", "step2000"]]
-    assert table["duplicate_of"].to_list() == [None, None, None, None, "step0", "step2000"]
+    # custom-branch holds step0's weights under another config.json: another checkpoint, no duplicate.
+    assert table["duplicate_of"].to_list() == [None, None, None, None, None, "step2000"]
+    assert table["weights"][4] != table["weights"][0]
     assert table["commit"].str.len_chars().to_list() == [40] * 6
     assert not hub.requests("GET", "/resolve/") and not hub.requests("GET", "/cdn/")
 

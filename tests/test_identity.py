@@ -53,7 +53,7 @@ def test_float32_then_bfloat16_stores_both(tmp_path, tokenizer_dir):
     assert scan_summary(model, tmp_path / "s") == {"main": ("scored", "no scores yet")}
     assert scan_summary(model, tmp_path / "s", "bfloat16") == {"main": ("scored", "the stored scores are of other dtype")}
     assert scan_summary(model, tmp_path / "s", "bfloat16") == {
-        "main": ("stored", "same weights, dtype, calibration set and scorer")}
+        "main": ("stored", "same weights and config, dtype, calibration set and scorer")}
     assert stored(tmp_path / "s", dtype="float32")["value"].to_list() == reference(model)
     assert stored(tmp_path / "s", dtype="bfloat16")["value"].to_list() == reference(model, torch.bfloat16)
 
@@ -151,9 +151,14 @@ def test_hub_and_local_copies_of_the_same_weights_share_a_fingerprint(tmp_path):
     data = bytes(range(256)) * 4
     (tmp_path / "model.safetensors").write_bytes(data)
     (tmp_path / "config.json").write_text("{}")
-    listing = {"model.safetensors": (len(data), hashlib.sha256(data).hexdigest()), "config.json": (2, "blob-id")}
+    blob = hashlib.sha1(b"blob 2\0{}").hexdigest()  # what git, and the Hub's tree listing, call this config
+    listing = {"model.safetensors": (len(data), hashlib.sha256(data).hexdigest()), "config.json": (2, blob)}
     assert choose_files(listing).fingerprint == local_weights(tmp_path)[0]
     assert local_weights(tmp_path)[1] == len(data)
+    # Another config over the same weights is another checkpoint, on the Hub and locally alike.
+    other = choose_files({**listing, "config.json": (3, hashlib.sha1(b"blob 3\0{ }").hexdigest())}).fingerprint
+    (tmp_path / "config.json").write_text("{ }")
+    assert other == local_weights(tmp_path)[0] != choose_files(listing).fingerprint
 
 
 def test_a_link_to_a_revision_is_that_revision_of_the_suite_it_is_in(tmp_path, tokenizer_dir):
@@ -163,7 +168,7 @@ def test_a_link_to_a_revision_is_that_revision_of_the_suite_it_is_in(tmp_path, t
     assert scan_summary(suite / "main", tmp_path / "s") == {"step1000": ("scored", "no scores yet")}
     assert set(Store(tmp_path / "s").scores()["model"]) == {"my-suite"}
     # The whole suite lists the link once, as the revision it points at: nothing new to score.
-    assert scan_summary(suite, tmp_path / "s") == {"step1000": ("stored", "same weights, dtype, calibration set and scorer")}
+    assert scan_summary(suite, tmp_path / "s") == {"step1000": ("stored", "same weights and config, dtype, calibration set and scorer")}
 
 
 def test_a_gemma_model_is_scored_with_bos(tmp_path, capsys):
@@ -194,7 +199,7 @@ def test_asking_for_ablation_loss_scores_again_what_lacks_it(tmp_path, tokenizer
     assert stored_ablation == direct.sort("layer", "module")["value"].to_list()
     # The cheap scan afterwards finds everything it asks for.
     assert main(["scan", str(model), "--store", str(tmp_path / "s"), *SMALL]) == 0
-    assert "same weights, dtype, calibration set and scorer" in capsys.readouterr().out
+    assert "same weights and config, dtype, calibration set and scorer" in capsys.readouterr().out
     assert main(["scan", str(model), "--store", str(tmp_path / "s"), "--metrics", "importance,loss", *SMALL]) == 2
     err = capsys.readouterr().err
     assert "unknown metric loss; use some of: importance, update_ratio, angular_distance, span_distance, " in err

@@ -169,7 +169,7 @@ def test_report_says_what_it_could_not_draw(tmp_path):
     assert "only one checkpoint is stored" in single and "importance_heatmaps.png" in single
     only = md.split("## importance-only")[1].split("## single")[0]
     assert "no update_ratio scores" in only and "consistency.png" in only
-    assert "scores of other calibration sets (b) are left out" in md
+    assert "scores of other calibration sets (`b`) are left out; this report uses `a`: it covers the most revisions (6)" in md
     assert md.count("the store has no validation loss") == 3
     assert not (tmp_path / "out" / "single" / "consistency.png").exists()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import os
 import re
@@ -19,6 +20,7 @@ from tabulate import tabulate
 
 from ..errors import ConfigError, StoreError
 from ..fetch.revisions import parse_revision
+from ..fetch.sources import weights_on_disk
 from ..paths import unmakeable
 from ..pruning.curves import latest as latest_curves
 from ..pruning.curves import summary as curve_summary
@@ -26,13 +28,17 @@ from ..store import CURVES_SCHEMA, EVALS_SCHEMA, VERSION, Store, path_part
 from . import COLOR_SCALES, plots
 from .findings import Finding, agreement, findings
 from .statistics import (
+    DRAWN,
     best_spans,
     drop_set_overlap,
     drop_set_settled,
     model_scores,
+    model_sources,
+    most_covering,
     pruned_vs_original,
     rank_consistency,
     side_lines,
+    source_rows,
     tradeoff,
 )
 
@@ -67,18 +73,51 @@ def _per_revision(frame: pl.DataFrame, module: str, metric: str) -> pl.DataFrame
     return wide.rename({c: f"layer {c}" for c in wide.columns if c not in ("revision", "step")})
 
 
+def _named(frame: pl.DataFrame, column: str, value) -> str:
+    """A calibration set by its id and what it is; any other value as it is."""
+    if column != "calibration":
+        return str(value)
+    named = frame.filter(pl.col("calibration") == value)["calibration_source"].drop_nulls()
+    return f"`{value}` ({named[0]})" if len(named) else f"`{value}`"
+
+
+def _drawn(frame: pl.DataFrame, source: str | None) -> str:
+    """Which scan of each checkpoint the report draws, in words."""
+    where = "no source is recorded" if source is None else f"`{source}` is not on this machine"
+    per = frame.sort("order").group_by("drawn").agg(pl.col("revision").unique(maintain_order=True),
+                                                    pl.col("copied_from").unique(maintain_order=True).drop_nulls())
+    said = []
+    for drawn, revisions, copied in per.sort("drawn").rows():
+        names = ", ".join(revisions) if len(revisions) <= 6 else f"{len(revisions)} checkpoints"
+        said.append(f"{DRAWN[drawn]}" + (f" (copies of {', '.join(copied)})" if copied else "") + f": {names}"
+                    + (f" ({where})" if drawn == "latest" else ""))
+    return "scores drawn from " + "; ".join(said)
+
+
 def build_model_report(scores: pl.DataFrame, revisions: pl.DataFrame, model: str,
                        evals: pl.DataFrame | None = None, curves: pl.DataFrame | None = None,
-                       color_scale: str = "linear", branch: str | None = None, from_fork: bool = False) -> ModelReport:
+                       color_scale: str = "linear", branch: str | None = None, from_fork: bool = False,
+                       source: str | None = None, on_disk: dict[str, str] | None = None) -> ModelReport:
     """Analyse one model's scores (and its pruned models' evaluations and pruning curves) and draw its figures, on
-    its trunk or on the side line `branch` with the trunk into it (`from_fork`: from the checkpoint it forks from)."""
-    frame = model_scores(scores, model, branch=branch, from_fork=from_fork)
+    its trunk or on the side line `branch` with the trunk into it (`from_fork`: from the checkpoint it forks from).
+
+    `source` is the folder or Hub repo the model is read from (two folders of one name are two models); `on_disk`
+    ({revision: fingerprint}, see `ckpt_trace.fetch.sources.weights_on_disk`) the weights there now, whose scans are
+    drawn where the store has them, as `prune` and `curves` use them."""
+    scores = source_rows(scores, revisions, model, source)
+    if source is not None:  # what other folders of the name recorded is theirs
+        revisions = revisions.filter(pl.col("source").is_null() | (pl.col("source") == source))
+    frame = model_scores(scores, model, branch=branch, from_fork=from_fork, on_disk=on_disk)
     calibration, dtype, scorer = frame["calibration"][0], frame["dtype"][0], frame["scorer"][0]
     n_revisions = frame["revision"].n_unique()
     line = "" if branch is None else (f" of the side line `{branch}` from the checkpoint it forks from" if from_fork
                                       else f" of the side line `{branch}`, with the trunk into it")
-    report = ModelReport(model, calibration, f"{n_revisions} checkpoints{line}, calibration set `{calibration}`, "
-                         f"dtype {dtype}, scorer {scorer}; each checkpoint's latest scan of the weights it names.")
+    named = frame["calibration_source"].drop_nulls()
+    what = f" ({named[0]})" if len(named) else ""
+    report = ModelReport(model, calibration, f"{n_revisions} checkpoints{line}, calibration set `{calibration}`{what}, "
+                         f"dtype {dtype}, scorer {scorer}; {_drawn(frame, source)}.")
+    if curves is not None and source is not None:
+        curves = curves.filter(pl.col("source").is_null() | (pl.col("source") == source))
     measured = latest_curves(curves, model) if curves is not None else pl.DataFrame(schema=CURVES_SCHEMA)
     if measured.height:  # the curves drawn are of one checkpoint's weights (see curves.latest)
         revision, weights = measured["revision"][0], measured["weights"][0]
@@ -92,10 +131,12 @@ def build_model_report(scores: pl.DataFrame, revisions: pl.DataFrame, model: str
                                 f"left out: run `ckpt-trace {again}` again")
             measured = measured.head(0)
     curve = curve_summary(measured) if measured.height else None
-    report.findings = findings(frame, evals if evals is not None else pl.DataFrame(schema=EVALS_SCHEMA), model, curve,
-                               (measured["revision"][0], measured["weights"][0]) if curve is not None else None)
+    first = measured.row(0, named=True) if curve is not None else None
+    named = curve.with_columns(dtype=pl.lit(first["dtype"]), calibration=pl.lit(first["calibration"]),
+                               data=pl.lit(first["data"])) if curve is not None else None  # what (c) names
+    report.findings = findings(frame, evals if evals is not None else pl.DataFrame(schema=EVALS_SCHEMA), model, named,
+                               (first["revision"], first["weights"]) if curve is not None else None)
     if curve is not None:
-        first = measured.row(0, named=True)
         where = (f"{first['revision']} ({first['dtype']}), perplexity on {first['n_tokens']:,} held-out tokens (set "
                  f"`{first['data']}`)")
         for target in curve["target"].unique(maintain_order=True):
@@ -117,15 +158,19 @@ def build_model_report(scores: pl.DataFrame, revisions: pl.DataFrame, model: str
                                  ("scorer", scorer, "scorer versions")):
         others = sorted(str(v) for v in mine.filter(pl.col(column) != chosen)[column].unique())
         if others:
-            report.notes.append(f"scores of other {what} ({', '.join(others)}) are left out; this report uses "
-                                f"{chosen}, which covers the most revisions")
+            chosen_from = mine.filter(pl.col("calibration") == calibration) if column != "calibration" else mine
+            if column == "scorer":
+                chosen_from = chosen_from.filter(pl.col("dtype") == dtype)
+            why = most_covering(chosen_from, column)[1]
+            report.notes.append(f"scores of other {what} ({', '.join(_named(mine, column, v) for v in others)}) are "
+                                f"left out; this report uses {_named(mine, column, chosen)}: {why}")
     same = mine.filter((pl.col("calibration") == calibration) & (pl.col("dtype") == dtype) & (pl.col("scorer") == scorer))
     older = same.filter(pl.col("revision").is_in(frame["revision"].unique().to_list())).join(
         frame.select("revision", "weights", "created").unique(), on=["revision", "weights", "created"],
         how="anti", nulls_equal=True)["revision"].unique()
     if len(older):
-        report.notes.append(f"earlier scans (other weights) of {len(older)} checkpoint{'s' if len(older) > 1 else ''} "
-                            "are left out; each checkpoint's latest scan is used")
+        report.notes.append(f"other scans (other weights) of {len(older)} checkpoint{'s' if len(older) > 1 else ''} "
+                            "are left out; each checkpoint is drawn from one scan, as said above")
     off_line = sorted(set(same["revision"]) - set(frame["revision"]))
     if branch is None or from_fork:  # every line is drawn in a section of its own: only names no line holds
         off_line = [name for name in off_line if not parse_revision(name).parsed]
@@ -337,12 +382,22 @@ def write_report(store: str | os.PathLike = "data", out: str | os.PathLike = "fi
     out.mkdir(parents=True, exist_ok=True)
     reports = []
     for name in models:
-        reports.append((build_model_report(scores, revisions, name, evals, curves, color_scale, branch), name))
-        if branch is None:  # each side line too, from the trunk's checkpoint it forks from
-            for side in side_lines(scores.filter(pl.col("model") == name)["revision"].unique().to_list()):
-                report = build_model_report(scores, revisions, name, None, None, color_scale, side, from_fork=True)
-                report.model = f"{name} ({side})"
-                reports.append((report, f"{name}-{side}"))
+        sources = model_sources(scores, revisions, name)
+        for source in sources:
+            on_disk = weights_on_disk(source) if source is not None else None
+            # Two folders of one name are two models, each named by its path.
+            title, slug = (name, name) if len(sources) == 1 else (
+                f"{name} ({source})", f"{name}-{hashlib.sha256(source.encode()).hexdigest()[:8]}")
+            report = build_model_report(scores, revisions, name, evals, curves, color_scale, branch, source=source,
+                                        on_disk=on_disk)
+            report.model = title
+            reports.append((report, slug))
+            if branch is None:  # each side line too, from the trunk's checkpoint it forks from
+                for side in side_lines(source_rows(scores, revisions, name, source)["revision"].unique().to_list()):
+                    report = build_model_report(scores, revisions, name, None, None, color_scale, side, from_fork=True,
+                                                source=source, on_disk=on_disk)
+                    report.model = f"{title} ({side})"
+                    reports.append((report, f"{slug}-{side}"))
         pruning = build_pruning_report(evals, name) if evals.height else None
         if pruning is not None:
             pruning.intro = "Pruned models evaluated beside the original (`ckpt-trace eval`)."

@@ -34,12 +34,18 @@ def side_lines(revisions: list[str]) -> list[str]:
     return sorted(name for name in lines(place([parse_revision(r) for r in revisions])) if name is not None)
 
 
-def _most_covering(frame: pl.DataFrame, column: str, newest: bool = False) -> object:
-    """The value of `column` under which most revisions are scored (ties: the first in sort order, or the last)."""
+def most_covering(frame: pl.DataFrame, column: str) -> tuple[object, str]:
+    """The value of `column` under which most revisions are scored, and why it was chosen: it covers the most
+    revisions, or, among values that cover as many, it was scanned last."""
     if not frame.height:
-        return None
-    counts = frame.group_by(column).agg(pl.col("revision").n_unique().alias("n"))
-    return counts.sort(["n", column], descending=[True, newest], nulls_last=True)[column][0]
+        return None, ""
+    counts = frame.group_by(column).agg(pl.col("revision").n_unique().alias("n"), pl.col("created").max())
+    counts = counts.sort(["n", "created"], descending=True, nulls_last=True)
+    n = counts["n"][0]
+    tied = counts.filter(pl.col("n") == n).height
+    why = (f"it covers the most revisions ({n})" if tied == 1 else
+           f"it covers as many revisions ({n}) as {tied - 1} other{'s' if tied > 2 else ''} and was scanned last")
+    return counts[column][0], why
 
 
 def latest_scans(frame: pl.DataFrame) -> pl.DataFrame:
@@ -53,19 +59,74 @@ def latest_scans(frame: pl.DataFrame) -> pl.DataFrame:
     return frame.join(latest, on=["revision", *key], nulls_equal=True)
 
 
+def model_sources(scores: pl.DataFrame, revisions: pl.DataFrame, model: str) -> list[str | None]:
+    """The sources (folders, Hub repos) a model's rows were read from, in name order: two folders of one name are
+    two models. [None] for a store written before sources were recorded."""
+    found = set(scores.filter(pl.col("model") == model)["source"].drop_nulls()) | \
+        set(revisions.filter(pl.col("model") == model)["source"].drop_nulls())
+    return sorted(found) or [None]
+
+
+def source_rows(scores: pl.DataFrame, revisions: pl.DataFrame, model: str, source: str | None) -> pl.DataFrame:
+    """The scores of one model read from one source: rows it wrote, and rows of the same revision and weights that
+    another source (or a scan before sources were recorded) wrote, since scores are stored by content."""
+    mine = scores.filter(pl.col("model") == model)
+    if source is None:
+        return mine
+    seen = revisions.filter((pl.col("model") == model) & (pl.col("source") == source)).select("revision", "weights")
+    return mine.filter(pl.col("source") == source).vstack(
+        mine.filter(pl.col("source").ne_missing(source)).join(seen.unique(), on=["revision", "weights"], how="semi")
+    )
+
+
+DRAWN = {"disk": "the weights on disk", "copy": "the weights on disk, a copy of another revision's",
+         "not scanned": "the latest scan: the weights on disk have none", "latest": "the latest scan"}
+"""How a revision's rows were chosen (the `drawn` column of `model_scores`), in words."""
+
+
+def on_disk_scans(frame: pl.DataFrame, on_disk: dict[str, str] | None) -> pl.DataFrame:
+    """Per revision, the rows of the scan of the weights now on disk (`on_disk`: {revision: fingerprint}; None where
+    the source is not on this machine) where one is stored, else of its latest scan; a revision whose weights on
+    disk are a copy of another scanned revision's is drawn from that one's rows, under its own name. A `drawn`
+    column says which (a key of `DRAWN`); `copied_from` names the revision a copy's rows are of."""
+    latest = latest_scans(frame).with_columns(drawn=pl.lit("latest"), copied_from=pl.lit(None, pl.String))
+    if on_disk is None:
+        return latest
+    pieces = []
+    for revision in frame["revision"].unique(maintain_order=True).to_list():
+        wanted = on_disk.get(revision)
+        own = frame.filter((pl.col("revision") == revision) & (pl.col("weights") == wanted))
+        copied = frame.filter(pl.col("weights") == wanted)
+        if wanted is not None and own.height:
+            pieces.append(latest_scans(own).with_columns(drawn=pl.lit("disk"), copied_from=pl.lit(None, pl.String)))
+        elif wanted is not None and copied.height:
+            copied = latest_scans(copied)
+            origin = copied["revision"][0]
+            mine = latest.filter(pl.col("revision") == revision).row(0, named=True)  # its own name, step and tokens
+            pieces.append(copied.filter(pl.col("revision") == origin).with_columns(
+                *(pl.lit(mine[c], frame.schema[c]).alias(c) for c in ("revision", "commit", "step", "tokens", "branch")),
+                drawn=pl.lit("copy"), copied_from=pl.lit(origin)))
+        else:
+            pieces.append(latest.filter(pl.col("revision") == revision).with_columns(
+                drawn=pl.lit("not scanned" if wanted is not None else "latest")))
+    return pl.concat(pieces, how="vertical_relaxed") if pieces else latest
+
+
 def model_scores(scores: pl.DataFrame, model: str, calibration: str | None = None, dtype: str | None = None,
-                 branch: str | None = None, from_fork: bool = False) -> pl.DataFrame:
+                 branch: str | None = None, from_fork: bool = False, on_disk: dict[str, str] | None = None) -> pl.DataFrame:
     """One model's scores, one scan per revision, on one line of training, with an `order` column.
 
-    The calibration set, dtype and scorer version are those covering the most revisions (a
-    file written before scorer versions were recorded counts as version 1); per revision,
-    the latest scan of those; the revisions of the trunk, or of the side line `branch` with the
-    trunk into it (`from_fork`: from the trunk's checkpoint it forks from).
+    The calibration set, dtype and scorer version are those covering the most revisions (ties: the one scanned
+    last; a file written before scorer versions were recorded counts as version 1); per revision, the scan of the
+    weights now on disk where `on_disk` ({revision: fingerprint}) names them, else its latest scan, as its `drawn`
+    column says (see `on_disk_scans`); the revisions of the trunk, or of the side line `branch` with the trunk into it (`from_fork`: from the
+    trunk's checkpoint it forks from). Give `scores` of one source (see `source_rows`).
     """
     frame = scores.filter(pl.col("model") == model).with_columns(pl.col("scorer").fill_null(1))
-    frame = frame.filter(pl.col("calibration") == (calibration or _most_covering(frame, "calibration")))
-    frame = frame.filter(pl.col("dtype") == (dtype or _most_covering(frame, "dtype")))
-    frame = latest_scans(frame.filter(pl.col("scorer") == _most_covering(frame, "scorer", newest=True)))
+    frame = frame.filter(pl.col("calibration") == (calibration or most_covering(frame, "calibration")[0]))
+    frame = frame.filter(pl.col("dtype") == (dtype or most_covering(frame, "dtype")[0]))
+    frame = frame.filter(pl.col("scorer") == most_covering(frame, "scorer")[0])
+    frame = on_disk_scans(frame, on_disk)
     named = frame.select("revision", "commit").unique("revision", keep="first").rows()
     line = training_line(named, branch)
     if from_fork and branch is not None:

@@ -69,6 +69,10 @@ class CalibrationSet:
     def max_len(self) -> int:
         return max(len(s) for s in self.sequences)
 
+    def describe(self) -> str:
+        """What the set is, for people: its origin and its size."""
+        return f"{self.source or 'token ids'}: {len(self.sequences)} sequences, {self.n_tokens:,} tokens"
+
     def n_batches(self, batch_size: int) -> int:
         return -(-len(self.sequences) // batch_size)
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import polars as pl
 
-from ..errors import ConfigError
+from ..errors import ConfigError, SourceError
 from ..fetch.sources import single_checkpoint
 from ..scoring.loss import perplexity, perplexity_set
 from ..scoring.options import ScoringOptions
@@ -91,6 +91,7 @@ def evaluate(config: EvalConfig) -> pl.DataFrame:
 
     Raises `SourceError` for a directory that is no model, `ConfigError` for a task lm-eval cannot run,
     `CalibrationError` for perplexity data that cannot be used, OSError where the store cannot be written."""
+    from ..fetch.identity import file_stamps
     from ..model.loading import dtype_name, load_model, load_tokenizer, resolve_device, resolve_dtype
     from ..store import Store
 
@@ -99,6 +100,9 @@ def evaluate(config: EvalConfig) -> pl.DataFrame:
     dtype = resolve_dtype(config.dtype, device)
     frames = []
     for model_dir in map(Path, config.models):
+        # Identified right before it is loaded, and checked once measured: a result is of the bytes it names.
+        stamps = file_stamps(model_dir)
+        identity = describe(model_dir)
         model = load_model(model_dir, device, dtype, config.trust_remote_code, config.device_map)
         tokenizer = load_tokenizer(model_dir)
         rows = []
@@ -112,7 +116,9 @@ def evaluate(config: EvalConfig) -> pl.DataFrame:
                 rows.append({"task": "speed", "metric": metric, "value": value, "n": None, "num_fewshot": None})
         if config.tasks:
             rows += run_tasks(model, tokenizer, config.tasks, config.num_fewshot, config.batch_size, config.limit)
-        identity = describe(model_dir)
+        if file_stamps(model_dir) != stamps:
+            raise SourceError(f"the weights in {str(model_dir)!r} changed while they were evaluated; nothing of them "
+                              "is stored; run again once they are written")
         now = datetime.now(timezone.utc)
         frame = pl.DataFrame(
             [{**identity, **row, "path": str(model_dir.resolve()), "dtype": dtype_name(dtype), "device": str(device),

@@ -1,8 +1,8 @@
 """Checkpoint suites on the Hugging Face Hub, through huggingface_hub.
 
-Listing reads the repo's branches and, per revision, its tree: file sizes and the LFS
-sha256 of every weight file, so byte-identical revisions are found before anything is
-downloaded. A download fetches one weight format (safetensors where the revision has
+Listing reads the repo's branches and, per revision, its tree: file sizes, the LFS
+sha256 of every weight file and the git blob id of its config, so identical revisions are
+found before anything is downloaded. A download fetches one weight format (safetensors where the revision has
 it, else ``.bin``) plus config and tokenizer files into the usual Hugging Face cache;
 eviction deletes a revision from that cache only if ckpt-trace downloaded it, which a
 small ledger beside ckpt-trace's other files remembers across interrupted runs.
@@ -22,7 +22,7 @@ from pathlib import Path
 
 from ..errors import SourceError, one_line
 from .cache import DownloadLedger, delete_entries
-from .identity import fingerprint, weight_files
+from .identity import computes, fingerprint, weight_files
 from .revisions import Revision, parse_revision, place
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,8 @@ class HubFiles:
     weight_format: str | None
     weight_bytes: int
     fingerprint: str | None
-    """`identity.fingerprint` of the weight files (None when the revision has none)."""
+    """`identity.fingerprint` of the weight files and of the files that decide the computation (None when the
+    revision has no weight files)."""
 
 
 def tokens_per_step(repo_id: str) -> int | None:
@@ -58,13 +59,13 @@ def tokens_per_step(repo_id: str) -> int | None:
 def choose_files(entries: dict[str, tuple[int, str]]) -> HubFiles:
     """Pick one weight format and the side files from {path: (size, sha256 or blob id)}."""
     chosen_format, weights = weight_files(entries)
-    side = [p for p in entries if p in SIDE_FILES]
+    side = [p for p in entries if p in SIDE_FILES or computes(p)]  # the modeling code that trust_remote_code runs too
     tensors = [p for p in weights if not p.endswith(".json")]
     return HubFiles(
         files=tuple(sorted(side + weights)),
         weight_format=chosen_format,
         weight_bytes=sum(entries[p][0] for p in tensors),
-        fingerprint=fingerprint({p: entries[p][1] for p in tensors}),
+        fingerprint=fingerprint({p: entries[p][1] for p in tensors}, {p: entries[p][1] for p in entries if computes(p)}),
     )
 
 
@@ -170,20 +171,14 @@ class HubRepo:
         return place([parse_revision(name, per_step, commit) for name, commit in refs.items()], per_step)
 
     def _cached_refs(self) -> dict[str, str]:
-        refs_dir = self.repo_folder / "refs"
-        if not refs_dir.is_dir():
+        if not (refs := self.cached_refs()):
             raise SourceError(f"repo {self.repo_id!r} is not in the cache {self.cache_dir} and HF_HUB_OFFLINE is set")
-        return {p.relative_to(refs_dir).as_posix(): p.read_text().strip() for p in refs_dir.rglob("*") if p.is_file()}
+        return refs
 
     def files(self, revision: Revision) -> HubFiles:
         """The files of one revision, from its tree listing (or its cached snapshot when offline)."""
         if self.offline:
-            snapshot = self.repo_folder / "snapshots" / (revision.commit or "")
-            entries = {
-                p.relative_to(snapshot).as_posix(): (p.stat().st_size, p.resolve().name)
-                for p in snapshot.rglob("*") if p.is_file()
-            }
-            return choose_files(entries)
+            return self.cached_files(revision.commit or "")
         ref = revision.commit or revision.name
         try:  # some huggingface_hub releases retry tree listings themselves, others do not
             tree = with_retries(lambda: list(self.api.list_repo_tree(self.repo_id, revision=ref, recursive=True)),
@@ -195,6 +190,23 @@ class HubRepo:
             for f in tree if hasattr(f, "blob_id")  # files, not folders
         }
         return choose_files(entries)
+
+    def cached_files(self, commit: str) -> HubFiles:
+        """The files of one commit's snapshot in the cache, named by their blobs (a blob's name is its sha256 for an
+        LFS file, its git blob id for another, as the tree listing gives them)."""
+        snapshot = self.repo_folder / "snapshots" / commit
+        entries = {
+            p.relative_to(snapshot).as_posix(): (p.stat().st_size, p.resolve().name)
+            for p in snapshot.rglob("*") if p.is_file()
+        }
+        return choose_files(entries)
+
+    def cached_refs(self) -> dict[str, str]:
+        """{branch or tag: commit} of the repo as the cache last saw them; {} where it is not in the cache."""
+        refs_dir = self.repo_folder / "refs"
+        if not refs_dir.is_dir():
+            return {}
+        return {p.relative_to(refs_dir).as_posix(): p.read_text().strip() for p in refs_dir.rglob("*") if p.is_file()}
 
     def describe(self, revisions: list[Revision], workers: int = 8) -> list[HubFiles | SourceError]:
         """The files of many revisions, listed concurrently; a revision whose listing fails gets its error."""

@@ -1,11 +1,19 @@
-"""What was scored: the weight files of a checkpoint, and a fingerprint of their contents.
+"""What was scored: the files of a checkpoint that decide what it computes, and a fingerprint of their contents.
 
 A checkpoint's identity is not its name: two directories named ``ckpt`` may hold other
-models, and new weights may be saved over a scanned one. The fingerprint is a short hash of
-each weight file's name and content sha256. On the Hub the tree listing gives the sha256 of
-every LFS file before any download; for local files it is computed once and kept in a small
-cache keyed by path, size and modification time, so a later scan reads no weights to know
-that they did not change. The same bytes give the same fingerprint locally and on the Hub.
+models, new weights may be saved over a scanned one, and a config may change what the same
+weights compute (``use_parallel_residual``, ``hidden_act``). The fingerprint is a short hash
+of the name and content hash of each file that decides the computation: the weight files
+(content sha256), and ``config.json`` and the checkpoint's own modeling code (``*.py``, git
+blob id). On the Hub the tree listing gives both hashes of every file before any download;
+for local weight files the sha256 is computed once and kept in a small cache keyed by path,
+size, times and inode, so a later scan reads no weights to know that they did not change.
+The same bytes give the same fingerprint locally and on the Hub.
+
+A local checkpoint also keeps the `stamps` of those files (size, times, inode) from the moment
+its identity was taken: a scan or an evaluation takes it right before loading, and compares
+the stamps again once it is done, so that nothing is stored under a fingerprint of other
+bytes than those loaded.
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ import hashlib
 import json
 import os
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..paths import atomic_write_bytes, home, json_object
@@ -36,12 +45,24 @@ def weight_files(names: Iterable[str]) -> tuple[str | None, list[str]]:
     return None, []
 
 
-def fingerprint(shas: dict[str, str]) -> str | None:
-    """A short identity of a set of weight files, from {file name: content sha256}; None for no files."""
+def computes(name: str) -> bool:
+    """Whether a file beside the weights decides what a checkpoint computes: its config and its own modeling code
+    (top-level ``*.py``, which `trust_remote_code` runs)."""
+    return name == "config.json" or (name.endswith(".py") and "/" not in name)
+
+
+def fingerprint(shas: dict[str, str], side: dict[str, str] | None = None) -> str | None:
+    """A short identity of a checkpoint, from its weight files' {name: content sha256} and the {name: git blob id}
+    of the files beside them that decide the computation (see `computes`); None for no weight files."""
     if not shas:
         return None
-    text = "\n".join(f"{name} {sha}" for name, sha in sorted(shas.items()))
+    text = "\n".join(f"{name} {sha}" for name, sha in sorted({**(side or {}), **shas}.items()))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def git_blob_id(data: bytes) -> str:
+    """The id git, and so the Hub's tree listing, gives a file of these bytes."""
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
 
 def _sha256(path: Path) -> str:
@@ -87,10 +108,52 @@ class HashCache:
             return {}
 
 
-def local_weights(directory: str | os.PathLike, cache: HashCache | None = None) -> tuple[str | None, int]:
-    """The fingerprint and total bytes of the weight files in a model directory."""
+def _identity_files(directory: Path) -> tuple[list[Path], list[Path]]:
+    """The weight files of a model directory (shard indexes left out), and the files beside them that decide the
+    computation."""
+    names = [p.name for p in directory.iterdir() if p.is_file()]
+    _, weights = weight_files(names)
+    return [directory / n for n in weights if not n.endswith(".json")], [directory / n for n in sorted(names) if computes(n)]
+
+
+def file_stamps(directory: str | os.PathLike) -> tuple:
+    """(name, size, modification time, inode, change time) of each file that makes a local checkpoint's identity, as
+    they are now: new contents change the change time, which no one can set back, and a file replaced by another
+    has a new inode."""
+    weights, side = _identity_files(Path(directory))
+    stamps = []
+    for file in sorted(weights + side):
+        try:
+            stat = file.stat()
+        except FileNotFoundError:  # removed since it was listed
+            continue
+        stamps.append((file.name, stat.st_size, stat.st_mtime_ns, stat.st_ino, stat.st_ctime_ns))
+    return tuple(stamps)
+
+
+@dataclass(frozen=True)
+class Identity:
+    """What a local checkpoint is, as of one moment: the fingerprint, the weight bytes, and the files' stamps."""
+
+    fingerprint: str | None
+    weight_bytes: int
+    stamps: tuple
+    """`file_stamps`, taken before the files were hashed: if they still hold, the fingerprint is of the files as
+    they are."""
+
+
+def local_identity(directory: str | os.PathLike, cache: HashCache | None = None) -> Identity:
+    """The identity of the checkpoint in a model directory (weights hashed only where they changed since last time)."""
     directory = Path(directory)
-    _, names = weight_files(p.name for p in directory.iterdir() if p.is_file())
-    files = [directory / n for n in names if not n.endswith(".json")]
-    shas = (cache or HashCache()).sha256s(files)
-    return fingerprint({f.name: shas[f.resolve()] for f in files}), sum(f.stat().st_size for f in files)
+    stamps = file_stamps(directory)
+    weights, side = _identity_files(directory)
+    shas = (cache or HashCache()).sha256s(weights)
+    blobs = {f.name: git_blob_id(f.read_bytes()) for f in side}
+    return Identity(fingerprint({f.name: shas[f.resolve()] for f in weights}, blobs),
+                    sum(f.stat().st_size for f in weights), stamps)
+
+
+def local_weights(directory: str | os.PathLike, cache: HashCache | None = None) -> tuple[str | None, int]:
+    """The fingerprint and total weight bytes of the checkpoint in a model directory."""
+    identity = local_identity(directory, cache)
+    return identity.fingerprint, identity.weight_bytes

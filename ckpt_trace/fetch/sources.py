@@ -16,10 +16,10 @@ from pathlib import Path
 
 import polars as pl
 
-from ..errors import SourceError
+from ..errors import SelectionError, SourceError
 from ..paths import json_object
 from .hub import tokens_per_step
-from .identity import local_weights
+from .identity import file_stamps, local_identity
 from .revisions import Revision, parse_revision, select
 
 EVAL_FILE = "ckpt_trace_eval.json"
@@ -43,7 +43,14 @@ class Checkpoint:
     files: object = None
     """Source-specific description of what to fetch."""
     weights: str | None = None
-    """Fingerprint of the weight files (see `ckpt_trace.fetch.identity`): what is scored, whatever the name."""
+    """Fingerprint of the weight files and config (see `ckpt_trace.fetch.identity`): what is scored, whatever the
+    name."""
+    source: str | None = None
+    """Where it is read: the absolute path of a local folder of revisions (or of one model directory), or a Hub repo
+    id. Two folders of one name are two models, told apart by it."""
+    stamps: tuple | None = None
+    """For a local checkpoint, its files' `identity.file_stamps` when `weights` was taken; None on the Hub, whose
+    revisions are fetched by commit into a cache that is never written in place."""
 
     def record(self) -> dict:
         """The evaluation record kept beside the weights (validation loss, tokens), or {}."""
@@ -65,9 +72,30 @@ def _is_model_dir(path: Path) -> bool:
     return (path / "config.json").is_file()
 
 
-def _local(model: str, revision: Revision, path: Path) -> Checkpoint:
-    weights, size = local_weights(path)
-    return Checkpoint(model, revision, path, weight_bytes=size, weights=weights)
+def _local(model: str, revision: Revision, path: Path, source: str | os.PathLike) -> Checkpoint:
+    identity = local_identity(path)
+    return Checkpoint(model, revision, path, weight_bytes=identity.weight_bytes, weights=identity.fingerprint,
+                      stamps=identity.stamps, source=str(source))
+
+
+def identified_now(checkpoint: Checkpoint) -> Checkpoint:
+    """The checkpoint with its identity taken again, right before its files are read: a local checkpoint's
+    files may have changed since it was listed (only changed files are hashed again)."""
+    if checkpoint.stamps is None or checkpoint.path is None:
+        return checkpoint
+    identity = local_identity(checkpoint.path)
+    return replace(checkpoint, weights=identity.fingerprint, weight_bytes=identity.weight_bytes, stamps=identity.stamps)
+
+
+def changed_since(checkpoint: Checkpoint) -> bool:
+    """Whether a local checkpoint's files are no longer those its identity was taken from (see `identified_now`)."""
+    return checkpoint.stamps is not None and checkpoint.path is not None and file_stamps(checkpoint.path) != checkpoint.stamps
+
+
+def changed_error(checkpoint: Checkpoint, doing: str = "scored") -> SourceError:
+    """The error of a checkpoint whose files changed while they were read."""
+    return SourceError(f"the weights of {checkpoint.revision.name} ({checkpoint.path}) changed while they were {doing}; "
+                       "run again once they are written")
 
 
 def mark_duplicates(checkpoints: list[Checkpoint]) -> list[Checkpoint]:
@@ -106,14 +134,14 @@ def single_checkpoint(path: Path) -> Checkpoint:
     """
     given = Path(os.path.abspath(path))  # the names the user gave, links not followed
     if (snapshot := _cache_snapshot(given) or _cache_snapshot(given.resolve())) is not None:  # or a link to one
-        return _local(*snapshot, path)
+        return _local(*snapshot, path, snapshot[0])
     target = parse_revision(given.resolve().name)
     if given.is_symlink() and target.parsed:
-        return _local(given.parent.name, target, path)
+        return _local(given.parent.name, target, path, given.parent.resolve())
     revision = parse_revision(given.name)
     if revision.parsed:
-        return _local(given.parent.name, revision, path)
-    return _local(given.name, Revision("main"), path)
+        return _local(given.parent.name, revision, path, given.parent.resolve())
+    return _local(given.name, Revision("main"), path, given.resolve())
 
 
 class LocalSource:
@@ -143,7 +171,7 @@ class LocalSource:
             raise SourceError(f"{str(self.root)!r} is no model: it has no config.json and no subdirectories with one")
         checkpoints = []
         for rev in select([parse_revision(n) for n in subdirs], selection, branch, release=RELEASE):
-            checkpoint = _local(self.model, rev, subdirs[rev.name])
+            checkpoint = _local(self.model, rev, subdirs[rev.name], self.root.resolve())
             try:
                 tokens = checkpoint.record().get("tokens")
             except SourceError:  # a scan of this revision reports it, as that revision's failure
@@ -178,8 +206,9 @@ class HubSource:
         revisions = select(listed, selection, branch, tokens_per_step(self.model), self._release(listed))
         checkpoints = [
             # A listing that failed is kept as the files: fetch() raises it, so the scan records the revision as failed.
-            Checkpoint(self.model, rev, files=files) if isinstance(files, Exception)
-            else Checkpoint(self.model, rev, weight_bytes=files.weight_bytes, files=files, weights=files.fingerprint)
+            Checkpoint(self.model, rev, files=files, source=self.model) if isinstance(files, Exception)
+            else Checkpoint(self.model, rev, weight_bytes=files.weight_bytes, files=files, weights=files.fingerprint,
+                            source=self.model)
             for rev, files in zip(revisions, self.repo.describe(revisions))
         ]
         return mark_duplicates(checkpoints)
@@ -226,6 +255,30 @@ def open_source(source: str | os.PathLike, cache_dir: str | os.PathLike | None =
     if path.exists() or not _REPO_ID.match(str(source)) or path.parent.is_dir() and str(path.parent) != ".":
         return LocalSource(source)
     return HubSource(str(source), cache_dir)
+
+
+def weights_on_disk(source: str, cache_dir: str | os.PathLike | None = None) -> dict[str, str] | None:
+    """{revision: fingerprint} of a source's revisions as their files are on this machine now: a local folder's, or
+    a Hub repo's whose weights are in the Hugging Face cache (by the branch or tag that names each); None where the
+    source is not here at all. Only weight files that changed since they were last hashed are read."""
+    from .hub import HubRepo
+
+    if os.path.isabs(source) or not _REPO_ID.match(source):
+        try:
+            return {c.revision.name: c.weights for c in LocalSource(source).checkpoints() if c.weights is not None}
+        except (SourceError, SelectionError, OSError):  # gone, or no model any more
+            return None
+    repo = HubRepo(source, cache_dir)
+    refs = repo.cached_refs()
+    if not refs:
+        return None
+    on_disk = {}
+    for name, commit in refs.items():
+        if (repo.repo_folder / "snapshots" / commit).is_dir():
+            files = repo.cached_files(commit)
+            if files.fingerprint is not None and repo.is_cached(Revision(name, commit=commit), files):
+                on_disk[name] = files.fingerprint
+    return on_disk
 
 
 def revision_table(source: str | os.PathLike, selection: str | None = None, cache_dir=None,

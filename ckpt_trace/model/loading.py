@@ -103,11 +103,15 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", dtyp
     transformers.logging.set_verbosity_error()  # what transformers would warn of is checked, and raised, below
     try:
         model_class = _dropping_class(path, record, trust_remote_code) if any(record.values()) else None
+        mapped = _mapped_safely(path)
         # weights_only: .bin files go through torch's restricted unpickler, which runs no code.
         model, info = (model_class or AutoModelForCausalLM).from_pretrained(
             path, dtype=dtype, trust_remote_code=trust_remote_code, weights_only=True, output_loading_info=True,
             device_map=device_map if device_map is not None else str(torch.device(device)),
+            disable_mmap=not mapped,
         )
+        if not mapped and any(Path(path).glob("pytorch_model*.bin")):
+            _unmap_(model)
     except _load_errors() as err:
         raise SourceError(f"cannot load the weights in {str(path)!r}: {one_line(err, 300)}") from err
     finally:
@@ -131,6 +135,25 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", dtyp
     if model_class is not None:
         model.__class__ = model_class.__base__  # the library's class, which pickles and compares as it should
     return model.eval()
+
+
+def _mapped_safely(path: str | os.PathLike) -> bool:
+    """Whether the weight files of a model directory may be memory-mapped: those of a Hugging Face cache snapshot
+    may (links to blobs that huggingface_hub writes whole, then renames, and never rewrites). Others may be rewritten
+    in place while they are read (a training run saving over a checkpoint, a `cp`), which under a map kills the
+    process with a bus error, during the load or long after it (a model on the CPU in the files' dtype keeps
+    reading the map): they are read into memory instead, at the cost of holding the checkpoint there once."""
+    files = [p for p in Path(path).iterdir() if p.name.endswith((".safetensors", ".bin"))]
+    return bool(files) and all(p.is_symlink() and p.resolve().parent.name == "blobs" for p in files)
+
+
+def _unmap_(model: torch.nn.Module) -> None:
+    """Copy into memory the tensors of a model on the CPU that torch may have left mapped from ``.bin`` files
+    (it maps those it loads, whatever transformers is told)."""
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            if tensor.device.type == "cpu":
+                tensor.data = tensor.data.clone()
 
 
 def _dropping_class(path: str | os.PathLike, record: dict[str, list[int]], trust_remote_code: bool):

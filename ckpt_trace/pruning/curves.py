@@ -172,8 +172,9 @@ def run_curves(config: CurveConfig) -> pl.DataFrame:
         data = perplexity_set(at.path, model, load_tokenizer(at.path), config.calibration, config.perplexity_data)
         frame = curves(model, scores, data, config.targets, config.seeds, config.batch_size,
                        progress=config.progress and f"{checkpoint.revision.name}: curves")
+        at.check("measured")
     frame = frame.with_columns(
-        model=pl.lit(checkpoint.model), revision=pl.lit(checkpoint.revision.name),
+        model=pl.lit(checkpoint.model), revision=pl.lit(checkpoint.revision.name), source=pl.lit(checkpoint.source),
         weights=pl.lit(checkpoint.weights, pl.String), data=pl.lit(data.id), calibration=pl.lit(calibration.id),
         dtype=pl.lit(dtype_name(dtype)), version=pl.lit(VERSION),
         created=pl.lit(datetime.now(timezone.utc), CURVES_SCHEMA["created"]),

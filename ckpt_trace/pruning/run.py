@@ -121,6 +121,7 @@ def prune(config: PruneConfig) -> Path:
             if tokenizer is not None:
                 tokenizer.save_pretrained(staging)
             (staging / MANIFEST).write_text(json.dumps(record, indent=2) + "\n")
+            at.check("pruned")  # nothing is left in `out` then
         return out
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
@@ -41,6 +42,9 @@ class ScanConfig(ScoringOptions):
     ray: bool = False
     """Spread the revisions over the Ray cluster in ``RAY_ADDRESS`` (else a local Ray instance): one task per
     revision, one GPU each where the cluster has GPUs (see `ckpt_trace.scan.ray`)."""
+    ray_timeout: float = 60.0
+    """Seconds to wait for the Ray cluster in ``RAY_ADDRESS`` (or the one `ray start` recorded) to answer before the
+    scan stops with an error (see `ckpt_trace.scan.ray.wait_for_cluster`)."""
     metrics: tuple[str, ...] | None = None
     """Metrics to store (of `ckpt_trace.scoring.ALL_METRICS`): importance and update_ratio always; angular_distance,
     span_distance and their variants over each sequence's last token (importance_last, update_ratio_last,
@@ -57,6 +61,8 @@ class ScanConfig(ScoringOptions):
             from .ray import ray_module
 
             ray_module()  # fails now, not after the set-up, where Ray is missing
+        if not 0 < self.ray_timeout < math.inf:
+            raise ConfigError(f"--ray-timeout {self.ray_timeout:g} is not a wait in seconds; use a finite number above 0")
         if self.prefetch < 1:
             raise ConfigError(f"--prefetch {self.prefetch} is not a number of revisions; use 1 or more")
         if self.ray and (self.load_ahead or self.prefetch != PREFETCH):  # each Ray task fetches and loads one revision

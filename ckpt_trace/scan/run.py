@@ -1,6 +1,6 @@
 """The scan: score every selected revision that the store lacks, in this process or on Ray, and store its rows.
 
-Revisions already in the store (the same weights, dtype, calibration set and scorer) are
+Revisions already in the store (the same weights and config, dtype, calibration set and scorer) are
 skipped, so a scan that was interrupted, by Ctrl-C, SIGKILL or a crash, picks up where it
 stopped.
 """
@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from ..calibration.sets import CalibrationSet
 from ..errors import REVISION_ERRORS, SourceError, one_line
-from ..fetch.sources import Checkpoint, open_source
+from ..fetch.sources import Checkpoint, changed_error, changed_since, identified_now, open_source
 from ..model.loading import dtype_name, load_model, resolve_device, resolve_dtype
 from ..paths import remove_stale_temporaries
 from ..scoring.loss import ablation_losses
@@ -35,12 +35,9 @@ log = logging.getLogger(__name__)
 
 def score_checkpoint(
     checkpoint: Checkpoint, calibration: CalibrationSet, config: ScanConfig, device: torch.device, dtype: torch.dtype,
-    model: torch.nn.Module | None = None,
+    model: torch.nn.Module,
 ) -> pl.DataFrame:
-    """Score one fetched checkpoint (loaded here, unless its `model` is given) and return its rows in the store's
-    scores schema."""
-    if model is None:
-        model = load_model(checkpoint.path, device, dtype, config.trust_remote_code, config.device_map)
+    """Score one fetched checkpoint's loaded `model` and return its rows in the store's scores schema."""
     label = checkpoint.revision.name if config.progress else False
     frame = score(model, calibration, config.batch_size, progress=label, metrics=config.metrics or METRICS)
     if ABLATION in (config.metrics or ()):
@@ -48,6 +45,7 @@ def score_checkpoint(
     rev = checkpoint.revision
     return frame.with_columns(
         model=pl.lit(checkpoint.model),
+        source=pl.lit(checkpoint.source, pl.String),
         revision=pl.lit(rev.name),
         commit=pl.lit(rev.commit, pl.String),
         weights=pl.lit(checkpoint.weights, pl.String),
@@ -55,6 +53,7 @@ def score_checkpoint(
         branch=pl.lit(rev.branch, pl.String),
         tokens=pl.lit(rev.tokens, pl.Int64),
         calibration=pl.lit(calibration.id),
+        calibration_source=pl.lit(calibration.describe()),
         dtype=pl.lit(dtype_name(dtype)),
         scorer=pl.lit(SCORER_VERSION, pl.Int32),
         version=pl.lit(VERSION),
@@ -62,9 +61,33 @@ def score_checkpoint(
     )
 
 
+def load_identified(checkpoint: Checkpoint, config: ScanConfig, device, dtype) -> tuple[Checkpoint, torch.nn.Module]:
+    """The checkpoint with its identity taken right before loading (see `identified_now`), and its model."""
+    checkpoint = identified_now(checkpoint)
+    return checkpoint, load_model(checkpoint.path, device, dtype, config.trust_remote_code, config.device_map)
+
+
+def score_stably(checkpoint: Checkpoint, calibration: CalibrationSet, config: ScanConfig, device, dtype,
+                 loaded: tuple[Checkpoint, torch.nn.Module] | None = None) -> tuple[Checkpoint, pl.DataFrame]:
+    """Load (unless `loaded` holds it, from `load_identified`) and score a checkpoint; return it as identified at
+    load time, with its scores. Files that changed while they were loaded or scored are loaded and scored once
+    more; if they change again, `changed_error` is raised: scores are never of other bytes than the identity
+    they are stored under."""
+    for attempt in range(2):
+        at_load, model = loaded if loaded is not None else load_identified(checkpoint, config, device, dtype)
+        loaded = None
+        frame = score_checkpoint(at_load, calibration, config, device, dtype, model)
+        model = None
+        if not changed_since(at_load):
+            return at_load, frame
+        if attempt == 0:
+            log.warning("the files of %s changed while it was scored; scoring it again", checkpoint.revision.name)
+    raise changed_error(at_load)
+
+
 def keep_stored(store: Store, key: ScoreKey, frame: pl.DataFrame) -> pl.DataFrame:
     """The new scores with the stored metrics of the same key that were not measured again (an earlier scan's
-    ablation_loss, say): the same weights, dtype, calibration set and scorer gave both, so one file holds both.
+    ablation_loss, say): the same weights and config, dtype, calibration set and scorer gave both, so one file holds both.
     Their `version` stays the one that measured them; `created` becomes the file's."""
     stored = store.read_scores(key, ())
     if stored is None:
@@ -95,7 +118,7 @@ def why_score(store: Store, key: ScoreKey, force: bool, metrics: tuple[str, ...]
 def _revision_row(checkpoint: Checkpoint) -> pl.DataFrame:
     rev = checkpoint.revision
     row = {
-        "model": checkpoint.model, "revision": rev.name, "commit": rev.commit, "weights": checkpoint.weights, "step": rev.step,
+        "model": checkpoint.model, "source": checkpoint.source, "revision": rev.name, "commit": rev.commit, "weights": checkpoint.weights, "step": rev.step,
         "tokens": rev.tokens, "stage": rev.stage, "branch": rev.branch, "val_loss": checkpoint.val_loss(),
         "weight_bytes": checkpoint.weight_bytes, "duplicate_of": checkpoint.duplicate_of,
     }
@@ -104,8 +127,8 @@ def _revision_row(checkpoint: Checkpoint) -> pl.DataFrame:
 
 def _run_row(checkpoint: Checkpoint, key: ScoreKey, status: str, error: str | None, seconds: float) -> pl.DataFrame:
     row = {
-        "model": checkpoint.model, "revision": checkpoint.revision.name, "weights": checkpoint.weights,
-        "dtype": key.dtype, "calibration": key.calibration,
+        "model": checkpoint.model, "revision": checkpoint.revision.name, "source": checkpoint.source,
+        "weights": checkpoint.weights, "dtype": key.dtype, "calibration": key.calibration,
         "status": status, "error": error, "seconds": seconds, "finished_at": datetime.now(timezone.utc),
         "version": VERSION,
     }
@@ -136,7 +159,8 @@ def score_revision(source: str, cache_dir, checkpoint: Checkpoint, calibration: 
         check_weights(checkpoint)
         fetched = opened.fetch(checkpoint)
         device = resolve_device(config.device)  # the worker's own: the GPU Ray gave the task, else the CPU
-        return _revision_row(fetched), score_checkpoint(fetched, calibration, config, device, dtype)
+        scored, frame = score_stably(fetched, calibration, config, device, dtype)
+        return _revision_row(scored), frame
     finally:
         opened.release(fetched)  # a download cut short too
 
@@ -146,27 +170,29 @@ def scored_here(source, checkpoints: list[Checkpoint], calibration: CalibrationS
     """Yield (checkpoint, (revision row, scores) or None, error or None, seconds) for each checkpoint, streamed
     (see `streamed`) and scored in this process; with load-ahead (see `loads_ahead`, `LoadAhead`), each revision's
     model is loaded while the one before it is scored."""
-    def load(checkpoint: Checkpoint) -> torch.nn.Module:
-        return load_model(checkpoint.path, device, dtype, config.trust_remote_code, config.device_map)
+    def load(checkpoint: Checkpoint) -> tuple[Checkpoint, torch.nn.Module]:
+        return load_identified(checkpoint, config, device, dtype)
 
     ahead = LoadAhead(load) if loads_ahead(config, checkpoints, device, dtype) else None
     with closing(streamed(source, checkpoints, config.prefetch, ahead)) as stream:
-        for checkpoint, fetch_error, model in stream:
+        for checkpoint, fetch_error, loading in stream:
             start = time.perf_counter()
             try:
                 if fetch_error is not None:
                     raise fetch_error
-                row = _revision_row(checkpoint)  # reads what is recorded beside the weights: a bad record fails early
+                _revision_row(checkpoint)  # reads what is recorded beside the weights: a bad record fails early
                 check_weights(checkpoint)
-                frame = score_checkpoint(checkpoint, calibration, config, device, dtype,
-                                         ahead.take(model, checkpoint) if ahead is not None else None)
+                loaded = ahead.take(loading, checkpoint) if ahead is not None else None
+                loading = None
+                scored, frame = score_stably(checkpoint, calibration, config, device, dtype, loaded)
+                row = _revision_row(scored)
             except REVISION_ERRORS as err:
                 _drop_locals(err)  # its frames hold the model: freed before the next is loaded
                 yield checkpoint, None, err, time.perf_counter() - start
                 continue
             finally:
-                model = None  # freed before the next is loaded
-            yield checkpoint, (row, frame), None, time.perf_counter() - start
+                loading = loaded = None  # freed before the next is loaded
+            yield scored, (row, frame), None, time.perf_counter() - start
 
 
 def scan(config: ScanConfig) -> pl.DataFrame:
@@ -183,7 +209,7 @@ def scan(config: ScanConfig) -> pl.DataFrame:
     if config.ray:  # each worker resolves its own device; the dtype, part of what is stored, is settled here
         from .ray import cluster_dtype
 
-        device, dtype = None, cluster_dtype(config.dtype)
+        device, dtype = None, cluster_dtype(config.dtype, config.ray_timeout)
     else:
         device = resolve_device(config.device)  # bad options fail before any work
         dtype = resolve_dtype(config.dtype, device)
@@ -216,7 +242,11 @@ def scan(config: ScanConfig) -> pl.DataFrame:
             store.write_run(_run_row(checkpoint, key, "duplicate", why, 0.0))
             statuses[name] = ("duplicate", None, why)
         elif (why := why_score(store, key, config.force, config.metrics)) is None:
-            statuses[name] = ("stored", None, "same weights, dtype, calibration set and scorer")
+            statuses[name] = ("stored", None, "same weights and config, dtype, calibration set and scorer")
+            try:  # this source holds it too: its record says so (scores are stored by content, once)
+                store.write_revision(_revision_row(checkpoint))
+            except SourceError as err:
+                log.warning("revision %s: %s", name, one_line(err))
         else:
             statuses[name] = ("to score", None, why)
             todo.append(checkpoint)
@@ -235,6 +265,21 @@ def scan(config: ScanConfig) -> pl.DataFrame:
                                 config.cache_dir and os.path.abspath(config.cache_dir), todo, calibration, config, dtype)
     else:
         results = scored_here(source, todo, calibration, config, device, dtype)
+    done: set[str] = set()
+    try:
+        _store_results(store, config, results, keys, statuses, calibration, dtype, source, bar, done)
+    except KeyboardInterrupt:  # the attempts under way are recorded as such; a killed process records nothing
+        waiting = [c for c in todo if c.revision.name not in done]  # in this process, the first is under way
+        for checkpoint in waiting if config.ray else waiting[:1]:
+            store.write_run(_run_row(checkpoint, keys[checkpoint.revision.name], "interrupted", "interrupted", 0.0))
+        raise
+    bar.close()
+    return summarize(store, [keys[c.revision.name] for c in checkpoints], statuses)
+
+
+def _store_results(store: Store, config: ScanConfig, results, keys: dict, statuses: dict, calibration, dtype, source,
+                   bar, done: set[str]) -> None:
+    """Store each revision's rows as its result comes, and record every attempt in runs/."""
     with closing(results):  # on an early exit, what the stream holds (a model, the cache) is released now
         for checkpoint, result, error, seconds in results:
             if config.ray:  # a worker fetched and released it; what this process holds of it (metadata) goes too
@@ -244,15 +289,21 @@ def scan(config: ScanConfig) -> pl.DataFrame:
             bar.set_postfix_str(name)
             if error is not None:
                 store.write_run(_run_row(checkpoint, key, "failed", str(error), seconds))
+                done.add(name)
                 if not config.keep_going:
                     bar.close()
                     raise error
                 message = one_line(error)
                 log.warning("revision %s failed: %s", name, message)
                 statuses[name] = ("failed", seconds, message)
+                done.add(name)
                 bar.update()
                 continue
             row, frame = result
+            if checkpoint.weights != key.weights:  # its files changed after they were listed: stored as loaded
+                key = keys[name] = score_key(checkpoint, dtype, calibration.id)
+                log.warning("the files of %s changed after the scan listed them; stored as the files loaded (%s)",
+                            name, checkpoint.weights)
             if not config.force:
                 frame = keep_stored(store, key, frame)
             # The revision row first, the scores last: whole scores on disk mean the revision is stored whole, and a
@@ -261,9 +312,8 @@ def scan(config: ScanConfig) -> pl.DataFrame:
             store.write_scores(frame)
             store.write_run(_run_row(checkpoint, key, "scored", None, seconds))
             statuses[name] = ("scored", seconds, why)
+            done.add(name)
             bar.update()
-    bar.close()
-    return summarize(store, [keys[c.revision.name] for c in checkpoints], statuses)
 
 
 def summarize(store: Store, keys: list[ScoreKey], statuses: dict[str, tuple]) -> pl.DataFrame:

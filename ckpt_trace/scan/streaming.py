@@ -168,19 +168,20 @@ class LoadAhead:
     being scored: from then on it loads none, and drops the one it holds, so that each revision after is loaded
     alone, never failed for the one before it."""
 
-    def __init__(self, load: Callable[[Checkpoint], torch.nn.Module]):
+    def __init__(self, load: Callable[[Checkpoint], object]):
         self._load, self._lock, self._on, self._held = load, threading.Lock(), True, None
 
-    def __call__(self, checkpoint: Checkpoint) -> list[torch.nn.Module]:
-        """On the loader thread: [the model], or [] once loading ahead is off."""
+    def __call__(self, checkpoint: Checkpoint) -> list:
+        """On the loader thread: [what `load` gives: the model, with what it needs beside it], or [] once loading
+        ahead is off."""
         with self._lock:
             if not self._on:
                 return []
             self._held = [self._load(checkpoint)]
             return self._held
 
-    def take(self, future: Future, checkpoint: Checkpoint) -> torch.nn.Module | None:
-        """The model loaded ahead for `checkpoint`; None for the caller to load it alone (loading ahead is off, or
+    def take(self, future: Future, checkpoint: Checkpoint):
+        """What was loaded ahead for `checkpoint`; None for the caller to load it alone (loading ahead is off, or
         ran out of memory: then it goes off)."""
         try:
             held = future.result()

@@ -14,7 +14,7 @@ import torch
 from ..calibration.blocks import load_calibration
 from ..calibration.sets import CalibrationSet, CalibrationSpec, fit_seq_len
 from ..errors import CalibrationError, ConfigError
-from ..fetch.sources import Checkpoint, open_source
+from ..fetch.sources import Checkpoint, changed_error, changed_since, identified_now, open_source
 from ..model.adapters import adapter_for_type
 from ..model.loading import (
     dtype_name,
@@ -70,23 +70,32 @@ class Loaded:
 
     source: object
     checkpoint: Checkpoint
+    """As identified right before it was loaded: its `weights` are those of the model."""
     path: str | os.PathLike
     model: torch.nn.Module
     dtype: torch.dtype
 
+    def check(self, doing: str) -> None:
+        """Raise `SourceError` if the checkpoint's files changed since it was identified and loaded: what was made
+        of the model is then of other bytes than its identity says, and must not be kept."""
+        if changed_since(self.checkpoint):
+            raise changed_error(self.checkpoint, doing)
+
 
 @contextmanager
 def loaded(options: ScoringOptions, source: str | os.PathLike, revision: str | None) -> Iterator[Loaded]:
-    """The revision `revision` of `source` (default: the last in training order), fetched and loaded on the options'
-    device and dtype; released (for the Hub: its download evicted) on exit."""
+    """The revision `revision` of `source` (default: the last in training order), fetched, identified and loaded on
+    the options' device and dtype; released (for the Hub: its download evicted) on exit. Call `Loaded.check` before
+    keeping anything made of the model."""
     device = resolve_device(options.device)
     dtype = resolve_dtype(options.dtype, device)
     opened = open_source(source, options.cache_dir)
     checkpoint = opened.checkpoints(revision or "last:1")[-1]
     fetched = opened.fetch(checkpoint)
     try:
+        fetched = identified_now(fetched)
         model = load_model(fetched.path, device, dtype, options.trust_remote_code, options.device_map)
-        yield Loaded(opened, checkpoint, fetched.path, model, dtype)
+        yield Loaded(opened, fetched, fetched.path, model, dtype)
     finally:
         opened.release(fetched)
 
