@@ -84,7 +84,8 @@ def test_new_weights_saved_over_a_scanned_directory_are_scored_again(tmp_path, t
     # The report and similarity pruning use the scores of the weights at hand.
     assert main(["report", "--store", str(tmp_path / "s"), "--out", str(tmp_path / "fig")]) == 0
     md = (tmp_path / "fig" / "report.md").read_text()
-    assert "earlier scans (other weights) of 1 checkpoint are left out" in md
+    assert "other scans (other weights) of 1 checkpoint are left out" in md
+    assert "scores drawn from the weights on disk: step100" in md
     assert main(["prune", str(model), "--target", "attention", "--drop", "1", "--out", str(tmp_path / "p"),
                  "--store", str(tmp_path / "s"), *SMALL]) == 0
     used = json.loads((tmp_path / "p" / MANIFEST).read_text())

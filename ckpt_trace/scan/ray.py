@@ -26,7 +26,6 @@ import torch
 from ..calibration.sets import CalibrationSet
 from ..errors import REVISION_ERRORS, ConfigError
 from ..fetch.sources import Checkpoint
-from .options import ScanConfig
 
 RETRIES = 3
 """How many times Ray runs a revision's task again after its worker died."""
@@ -41,7 +40,7 @@ def ray_module():
     return ray
 
 
-def cluster_dtype(name: str, timeout: float = ScanConfig.ray_timeout) -> torch.dtype:
+def cluster_dtype(name: str, timeout: float = 60.0) -> torch.dtype:
     """The dtype the workers score in: as asked, or for `auto` bfloat16 where the cluster has GPUs, else float32 (a
     scan's dtype is part of what it stores, so it is settled once, for every worker). Raises `ConfigError` where the
     cluster does not answer within `timeout` seconds (see `connect`)."""
@@ -52,7 +51,7 @@ def cluster_dtype(name: str, timeout: float = ScanConfig.ray_timeout) -> torch.d
     return DTYPES["bfloat16"] if connect(timeout).cluster_resources().get("GPU", 0) else DTYPES["float32"]
 
 
-def connect(timeout: float = ScanConfig.ray_timeout) -> object:
+def connect(timeout: float = 60.0) -> object:
     """Ray, connected to ``RAY_ADDRESS`` or to a local instance started for this scan.
 
     Raises `ConfigError` where the cluster to connect to does not accept a TCP connection within `timeout` seconds
