@@ -128,3 +128,24 @@ def test_a_source_no_longer_on_disk_is_drawn_from_its_latest_scans_and_said_so(s
     assert main(["report", "--store", str(store), "--out", str(tmp_path / "figures")]) == 0
     md = (tmp_path / "figures" / "report.md").read_text()
     assert f"scores drawn from the latest scan: step1, step2, step3 (`{suite.resolve()}` is not on this machine)" in md
+
+
+def test_a_micro_suite_built_elsewhere_is_the_same_source_and_the_weights_here_are_drawn(tmp_path, tokenizer_dir,
+                                                                                         monkeypatch):
+    """The committed scores of a micro suite come from another machine's build: the suite built here from the same
+    recipe is the same model (one section), drawn from the scans of the weights built here."""
+    store = tmp_path / "store"
+    for seed, home in ((0, tmp_path / "elsewhere"), (5, tmp_path / "here")):
+        suite = home / "micro-suite" / "recipe1" / "micro-x"
+        for offset, name in enumerate(("step1", "step2")):
+            save_checkpoint(suite / name, "gpt_neox", seed + offset, tokenizer_dir)
+        (suite / "suite.json").write_text("{}")
+        monkeypatch.setenv("CKPT_TRACE_HOME", str(home))
+        scan(suite, store)
+    db = Store(store)
+    assert set(db.scores()["source"]) == {"micro-suite:recipe1/micro-x"}
+    assert weights_on_disk("micro-suite:recipe1/micro-x") == {name: local_weights(suite / name)[0]
+                                                              for name in ("step1", "step2")}
+    assert main(["report", "--store", str(store), "--out", str(tmp_path / "figures")]) == 0
+    md = (tmp_path / "figures" / "report.md").read_text()
+    assert md.count("## micro-x") == 1 and "scores drawn from the weights on disk: step1, step2" in md

@@ -17,7 +17,7 @@ from pathlib import Path
 import polars as pl
 
 from ..errors import SelectionError, SourceError
-from ..paths import json_object
+from ..paths import home, json_object
 from .hub import tokens_per_step
 from .identity import file_stamps, local_identity
 from .revisions import Revision, parse_revision, select
@@ -46,8 +46,9 @@ class Checkpoint:
     """Fingerprint of the weight files and config (see `ckpt_trace.fetch.identity`): what is scored, whatever the
     name."""
     source: str | None = None
-    """Where it is read: the absolute path of a local folder of revisions (or of one model directory), or a Hub repo
-    id. Two folders of one name are two models, told apart by it."""
+    """Where it is read (see `source_name`): the absolute path of a local folder of revisions (or of one model
+    directory), a built micro suite by recipe, or a Hub repo id. Two folders of one name are two models, told apart
+    by it."""
     stamps: tuple | None = None
     """For a local checkpoint, its files' `identity.file_stamps` when `weights` was taken; None on the Hub, whose
     revisions are fetched by commit into a cache that is never written in place."""
@@ -109,6 +110,21 @@ def mark_duplicates(checkpoints: list[Checkpoint]) -> list[Checkpoint]:
     return marked
 
 
+MICRO_SUITE = "micro-suite"
+"""The folder under ckpt-trace's home where the built-in suites are built, one folder per recipe and suite."""
+
+
+def source_name(folder: str | os.PathLike) -> str:
+    """The source a local folder is recorded as: its absolute path; for a built micro suite
+    (``<home>/micro-suite/<recipe>/<name>``, holding its ``suite.json``), ``micro-suite:<recipe>/<name>`` wherever
+    that home is, so that the suite built from one recipe on any machine is one source (its weights may differ
+    there: another CPU rounds otherwise, and the weights on disk decide which scan is drawn)."""
+    folder = Path(folder).resolve()
+    if (folder / "suite.json").is_file() and folder.parent.parent.name == MICRO_SUITE:
+        return f"{MICRO_SUITE}:{folder.parent.name}/{folder.name}"
+    return str(folder)
+
+
 def _cache_snapshot(path: Path) -> tuple[str, Revision] | None:
     """The repo id and revision of a Hugging Face cache snapshot folder (``models--org--name/snapshots/<commit>``)."""
     folder, snapshots, commit = path.parts[-3:] if len(path.parts) >= 3 else ("", "", "")
@@ -137,11 +153,11 @@ def single_checkpoint(path: Path) -> Checkpoint:
         return _local(*snapshot, path, snapshot[0])
     target = parse_revision(given.resolve().name)
     if given.is_symlink() and target.parsed:
-        return _local(given.parent.name, target, path, given.parent.resolve())
+        return _local(given.parent.name, target, path, source_name(given.parent))
     revision = parse_revision(given.name)
     if revision.parsed:
-        return _local(given.parent.name, revision, path, given.parent.resolve())
-    return _local(given.name, Revision("main"), path, given.resolve())
+        return _local(given.parent.name, revision, path, source_name(given.parent))
+    return _local(given.name, Revision("main"), path, source_name(given))
 
 
 class LocalSource:
@@ -171,7 +187,7 @@ class LocalSource:
             raise SourceError(f"{str(self.root)!r} is no model: it has no config.json and no subdirectories with one")
         checkpoints = []
         for rev in select([parse_revision(n) for n in subdirs], selection, branch, release=RELEASE):
-            checkpoint = _local(self.model, rev, subdirs[rev.name], self.root.resolve())
+            checkpoint = _local(self.model, rev, subdirs[rev.name], source_name(self.root))
             try:
                 tokens = checkpoint.record().get("tokens")
             except SourceError:  # a scan of this revision reports it, as that revision's failure
@@ -263,6 +279,8 @@ def weights_on_disk(source: str, cache_dir: str | os.PathLike | None = None) -> 
     source is not here at all. Only weight files that changed since they were last hashed are read."""
     from .hub import HubRepo
 
+    if source.startswith(f"{MICRO_SUITE}:"):
+        source = str(home() / MICRO_SUITE / source.partition(":")[2])
     if os.path.isabs(source) or not _REPO_ID.match(source):
         try:
             return {c.revision.name: c.weights for c in LocalSource(source).checkpoints() if c.weights is not None}
