@@ -194,7 +194,7 @@ def scan(**values):
     echo_frame(summary.drop("dtype", "calibration", "scorer"), float_precision=4, fmt_str_lengths=60)
     first = summary.row(0, named=True)
     click.echo(f"scores stored in {config.store}/scores (dtype {first['dtype']}, calibration set {first['calibration']}, "
-               f"scorer {first['scorer']}; `weights` is each revision's weights fingerprint)")
+               f"scorer {first['scorer']}; `weights` is each revision's fingerprint of weights and config)")
     failed = summary.filter(pl.col("status") == "failed")["revision"].to_list()
     if failed:  # --keep-going went on past them; the exit status still says so
         click.echo(f"ckpt-trace: {len(failed)} revision{'s' if len(failed) > 1 else ''} failed and {'are' if len(failed) > 1 else 'is'} "
