@@ -17,6 +17,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 from conftest import random_ids, save_checkpoint, write_jsonl
+from test_faults import one_line
 
 from ckpt_trace.calibration.sets import CalibrationSpec
 from ckpt_trace.cli import main
@@ -78,14 +79,6 @@ def stored_weights(store: Path, revision: str) -> set[str]:
 
 def score_files(store: Path, revision: str) -> list[str]:
     return sorted(p.name for p in (store / "scores" / "suite" / revision).glob("*.parquet"))
-
-
-def one_line(capsys) -> str:
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    lines = [line for line in err.strip().splitlines() if line.startswith("ckpt-trace: error:")]
-    assert len(lines) == 1, err
-    return lines[0]
 
 
 def status_of(summary: pl.DataFrame, revision: str) -> str:
