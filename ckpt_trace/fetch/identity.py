@@ -121,8 +121,12 @@ def file_stamps(directory: str | os.PathLike) -> tuple:
     they are now: new contents change the change time, which no one can set back, and a file replaced by another
     has a new inode."""
     weights, side = _identity_files(Path(directory))
+    return _stamps(weights + side)
+
+
+def _stamps(files: list[Path]) -> tuple:
     stamps = []
-    for file in sorted(weights + side):
+    for file in sorted(files):
         try:
             stat = file.stat()
         except FileNotFoundError:  # removed since it was listed
@@ -144,9 +148,8 @@ class Identity:
 
 def local_identity(directory: str | os.PathLike, cache: HashCache | None = None) -> Identity:
     """The identity of the checkpoint in a model directory (weights hashed only where they changed since last time)."""
-    directory = Path(directory)
-    stamps = file_stamps(directory)
-    weights, side = _identity_files(directory)
+    weights, side = _identity_files(Path(directory))
+    stamps = _stamps(weights + side)
     shas = (cache or HashCache()).sha256s(weights)
     blobs = {f.name: git_blob_id(f.read_bytes()) for f in side}
     return Identity(fingerprint({f.name: shas[f.resolve()] for f in weights}, blobs),

@@ -290,13 +290,8 @@ def weights_on_disk(source: str, cache_dir: str | os.PathLike | None = None) -> 
     refs = repo.cached_refs()
     if not refs:
         return None
-    on_disk = {}
-    for name, commit in refs.items():
-        if (repo.repo_folder / "snapshots" / commit).is_dir():
-            files = repo.cached_files(commit)
-            if files.fingerprint is not None and repo.is_cached(Revision(name, commit=commit), files):
-                on_disk[name] = files.fingerprint
-    return on_disk
+    fingerprints = {name: repo.cached_files(commit).fingerprint for name, commit in refs.items()}
+    return {name: fingerprint for name, fingerprint in fingerprints.items() if fingerprint is not None}
 
 
 def revision_table(source: str | os.PathLike, selection: str | None = None, cache_dir=None,
