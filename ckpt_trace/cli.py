@@ -166,6 +166,7 @@ def cli(verbose):
     option(ScanConfig, "branch"),
     option(ScanConfig, "metrics", type=Listed()),
     option(ScanConfig, "tokens", type=click.Choice(TOKENS)),
+    option(ScanConfig, "reference"),
     option(ScanConfig, "ray"),
     option(ScanConfig, "ray_timeout"),
     option(ScanConfig, "prefetch"),

@@ -78,6 +78,8 @@ SCORES_SCHEMA: dict[str, pl.DataType] = {
     "n_tokens": pl.Int64,
     "calibration": pl.String,
     "calibration_source": pl.String,  # what the calibration set is: its text and size, for people
+    "reference": pl.String,  # the revision a training-dynamics metric is measured against; null for the others
+    "reference_weights": pl.String,  # and its fingerprint: a reader never mixes references
     "dtype": pl.String,
     "scorer": pl.Int32,
     "version": pl.String,
@@ -174,7 +176,7 @@ REQUIRED = {
 (columns added since read as null in older files)."""
 
 
-RECORDED_SINCE = ("source", "calibration_source")
+RECORDED_SINCE = ("source", "calibration_source", "reference", "reference_weights")
 """Columns a frame written from Python may lack (null then), as older files do."""
 
 _WHOLE_SCORES = (*REQUIRED["scores"], "commit", "weights", "step", "tokens", "branch", "n_tokens", "calibration",
@@ -243,15 +245,20 @@ class Store:
         name = "_".join(path_part(str(p)).replace("_", "%5F") for p in parts)  # "_" only between the parts
         return self.root / "scores" / path_part(key.model) / path_part(key.revision) / f"{name}.parquet"
 
-    def has_scores(self, key: ScoreKey, metrics: tuple[str, ...] = METRICS) -> bool:
-        """Whether whole scores of exactly this key, with these metrics, are stored: a file that is missing,
-        unreadable, of another key, or short of rows (layers 0 .. its last x modules x metrics) counts as not."""
-        return self.read_scores(key, metrics) is not None
+    def has_scores(self, key: ScoreKey, metrics: tuple[str, ...] = METRICS, against: dict[str, str] | None = None) -> bool:
+        """Whether whole scores of exactly this key, with these metrics (see `read_scores`), are stored: a file that is
+        missing, unreadable, of another key, or short of rows (layers 0 .. its last x modules x metrics) counts as not."""
+        return self.read_scores(key, metrics, against) is not None
 
-    def read_scores(self, key: ScoreKey, metrics: tuple[str, ...] = METRICS) -> pl.DataFrame | None:
-        """The whole scores stored under exactly this key, holding every one of `metrics`, or None (see `has_scores`)."""
+    def read_scores(self, key: ScoreKey, metrics: tuple[str, ...] = METRICS,
+                    against: dict[str, str] | None = None) -> pl.DataFrame | None:
+        """The whole scores stored under exactly this key, holding every one of `metrics`, each metric named in
+        `against` measured against the checkpoint of those weights (`reference_weights`), or None (see `has_scores`)."""
         frame = self._read_scores(self.scores_path(key), key)
-        return frame if frame is not None and set(metrics) <= set(frame["metric"]) else None
+        if frame is None or not set(metrics) <= set(frame["metric"]):
+            return None
+        pairs = set(frame.select("metric", "reference_weights").iter_rows())
+        return frame if all(pair in pairs for pair in (against or {}).items()) else None
 
     def _read_scores(self, path: Path, key: ScoreKey | None = None) -> pl.DataFrame | None:
         """A scores file that is whole: one key; for every layer from 0 to its last, every module and each of the
@@ -278,7 +285,7 @@ class Store:
         cells = core.select("layer", "module", "metric").unique()
         whole = (core.height == cells.height == expected and core["value"].null_count() == 0
                  and set(core["module"]) == set(MODULES) and set(core["layer"]) == set(range(layers)))
-        for _, extra in frame.filter(~pl.col("metric").is_in(METRICS)).group_by("metric"):
+        for _, extra in frame.filter(~pl.col("metric").is_in(METRICS)).group_by("metric", "reference_weights"):
             # A span of n blocks starts at layers 0 .. L - n, for every n up to its longest; anything else is
             # at every layer.
             spans = sorted(n for n in map(span_length, extra["module"].unique()) if n is not None)

@@ -49,8 +49,12 @@ class ScanConfig(ScoringOptions):
     """Metrics to store (of `ckpt_trace.scoring.ALL_METRICS`): importance and update_ratio always; angular_distance,
     span_distance and their variants over each sequence's last token (importance_last, update_ratio_last,
     angular_distance_last, span_distance_last) from the same pass where asked; ablation_loss where asked (one forward
-    pass more per layer and module). None: importance and update_ratio; for the micro suite (no source), every one
-    but the last-token variants."""
+    pass more per layer and module); the training dynamics weight_norm, weight_change_final, weight_change_prev (from
+    the weight files), cka_final and cka_prev (from outputs kept in the same pass) where asked; all: every one. None:
+    importance and update_ratio; for the micro suite (no source), every one but the last-token variants."""
+    reference: str | None = None
+    """The revision that weight_change_final and cka_final are measured against; None: the last checkpoint of the
+    scanned line in training order."""
     tokens: str = "all"
     """Average the one-pass metrics over every real token (``all``), or over each sequence's last (``last``: stored as
     their `_last` variants; importance and update_ratio over every token are stored too)."""
@@ -75,6 +79,8 @@ class ScanConfig(ScoringOptions):
                 raise ConfigError(f"--shard {index}/{count} is not I/N with 1 <= I <= N")
         if self.tokens not in TOKENS:
             raise ConfigError(f"--tokens {self.tokens!r} is not one of: {', '.join(TOKENS)}")
+        if self.metrics == ("all",):
+            self.metrics = ALL_METRICS
         if self.metrics is not None:
             unknown = [m for m in self.metrics if m not in ALL_METRICS]
             if unknown or not self.metrics:

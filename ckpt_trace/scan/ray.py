@@ -147,10 +147,10 @@ def wait_for_cluster(timeout: float) -> None:
 
 
 def scored_on_ray(work: Callable, source: str, cache_dir, checkpoints: list[Checkpoint], calibration: CalibrationSet,
-                  config, dtype) -> Iterator[tuple[Checkpoint, tuple[pl.DataFrame, pl.DataFrame] | None, Exception | None, float]]:
+                  config, dtype, plan=None) -> Iterator[tuple[Checkpoint, tuple[pl.DataFrame, pl.DataFrame] | None, Exception | None, float]]:
     """Yield (checkpoint, (revision row, scores) or None, error or None, seconds since its task was sent) as each
-    revision's task ends; each task is ``work(source, cache_dir, checkpoint, calibration, config, dtype)`` on a worker
-    (`ckpt_trace.scan.run.score_revision`).
+    revision's task ends; each task is ``work(source, cache_dir, checkpoint, calibration, config, dtype, plan)`` on a
+    worker (`ckpt_trace.scan.run.score_revision`; `plan`, the scan's training dynamics, or None).
 
     At most twice as many tasks as the cluster has workers for are in flight, so a worker's cache holds a
     revision or two, however many there are. Raises `ConfigError` where the cluster does not answer within
@@ -167,7 +167,7 @@ def scored_on_ray(work: Callable, source: str, cache_dir, checkpoints: list[Chec
     while waiting or running:
         while waiting and len(running) < 2 * slots:
             checkpoint = waiting.pop(0)
-            running[task.remote(source, cache_dir, checkpoint, calibration_ref, config, dtype)] = (
+            running[task.remote(source, cache_dir, checkpoint, calibration_ref, config, dtype, plan)] = (
                 checkpoint, time.perf_counter())
         done, _ = ray.wait(list(running), num_returns=1)
         checkpoint, sent = running.pop(done[0])

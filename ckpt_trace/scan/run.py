@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from contextlib import closing
 from dataclasses import replace
 from datetime import datetime, timezone
+from types import SimpleNamespace
 
 import polars as pl
 import torch
@@ -25,9 +26,10 @@ from ..fetch.sources import Checkpoint, changed_error, changed_since, identified
 from ..model.loading import dtype_name, load_model, resolve_device, resolve_dtype
 from ..paths import remove_stale_temporaries
 from ..scoring.loss import ablation_losses
-from ..scoring.metrics import ABLATION, SCORER_VERSION, SPAN, score
+from ..scoring.metrics import ABLATION, DYNAMICS, SCORER_VERSION, SPAN, score
 from ..scoring.options import build_calibration, score_key
 from ..store import METRICS, MODULES, REVISIONS_SCHEMA, RUNS_SCHEMA, SCORES_SCHEMA, VERSION, ScoreKey, Store
+from .dynamics import Dynamics, Plan, plan
 from .options import ScanConfig, resolve_metrics, shard
 from .streaming import LoadAhead, _drop_locals, loads_ahead, streamed
 
@@ -35,13 +37,19 @@ log = logging.getLogger(__name__)
 
 def score_checkpoint(
     checkpoint: Checkpoint, calibration: CalibrationSet, config: ScanConfig, device: torch.device, dtype: torch.dtype,
-    model: torch.nn.Module,
+    model: torch.nn.Module, dynamics: Dynamics | None = None,
 ) -> pl.DataFrame:
-    """Score one fetched checkpoint's loaded `model` and return its rows in the store's scores schema."""
+    """Score one fetched checkpoint's loaded `model` (and its training dynamics, with `dynamics`) and return its rows
+    in the store's scores schema."""
     label = checkpoint.revision.name if config.progress else False
-    frame = score(model, calibration, config.batch_size, progress=label, metrics=config.metrics or METRICS)
+    sample = dynamics.sample(model) if dynamics is not None else None
+    frame = score(model, calibration, config.batch_size, progress=label, metrics=config.metrics or METRICS,
+                  sample=sample)
     if ABLATION in (config.metrics or ()):
         frame = pl.concat([frame, ablation_losses(model, calibration, config.batch_size, progress=label)])
+    frame = frame.with_columns(reference=pl.lit(None, pl.String), reference_weights=pl.lit(None, pl.String))
+    if dynamics is not None:
+        frame = pl.concat([frame, dynamics.rows(checkpoint, model, sample)])
     rev = checkpoint.revision
     return frame.with_columns(
         model=pl.lit(checkpoint.model),
@@ -68,7 +76,8 @@ def load_identified(checkpoint: Checkpoint, config: ScanConfig, device, dtype) -
 
 
 def score_stably(checkpoint: Checkpoint, calibration: CalibrationSet, config: ScanConfig, device, dtype,
-                 loaded: tuple[Checkpoint, torch.nn.Module] | None = None) -> tuple[Checkpoint, pl.DataFrame]:
+                 loaded: tuple[Checkpoint, torch.nn.Module] | None = None,
+                 dynamics: Dynamics | None = None) -> tuple[Checkpoint, pl.DataFrame]:
     """Load (unless `loaded` holds it, from `load_identified`) and score a checkpoint; return it as identified at
     load time, with its scores. Files that changed while they were loaded or scored are loaded and scored once
     more; if they change again, `changed_error` is raised: scores are never of other bytes than the identity
@@ -76,7 +85,7 @@ def score_stably(checkpoint: Checkpoint, calibration: CalibrationSet, config: Sc
     for attempt in range(2):
         at_load, model = loaded if loaded is not None else load_identified(checkpoint, config, device, dtype)
         loaded = None
-        frame = score_checkpoint(at_load, calibration, config, device, dtype, model)
+        frame = score_checkpoint(at_load, calibration, config, device, dtype, model, dynamics)
         model = None
         if not changed_since(at_load):
             return at_load, frame
@@ -92,18 +101,28 @@ def keep_stored(store: Store, key: ScoreKey, frame: pl.DataFrame) -> pl.DataFram
     stored = store.read_scores(key, ())
     if stored is None:
         return frame
-    kept = stored.filter(~pl.col("metric").is_in(frame["metric"].unique().implode()))
+    # Rows of the same metric against another checkpoint (a scan with another --reference) are kept beside these.
+    kept = stored.join(frame.select("metric", "reference_weights").unique(), on=["metric", "reference_weights"],
+                       how="anti", nulls_equal=True)
     if kept.height == 0:
         return frame
     return pl.concat([frame, kept.select(frame.columns).with_columns(created=frame["created"][0])], how="vertical_relaxed")
 
 
-def why_score(store: Store, key: ScoreKey, force: bool, metrics: tuple[str, ...] = METRICS) -> str | None:
-    """Why a checkpoint is to be scored, or None when whole scores of exactly its key, with these metrics, are stored."""
+def why_score(store: Store, key: ScoreKey, force: bool, metrics: tuple[str, ...] = METRICS,
+              against: dict[str, Checkpoint] | None = None) -> str | None:
+    """Why a checkpoint is to be scored, or None when whole scores of exactly its key, with these metrics (each in
+    `against` measured against that checkpoint), are stored."""
     if force:
         return "--force"
-    if store.has_scores(key, metrics):
+    fingerprints = {m: c.weights for m, c in (against or {}).items()}
+    if store.has_scores(key, metrics, fingerprints):
         return None
+    if store.has_scores(key, metrics):
+        stored = store.read_scores(key, metrics).select("metric", "reference_weights").unique()
+        other = [m for m, w in fingerprints.items() if (m, w) not in set(stored.iter_rows())]
+        return f"the stored {', '.join(other)} are measured against other checkpoints than " + \
+            ", ".join(sorted({against[m].revision.name for m in other}))
     if store.has_scores(key):
         stored = set(store.read_scores(key)["metric"])
         return f"the stored scores lack {', '.join(m for m in metrics if m not in stored)}"
@@ -151,31 +170,40 @@ def check_weights(checkpoint: Checkpoint) -> None:
 
 
 def score_revision(source: str, cache_dir, checkpoint: Checkpoint, calibration: CalibrationSet, config: ScanConfig,
-                   dtype: torch.dtype) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """On a Ray worker: fetch, load and score one revision, then release it; its revision row and its scores."""
+                   dtype: torch.dtype, plan: Plan | None = None) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """On a Ray worker: fetch, load and score one revision (with the dynamics of `plan`), then release it; its
+    revision row and its scores."""
     opened = open_source(source, cache_dir)
     fetched = checkpoint
+    device = resolve_device(config.device)  # the worker's own: the GPU Ray gave the task, else the CPU
+    dynamics = Dynamics(plan, opened, calibration, config, device, dtype, lasting=True) if plan is not None else None
     try:
         check_weights(checkpoint)
         fetched = opened.fetch(checkpoint)
-        device = resolve_device(config.device)  # the worker's own: the GPU Ray gave the task, else the CPU
-        scored, frame = score_stably(fetched, calibration, config, device, dtype)
+        scored, frame = score_stably(fetched, calibration, config, device, dtype, dynamics=dynamics)
         return _revision_row(scored), frame
     finally:
         opened.release(fetched)  # a download cut short too
+        if dynamics is not None:
+            dynamics.close()
 
 
 def scored_here(source, checkpoints: list[Checkpoint], calibration: CalibrationSet, config: ScanConfig,
-                device: torch.device, dtype: torch.dtype) -> Iterator[tuple[Checkpoint, tuple | None, Exception | None, float]]:
+                device: torch.device, dtype: torch.dtype,
+                dynamics: Dynamics | None = None) -> Iterator[tuple[Checkpoint, tuple | None, Exception | None, float]]:
     """Yield (checkpoint, (revision row, scores) or None, error or None, seconds) for each checkpoint, streamed
     (see `streamed`) and scored in this process; with load-ahead (see `loads_ahead`, `LoadAhead`), each revision's
-    model is loaded while the one before it is scored."""
+    model is loaded while the one before it is scored. With `dynamics`, the files it measures against stay fetched
+    (see `Dynamics.release`)."""
     def load(checkpoint: Checkpoint) -> tuple[Checkpoint, torch.nn.Module]:
         return load_identified(checkpoint, config, device, dtype)
 
     ahead = LoadAhead(load) if loads_ahead(config, checkpoints, device, dtype) else None
-    with closing(streamed(source, checkpoints, config.prefetch, ahead)) as stream:
+    holding = source if dynamics is None else SimpleNamespace(fetch=source.fetch, release=dynamics.release)
+    with closing(streamed(holding, checkpoints, config.prefetch, ahead)) as stream:
         for checkpoint, fetch_error, loading in stream:
+            if dynamics is not None:
+                dynamics.handed(checkpoint)
             start = time.perf_counter()
             try:
                 if fetch_error is not None:
@@ -184,7 +212,7 @@ def scored_here(source, checkpoints: list[Checkpoint], calibration: CalibrationS
                 check_weights(checkpoint)
                 loaded = ahead.take(loading, checkpoint) if ahead is not None else None
                 loading = None
-                scored, frame = score_stably(checkpoint, calibration, config, device, dtype, loaded)
+                scored, frame = score_stably(checkpoint, calibration, config, device, dtype, loaded, dynamics)
                 row = _revision_row(scored)
             except REVISION_ERRORS as err:
                 _drop_locals(err)  # its frames hold the model: freed before the next is loaded
@@ -202,8 +230,8 @@ def scan(config: ScanConfig) -> pl.DataFrame:
     for bad input, before any revision is scored; a revision that fails to fetch, load or score raises its error
     (`REVISION_ERRORS`) after it is recorded in runs/, unless `keep_going`; OSError where the store cannot be
     written."""
-    if config.metrics is None:  # the ground truth too where it is cheap: the micro suite
-        micro = (*METRICS, "angular_distance", SPAN, ABLATION)
+    if config.metrics is None:  # the ground truth and the training dynamics too where they are cheap: the micro suite
+        micro = (*METRICS, "angular_distance", SPAN, ABLATION, *DYNAMICS)
         config = replace(config, metrics=resolve_metrics(micro if config.source is None else METRICS, config.tokens))
     store = Store(config.store)
     if config.ray:  # each worker resolves its own device; the dtype, part of what is stored, is settled here
@@ -225,6 +253,7 @@ def scan(config: ScanConfig) -> pl.DataFrame:
     # Tokenized by the first revision that has weights (a Hub repo's main may hold only a README).
     first = next((c for c in checkpoints if c.weights is not None), checkpoints[0])
     calibration = build_calibration(source.metadata(first), config.calibration)
+    lined = plan(source, checkpoints, config.metrics, config.reference, config.branch)  # of the whole selection
     if config.shard is not None:  # every shard tokenizes with the same revision, so all share one calibration set
         checkpoints = shard(checkpoints, *config.shard)
         if first not in checkpoints:
@@ -241,7 +270,8 @@ def scan(config: ScanConfig) -> pl.DataFrame:
             store.write_revision(_revision_row(checkpoint))
             store.write_run(_run_row(checkpoint, key, "duplicate", why, 0.0))
             statuses[name] = ("duplicate", None, why)
-        elif (why := why_score(store, key, config.force, config.metrics)) is None:
+        elif (why := why_score(store, key, config.force, lined.metrics_of(checkpoint, config.metrics) if lined
+                               else config.metrics, lined and lined.against(checkpoint))) is None:
             statuses[name] = ("stored", None, "same weights and config, dtype, calibration set and scorer")
             try:  # this source holds it too: its record says so (scores are stored by content, once)
                 store.write_revision(_revision_row(checkpoint))
@@ -250,21 +280,26 @@ def scan(config: ScanConfig) -> pl.DataFrame:
         else:
             statuses[name] = ("to score", None, why)
             todo.append(checkpoint)
+    if lined is not None:  # the reference first: every other checkpoint is measured against its outputs
+        todo.sort(key=lambda c: c.weights != lined.reference.weights)
     to_score = {c.revision.name for c in todo}
     for checkpoint in checkpoints:
         if checkpoint.revision.name not in to_score:  # metadata fetched above, or what an interrupted scan left
             source.release(checkpoint)
 
     bar = tqdm(total=len(todo), desc="revisions", unit="rev", disable=None if config.progress else True)
+    dynamics = None
     if config.ray:
         from .ray import scored_on_ray
 
         where = source.root if config.source is None else config.source
         local = os.path.exists(where)  # a path, made absolute for workers that run elsewhere; else a repo id
         results = scored_on_ray(score_revision, os.path.abspath(where) if local else str(where),
-                                config.cache_dir and os.path.abspath(config.cache_dir), todo, calibration, config, dtype)
+                                config.cache_dir and os.path.abspath(config.cache_dir), todo, calibration, config, dtype,
+                                lined)
     else:
-        results = scored_here(source, todo, calibration, config, device, dtype)
+        dynamics = Dynamics(lined, source, calibration, config, device, dtype) if lined and todo else None
+        results = scored_here(source, todo, calibration, config, device, dtype, dynamics)
     done: set[str] = set()
     try:
         _store_results(store, config, results, keys, statuses, calibration, dtype, source, bar, done)
@@ -273,6 +308,9 @@ def scan(config: ScanConfig) -> pl.DataFrame:
         for checkpoint in waiting if config.ray else waiting[:1]:
             store.write_run(_run_row(checkpoint, keys[checkpoint.revision.name], "interrupted", "interrupted", 0.0))
         raise
+    finally:
+        if dynamics is not None:
+            dynamics.close()
     bar.close()
     return summarize(store, [keys[c.revision.name] for c in checkpoints], statuses)
 

@@ -47,7 +47,14 @@ LAST = "_last"
 CHEAP = (*PASS_METRICS, SPAN)
 ABLATION = "ablation_loss"
 """The ground truth, at one more forward pass per layer and module (see `ablation_losses`)."""
-ALL_METRICS = (*CHEAP, *(m + LAST for m in CHEAP), ABLATION)
+WEIGHT_METRICS = ("weight_norm", "weight_change_final", "weight_change_prev")
+"""Read from the weight files (`ckpt_trace.scoring.weights`)."""
+CKA_METRICS = ("cka_final", "cka_prev")
+"""From outputs kept during the pass (`ckpt_trace.scoring.representations`)."""
+DYNAMICS = (*WEIGHT_METRICS, *CKA_METRICS)
+"""Training dynamics: each `_final` metric is measured against the scan's reference checkpoint, each `_prev` against
+the line's checkpoint before."""
+ALL_METRICS = (*CHEAP, *(m + LAST for m in CHEAP), ABLATION, *DYNAMICS)
 SCORER_VERSION = 2
 """Bumped whenever the same weights, dtype and calibration would score differently (2: block delta as a + m)."""
 
@@ -215,7 +222,9 @@ def _keep_output(cache: dict, key: str, module, args, output):
     cache[key] = _first(output)
 
 
-def _measure(cache: dict, layer: int, parallel: bool, stats: ResidualStats, last: bool, module, args, output):
+def _measure(cache: dict, layer: int, parallel: bool, stats: ResidualStats, last: bool, sample, module, args, output):
+    if sample is not None:  # the outputs as the model computed them, in its dtype
+        sample.take(layer, _first(output), cache["a"], cache["m"])
     # float32 views of the model's activations (no copy when the model is float32)
     # accelerate moves a layer's input to its device inside forward, after the pre-hook took it: move it here too
     x, a, m = (t.float() for t in (cache.pop("x").to(cache["a"].device), cache.pop("a"), cache.pop("m")))
@@ -231,8 +240,9 @@ def _measure(cache: dict, layer: int, parallel: bool, stats: ResidualStats, last
 
 
 @contextmanager
-def residual_taps(layout: ResidualLayout, stats: ResidualStats) -> Iterator[None]:
-    """Hook every layer so that each forward pass feeds `stats`; hooks go away on exit, even on error."""
+def residual_taps(layout: ResidualLayout, stats: ResidualStats, sample=None) -> Iterator[None]:
+    """Hook every layer so that each forward pass feeds `stats` (and `sample`, an `OutputSample`, where given); hooks
+    go away on exit, even on error."""
     handles = []
     caches: list[dict] = []
     try:
@@ -244,7 +254,7 @@ def residual_taps(layout: ResidualLayout, stats: ResidualStats) -> Iterator[None
                 taps.attention.register_forward_hook(partial(_keep_output, cache, "a")),
                 taps.mlp.register_forward_hook(partial(_keep_output, cache, "m")),
                 taps.block.register_forward_hook(
-                    partial(_measure, cache, index, layout.parallel, stats, index == len(layout.layers) - 1)),
+                    partial(_measure, cache, index, layout.parallel, stats, index == len(layout.layers) - 1, sample)),
             ]
         yield
     finally:
@@ -274,9 +284,11 @@ def score(
     batch_size: int = 8,
     progress: bool | str = False,
     metrics: tuple[str, ...] = METRICS,
+    sample=None,
 ) -> pl.DataFrame:
     """The one-pass `metrics` (any of `CHEAP` and their `_last` variants; ablation_loss is left to
-    `ablation_losses`) of every block, attention and MLP layer, from one forward pass per batch.
+    `ablation_losses`) of every block, attention and MLP layer, from one forward pass per batch; with `sample` (an
+    `ckpt_trace.scoring.representations.OutputSample`), each module's outputs at its tokens are kept too.
 
     Returns a long frame with columns layer, module, metric, value, n_tokens. The model
     runs in eval mode under inference mode, and its training mode is restored afterwards.
@@ -301,10 +313,12 @@ def score(
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode(), residual_taps(layout, stats):
+        with torch.inference_mode(), residual_taps(layout, stats, sample):
             for input_ids, attention_mask in bar:
                 input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
                 stats.begin_batch(attention_mask)
+                if sample is not None:
+                    sample.begin_batch(attention_mask)
                 base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     finally:
         bar.close()

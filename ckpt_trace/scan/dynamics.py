@@ -1,0 +1,226 @@
+"""Training dynamics in a scan: the line of checkpoints, its reference, each checkpoint's previous one, and what is
+kept of them while the scan runs.
+
+The line is the selected revisions that have weights of their own (a duplicate is its original), in training order:
+one line of training, the trunk or a side line with the trunk into it. Its reference is its last checkpoint, or the
+revision `--reference` names. Each `_final` metric of a checkpoint is measured against the reference, each `_prev`
+metric against the checkpoint before it on the line (the first has none), and the identity of that checkpoint is
+stored with the rows (`reference`, `reference_weights`).
+
+While a scan runs, the reference's sampled outputs (`ckpt_trace.scoring.representations`) are kept on disk and its
+files stay fetched, and each checkpoint's outputs and files are kept until the next one is scored. Outputs that are
+not there when needed (the reference or a previous checkpoint whose scores are stored already, a shard, a Ray task)
+are made by one more pass of that checkpoint's model, once per scan (per process on Ray).
+"""
+
+from __future__ import annotations
+
+import atexit
+import shutil
+import tempfile
+import threading
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import polars as pl
+import torch
+
+from ..calibration.sets import CalibrationSet
+from ..errors import ConfigError, SelectionError
+from ..fetch.sources import Checkpoint, changed_error, identified_now
+from ..model.loading import dtype_name, load_model
+from ..scoring.metrics import CKA_METRICS, DYNAMICS, WEIGHT_METRICS, score
+from ..scoring.representations import OutputSample, cka_frame, save_outputs
+from ..scoring.weights import structure, weight_metrics
+
+FINAL = ("weight_change_final", "cka_final")
+PREVIOUS = ("weight_change_prev", "cka_prev")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Which dynamics metrics a scan stores, and against which checkpoints."""
+
+    metrics: tuple[str, ...]
+    reference: Checkpoint
+    previous: dict[str, Checkpoint]
+    """Revision name -> the checkpoint before it on the line."""
+
+    def against(self, checkpoint: Checkpoint) -> dict[str, Checkpoint]:
+        """The checkpoint each of a checkpoint's dynamics metrics is measured against (none for weight_norm; the
+        `_prev` metrics only where it has a previous checkpoint)."""
+        previous = self.previous.get(checkpoint.revision.name)
+        return {m: self.reference if m in FINAL else previous for m in self.metrics
+                if m in FINAL or (m in PREVIOUS and previous is not None)}
+
+    def metrics_of(self, checkpoint: Checkpoint, metrics: tuple[str, ...]) -> tuple[str, ...]:
+        """The scan's `metrics` that a checkpoint has: without the `_prev` ones where it is first on the line."""
+        missing = () if checkpoint.revision.name in self.previous else PREVIOUS
+        return tuple(m for m in metrics if m not in missing)
+
+    def kept(self, checkpoint: Checkpoint) -> bool:
+        """Whether another checkpoint is measured against this one."""
+        return checkpoint.weights == self.reference.weights or any(
+            p.weights == checkpoint.weights for p in self.previous.values())
+
+
+def plan(source, checkpoints: list[Checkpoint], metrics: tuple[str, ...], reference: str | None,
+         branch: str | None) -> Plan | None:
+    """The dynamics of a scan of `checkpoints` (all that it selects, before any shard), or None where `metrics`
+    hold none. Raises `ConfigError` for a selection of several side lines, `SelectionError` for a reference that
+    names no single revision with weights."""
+    asked = tuple(m for m in metrics if m in DYNAMICS)
+    if not asked:
+        if reference is not None:
+            raise ConfigError(f"--reference {reference} is what weight_change_final and cka_final are measured "
+                              "against; add one of them to --metrics")
+        return None
+    line = [c for c in checkpoints if c.weights is not None and c.duplicate_of is None]
+    sides = sorted({c.revision.branch for c in line} - {None})
+    if len(sides) > 1:
+        raise ConfigError(f"the training dynamics follow one line of training, and the selection holds the side lines "
+                          f"{', '.join(sides)}; select one with --branch")
+    if not line:
+        return None
+    if reference is None:
+        chosen = line[-1]
+    else:
+        named = [c for c in source.checkpoints(reference, branch) if c.weights is not None]
+        if len(named) != 1:
+            raise SelectionError(f"--reference {reference!r} selects {len(named)} revisions with weights; name one")
+        chosen = named[0]
+    return Plan(asked, chosen, {c.revision.name: before for before, c in zip(line, line[1:])})
+
+
+_LASTING: dict[tuple, Path] = {}
+"""Outputs kept for the life of the process (a Ray worker's), by (weights, calibration, dtype)."""
+_lasting_lock = threading.Lock()
+_lasting: list[Path] = []
+
+
+def _lasting_folder() -> Path:
+    """The process's folder of lasting outputs, removed when it exits."""
+    with _lasting_lock:
+        if not _lasting:
+            _lasting.append(Path(tempfile.mkdtemp(prefix="ckpt-trace-outputs-")))
+            atexit.register(shutil.rmtree, _lasting[0], ignore_errors=True)
+        return _lasting[0]
+
+
+class Dynamics:
+    """A scan's dynamics at work: outputs kept on disk, files kept fetched, and each checkpoint's dynamics rows
+    (see `rows`). `lasting` keeps outputs for the process's life (a Ray worker's), else until `close`."""
+
+    def __init__(self, plan: Plan, source, calibration: CalibrationSet, config, device: torch.device,
+                 dtype: torch.dtype, lasting: bool = False):
+        self.plan, self.source, self.calibration, self.config = plan, source, calibration, config
+        self.device, self.dtype, self.lasting = device, dtype, lasting
+        self.folder = _lasting_folder() if lasting else Path(tempfile.mkdtemp(prefix="ckpt-trace-outputs-"))
+        self.saved: dict[tuple, Path] = _LASTING if lasting else {}
+        self.paths: dict[str, Path] = {}
+        self.fetched: list[Checkpoint] = []
+        self._held: list[Checkpoint] = []
+        self._pinned: list[Checkpoint] = []
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        """Release what was fetched and held for the scan, and the outputs kept on disk (unless `lasting`)."""
+        with self._lock:
+            held, self._held, pinned, self._pinned = self._held, [], self._pinned, []
+        for checkpoint in [*self.fetched, *held, *pinned]:
+            self.source.release(checkpoint)
+        self.fetched = []
+        if not self.lasting:
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+    def release(self, checkpoint: Checkpoint) -> None:
+        """For the stream, in place of `source.release`: the reference stays fetched until `close`, and each other
+        checkpoint until the next one is released (the next is measured against it)."""
+        with self._lock:
+            if checkpoint.weights == self.plan.reference.weights:
+                self._pinned.append(checkpoint)
+                return
+            self._held.append(checkpoint)
+            earlier, self._held = self._held[:-1], self._held[-1:]
+        for done in earlier:
+            self.source.release(done)
+
+    def handed(self, checkpoint: Checkpoint) -> None:
+        """A checkpoint the stream fetched: its files are where later checkpoints find them."""
+        if checkpoint.path is not None:
+            self.paths[checkpoint.revision.name] = checkpoint.path
+
+    @property
+    def samples(self) -> bool:
+        return any(m in CKA_METRICS for m in self.plan.metrics)
+
+    def _key(self, checkpoint: Checkpoint) -> tuple:
+        return checkpoint.weights, self.calibration.id, dtype_name(self.dtype)
+
+    def files_of(self, checkpoint: Checkpoint) -> Path:
+        """Where a checkpoint's files are: fetched by the stream, local, or fetched now (and released at `close`)."""
+        if (path := self.paths.get(checkpoint.revision.name)) is not None:
+            return path
+        if checkpoint.path is None:
+            fetched = self.source.fetch(checkpoint)
+            self.fetched.append(fetched)
+            checkpoint = fetched
+        self.paths[checkpoint.revision.name] = checkpoint.path
+        return checkpoint.path
+
+    def outputs_of(self, checkpoint: Checkpoint) -> Path:
+        """The saved outputs of a checkpoint, made now by a pass of its model where none are saved."""
+        with _lasting_lock if self.lasting else self._lock:
+            if (path := self.saved.get(self._key(checkpoint))) is not None:
+                return path
+        at_load = identified_now(replace(checkpoint, path=self.files_of(checkpoint)))
+        if at_load.weights != checkpoint.weights:
+            raise changed_error(checkpoint, "measured against")
+        model = load_model(at_load.path, self.device, self.dtype, self.config.trust_remote_code, self.config.device_map)
+        sample = OutputSample(self.calibration, len(structure(model)[1]))
+        label = f"{checkpoint.revision.name} (outputs)" if self.config.progress else False
+        score(model, self.calibration, self.config.batch_size, progress=label, sample=sample)
+        del model
+        return self._save(checkpoint, sample.tensors())
+
+    def _save(self, checkpoint: Checkpoint, outputs: dict[str, torch.Tensor]) -> Path:
+        path = self.folder / f"{checkpoint.weights}-{self.calibration.id}-{dtype_name(self.dtype)}.safetensors"
+        save_outputs(outputs, path)
+        with _lasting_lock if self.lasting else self._lock:
+            if not self.lasting:  # the reference's, and the latest: a later checkpoint is measured against no other
+                for key, old in list(self.saved.items()):
+                    if key[0] != self.plan.reference.weights:
+                        old.unlink(missing_ok=True)
+                        del self.saved[key]
+            self.saved[self._key(checkpoint)] = path
+        return path
+
+    def sample(self, model: torch.nn.Module) -> OutputSample | None:
+        """What keeps a pass's outputs, where CKA is asked."""
+        return OutputSample(self.calibration, len(structure(model)[1])) if self.samples else None
+
+    def rows(self, checkpoint: Checkpoint, model: torch.nn.Module, sample: OutputSample | None) -> pl.DataFrame:
+        """The dynamics rows of a checkpoint as loaded (`model`, its files at `checkpoint.path`), with the outputs
+        its pass kept in `sample`: each with the revision and weights it is measured against."""
+        self.paths[checkpoint.revision.name] = checkpoint.path
+        outputs = sample.tensors() if sample is not None else None
+        against = self.plan.against(checkpoint)
+        frames = []
+        if weights := [m for m in self.plan.metrics if m in WEIGHT_METRICS]:
+            final, previous = against.get("weight_change_final"), against.get("weight_change_prev")
+            frame = weight_metrics(checkpoint.path, structure(model), final and self.files_of(final),
+                                   previous and self.files_of(previous))
+            frames.append(frame.filter(pl.col("metric").is_in(weights)))
+        for metric in CKA_METRICS:
+            if metric in against:  # the reference is measured against its own outputs
+                other = against[metric]
+                frames.append(cka_frame(outputs, outputs if other.weights == checkpoint.weights
+                                        else self.outputs_of(other), metric))
+        if outputs is not None and self.plan.kept(checkpoint):  # once those it is measured against are read
+            self._save(checkpoint, outputs)
+        frame = pl.concat(frames)
+        names = {m: c.revision.name for m, c in against.items()}
+        fingerprints = {m: c.weights for m, c in against.items()}
+        return frame.with_columns(reference=pl.col("metric").replace_strict(names, default=None, return_dtype=pl.String),
+                                  reference_weights=pl.col("metric").replace_strict(fingerprints, default=None,
+                                                                                    return_dtype=pl.String))

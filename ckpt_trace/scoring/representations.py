@@ -1,0 +1,120 @@
+"""Representation dynamics: how alike each module's output is here and at another checkpoint, on the same tokens.
+
+For layer l and module M with output X at this checkpoint (block: the layer's output y; attention: its delta a;
+MLP: its delta m) and Y at the other checkpoint, both [n tokens, width] and centred per feature over the tokens,
+linear CKA (Kornblith et al. 2019) is
+
+    CKA(X, Y) = ||Y^T X||_F^2 / (||X^T X||_F ||Y^T Y||_F)
+
+in float64, from the model's activations: `cka_final` against the scan's reference checkpoint, `cka_prev` against
+the line's checkpoint before this one. The tokens are every real calibration token when there are at most
+`SAMPLE_TOKENS`, else a sample of that many drawn with `SAMPLE_SEED`: a function of the calibration set alone, so
+every checkpoint of a scan is measured on the same tokens, in any batch size.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import nullcontext
+from pathlib import Path
+
+import polars as pl
+import torch
+
+from ..calibration.sets import CalibrationSet
+from ..store import MODULES
+from .metrics import SCORE_SCHEMA
+
+SAMPLE_TOKENS = 4096
+"""The most tokens CKA is measured on."""
+SAMPLE_SEED = 0
+
+
+def sampled(calibration: CalibrationSet, most: int | None = None, seed: int = SAMPLE_SEED) -> torch.Tensor:
+    """Which of the calibration set's real tokens, in the order its batches hold them, are measured: a bool mask
+    (at most `most`, default `SAMPLE_TOKENS`)."""
+    most = SAMPLE_TOKENS if most is None else most
+    total = calibration.n_tokens
+    chosen = torch.ones(total, dtype=torch.bool)
+    if total > most:
+        chosen[:] = False
+        chosen[torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:most]] = True
+    return chosen
+
+
+class OutputSample:
+    """Every layer's block output, attention delta and MLP delta at the `sampled` tokens, gathered batch by batch
+    during a scoring pass, in the model's dtype on the layer's device."""
+
+    def __init__(self, calibration: CalibrationSet, n_layers: int):
+        self._chosen = sampled(calibration)
+        self._seen = 0
+        self._index: dict[torch.device, torch.Tensor] = {}
+        self._parts: list[list[list[torch.Tensor]]] = [[[] for _ in MODULES] for _ in range(n_layers)]
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self._chosen.sum())
+
+    def begin_batch(self, attention_mask: torch.Tensor) -> None:
+        """Find the sampled tokens among the real ones of the batch about to run."""
+        real = attention_mask.reshape(-1).nonzero().squeeze(1)  # positions in [B * T], sequence by sequence
+        chosen = self._chosen[self._seen:self._seen + real.numel()]
+        self._seen += real.numel()
+        index = real[chosen.to(real.device)]
+        self._index = {index.device: index}
+
+    def take(self, layer: int, *outputs: torch.Tensor) -> None:
+        """Keep the sampled tokens' rows of a layer's block output, attention delta and MLP delta ([B, T, D] each)."""
+        device = outputs[0].device
+        if device not in self._index:
+            self._index[device] = next(iter(self._index.values())).to(device)
+        for parts, output in zip(self._parts[layer], outputs):
+            parts.append(output.reshape(-1, output.shape[-1]).index_select(0, self._index[device]))
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """{"<layer>.<module>": [n tokens, width]} of the whole pass."""
+        if self._seen != self._chosen.numel():
+            raise RuntimeError(f"the pass saw {self._seen} real tokens of the calibration set's {self._chosen.numel()}")
+        return {f"{layer}.{module}": torch.cat(parts) for layer, modules in enumerate(self._parts)
+                for module, parts in zip(MODULES, modules)}
+
+
+def save_outputs(outputs: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
+    """Keep a pass's sampled outputs on disk (safetensors, in their dtype) for the checkpoints measured against it."""
+    from safetensors.torch import save_file
+
+    save_file({key: t.detach().contiguous().cpu() for key, t in outputs.items()}, str(path))
+
+
+def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Linear CKA of two [n, width] outputs of the same n tokens, centred per feature, in float64 (NaN where one is
+    constant)."""
+    x, y = x.to(torch.float64), y.to(x.device, torch.float64)
+    x, y = x - x.mean(dim=0), y - y.mean(dim=0)
+    if x.shape[1] <= x.shape[0]:  # width by width: ||Y^T X||^2 / (||X^T X|| ||Y^T Y||)
+        cross, xx, yy = (y.T @ x).square().sum(), torch.linalg.matrix_norm(x.T @ x), torch.linalg.matrix_norm(y.T @ y)
+    else:  # token by token, the same number: ||Y^T X||^2 = <X X^T, Y Y^T>, ||X^T X|| = ||X X^T||
+        kx, ky = x @ x.T, y @ y.T
+        cross, xx, yy = (kx * ky).sum(), torch.linalg.matrix_norm(kx), torch.linalg.matrix_norm(ky)
+    return float(cross / (xx * yy)) if xx > 0 and yy > 0 else float("nan")
+
+
+def cka_frame(outputs: dict[str, torch.Tensor], other: dict[str, torch.Tensor] | str | os.PathLike,
+              metric: str) -> pl.DataFrame:
+    """`metric` (cka_final or cka_prev) of every layer and module: CKA of `outputs` with `other`'s, or with the
+    outputs saved at `other` (`save_outputs`), read one at a time onto each output's device; n_tokens is the tokens
+    measured."""
+    from safetensors import safe_open
+
+    rows = []
+    with nullcontext(other) if isinstance(other, dict) else safe_open(Path(other), framework="pt") as saved:
+        if set(saved.keys()) != set(outputs):
+            raise ValueError(f"the outputs saved at {other} are of other layers than these")
+        for key, x in outputs.items():
+            layer, module = key.split(".")
+            y = saved[key] if isinstance(saved, dict) else saved.get_tensor(key)
+            if y.shape[0] != x.shape[0]:
+                raise ValueError(f"the outputs saved at {other} are of {y.shape[0]} tokens, these of {x.shape[0]}")
+            rows.append((int(layer), module, metric, linear_cka(x, y), x.shape[0]))
+    return pl.DataFrame(rows, schema=SCORE_SCHEMA, orient="row")
