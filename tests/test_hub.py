@@ -959,3 +959,46 @@ def test_eviction_leaves_a_xet_file_that_another_repo_shares_in_the_cache(hub, s
             scan_cache_dir(cache).delete_revisions(theirs.name).execute()  # the user deletes their repo's copy
         assert repo.evict(revision) == own + (0 if keep_theirs else size)
         assert store.exists() is keep_theirs
+
+
+def test_dynamics_from_the_hub_keep_the_reference_and_the_previous_revision_until_measured(hub, suite_files, tmp_path,
+                                                                                          capsys, monkeypatch):
+    cache, store = tmp_path / "cache", tmp_path / "store"
+    weight_shas = {hashlib.sha256(data).hexdigest(): len(data)
+                   for f in suite_files.values() for name, data in f.items() if name.endswith((".bin", ".safetensors"))}
+    held, fetch = [], HubSource.fetch
+
+    def watched_fetch(self, checkpoint):
+        result = fetch(self, checkpoint)
+        blobs = cache / f"models--{REPO.replace('/', '--')}" / "blobs"
+        held.append(sum(weight_shas.get(p.name, 0) for p in blobs.iterdir()))
+        return result
+
+    monkeypatch.setattr(HubSource, "fetch", watched_fetch)
+    dynamics = ["--metrics", "weight_norm,weight_change_final,weight_change_prev,cka_final,cka_prev"]
+    code = main(["scan", REPO, "--store", str(store), "--cache-dir", str(cache), "--revisions", "step0..step2000",
+                 *dynamics, *SMALL])
+    assert code == 0, capsys.readouterr().err
+    # Each revision's weights came once (step2's as .bin, read tensor by tensor like the others), and went again.
+    for name in ("step0", "step2", "step1000", "step2000"):
+        for file, data in suite_files[name].items():
+            if file in weight_gets(hub, suite_files[name]):
+                sha = hashlib.sha256(data).hexdigest()
+                assert len([r for r in hub.requests("GET", f"/cdn/{sha}") if r.status in (200, 206)]) == 1, name
+    assert snapshots(cache) == []
+    largest = max(weight_shas.values())
+    assert 0 < max(held) <= 4 * largest  # the one scored, the one fetched ahead, the previous and the reference
+
+    local = tmp_path / "local" / "tiny-suite"
+    for name in ("step0", "step2", "step1000", "step2000"):
+        (local / name).mkdir(parents=True)
+        for file, data in suite_files[name].items():
+            (local / name / file).write_bytes(data)
+    assert main(["scan", str(local), "--store", str(tmp_path / "local-store"), *dynamics, *SMALL]) == 0
+    key = ["revision", "metric", "layer", "module"]
+    wanted = pl.col("metric").is_in(["weight_norm", "weight_change_final", "weight_change_prev", "cka_final", "cka_prev"])
+    here = Store(tmp_path / "local-store").scores().filter(wanted).sort(key)
+    there = Store(store).scores().filter(wanted).sort(key)
+    assert there.height == 4 * LAYERS * 3 * 3 + 3 * LAYERS * 3 * 2
+    assert there["value"].to_list() == here["value"].to_list()
+    assert there["reference"].to_list() == here["reference"].to_list()

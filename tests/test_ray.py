@@ -57,6 +57,18 @@ def test_a_ray_scan_stores_what_a_serial_scan_stores(local_ray, suite, tmp_path)
     assert again["status"].to_list() == ["stored"] * len(NAMES)
 
 
+def test_a_ray_scan_stores_the_training_dynamics_of_a_serial_scan(local_ray, suite, tmp_path):
+    from ckpt_trace.scoring.metrics import DYNAMICS
+
+    summary = scan(config(suite, tmp_path / "ray", ray=True, metrics=DYNAMICS))
+    assert summary["status"].to_list() == ["scored"] * len(NAMES)
+    scan(config(suite, tmp_path / "serial", metrics=DYNAMICS))
+    ray_rows, serial_rows = dataset(tmp_path / "ray"), dataset(tmp_path / "serial")
+    assert set(ray_rows["metric"]) >= set(DYNAMICS)
+    assert ray_rows.drop("value").equals(serial_rows.drop("value"))
+    assert ray_rows["value"].to_list() == pytest.approx(serial_rows["value"].to_list(), rel=1e-9, abs=1e-12)
+
+
 def test_a_worker_killed_mid_task_is_retried_and_nothing_is_lost(local_ray, suite, tmp_path):
     killed = []
 

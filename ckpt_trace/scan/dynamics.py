@@ -122,6 +122,8 @@ class Dynamics:
         self._held: list[Checkpoint] = []
         self._pinned: list[Checkpoint] = []
         self._lock = threading.Lock()
+        self.norms: dict[str, dict[str, float]] = {}
+        """Weights -> each output's `self_norm`, computed once."""
 
     def close(self) -> None:
         """Release what was fetched and held for the scan, and the outputs kept on disk (unless `lasting`)."""
@@ -214,8 +216,10 @@ class Dynamics:
         for metric in CKA_METRICS:
             if metric in against:  # the reference is measured against its own outputs
                 other = against[metric]
+                mine = self.norms.setdefault(checkpoint.weights, {})
                 frames.append(cka_frame(outputs, outputs if other.weights == checkpoint.weights
-                                        else self.outputs_of(other), metric))
+                                        else self.outputs_of(other), metric, mine,
+                                        self.norms.setdefault(other.weights, {})))
         if outputs is not None and self.plan.kept(checkpoint):  # once those it is measured against are read
             self._save(checkpoint, outputs)
         frame = pl.concat(frames)

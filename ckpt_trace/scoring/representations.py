@@ -87,26 +87,44 @@ def save_outputs(outputs: dict[str, torch.Tensor], path: str | os.PathLike) -> N
     save_file({key: t.detach().contiguous().cpu() for key, t in outputs.items()}, str(path))
 
 
-def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
+def _centred(x: torch.Tensor, device: torch.device | None = None) -> torch.Tensor:
+    x = x.to(device or x.device, torch.float64)
+    return x - x.mean(dim=0)
+
+
+def _gram(x: torch.Tensor) -> torch.Tensor:
+    """X^T X, or X X^T where that is smaller: both have the same Frobenius norm."""
+    return x.T @ x if x.shape[1] <= x.shape[0] else x @ x.T
+
+
+def linear_cka(x: torch.Tensor, y: torch.Tensor, x_norm: float | None = None, y_norm: float | None = None) -> float:
     """Linear CKA of two [n, width] outputs of the same n tokens, centred per feature, in float64 (NaN where one is
-    constant)."""
-    x, y = x.to(torch.float64), y.to(x.device, torch.float64)
-    x, y = x - x.mean(dim=0), y - y.mean(dim=0)
-    if x.shape[1] <= x.shape[0]:  # width by width: ||Y^T X||^2 / (||X^T X|| ||Y^T Y||)
-        cross, xx, yy = (y.T @ x).square().sum(), torch.linalg.matrix_norm(x.T @ x), torch.linalg.matrix_norm(y.T @ y)
-    else:  # token by token, the same number: ||Y^T X||^2 = <X X^T, Y Y^T>, ||X^T X|| = ||X X^T||
-        kx, ky = x @ x.T, y @ y.T
-        cross, xx, yy = (kx * ky).sum(), torch.linalg.matrix_norm(kx), torch.linalg.matrix_norm(ky)
+    constant); `x_norm`, `y_norm`: ||X^T X||_F and ||Y^T Y||_F where known (see `self_norm`)."""
+    x, y = _centred(x), _centred(y, x.device)
+    if x.shape[1] <= x.shape[0]:  # ||Y^T X||^2
+        cross = (y.T @ x).square().sum()
+    else:  # token by token, the same number: <X X^T, Y Y^T>
+        cross = (_gram(x) * _gram(y)).sum()
+    xx = self_norm(x, centred=True) if x_norm is None else x_norm
+    yy = self_norm(y, centred=True) if y_norm is None else y_norm
     return float(cross / (xx * yy)) if xx > 0 and yy > 0 else float("nan")
 
 
-def cka_frame(outputs: dict[str, torch.Tensor], other: dict[str, torch.Tensor] | str | os.PathLike,
-              metric: str) -> pl.DataFrame:
+def self_norm(x: torch.Tensor, centred: bool = False) -> float:
+    """||X^T X||_F of an output centred per feature, in float64."""
+    return float(torch.linalg.matrix_norm(_gram(x if centred else _centred(x))))
+
+
+def cka_frame(outputs: dict[str, torch.Tensor], other: dict[str, torch.Tensor] | str | os.PathLike, metric: str,
+              norms: dict[str, float] | None = None, other_norms: dict[str, float] | None = None) -> pl.DataFrame:
     """`metric` (cka_final or cka_prev) of every layer and module: CKA of `outputs` with `other`'s, or with the
     outputs saved at `other` (`save_outputs`), read one at a time onto each output's device; n_tokens is the tokens
-    measured."""
+    measured. `norms` and `other_norms` ({key: `self_norm`}) are read where they hold a key, and filled in where not,
+    so that each output's own norm is computed once however often it is measured against."""
     from safetensors import safe_open
 
+    norms = {} if norms is None else norms
+    other_norms = {} if other_norms is None else other_norms
     rows = []
     with nullcontext(other) if isinstance(other, dict) else safe_open(Path(other), framework="pt") as saved:
         if set(saved.keys()) != set(outputs):
@@ -116,5 +134,9 @@ def cka_frame(outputs: dict[str, torch.Tensor], other: dict[str, torch.Tensor] |
             y = saved[key] if isinstance(saved, dict) else saved.get_tensor(key)
             if y.shape[0] != x.shape[0]:
                 raise ValueError(f"the outputs saved at {other} are of {y.shape[0]} tokens, these of {x.shape[0]}")
-            rows.append((int(layer), module, metric, linear_cka(x, y), x.shape[0]))
+            if key not in norms:
+                norms[key] = self_norm(x)
+            if key not in other_norms:
+                other_norms[key] = self_norm(y.to(x.device))
+            rows.append((int(layer), module, metric, linear_cka(x, y, norms[key], other_norms[key]), x.shape[0]))
     return pl.DataFrame(rows, schema=SCORE_SCHEMA, orient="row")

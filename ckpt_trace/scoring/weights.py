@@ -8,7 +8,8 @@ family names so, `Adapter.module_path`), with theta the module's parameters at t
     weight_change_prev   ||theta - theta_prev||_F / ||theta_prev||_F   (prev: the line's checkpoint before this one)
 
 read straight from the weight files, tensor by tensor (no model is built: memory holds the largest tensor of each
-checkpoint, in float64), and summed in float64.
+checkpoint and one difference, in float32), with every sum of squares accumulated in float64. 16-bit weights are
+widened to float32 first, so that each difference is exact to float32's rounding.
 """
 
 from __future__ import annotations
@@ -88,6 +89,11 @@ def open_weights(folder: str | os.PathLike, layers: str) -> Iterator[WeightFiles
         yield WeightFiles(folder, layers, opened)
 
 
+def _squared(tensor: torch.Tensor) -> torch.Tensor:
+    """The sum of squares of a tensor's elements, accumulated in float64."""
+    return torch.linalg.vector_norm(tensor, dtype=torch.float64).square()
+
+
 def weight_metrics(folder: str | os.PathLike, shape: Structure, reference: str | os.PathLike | None = None,
                    previous: str | os.PathLike | None = None) -> pl.DataFrame:
     """`weight_norm` of every layer and module of the checkpoint in `folder`, and its `weight_change_final` against
@@ -103,14 +109,14 @@ def weight_metrics(folder: str | os.PathLike, shape: Structure, reference: str |
         for layer, names in enumerate(per_layer):
             members = [set(names[m]) for m in MODULES]
             for name in names["block"]:
-                theta = here.get(layer, name).to(torch.float64)
-                values = [theta.square().sum()]
+                theta = here.get(layer, name).float()  # 16-bit weights widened: their differences are exact
+                values = [_squared(theta)]
                 for files in against:
-                    other = files.get(layer, name).to(torch.float64)
+                    other = files.get(layer, name).float()
                     if other.shape != theta.shape:
                         raise SourceError(f"layer {layer}'s {name} is {tuple(theta.shape)} in {here.folder} but "
                                           f"{tuple(other.shape)} in {files.folder}: not checkpoints of one model")
-                    values += [(theta - other).square().sum(), other.square().sum()]
+                    values += [_squared(theta - other), _squared(other)]
                     del other
                 row = torch.stack(values)
                 for i, member in enumerate(members):
