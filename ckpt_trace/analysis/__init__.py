@@ -1,8 +1,9 @@
 """Analysis: statistics, findings, figures and the report, from the store's tables.
 
 Takes polars frames read from the store; hands on frames of statistics (`statistics`), verdicts on
-the papers' claims (`findings`), matplotlib figures (`plots`), and the Markdown and HTML report
-(`report`, with its templates).
+the papers' claims (`findings`), training dynamics against a reference checkpoint and finding (e)
+(`dynamics`), matplotlib figures (`plots`), and the Markdown and HTML report (`report`, rendered by
+`render` with its templates).
 
 May import: `pruning` (the curves table's readers), `fetch` (training order) and the edges.
 """

@@ -5,6 +5,8 @@
 (c) Dropping half the attention layers costs little quality and speeds decoding (both papers).
 (d) The cheap score picks the layers that matter: its ranking agrees with `ablation_loss`, the
     loss that removing each module costs, and since when in training.
+(e) A layer becomes redundant once its output has settled: in `ckpt_trace.analysis.dynamics`,
+    from the training-dynamics metrics.
 
 Each finding is a verdict (holds, does not hold, inconclusive), by a rule stated in its text,
 with the numbers behind it and what they rest on: the dtype and calibration set of the scores,
@@ -75,7 +77,8 @@ def _final(frame: pl.DataFrame) -> dict:
     return frame.filter(pl.col("order") == pl.col("order").max()).row(0, named=True)
 
 
-def _label(row: dict) -> str:
+def checkpoint_name(row: dict) -> str:
+    """A checkpoint (a row with revision and step) by name, with its step where the name does not give it."""
     plain = row["step"] is None or row["revision"] == f"step{row['step']}"
     return row["revision"] + ("" if plain else f" (step {row['step']:,})")
 
@@ -89,10 +92,10 @@ def _lacking(frame: pl.DataFrame, metric: str, checkpoint: dict) -> str:
     having = frame.filter(pl.col("metric") == metric).sort("order")["revision"].unique(maintain_order=True).to_list()
     more = f" and {len(having) - 3} more" if len(having) > 3 else ""
     where = f" (it is for {', '.join(having[:3])}{more} only)" if having else ""
-    return f"no {metric} is stored for {_label(checkpoint)}{where}"
+    return f"no {metric} is stored for {checkpoint_name(checkpoint)}{where}"
 
 
-def _scored(frame: pl.DataFrame) -> str:
+def scored_on(frame: pl.DataFrame) -> str:
     """What the scores rest on, as "float32 scores on calibration set `1a2b3c4d5e6f`" (with the set's name where the
     frame has one)."""
     said = []
@@ -120,8 +123,9 @@ def redundancy(frame: pl.DataFrame) -> Finding:
     means = dict(importance.group_by("module").agg(pl.col("value").mean()).rows())
     if not all(_finite(means.get(module)) for module in ("attention", "mlp")):
         return Finding(claim, OPEN, _lacking(frame, "importance", final) if not importance.height else
-                       f"the importance of attention or MLP layers at {_label(final)} is missing or not a finite number",
-                       f"final checkpoint {_label(final)}")
+                       f"the importance of attention or MLP layers at {checkpoint_name(final)} is missing or not a "
+                       "finite number",
+                       f"final checkpoint {checkpoint_name(final)}")
     attention = importance.filter(pl.col("module") == "attention")
     depth = attention.select(pl.corr("layer", "value", method="spearman")).item()
     if means["attention"] < means["mlp"] and _finite(depth) and depth < 0:
@@ -140,7 +144,7 @@ def redundancy(frame: pl.DataFrame) -> Finding:
         evidence += f"; {_lacking(frame, 'ablation_loss', final)}, so no cost of removing a layer is quoted"
     rule = "holds when attention is below MLP and falls with depth, fails when both are the other way"
     return Finding(claim, verdict, evidence,
-                   _basis(f"final checkpoint {_label(final)}, {attention.height} layers", _scored(frame), rule))
+                   _basis(f"final checkpoint {checkpoint_name(final)}, {attention.height} layers", scored_on(frame), rule))
 
 
 def _share(frame: pl.DataFrame, revision: str) -> tuple[float | None, str]:
@@ -182,7 +186,7 @@ def persistence(frame: pl.DataFrame) -> Finding:
                 + f"; Spearman ρ of the attention ranking with the final one over the second half of training: "
                 f"{agreeing}")
     rule = f"holds when stable from {EARLY:.0%} of training or earlier, fails when only after {LATE:.0%}"
-    return Finding(claim, verdict, evidence, _basis(f"{checkpoints} checkpoints, {n_layers} layers", _scored(frame), rule))
+    return Finding(claim, verdict, evidence, _basis(f"{checkpoints} checkpoints, {n_layers} layers", scored_on(frame), rule))
 
 
 def _dropped_attention(pruning: str) -> int | None:
@@ -383,7 +387,7 @@ def cheap_versus_truth(frame: pl.DataFrame) -> Finding:
         lacking = [_lacking(frame, metric, final) for metric in ("ablation_loss", "importance")
                    if not _at(frame, final["revision"], metric).height]
         return Finding(claim, OPEN, f"{' and '.join(lacking) or 'no agreement is measured'}, the final checkpoint: "
-                       f"{scan} at {final['revision']}", _scored(frame))
+                       f"{scan} at {final['revision']}", scored_on(frame))
     rho = at_final["spearman"][0]
     good = (table["spearman"].fill_nan(-1.0) >= AGREES).cast(pl.Int8).reverse().cum_min().reverse()
     since = table.filter(good == 1)
@@ -391,14 +395,15 @@ def cheap_versus_truth(frame: pl.DataFrame) -> Finding:
                   .select("score", "spearman").rows())
     said = [f"{score}: {_rho(others[score])}" if score in others else f"no {score} at {final['revision']}"
             for score in CHEAP_SCORES[1:] if score in others or frame["metric"].eq(score).any()]
-    evidence = (f"Spearman ρ of importance with ablation_loss over every layer and module at {_label(final)}: {_rho(rho)}"
+    evidence = (f"Spearman ρ of importance with ablation_loss over every layer and module at {checkpoint_name(final)}: "
+                f"{_rho(rho)}"
                 + (f" ({', '.join(said)})" if said else "")
                 + (f"; at least {AGREES} from {since['revision'][0]} on" if since.height else f"; never {AGREES} for good"))
     verdict = OPEN if not _finite(rho) else HOLDS if rho >= AGREES else FAILS if rho <= 0 else OPEN
     n = _at(frame, final["revision"], "ablation_loss").select("layer", "module").n_unique()
     rule = f"holds when ρ reaches {AGREES} at the final checkpoint, fails when it is 0 or below"
     return Finding(claim, verdict, evidence, _basis(f"{_count(table.height, 'checkpoint')} with ablation_loss, "
-                                                    f"{n} modules at {_label(final)}", _scored(frame), rule))
+                                                    f"{n} modules at {checkpoint_name(final)}", scored_on(frame), rule))
 
 
 def _scanned(frame: pl.DataFrame) -> dict[str, str | None]:

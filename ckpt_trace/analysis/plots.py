@@ -18,7 +18,9 @@ from .statistics import checkpoint_labels, layer_matrix
 MODULE_ORDER = ("attention", "mlp", "block")
 MODULE_TITLES = {"attention": "Attention", "mlp": "MLP", "block": "Block"}
 METRIC_TITLES = {"importance": "importance = 1 - cos(in, out)", "update_ratio": "update ratio = ||delta|| / ||in||",
-                 "angular_distance": "angular distance = arccos(cos(in, out)) / π"}
+                 "angular_distance": "angular distance = arccos(cos(in, out)) / π",
+                 "weight_change_final": "weight change = ||θ - θ_ref|| / ||θ_ref||",
+                 "cka_final": "CKA = linear CKA(output, output_ref)"}
 
 
 LOW, HIGH = 2, 98
@@ -68,9 +70,10 @@ def colour_range(matrix: np.ndarray, scale: str = "linear") -> tuple[float, floa
     return vmin, vmax, {(True, True): "both", (True, False): "min", (False, True): "max"}.get((below, above), "neither")
 
 
-def heatmaps(frame: pl.DataFrame, metric: str = "importance", title: str = "", scale: str = "linear") -> Figure:
+def heatmaps(frame: pl.DataFrame, metric: str = "importance", title: str = "", scale: str = "linear",
+             limits: tuple[float, float] | None = None) -> Figure:
     """Layer-by-checkpoint heatmaps of one metric, one panel per module type, each on its own colour scale
-    (see `colour_range`), linear or log."""
+    (see `colour_range`), linear or log, or all on one linear scale from `limits[0]` to `limits[1]`."""
     from matplotlib.colors import LogNorm, Normalize
 
     modules = [m for m in MODULE_ORDER if frame.filter((pl.col("module") == m) & (pl.col("metric") == metric)).height]
@@ -83,11 +86,12 @@ def heatmaps(frame: pl.DataFrame, metric: str = "importance", title: str = "", s
     colours = sns.color_palette("viridis", as_cmap=True).with_extremes(bad="#d9d9d9")
     for i, (ax, module) in enumerate(zip(axes, modules)):
         data = matrices[module].drop("layer").to_numpy().astype(float)
-        vmin, vmax, extend = colour_range(data, scale)
-        norm = LogNorm(vmin, vmax) if scale == "log" else Normalize(vmin, vmax)
-        shown = np.where(data > 0, data, np.nan) if scale == "log" else data
+        vmin, vmax, extend = (*limits, "neither") if limits else colour_range(data, scale)
+        logarithmic = scale == "log" and not limits
+        norm = LogNorm(vmin, vmax) if logarithmic else Normalize(vmin, vmax)
+        shown = np.where(data > 0, data, np.nan) if logarithmic else data
         sns.heatmap(shown, ax=ax, norm=norm, cmap=colours, cbar=True, xticklabels=False,
-                    cbar_kws={"label": metric + (" (log)" if scale == "log" else ""), "extend": extend, "shrink": 0.9},
+                    cbar_kws={"label": metric + (" (log)" if logarithmic else ""), "extend": extend, "shrink": 0.9},
                     yticklabels=matrices[module]["layer"].to_list())
         positions, ticks = _sparse_ticks(labels)
         ax.set_xticks([p + 0.5 for p in positions], ticks, rotation=90, fontsize=7)
@@ -112,6 +116,42 @@ def _plot_over_training(ax, part: pl.DataFrame, column: str, *args, **kwargs) ->
     x = part[training_position(part)].to_numpy()
     ax.plot(x, part[column].to_numpy(), *args, **kwargs)
     return x
+
+
+def settling(table: pl.DataFrame, unit: str = "step") -> Figure:
+    """Per module, each layer of the final drop set at (where its output settled, since when it is redundant), in
+    training position (`unit`: step or tokens), labelled with its layer, the diagonal drawn; layers that never
+    settled are named in the panel. `table` as `ckpt_trace.analysis.dynamics.settling_table` gives it."""
+    dropped = table.filter(pl.col("relation").is_not_null())
+    modules = [m for m in MODULE_ORDER if dropped["module"].eq(m).any()] or ["attention"]  # an empty panel
+    figure = Figure(figsize=(4.2 * len(modules), 4.4), layout="constrained")
+    axes = figure.subplots(1, len(modules), squeeze=False)[0]
+    x, y = f"settled_{unit}", f"redundant_{unit}"
+    known = pl.concat([dropped[x], dropped[y]]).drop_nulls().unique().sort().cast(pl.Float64).to_numpy()
+    positive = known[known > 0]
+    end = 1.1 * float(known.max()) if known.size and known.max() > 0 else 1.0
+    ticks, labels = _sparse_ticks([_si(int(v)) for v in known], most=6)
+    for ax, module in zip(axes, modules):
+        part = dropped.filter((pl.col("module") == module) & pl.col(x).is_not_null() & pl.col(y).is_not_null())
+        ax.plot([0, end], [0, end], color="grey", lw=0.8, ls=":")
+        ax.plot(part[x].to_numpy(), part[y].to_numpy(), "o", color="tab:blue")
+        for at, since, layers in part.group_by(x, y).agg(pl.col("layer").sort()).rows():  # one label per point
+            ax.annotate(", ".join(map(str, layers)), (at, since), fontsize=8, xytext=(4, 3), textcoords="offset points")
+        never = dropped.filter((pl.col("module") == module) & (pl.col("relation") == "never settled"))["layer"].to_list()
+        if never:
+            ax.text(0.03, 0.97, f"never settled: {', '.join(map(str, never))}", transform=ax.transAxes, va="top",
+                    fontsize=8)
+        for scale, limit, place in ((ax.set_xscale, ax.set_xlim, ax.set_xticks), (ax.set_yscale, ax.set_ylim, ax.set_yticks)):
+            scale("symlog", linthresh=float(positive.min()) if positive.size else 1.0)  # one scale: the diagonal is y = x
+            limit(0, end)
+            if known.size:
+                place([known[i] for i in ticks], labels, fontsize=7)
+        ax.set_xlabel(f"settled at ({'tokens seen' if unit == 'tokens' else 'training step'})")
+        ax.set_title(MODULE_TITLES[module])
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel(f"redundant since ({'tokens seen' if unit == 'tokens' else 'training step'})")
+    figure.suptitle("final drop set: above the diagonal, redundant after it settled", fontsize=10)
+    return figure
 
 
 def layer_lines(frame: pl.DataFrame, metric: str = "importance") -> Figure:

@@ -2,21 +2,14 @@
 
 from __future__ import annotations
 
-import base64
 import hashlib
-import io
 import os
-import re
 import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import jinja2
-import markupsafe
-import matplotlib
 import polars as pl
 from matplotlib.figure import Figure
-from tabulate import tabulate
 
 from ..errors import ConfigError, StoreError
 from ..fetch.revisions import parse_revision
@@ -26,7 +19,9 @@ from ..pruning.curves import latest as latest_curves
 from ..pruning.curves import summary as curve_summary
 from ..store import CURVES_SCHEMA, EVALS_SCHEMA, VERSION, Store, path_part
 from . import COLOR_SCALES, plots
+from .dynamics import DynamicsSection, dynamics_section
 from .findings import Finding, agreement, findings
+from .render import figure_entries, table_entries, templates
 from .statistics import (
     DRAWN,
     best_spans,
@@ -41,8 +36,6 @@ from .statistics import (
     source_rows,
     tradeoff,
 )
-
-DPI = 110
 
 
 @dataclass
@@ -61,6 +54,8 @@ class ModelReport:
     """name -> (caption, frame)"""
     notes: list[str] = field(default_factory=list)
     """What could not be drawn, and why."""
+    dynamics: DynamicsSection | None = None
+    """Weight change and CKA against the line's reference checkpoint, and when layers settle (see `dynamics`)."""
     over_training: list[pl.DataFrame] = field(default_factory=list)
     """Attention rank consistency and importance's agreement with ablation_loss by fraction of training, for the
     comparison across models (see `by_fraction`)."""
@@ -233,6 +228,11 @@ def build_model_report(scores: pl.DataFrame, revisions: pl.DataFrame, model: str
                 overlap.with_columns(pl.format("{} {}", "module", "k").alias("set"))
                 .pivot(on="set", index=["order", "revision", "step"], values="jaccard").sort("order").drop("order"),
             )
+    report.dynamics, settled = dynamics_section(frame, color_scale)
+    if settled is not None:
+        report.findings.append(settled)
+    if report.dynamics is not None:
+        report.notes += report.dynamics.notes
     scanned = frame.select("revision", "weights").unique()  # the loss of the weights scored, not of others by that name
     losses = revisions.filter((pl.col("model") == model) & pl.col("val_loss").is_not_null()).join(
         scanned, on=["revision", "weights"], nulls_equal=True)
@@ -270,40 +270,6 @@ def build_pruning_report(evals: pl.DataFrame, model: str) -> ModelReport | None:
     return report
 
 
-def _cell(value) -> str:
-    if isinstance(value, float):
-        if value.is_integer() and abs(value) >= 1e4:  # byte counts and the like, whole
-            return f"{int(value):,}"
-        return f"{value:.4g}"
-    return "" if value is None else str(value)
-
-
-def _rows(frame: pl.DataFrame) -> list[list[str]]:
-    return [[_cell(v) for v in row] for row in frame.iter_rows()]
-
-
-def markdown_table(frame: pl.DataFrame) -> str:
-    """A GitHub Markdown table of the frame, numbers to 4 significant digits, `|` in cells escaped."""
-    escape = lambda text: text.replace("|", "\\|")  # noqa: E731
-    return tabulate([[escape(c) for c in row] for row in _rows(frame)], headers=[escape(c) for c in frame.columns],
-                    tablefmt="github", disable_numparse=True)
-
-
-def html_table(frame: pl.DataFrame) -> str:
-    """An HTML table of the frame (cells escaped), numbers as in `markdown_table`."""
-    return str(tabulate(_rows(frame), headers=frame.columns, tablefmt="html", disable_numparse=True))
-
-
-def _save(figure: Figure, folder: Path, key: str) -> bytes:
-    """Write the figure as PNG and SVG; return the PNG."""
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=DPI)
-    (folder / f"{key}.png").write_bytes(buffer.getvalue())
-    with matplotlib.rc_context({"svg.hashsalt": "ckpt-trace"}):  # stable element ids: the same figure, the same file
-        figure.savefig(folder / f"{key}.svg", format="svg", metadata={"Date": None})
-    return buffer.getvalue()
-
-
 def by_fraction(model: str, measure: str, part: pl.DataFrame) -> pl.DataFrame:
     """A per-checkpoint Spearman ρ placed by the fraction of training (tokens seen over the final checkpoint's where
     every checkpoint knows them, else steps)."""
@@ -337,16 +303,6 @@ def across_models(reports: list[ModelReport]) -> ModelReport | None:
 
 FINDINGS_INTRO = ("The claims of He et al. and Tyukin et al., checked against each model in the store: a verdict by "
                   "the rule given with it, the numbers behind it, and what they rest on.")
-
-
-def _templates() -> jinja2.Environment:
-    environment = jinja2.Environment(loader=jinja2.PackageLoader("ckpt_trace.analysis", "templates"), trim_blocks=True,
-                                     lstrip_blocks=True, autoescape=jinja2.select_autoescape(["html.j2"]),
-                                     undefined=jinja2.StrictUndefined)
-    # `code` in prose: <code> in HTML, the text itself escaped first.
-    environment.filters["code"] = lambda text: markupsafe.Markup(
-        re.sub(r"`([^`]*)`", r"<code>\1</code>", str(markupsafe.escape(text))))
-    return environment
 
 
 def write_report(store: str | os.PathLike = "data", out: str | os.PathLike = "figures", model: str | None = None,
@@ -415,19 +371,17 @@ def write_report(store: str | os.PathLike = "data", out: str | os.PathLike = "fi
     for report, slug in reports:
         folder = out / path_part(slug)
         folder.mkdir(exist_ok=True)
-        figures = []
-        for key, (caption, figure) in report.figures.items():
-            png = _save(figure, folder, key)
-            link = urllib.parse.quote(path_part(slug))  # a viewer decodes the link once: %2F must stay %2F on disk
-            figures.append({"caption": caption, "png": f"{link}/{key}.png", "svg": f"{link}/{key}.svg",
-                            "data": base64.b64encode(png).decode()})
-        tables = [{"caption": caption, "markdown": markdown_table(table), "html": markupsafe.Markup(html_table(table))}
-                  for caption, table in report.tables.values()]
-        sections.append({"title": report.model, "intro": report.intro, "notes": report.notes, "figures": figures,
-                         "tables": tables})
+        link = urllib.parse.quote(path_part(slug))  # a viewer decodes the link once: %2F must stay %2F on disk
+        section = {"title": report.model, "intro": report.intro, "notes": report.notes,
+                   "figures": figure_entries(report.figures, folder, link), "tables": table_entries(report.tables),
+                   "dynamics": None}
+        if report.dynamics is not None:
+            section["dynamics"] = {"intro": report.dynamics.intro, "tables": table_entries(report.dynamics.tables),
+                                   "figures": figure_entries(report.dynamics.figures, folder, link)}
+        sections.append(section)
     context = {"version": VERSION, "store": str(store), "models": models, "findings_intro": FINDINGS_INTRO,
                "findings": findings_blocks, "sections": sections}
-    templates = _templates()
-    (out / "report.md").write_text(templates.get_template("report.md.j2").render(context), encoding="utf-8")
-    (out / "report.html").write_text(templates.get_template("report.html.j2").render(context), encoding="utf-8")
+    environment = templates()
+    (out / "report.md").write_text(environment.get_template("report.md.j2").render(context), encoding="utf-8")
+    (out / "report.html").write_text(environment.get_template("report.html.j2").render(context), encoding="utf-8")
     return out / "report.md"

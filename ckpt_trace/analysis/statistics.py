@@ -39,8 +39,10 @@ def most_covering(frame: pl.DataFrame, column: str) -> tuple[object, str]:
     revisions, or, among values that cover as many, it was scanned last."""
     if not frame.height:
         return None, ""
-    counts = frame.group_by(column).agg(pl.col("revision").n_unique().alias("n"), pl.col("created").max())
-    counts = counts.sort(["n", "created"], descending=True, nulls_last=True)
+    # In frame order, and sorted stably: of values that tie on both, the first (a scan's new rows lead its file).
+    counts = frame.group_by(column, maintain_order=True).agg(pl.col("revision").n_unique().alias("n"),
+                                                              pl.col("created").max())
+    counts = counts.sort(["n", "created"], descending=True, nulls_last=True, maintain_order=True)
     n = counts["n"][0]
     tied = counts.filter(pl.col("n") == n).height
     why = (f"it covers the most revisions ({n})" if tied == 1 else
@@ -49,13 +51,15 @@ def most_covering(frame: pl.DataFrame, column: str) -> tuple[object, str]:
 
 
 def latest_scans(frame: pl.DataFrame) -> pl.DataFrame:
-    """Per revision, only the rows of its latest scan (the latest time written).
+    """Per revision, only the rows of its latest scan: of the file (weights, dtype, calibration set, scorer) written
+    last, every row, whatever time each row bears (rows an earlier scan measured against another reference, say).
 
     A store keeps the scores of earlier weights beside the new ones; analysis takes one scan
     per revision, never a mix.
     """
-    key = ["weights", "dtype", "scorer", "created"]
-    latest = frame.select("revision", *key).unique().sort("created", nulls_last=False).group_by("revision").last()
+    key = ["weights", "dtype", "calibration", "scorer"]
+    files = frame.group_by("revision", *key).agg(pl.col("created").max())
+    latest = files.sort("created", nulls_last=False).group_by("revision").last().drop("created")
     return frame.join(latest, on=["revision", *key], nulls_equal=True)
 
 
