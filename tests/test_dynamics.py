@@ -251,17 +251,23 @@ def dynamics_rows(store) -> pl.DataFrame:
         "revision", "metric", "reference", "layer", "module")
 
 
-def test_a_resumed_or_sharded_scan_stores_what_one_scan_does(tmp_path, tokenizer_dir):
+def test_a_resumed_or_sharded_scan_stores_what_one_scan_does(tmp_path, tokenizer_dir, monkeypatch):
+    from ckpt_trace.scan import dynamics
+
+    extra = []  # passes made only for outputs another checkpoint is measured against
+    monkeypatch.setattr(dynamics, "score", lambda *a, **k: extra.append(1) or score(*a, **k))
     root = suite(tmp_path, tokenizer_dir)
     calibration = calibration_file(tmp_path)
     args = ["scan", str(root), "--calibration", str(calibration), *CLI]
     assert main([*args, "--store", str(tmp_path / "one")]) == 0
+    assert extra == []  # one pass per checkpoint: the reference's _prev rows wait for the checkpoint before it
     whole = dynamics_rows(tmp_path / "one")
     # Interrupted after the reference and step0: step10 is scored against outputs made again for it.
     (path,) = [p for p in (tmp_path / "one" / "scores").rglob("*.parquet") if p.parent.name == "step10"]
     path.unlink()
     assert main([*args, "--store", str(tmp_path / "one")]) == 0
     assert dynamics_rows(tmp_path / "one").equals(whole)
+    assert len(extra) == 2  # the reference's outputs and step0's
     # Two shards, each making the reference's outputs (and each previous checkpoint's) itself.
     for index in (1, 2):
         assert main([*args, "--store", str(tmp_path / "shards"), "--shard", f"{index}/2"]) == 0
@@ -308,3 +314,16 @@ def test_a_bad_reference_is_one_line(tmp_path, tokenizer_dir, capsys, bad, words
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and all(w in err for w in words)
     assert not (tmp_path / "s" / "scores").exists()
+
+
+def test_a_broken_checkpoint_before_the_reference_fails_the_reference_too_and_nothing_else(tmp_path, tokenizer_dir,
+                                                                                           capsys):
+    root = suite(tmp_path, tokenizer_dir)
+    (root / "step10" / "model.safetensors").write_bytes(b"not safetensors")
+    args = ["scan", str(root), "--store", str(tmp_path / "s"), "--calibration", str(calibration_file(tmp_path)), *CLI]
+    assert main([*args, "--keep-going"]) == 1
+    err = capsys.readouterr().err
+    assert "step10" in err and "Traceback" not in err
+    runs = Store(tmp_path / "s").runs().sort("revision")
+    assert dict(zip(runs["revision"], runs["status"])) == {"step0": "scored", "step10": "failed", "step20": "failed"}
+    assert sorted(set(Store(tmp_path / "s").scores()["revision"])) == ["step0"]

@@ -66,7 +66,7 @@ def _names(keys: list[str]) -> str:
     return ", ".join(sorted(keys)[:4]) + (f" and {len(keys) - 4} more" if len(keys) > 4 else "")
 
 
-def _load_errors() -> tuple[type[BaseException], ...]:
+def load_errors() -> tuple[type[BaseException], ...]:
     """What loading raises for weight files that are cut short, empty or not weights, each library its own kind
     (transformers OSError or ValueError, torch RuntimeError, EOFError or an unpickling error, safetensors its own),
     and for the device running out of memory (RuntimeError); a bug is none of these."""
@@ -112,7 +112,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", dtyp
         )
         if not mapped and any(Path(path).glob("pytorch_model*.bin")):
             _unmap_(model)
-    except _load_errors() as err:
+    except load_errors() as err:
         raise SourceError(f"cannot load the weights in {str(path)!r}: {one_line(err, 300)}") from err
     finally:
         transformers.logging.set_verbosity(verbosity)

@@ -124,6 +124,9 @@ class Dynamics:
         self._lock = threading.Lock()
         self.norms: dict[str, dict[str, float]] = {}
         """Weights -> each output's `self_norm`, computed once."""
+        self.coming: set[str] = set()
+        """Revisions this process is still to score (see `waits`)."""
+        self.waiting: tuple[Checkpoint, tuple] | None = None
 
     def close(self) -> None:
         """Release what was fetched and held for the scan, and the outputs kept on disk (unless `lasting`)."""
@@ -197,6 +200,31 @@ class Dynamics:
             self.saved[self._key(checkpoint)] = path
         return path
 
+    def complete(self, frame: pl.DataFrame, now: bool = False) -> pl.DataFrame | None:
+        """The reference's rows (`frame`) with the `_prev` rows that waited: once the checkpoint before it has been
+        scored, or `now` (its outputs made by one more pass where they are not there); None while they wait."""
+        checkpoint, shape = self.waiting
+        previous = self.plan.previous[checkpoint.revision.name]
+        if not now and (previous.revision.name in self.coming or self._key(previous) not in self.saved):
+            return None
+        from safetensors.torch import load_file
+
+        self.waiting = None
+        frames = []
+        if "weight_change_prev" in self.plan.metrics:
+            frame_ = weight_metrics(self.files_of(checkpoint), shape, previous=self.files_of(previous))
+            frames.append(frame_.filter(pl.col("metric") == "weight_change_prev"))
+        if "cka_prev" in self.plan.metrics:
+            outputs = load_file(self.outputs_of(checkpoint), device=str(self.device))
+            frames.append(cka_frame(outputs, self.outputs_of(previous), "cka_prev",
+                                    self.norms.setdefault(checkpoint.weights, {}),
+                                    self.norms.setdefault(previous.weights, {})))
+        extra = pl.concat(frames).with_columns(reference=pl.lit(previous.revision.name),
+                                               reference_weights=pl.lit(previous.weights))
+        first = frame.row(0, named=True)
+        extra = extra.with_columns(pl.lit(first[c], frame.schema[c]).alias(c) for c in frame.columns if c not in extra.columns)
+        return pl.concat([frame, extra.select(frame.columns)])
+
     def sample(self, model: torch.nn.Module) -> OutputSample | None:
         """What keeps a pass's outputs, where CKA is asked."""
         return OutputSample(self.calibration, len(structure(model)[1])) if self.samples else None
@@ -205,8 +233,15 @@ class Dynamics:
         """The dynamics rows of a checkpoint as loaded (`model`, its files at `checkpoint.path`), with the outputs
         its pass kept in `sample`: each with the revision and weights it is measured against."""
         self.paths[checkpoint.revision.name] = checkpoint.path
+        self.coming.discard(checkpoint.revision.name)
         outputs = sample.tensors() if sample is not None else None
         against = self.plan.against(checkpoint)
+        previous = next((c for m, c in against.items() if m in PREVIOUS), None)
+        if (checkpoint.weights == self.plan.reference.weights and previous is not None
+                and previous.revision.name in self.coming):
+            # The reference is scored first: its `_prev` rows wait for the checkpoint before it (see `complete`).
+            against = {m: c for m, c in against.items() if m not in PREVIOUS}
+            self.waiting = (checkpoint, structure(model))
         frames = []
         if weights := [m for m in self.plan.metrics if m in WEIGHT_METRICS]:
             final, previous = against.get("weight_change_final"), against.get("weight_change_prev")

@@ -200,6 +200,9 @@ def scored_here(source, checkpoints: list[Checkpoint], calibration: CalibrationS
 
     ahead = LoadAhead(load) if loads_ahead(config, checkpoints, device, dtype) else None
     holding = source if dynamics is None else SimpleNamespace(fetch=source.fetch, release=dynamics.release)
+    if dynamics is not None:
+        dynamics.coming = {c.revision.name for c in checkpoints}
+    waiting = None  # the reference's result, until its `_prev` rows are made (see `Dynamics.complete`)
     with closing(streamed(holding, checkpoints, config.prefetch, ahead)) as stream:
         for checkpoint, fetch_error, loading in stream:
             if dynamics is not None:
@@ -220,7 +223,18 @@ def scored_here(source, checkpoints: list[Checkpoint], calibration: CalibrationS
                 continue
             finally:
                 loading = loaded = None  # freed before the next is loaded
+            if dynamics is not None and dynamics.waiting is not None and dynamics.waiting[0] == scored:
+                waiting = (scored, row, frame, time.perf_counter() - start)
+                continue
             yield scored, (row, frame), None, time.perf_counter() - start
+            if waiting is not None and (whole := dynamics.complete(waiting[2])) is not None:
+                yield waiting[0], (waiting[1], whole), None, waiting[3]
+                waiting = None
+        if waiting is not None:  # the checkpoint before it failed: its outputs are made now
+            try:
+                yield waiting[0], (waiting[1], dynamics.complete(waiting[2], now=True)), None, waiting[3]
+            except REVISION_ERRORS as err:
+                yield waiting[0], None, err, waiting[3]
 
 
 def scan(config: ScanConfig) -> pl.DataFrame:

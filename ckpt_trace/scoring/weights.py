@@ -24,9 +24,10 @@ import polars as pl
 import torch
 from torch import nn
 
-from ..errors import SourceError
+from ..errors import SourceError, one_line
 from ..fetch.identity import weight_files
 from ..model.adapters import locate
+from ..model.loading import load_errors
 from ..store import MODULES
 from .metrics import SCORE_SCHEMA
 
@@ -82,10 +83,13 @@ def open_weights(folder: str | os.PathLike, layers: str) -> Iterator[WeightFiles
     with ExitStack() as stack:
         opened: dict[str, object] = {}
         for name in (n for n in names if not n.endswith(".json")):
-            if fmt == "safetensors":
-                opened[name] = stack.enter_context(safe_open(folder / name, framework="pt"))
-            else:
-                opened[name] = torch.load(folder / name, map_location="cpu", mmap=True, weights_only=True)
+            try:
+                if fmt == "safetensors":
+                    opened[name] = stack.enter_context(safe_open(folder / name, framework="pt"))
+                else:
+                    opened[name] = torch.load(folder / name, map_location="cpu", mmap=True, weights_only=True)
+            except load_errors() as err:
+                raise SourceError(f"cannot read the weights in {folder / name}: {one_line(err)}") from err
         yield WeightFiles(folder, layers, opened)
 
 
