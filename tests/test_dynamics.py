@@ -101,8 +101,8 @@ def cka_by_kernels(x: torch.Tensor, y: torch.Tensor) -> float:
     """Linear CKA as HSIC of token-by-token kernels with the centring matrix H: tr(KHLH) / sqrt(tr(KHKH) tr(LHLH))."""
     n = x.shape[0]
     h = torch.eye(n, dtype=torch.float64) - 1.0 / n
-    k, l = h @ (x @ x.T) @ h, h @ (y @ y.T) @ h
-    return float((k * l).sum() / ((k * k).sum() * (l * l).sum()).sqrt())
+    kx, ky = h @ (x @ x.T) @ h, h @ (y @ y.T) @ h
+    return float((kx * ky).sum() / ((kx * kx).sum() * (ky * ky).sum()).sqrt())
 
 
 def float64_weights(folder, family) -> dict[tuple[int, str], torch.Tensor]:

@@ -125,7 +125,7 @@ class Dynamics:
         self.norms: dict[str, dict[str, float]] = {}
         """Weights -> each output's `self_norm`, computed once."""
         self.coming: set[str] = set()
-        """Revisions this process is still to score (see `waits`)."""
+        """Revisions this process is still to score (see `complete`)."""
         self.waiting: tuple[Checkpoint, tuple] | None = None
 
     def close(self) -> None:
@@ -192,11 +192,11 @@ class Dynamics:
         path = self.folder / f"{checkpoint.weights}-{self.calibration.id}-{dtype_name(self.dtype)}.safetensors"
         save_outputs(outputs, path)
         with _lasting_lock if self.lasting else self._lock:
-            if not self.lasting:  # the reference's, and the latest: a later checkpoint is measured against no other
-                for key, old in list(self.saved.items()):
-                    if key[0] != self.plan.reference.weights:
-                        old.unlink(missing_ok=True)
-                        del self.saved[key]
+            # The reference's, and the latest: a later checkpoint is measured against no other.
+            for key, old in list(self.saved.items()):
+                if key[0] != self.plan.reference.weights:
+                    old.unlink(missing_ok=True)
+                    del self.saved[key]
             self.saved[self._key(checkpoint)] = path
         return path
 
@@ -222,7 +222,8 @@ class Dynamics:
         extra = pl.concat(frames).with_columns(reference=pl.lit(previous.revision.name),
                                                reference_weights=pl.lit(previous.weights))
         first = frame.row(0, named=True)
-        extra = extra.with_columns(pl.lit(first[c], frame.schema[c]).alias(c) for c in frame.columns if c not in extra.columns)
+        extra = extra.with_columns(pl.lit(first[c], frame.schema[c]).alias(c)
+                                   for c in frame.columns if c not in extra.columns)
         return pl.concat([frame, extra.select(frame.columns)])
 
     def sample(self, model: torch.nn.Module) -> OutputSample | None:
@@ -260,6 +261,6 @@ class Dynamics:
         frame = pl.concat(frames)
         names = {m: c.revision.name for m, c in against.items()}
         fingerprints = {m: c.weights for m, c in against.items()}
-        return frame.with_columns(reference=pl.col("metric").replace_strict(names, default=None, return_dtype=pl.String),
-                                  reference_weights=pl.col("metric").replace_strict(fingerprints, default=None,
-                                                                                    return_dtype=pl.String))
+        return frame.with_columns(
+            reference=pl.col("metric").replace_strict(names, default=None, return_dtype=pl.String),
+            reference_weights=pl.col("metric").replace_strict(fingerprints, default=None, return_dtype=pl.String))
