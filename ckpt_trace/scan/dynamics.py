@@ -216,9 +216,9 @@ class Dynamics:
             frames.append(frame_.filter(pl.col("metric") == "weight_change_prev"))
         if "cka_prev" in self.plan.metrics:
             outputs = load_file(self.outputs_of(checkpoint), device=str(self.device))
-            frames.append(cka_frame(outputs, self.outputs_of(previous), "cka_prev",
+            frames.append(cka_frame(outputs, {"cka_prev": self.outputs_of(previous)},
                                     self.norms.setdefault(checkpoint.weights, {}),
-                                    self.norms.setdefault(previous.weights, {})))
+                                    {"cka_prev": self.norms.setdefault(previous.weights, {})}))
         extra = pl.concat(frames).with_columns(reference=pl.lit(previous.revision.name),
                                                reference_weights=pl.lit(previous.weights))
         first = frame.row(0, named=True)
@@ -249,13 +249,10 @@ class Dynamics:
             frame = weight_metrics(checkpoint.path, structure(model), final and self.files_of(final),
                                    previous and self.files_of(previous))
             frames.append(frame.filter(pl.col("metric").is_in(weights)))
-        for metric in CKA_METRICS:
-            if metric in against:  # the reference is measured against its own outputs
-                other = against[metric]
-                mine = self.norms.setdefault(checkpoint.weights, {})
-                frames.append(cka_frame(outputs, outputs if other.weights == checkpoint.weights
-                                        else self.outputs_of(other), metric, mine,
-                                        self.norms.setdefault(other.weights, {})))
+        if cka := {m: c for m, c in against.items() if m in CKA_METRICS}:  # the reference's against its own outputs
+            others = {m: outputs if c.weights == checkpoint.weights else self.outputs_of(c) for m, c in cka.items()}
+            frames.append(cka_frame(outputs, others, self.norms.setdefault(checkpoint.weights, {}),
+                                    {m: self.norms.setdefault(c.weights, {}) for m, c in cka.items()}))
         if outputs is not None and self.plan.kept(checkpoint):  # once those it is measured against are read
             self._save(checkpoint, outputs)
         frame = pl.concat(frames)

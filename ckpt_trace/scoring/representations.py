@@ -15,7 +15,7 @@ every checkpoint of a scan is measured on the same tokens, in any batch size.
 from __future__ import annotations
 
 import os
-from contextlib import nullcontext
+from contextlib import ExitStack
 from pathlib import Path
 
 import polars as pl
@@ -97,46 +97,59 @@ def _gram(x: torch.Tensor) -> torch.Tensor:
     return x.T @ x if x.shape[1] <= x.shape[0] else x @ x.T
 
 
-def linear_cka(x: torch.Tensor, y: torch.Tensor, x_norm: float | None = None, y_norm: float | None = None) -> float:
-    """Linear CKA of two [n, width] outputs of the same n tokens, centred per feature, in float64 (NaN where one is
-    constant); `x_norm`, `y_norm`: ||X^T X||_F and ||Y^T Y||_F where known (see `self_norm`)."""
-    x, y = _centred(x), _centred(y, x.device)
-    if x.shape[1] <= x.shape[0]:  # ||Y^T X||^2
-        cross = (y.T @ x).square().sum()
-    else:  # token by token, the same number: <X X^T, Y Y^T>
-        cross = (_gram(x) * _gram(y)).sum()
-    xx = self_norm(x, centred=True) if x_norm is None else x_norm
-    yy = self_norm(y, centred=True) if y_norm is None else y_norm
-    return float(cross / (xx * yy)) if xx > 0 and yy > 0 else float("nan")
-
-
 def self_norm(x: torch.Tensor, centred: bool = False) -> float:
     """||X^T X||_F of an output centred per feature, in float64."""
     return float(torch.linalg.matrix_norm(_gram(x if centred else _centred(x))))
 
 
-def cka_frame(outputs: dict[str, torch.Tensor], other: dict[str, torch.Tensor] | str | os.PathLike, metric: str,
-              norms: dict[str, float] | None = None, other_norms: dict[str, float] | None = None) -> pl.DataFrame:
-    """`metric` (cka_final or cka_prev) of every layer and module: CKA of `outputs` with `other`'s, or with the
-    outputs saved at `other` (`save_outputs`), read one at a time onto each output's device; n_tokens is the tokens
-    measured. `norms` and `other_norms` ({key: `self_norm`}) are read where they hold a key, and filled in where not,
-    so that each output's own norm is computed once however often it is measured against."""
+def _cka(x: torch.Tensor, y: torch.Tensor, x_norm: float, y_norm: float) -> float:
+    """CKA of two centred float64 outputs whose `self_norm`s are given."""
+    if x.shape[1] <= x.shape[0]:  # ||Y^T X||^2
+        cross = float((y.T @ x).square().sum())
+    else:  # token by token, the same number: <X X^T, Y Y^T>
+        cross = float((_gram(x) * _gram(y)).sum())
+    return cross / (x_norm * y_norm) if x_norm > 0 and y_norm > 0 else float("nan")
+
+
+def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Linear CKA of two [n, width] outputs of the same n tokens, centred per feature, in float64 (NaN where one is
+    constant)."""
+    x, y = _centred(x), _centred(y, x.device)
+    return _cka(x, y, self_norm(x, centred=True), self_norm(y, centred=True))
+
+
+def cka_frame(outputs: dict[str, torch.Tensor], others: dict[str, dict[str, torch.Tensor] | str | os.PathLike],
+              norms: dict[str, float] | None = None,
+              other_norms: dict[str, dict[str, float]] | None = None) -> pl.DataFrame:
+    """Each metric of `others` ({cka_final or cka_prev: the other checkpoint's outputs, or where `save_outputs` saved
+    them}) for every layer and module: CKA of `outputs` with the other's, read one at a time onto each output's
+    device; n_tokens is the tokens measured. `norms` ({key: `self_norm`} of `outputs`) and `other_norms` ({metric:
+    {key: `self_norm`}}) are read where they hold a key and filled in where not, so that each output is centred
+    once per call and its own norm computed once however often it is measured against."""
     from safetensors import safe_open
 
     norms = {} if norms is None else norms
     other_norms = {} if other_norms is None else other_norms
     rows = []
-    with nullcontext(other) if isinstance(other, dict) else safe_open(Path(other), framework="pt") as saved:
-        if set(saved.keys()) != set(outputs):
-            raise ValueError(f"the outputs saved at {other} are of other layers than these")
+    with ExitStack() as stack:
+        opened = {metric: other if isinstance(other, dict) else stack.enter_context(safe_open(Path(other), "pt"))
+                  for metric, other in others.items()}
+        for metric, saved in opened.items():
+            if set(saved.keys()) != set(outputs):
+                raise ValueError(f"the outputs {metric} is measured against are of other layers than these")
         for key, x in outputs.items():
             layer, module = key.split(".")
-            y = saved[key] if isinstance(saved, dict) else saved.get_tensor(key)
-            if y.shape[0] != x.shape[0]:
-                raise ValueError(f"the outputs saved at {other} are of {y.shape[0]} tokens, these of {x.shape[0]}")
+            x = _centred(x)
             if key not in norms:
-                norms[key] = self_norm(x)
-            if key not in other_norms:
-                other_norms[key] = self_norm(y.to(x.device))
-            rows.append((int(layer), module, metric, linear_cka(x, y, norms[key], other_norms[key]), x.shape[0]))
+                norms[key] = self_norm(x, centred=True)
+            for metric, saved in opened.items():
+                y = saved[key] if isinstance(saved, dict) else saved.get_tensor(key)
+                if y.shape[0] != x.shape[0]:
+                    raise ValueError(f"the outputs {metric} is measured against are of {y.shape[0]} tokens, these of "
+                                     f"{x.shape[0]}")
+                y = _centred(y, x.device)
+                known = other_norms.setdefault(metric, {})
+                if key not in known:
+                    known[key] = self_norm(y, centred=True)
+                rows.append((int(layer), module, metric, _cka(x, y, norms[key], known[key]), x.shape[0]))
     return pl.DataFrame(rows, schema=SCORE_SCHEMA, orient="row")
