@@ -496,7 +496,7 @@ def test_a_failed_revision_does_not_keep_its_model_alive(suite, tmp_path, monkey
         alive.add(model)
         return model
 
-    def score_checkpoint(checkpoint, calibration, config, device, dtype, model=None):
+    def score_checkpoint(checkpoint, calibration, config, device, dtype, model=None, dynamics=None):
         time.sleep(0.2)  # the next one loads meanwhile
         raise SourceError(f"cannot score {checkpoint.revision.name} with {type(model).__name__}")
 

@@ -87,11 +87,16 @@ def test_scan_without_source_scans_the_micro_suite(home, tmp_path, monkeypatch, 
     steps = schedule(4, 2)
     assert set(scores["model"]) == {"micro-pythia"}
     assert sorted(set(scores["step"])) == steps
-    # The main job measures every metric but the last-token variants: 4 per layer and module, and 6 + 5 + ... + 1
-    # spans of the 6 layers.
-    assert set(scores["metric"]) == {"importance", "update_ratio", "angular_distance", "span_distance", "ablation_loss"}
-    assert scores.height == len(steps) * (6 * 3 * 4 + 21)
-    assert set(scores.filter(pl.col("metric") != "ablation_loss")["n_tokens"]) == {4 * 64}  # the model's 64 positions
+    # The main job measures every metric but the last-token variants: 4 per layer and module, the 5 training
+    # dynamics (the first checkpoint has no _prev ones), and 6 + 5 + ... + 1 spans of the 6 layers.
+    dynamics = {"weight_norm", "weight_change_final", "weight_change_prev", "cka_final", "cka_prev"}
+    assert set(scores["metric"]) == {"importance", "update_ratio", "angular_distance", "span_distance", "ablation_loss",
+                                     *dynamics}
+    assert scores.height == len(steps) * (6 * 3 * 9 + 21) - 6 * 3 * 2
+    assert set(scores.filter(pl.col("metric").str.starts_with("weight"))["n_tokens"]) == {None}
+    measured = scores.filter(~pl.col("metric").is_in(["ablation_loss", "weight_norm", "weight_change_final",
+                                                      "weight_change_prev"]))
+    assert set(measured["n_tokens"]) == {4 * 64}  # the model's 64 positions: CKA over all of them too
     assert set(scores.filter(pl.col("metric") == "ablation_loss")["n_tokens"]) == {4 * 63}  # predicted tokens
     revisions = store.revisions().sort("step")
     assert revisions["step"].to_list() == steps

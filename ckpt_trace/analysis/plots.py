@@ -130,7 +130,11 @@ def settling(table: pl.DataFrame, unit: str = "step") -> Figure:
     known = pl.concat([dropped[x], dropped[y]]).drop_nulls().unique().sort().cast(pl.Float64).to_numpy()
     positive = known[known > 0]
     end = 1.1 * float(known.max()) if known.size and known.max() > 0 else 1.0
-    ticks, labels = _sparse_ticks([_si(int(v)) for v in known], most=6)
+    ticks, labels, shown = [], [], float("-inf")  # ticks at least a fifth of a decade apart on the log scale
+    for i, value in enumerate(known):
+        place = np.log10(value) if value > 0 else float("-inf")
+        if not ticks or place - shown >= 0.2:
+            ticks, labels, shown = [*ticks, i], [*labels, _si(int(value))], place
     for ax, module in zip(axes, modules):
         part = dropped.filter((pl.col("module") == module) & pl.col(x).is_not_null() & pl.col(y).is_not_null())
         ax.plot([0, end], [0, end], color="grey", lw=0.8, ls=":")
