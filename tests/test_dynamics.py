@@ -327,3 +327,30 @@ def test_a_broken_checkpoint_before_the_reference_fails_the_reference_too_and_no
     runs = Store(tmp_path / "s").runs().sort("revision")
     assert dict(zip(runs["revision"], runs["status"])) == {"step0": "scored", "step10": "failed", "step20": "failed"}
     assert sorted(set(Store(tmp_path / "s").scores()["revision"])) == ["step0"]
+
+
+def test_a_reference_rewritten_during_the_scan_is_never_measured_against(tmp_path, tokenizer_dir, capsys, monkeypatch):
+    import shutil
+
+    from ckpt_trace.scan import dynamics
+
+    root = suite(tmp_path, tokenizer_dir)
+    real, calls = dynamics.weight_metrics, []
+
+    def then_rewritten(folder, *args, **kwargs):  # once the reference (scored first) is measured, it is replaced
+        result = real(folder, *args, **kwargs)
+        calls.append(folder)
+        if len(calls) == 1:
+            shutil.copy2(root / "step10" / "model.safetensors", root / "step20" / "model.safetensors")
+        return result
+
+    monkeypatch.setattr(dynamics, "weight_metrics", then_rewritten)
+    args = ["scan", str(root), "--store", str(tmp_path / "s"), "--calibration", str(calibration_file(tmp_path)),
+            "--device", "cpu", "--metrics", "weight_norm,weight_change_final"]
+    assert main([*args, "--keep-going"]) == 1
+    err = capsys.readouterr().err
+    assert "the weights of step20" in err and "changed while they were measured against" in err
+    runs = Store(tmp_path / "s").runs().sort("revision")
+    # The reference itself changed while it was scored: tried again, it is no longer what was listed.
+    assert dict(zip(runs["revision"], runs["status"])) == {"step0": "failed", "step10": "failed", "step20": "failed"}
+    assert Store(tmp_path / "s").scores().height == 0

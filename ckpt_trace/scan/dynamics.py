@@ -70,10 +70,10 @@ def plan(source, checkpoints: list[Checkpoint], metrics: tuple[str, ...], refere
     hold none. Raises `ConfigError` for a selection of several side lines, `SelectionError` for a reference that
     names no single revision with weights."""
     asked = tuple(m for m in metrics if m in DYNAMICS)
+    if reference is not None and not any(m in FINAL for m in asked):
+        raise ConfigError(f"--reference {reference} is what weight_change_final and cka_final are measured against; "
+                          "add one of them to --metrics")
     if not asked:
-        if reference is not None:
-            raise ConfigError(f"--reference {reference} is what weight_change_final and cka_final are measured "
-                              "against; add one of them to --metrics")
         return None
     line = [c for c in checkpoints if c.weights is not None and c.duplicate_of is None]
     sides = sorted({c.revision.branch for c in line} - {None})
@@ -122,6 +122,8 @@ class Dynamics:
         self._held: list[Checkpoint] = []
         self._pinned: list[Checkpoint] = []
         self._lock = threading.Lock()
+        self._io = threading.Lock()
+        self._closed = False
         self.norms: dict[str, dict[str, float]] = {}
         """Weights -> each output's `self_norm`, computed once."""
         self.coming: set[str] = set()
@@ -129,26 +131,36 @@ class Dynamics:
         self.waiting: tuple[Checkpoint, tuple] | None = None
 
     def close(self) -> None:
-        """Release what was fetched and held for the scan, and the outputs kept on disk (unless `lasting`)."""
-        with self._lock:
-            held, self._held, pinned, self._pinned = self._held, [], self._pinned, []
-        for checkpoint in [*self.fetched, *held, *pinned]:
-            self.source.release(checkpoint)
-        self.fetched = []
+        """Release what was fetched and held for the scan, and the outputs kept on disk (unless `lasting`); a
+        checkpoint the stream releases after this is released at once."""
+        with self._io:
+            self._closed = True
+            for checkpoint in [*self.fetched, *self._held, *self._pinned]:
+                self._drop(checkpoint)
+            self.fetched, self._held, self._pinned = [], [], []
         if not self.lasting:
             shutil.rmtree(self.folder, ignore_errors=True)
 
+    def _drop(self, checkpoint: Checkpoint) -> None:
+        """Release a checkpoint's files (under `_io`): later uses fetch them again."""
+        self.paths.pop(checkpoint.revision.name, None)
+        self.source.release(checkpoint)
+
     def release(self, checkpoint: Checkpoint) -> None:
         """For the stream, in place of `source.release`: the reference stays fetched until `close`, and each other
-        checkpoint until the next one is released (the next is measured against it)."""
-        with self._lock:
-            if checkpoint.weights == self.plan.reference.weights:
+        checkpoint until the next one is released (the next is measured against it). Fetches and releases of the
+        scan's files happen one at a time (see `files_of`), so that an eviction never races a download that could
+        share a blob."""
+        with self._io:
+            if self._closed:
+                self._drop(checkpoint)
+            elif checkpoint.weights == self.plan.reference.weights:
                 self._pinned.append(checkpoint)
-                return
-            self._held.append(checkpoint)
-            earlier, self._held = self._held[:-1], self._held[-1:]
-        for done in earlier:
-            self.source.release(done)
+            else:
+                self._held.append(checkpoint)
+                earlier, self._held = self._held[:-1], self._held[-1:]
+                for done in earlier:
+                    self._drop(done)
 
     def handed(self, checkpoint: Checkpoint) -> None:
         """A checkpoint the stream fetched: its files are where later checkpoints find them."""
@@ -163,25 +175,30 @@ class Dynamics:
         return checkpoint.weights, self.calibration.id, dtype_name(self.dtype)
 
     def files_of(self, checkpoint: Checkpoint) -> Path:
-        """Where a checkpoint's files are: fetched by the stream, local, or fetched now (and released at `close`)."""
-        if (path := self.paths.get(checkpoint.revision.name)) is not None:
-            return path
-        if checkpoint.path is None:
-            fetched = self.source.fetch(checkpoint)
-            self.fetched.append(fetched)
-            checkpoint = fetched
-        self.paths[checkpoint.revision.name] = checkpoint.path
-        return checkpoint.path
+        """Where a checkpoint's files are: fetched by the stream, local, or fetched now. What is fetched here stays
+        until the next fetch here (the reference's until `close`). Raises `SourceError` where a local checkpoint's
+        files are no longer those it was listed with."""
+        with self._io:
+            path = self.paths.get(checkpoint.revision.name)
+            if path is None and checkpoint.path is None:
+                for done in [c for c in self.fetched if c.weights != self.plan.reference.weights]:
+                    self.fetched.remove(done)
+                    self._drop(done)
+                fetched = self.source.fetch(checkpoint)
+                self.fetched.append(fetched)
+                path = fetched.path
+            path = path or checkpoint.path
+            self.paths[checkpoint.revision.name] = path
+        if identified_now(replace(checkpoint, path=path)).weights != checkpoint.weights:
+            raise changed_error(checkpoint, "measured against")
+        return path
 
     def outputs_of(self, checkpoint: Checkpoint) -> Path:
         """The saved outputs of a checkpoint, made now by a pass of its model where none are saved."""
         with _lasting_lock if self.lasting else self._lock:
             if (path := self.saved.get(self._key(checkpoint))) is not None:
                 return path
-        at_load = identified_now(replace(checkpoint, path=self.files_of(checkpoint)))
-        if at_load.weights != checkpoint.weights:
-            raise changed_error(checkpoint, "measured against")
-        model = load_model(at_load.path, self.device, self.dtype, self.config.trust_remote_code, self.config.device_map)
+        model = load_model(self.files_of(checkpoint), self.device, self.dtype, self.config.trust_remote_code, self.config.device_map)
         sample = OutputSample(self.calibration, len(structure(model)[1]))
         label = f"{checkpoint.revision.name} (outputs)" if self.config.progress else False
         score(model, self.calibration, self.config.batch_size, progress=label, sample=sample)
