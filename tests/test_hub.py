@@ -223,6 +223,13 @@ def test_an_olmo2_style_run_with_ingredients(hub, suite_files, tmp_path, capsys)
     assert stored == [("stage1-step200-tokens2B", 2 * 10**9, None), ("stage2-ingredient2-step10-tokens1B", 3 * 10**9, "ingredient2")]
     assert main(["revisions", repo, "--branch", "ingredient9"]) == 2
     assert "no branch 'ingredient9'; branches: ingredient1, ingredient2" in capsys.readouterr().err
+    # The training dynamics follow one line: both ingredients at once is one line that says how to choose.
+    both = "stage2-ingredient1-step10-tokens1B,stage2-ingredient2-step10-tokens1B"
+    assert main(["scan", repo, "--revisions", both, "--metrics", "cka_final", "--store", str(tmp_path / "d"),
+                 "--cache-dir", str(tmp_path / "c"), *SMALL]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "ingredient1, ingredient2" in err and "--branch" in err
+    assert not (tmp_path / "d" / "scores").exists()
     # The whole run scanned, the report draws the trunk and each ingredient from the checkpoint it forks from.
     assert main(["scan", repo, "--store", str(tmp_path / "s"), "--cache-dir", str(tmp_path / "c"), *SMALL]) == 0
     assert main(["report", "--store", str(tmp_path / "s"), "--out", str(tmp_path / "r")]) == 0
