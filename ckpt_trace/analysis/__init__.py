@@ -1,7 +1,8 @@
 """Analysis: statistics, findings, figures and the report, from the store's tables.
 
 Takes polars frames read from the store; hands on frames of statistics (`statistics`), verdicts on
-the papers' claims (`findings`), training dynamics against a reference checkpoint and finding (e)
+the papers' claims (`findings`, with finding (c) in `payoff` and what every finding is made of in
+`verdicts`), training dynamics against a reference checkpoint and finding (e)
 (`dynamics`), matplotlib figures (`plots`), and the Markdown and HTML report (`report`, rendered by
 `render` with its templates).
 

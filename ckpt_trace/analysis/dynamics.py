@@ -15,7 +15,7 @@ import polars as pl
 from matplotlib.figure import Figure
 
 from . import plots
-from .findings import FAILS, HOLDS, OPEN, Finding, checkpoint_name, scored_on
+from .verdicts import FAILS, HOLDS, OPEN, Finding, checkpoint_name, scored_on
 from .statistics import drop_set_overlap, most_covering
 
 DYNAMICS = ("weight_norm", "weight_change_final", "weight_change_prev", "cka_final", "cka_prev")
