@@ -139,7 +139,7 @@ def settling(table: pl.DataFrame, unit: str = "step") -> Figure:
         part = dropped.filter((pl.col("module") == module) & pl.col(x).is_not_null() & pl.col(y).is_not_null())
         ax.plot([0, end], [0, end], color="grey", lw=0.8, ls=":")
         ax.plot(part[x].to_numpy(), part[y].to_numpy(), "o", color="tab:blue")
-        for at, since, layers in part.group_by(x, y).agg(pl.col("layer").sort()).rows():  # one label per point
+        for at, since, layers in part.group_by(x, y).agg(pl.col("layer").sort()).sort(x, y).rows():  # one label per point
             ax.annotate(", ".join(map(str, layers)), (at, since), fontsize=8, xytext=(4, 3), textcoords="offset points")
         never = dropped.filter((pl.col("module") == module) & (pl.col("relation") == "never settled"))["layer"].to_list()
         if never:
