@@ -300,6 +300,7 @@ def curves(**values):
     option(EvalConfig, "num_fewshot", type=click.IntRange(min=0)),
     option(EvalConfig, "limit"),
     option(EvalConfig, "perplexity"),
+    option(EvalConfig, "position_loss"),
     option(EvalConfig, "perplexity_data"),
     option(EvalConfig, "speed"),
 )

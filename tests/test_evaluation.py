@@ -39,6 +39,44 @@ def test_perplexity_equals_a_direct_computation():
     assert ppl == pytest.approx(math.exp(total / count), rel=1e-6)
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt_neox", "gemma2"])
+def test_loss_by_position_equals_a_direct_computation(family):
+    from ckpt_trace.scoring.loss import position_buckets, position_losses
+
+    assert position_buckets(70) == [(1, 1), (2, 4), (5, 16), (17, 64), (65, 69)]
+    assert position_buckets(257) == [(1, 1), (2, 4), (5, 16), (17, 64), (65, 256)]
+    model = make_model(family)
+    lengths = [40, 5, 23, 17]
+    seqs = [ids[:n] for ids, n in zip(random_ids(4, 40, seed=9), lengths)]
+    found = position_losses(model, CalibrationSet.from_ids(seqs), batch_size=3)
+    sums: dict[tuple[int, int], list[float]] = {}
+    for seq in seqs:  # one sequence at a time, no padding, float64 log-softmax; position p predicts token p + 1
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=torch.tensor([seq])).logits[0].double(), dim=-1)
+        for p in range(1, len(seq)):
+            bucket = next(b for b in position_buckets(40) if b[0] <= p <= b[1])
+            sums.setdefault(bucket, []).append(-logp[p - 1, seq[p]].item())
+    expected = [(low, high, sum(v) / len(v), len(v)) for (low, high), v in sorted(sums.items())]
+    assert [(low, high, n) for low, high, _, n in found] == [(low, high, n) for low, high, _, n in expected]
+    assert [loss for *_, loss, _ in found] == pytest.approx([loss for *_, loss, _ in expected], rel=1e-5)
+    assert sum(n for *_, n in found) == sum(lengths) - len(lengths)
+
+
+def test_eval_stores_loss_by_position(tmp_path, tokenizer_dir):
+    from conftest import write_jsonl
+
+    folder = save_checkpoint(tmp_path / "m", "llama", tokenizer_dir=tokenizer_dir)
+    data = write_jsonl(tmp_path / "held-out.jsonl", [{"input_ids": ids} for ids in random_ids(3, 30, seed=2)])
+    assert main(["eval", str(folder), "--position-loss", "--perplexity-data", str(data), "--store",
+                 str(tmp_path / "s"), "--device", "cpu"]) == 0
+    rows = Store(tmp_path / "s").evals().sort("metric")
+    assert set(rows["task"]) == {"position_loss"}
+    assert rows["metric"].to_list() == ["positions 1-1", "positions 17-29", "positions 2-4", "positions 5-16"]
+    assert dict(zip(rows["metric"], rows["n"])) == {"positions 1-1": 3, "positions 2-4": 9, "positions 5-16": 36,
+                                                    "positions 17-29": 39}
+    assert rows["value"].is_finite().all() and rows["data"].n_unique() == 1
+
+
 def direct_choice_accuracy(model, tokenizer) -> tuple[float, float]:
     """Pick the choice with the highest log-likelihood after the prompt, item by item."""
     correct = correct_norm = 0

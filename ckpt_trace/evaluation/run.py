@@ -24,7 +24,7 @@ import polars as pl
 
 from ..errors import ConfigError, SourceError
 from ..fetch.sources import single_checkpoint
-from ..scoring.loss import perplexity, perplexity_set
+from ..scoring.loss import perplexity, perplexity_set, position_losses
 from ..scoring.options import ScoringOptions
 from ..store import EVALS_SCHEMA, VERSION
 from .harness import run_tasks
@@ -71,6 +71,9 @@ class EvalConfig(ScoringOptions):
     perplexity_data: str | None = None
     """Any calibration spec, pre-tokenized jsonl included; None: the documents a micro suite held out from training,
     else blocks of the calibration text that the calibration set does not take."""
+    position_loss: bool = False
+    """Measure the mean next-token loss by position (buckets 1, 2-4, 5-16, 17-64, ... up to the model's context) on the
+    perplexity text: how much a pruned model loses at long range against short."""
     speed: bool = False
     """Measure prefill latency, decode throughput, peak memory and KV-cache bytes."""
     prompt_tokens: int = 128
@@ -82,7 +85,7 @@ class EvalConfig(ScoringOptions):
         super().__post_init__()
         if self.limit is not None and self.limit < 1:
             raise ConfigError(f"--limit {self.limit} leaves no item to evaluate; give 1 or more, or leave it out")
-        if self.tasks is None and not (self.perplexity or self.speed):
+        if self.tasks is None and not (self.perplexity or self.position_loss or self.speed):
             self.tasks = ["paper"]
 
 
@@ -106,11 +109,16 @@ def evaluate(config: EvalConfig) -> pl.DataFrame:
         model = load_model(model_dir, device, dtype, config.trust_remote_code, config.device_map)
         tokenizer = load_tokenizer(model_dir)
         rows = []
-        if config.perplexity:
+        if config.perplexity or config.position_loss:
             data = perplexity_set(model_dir, model, tokenizer, config.calibration, config.perplexity_data)
+        if config.perplexity:
             ppl, n = perplexity(model, data, config.batch_size)
             rows.append({"task": "perplexity", "metric": "perplexity", "value": ppl, "n": n, "num_fewshot": None,
                          "data": data.id})
+        if config.position_loss:
+            rows += [{"task": "position_loss", "metric": f"positions {low}-{high}", "value": loss, "n": n,
+                      "num_fewshot": None, "data": data.id}
+                     for low, high, loss, n in position_losses(model, data, config.batch_size)]
         if config.speed:
             for metric, value in measure_speed(model, config.prompt_tokens, config.new_tokens).items():
                 rows.append({"task": "speed", "metric": metric, "value": value, "n": None, "num_fewshot": None})

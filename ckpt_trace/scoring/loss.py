@@ -96,6 +96,40 @@ class LossSums:
         return self.total / self.count
 
 
+def position_buckets(length: int) -> list[tuple[int, int]]:
+    """The position buckets of sequences of `length` tokens: (first, last) of 1, 2-4, 5-16, 17-64, ... (each up to
+    the next power of 4), the last one ending at the last position that predicts a token, `length` - 1."""
+    buckets, low, high = [], 1, 1
+    while low <= length - 1:
+        buckets.append((low, min(high, length - 1)))
+        low, high = high + 1, high * 4
+    return buckets
+
+
+@torch.inference_mode()
+def position_losses(model, data: CalibrationSet, batch_size: int = 8) -> list[tuple[int, int, float, int]]:
+    """The mean next-token loss (nats) by position: for each bucket of `position_buckets`, (first, last, mean loss,
+    tokens) over the predicted tokens whose context is that many tokens long (position p predicts token p + 1).
+    Buckets that no token reaches are left out."""
+    device = model_device(model)
+    data.check_vocab(model.get_input_embeddings().num_embeddings)
+    buckets = position_buckets(data.max_len)
+    edges = torch.tensor([high for _, high in buckets], device=device)
+    sums = torch.zeros(len(buckets), dtype=torch.float64, device=device)
+    counts = torch.zeros(len(buckets), dtype=torch.int64, device=device)
+    for ids, mask in data.batches(batch_size):
+        ids, mask = ids.to(device), mask.to(device)
+        nll = next_token_losses(model, ids, mask)  # [B, T - 1], 0 where the target is padding
+        # Right padding: column j predicts from j + 1 tokens in every row.
+        which = torch.bucketize(torch.arange(1, ids.shape[1], device=device), edges)
+        sums.index_add_(0, which, nll.sum(dim=0, dtype=torch.float64))
+        counts.index_add_(0, which, mask[:, 1:].sum(dim=0))
+    if int(counts.sum()) == 0:
+        raise CalibrationError(f"data {data.source!r} has no token to predict: every sequence needs 2 tokens or more")
+    return [(low, high, float(total / n), int(n)) for (low, high), total, n in zip(buckets, sums.cpu(), counts.cpu())
+            if n > 0]
+
+
 def ablation_losses(model: nn.Module, calibration: CalibrationSet, batch_size: int = 8,
                     progress: bool | str = False) -> pl.DataFrame:
     """`ablation_loss` of every layer and module: the mean next-token loss (nats per predicted token, every
