@@ -245,20 +245,16 @@ class Store:
         name = "_".join(path_part(str(p)).replace("_", "%5F") for p in parts)  # "_" only between the parts
         return self.root / "scores" / path_part(key.model) / path_part(key.revision) / f"{name}.parquet"
 
-    def has_scores(self, key: ScoreKey, metrics: tuple[str, ...] = METRICS, against: dict[str, str] | None = None) -> bool:
-        """Whether whole scores of exactly this key, with these metrics (see `read_scores`), are stored: a file that is
-        missing, unreadable, of another key, or short of rows (layers 0 .. its last x modules x metrics) counts as not."""
-        return self.read_scores(key, metrics, against) is not None
+    def has_scores(self, key: ScoreKey, metrics: tuple[str, ...] = METRICS) -> bool:
+        """Whether whole scores of exactly this key, with these metrics, are stored: a file that is missing,
+        unreadable, of another key, or short of rows (layers 0 .. its last x modules x metrics) counts as not."""
+        return self.read_scores(key, metrics) is not None
 
-    def read_scores(self, key: ScoreKey, metrics: tuple[str, ...] = METRICS,
-                    against: dict[str, str] | None = None) -> pl.DataFrame | None:
-        """The whole scores stored under exactly this key, holding every one of `metrics`, each metric named in
-        `against` measured against the checkpoint of those weights (`reference_weights`), or None (see `has_scores`)."""
+    def read_scores(self, key: ScoreKey, metrics: tuple[str, ...] = METRICS) -> pl.DataFrame | None:
+        """The whole scores stored under exactly this key, holding every one of `metrics`, or None (see `has_scores`);
+        a metric measured against another checkpoint may be stored against several (see `reference_weights`)."""
         frame = self._read_scores(self.scores_path(key), key)
-        if frame is None or not set(metrics) <= set(frame["metric"]):
-            return None
-        pairs = set(frame.select("metric", "reference_weights").iter_rows())
-        return frame if all(pair in pairs for pair in (against or {}).items()) else None
+        return frame if frame is not None and set(metrics) <= set(frame["metric"]) else None
 
     def _read_scores(self, path: Path, key: ScoreKey | None = None) -> pl.DataFrame | None:
         """A scores file that is whole: one key; for every layer from 0 to its last, every module and each of the

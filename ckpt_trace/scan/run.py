@@ -115,12 +115,11 @@ def why_score(store: Store, key: ScoreKey, force: bool, metrics: tuple[str, ...]
     `against` measured against that checkpoint), are stored."""
     if force:
         return "--force"
-    fingerprints = {m: c.weights for m, c in (against or {}).items()}
-    if store.has_scores(key, metrics, fingerprints):
-        return None
-    if store.has_scores(key, metrics):
-        stored = store.read_scores(key, metrics).select("metric", "reference_weights").unique()
-        other = [m for m, w in fingerprints.items() if (m, w) not in set(stored.iter_rows())]
+    if (stored := store.read_scores(key, metrics)) is not None:
+        pairs = set(stored.select("metric", "reference_weights").iter_rows())
+        other = [m for m, c in (against or {}).items() if (m, c.weights) not in pairs]
+        if not other:
+            return None
         return f"the stored {', '.join(other)} are measured against other checkpoints than " + \
             ", ".join(sorted({against[m].revision.name for m in other}))
     if store.has_scores(key):
