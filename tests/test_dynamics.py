@@ -354,3 +354,13 @@ def test_a_reference_rewritten_during_the_scan_is_never_measured_against(tmp_pat
     # The reference itself changed while it was scored: tried again, it is no longer what was listed.
     assert dict(zip(runs["revision"], runs["status"])) == {"step0": "failed", "step10": "failed", "step20": "failed"}
     assert Store(tmp_path / "s").scores().height == 0
+
+
+def test_only_the_prev_metrics_leave_the_first_checkpoint_with_none_of_them(tmp_path, tokenizer_dir):
+    root = suite(tmp_path, tokenizer_dir)
+    args = ["scan", str(root), "--store", str(tmp_path / "s"), "--calibration", str(calibration_file(tmp_path)),
+            "--device", "cpu", "--metrics", "cka_prev"]
+    assert main(args) == 0
+    rows = Store(tmp_path / "s").scores().filter(pl.col("metric") == "cka_prev")
+    assert sorted(set(rows["revision"])) == ["step10", "step20"]
+    assert dict(rows.select("revision", "reference").unique().rows()) == {"step10": "step0", "step20": "step10"}

@@ -29,7 +29,7 @@ from ..calibration.sets import CalibrationSet
 from ..errors import ConfigError, SelectionError
 from ..fetch.sources import Checkpoint, changed_error, identified_now
 from ..model.loading import dtype_name, load_model
-from ..scoring.metrics import CKA_METRICS, DYNAMICS, WEIGHT_METRICS, score
+from ..scoring.metrics import CKA_METRICS, DYNAMICS, SCORE_SCHEMA, WEIGHT_METRICS, score
 from ..scoring.representations import OutputSample, cka_frame, save_outputs
 from ..scoring.weights import structure, weight_metrics
 
@@ -227,17 +227,9 @@ class Dynamics:
         from safetensors.torch import load_file
 
         self.waiting = None
-        frames = []
-        if "weight_change_prev" in self.plan.metrics:
-            frame_ = weight_metrics(self.files_of(checkpoint), shape, previous=self.files_of(previous))
-            frames.append(frame_.filter(pl.col("metric") == "weight_change_prev"))
-        if "cka_prev" in self.plan.metrics:
-            outputs = load_file(self.outputs_of(checkpoint), device=str(self.device))
-            frames.append(cka_frame(outputs, {"cka_prev": self.outputs_of(previous)},
-                                    self.norms.setdefault(checkpoint.weights, {}),
-                                    {"cka_prev": self.norms.setdefault(previous.weights, {})}))
-        extra = pl.concat(frames).with_columns(reference=pl.lit(previous.revision.name),
-                                               reference_weights=pl.lit(previous.weights))
+        against = {m: c for m, c in self.plan.against(checkpoint).items() if m in PREVIOUS}
+        outputs = load_file(self.outputs_of(checkpoint), device=str(self.device)) if self.samples else None
+        extra = self._measured(checkpoint, self.files_of(checkpoint), shape, outputs, tuple(against), against)
         first = frame.row(0, named=True)
         extra = extra.with_columns(pl.lit(first[c], frame.schema[c]).alias(c)
                                    for c in frame.columns if c not in extra.columns)
@@ -253,28 +245,36 @@ class Dynamics:
         self.paths[checkpoint.revision.name] = checkpoint.path
         self.coming.discard(checkpoint.revision.name)
         outputs = sample.tensors() if sample is not None else None
+        shape = structure(model)
         against = self.plan.against(checkpoint)
+        metrics = self.plan.metrics
         previous = next((c for m, c in against.items() if m in PREVIOUS), None)
         if (checkpoint.weights == self.plan.reference.weights and previous is not None
                 and previous.revision.name in self.coming):
             # The reference is scored first: its `_prev` rows wait for the checkpoint before it (see `complete`).
-            against = {m: c for m, c in against.items() if m not in PREVIOUS}
-            self.waiting = (checkpoint, structure(model))
+            metrics = tuple(m for m in metrics if m not in PREVIOUS)
+            self.waiting = (checkpoint, shape)
+        frame = self._measured(checkpoint, checkpoint.path, shape, outputs, metrics, against)
+        if outputs is not None and self.plan.kept(checkpoint):  # once those it is measured against are read
+            self._save(checkpoint, outputs)
+        return frame
+
+    def _measured(self, checkpoint: Checkpoint, path: Path, shape: tuple, outputs: dict[str, torch.Tensor] | None,
+                  metrics: tuple[str, ...], against: dict[str, Checkpoint]) -> pl.DataFrame:
+        """`metrics` of a checkpoint (its files at `path`, its outputs), each `_final` and `_prev` one measured against
+        its checkpoint in `against`, with that checkpoint's revision and weights."""
+        against = {m: c for m, c in against.items() if m in metrics}
         frames = []
-        if weights := [m for m in self.plan.metrics if m in WEIGHT_METRICS]:
+        if weights := [m for m in metrics if m in WEIGHT_METRICS]:
             final, previous = against.get("weight_change_final"), against.get("weight_change_prev")
-            frame = weight_metrics(checkpoint.path, structure(model), final and self.files_of(final),
-                                   previous and self.files_of(previous))
+            frame = weight_metrics(path, shape, final and self.files_of(final), previous and self.files_of(previous))
             frames.append(frame.filter(pl.col("metric").is_in(weights)))
         if cka := {m: c for m, c in against.items() if m in CKA_METRICS}:  # the reference's against its own outputs
             others = {m: outputs if c.weights == checkpoint.weights else self.outputs_of(c) for m, c in cka.items()}
             frames.append(cka_frame(outputs, others, self.norms.setdefault(checkpoint.weights, {}),
                                     {m: self.norms.setdefault(c.weights, {}) for m, c in cka.items()}))
-        if outputs is not None and self.plan.kept(checkpoint):  # once those it is measured against are read
-            self._save(checkpoint, outputs)
-        frame = pl.concat(frames)
         names = {m: c.revision.name for m, c in against.items()}
         fingerprints = {m: c.weights for m, c in against.items()}
-        return frame.with_columns(
+        return pl.concat([pl.DataFrame(schema=SCORE_SCHEMA), *frames]).with_columns(
             reference=pl.col("metric").replace_strict(names, default=None, return_dtype=pl.String),
             reference_weights=pl.col("metric").replace_strict(fingerprints, default=None, return_dtype=pl.String))
