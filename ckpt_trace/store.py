@@ -116,6 +116,7 @@ EVALS_SCHEMA: dict[str, pl.DataType] = {
     "source_model": pl.String,
     "revision": pl.String,
     "pruning": pl.String,
+    "healed": pl.String,  # how a pruned model was healed (`ckpt-trace heal`); null for a model not healed
     "weights": pl.String,  # fingerprint of the evaluated model's weight files
     "source_weights": pl.String,  # of the unpruned model's: an original's own, a pruned model's manifest's
     "task": pl.String,
@@ -139,6 +140,7 @@ CURVES_SCHEMA: dict[str, pl.DataType] = {
     "target": pl.String,
     "k": pl.Int32,
     "strategy": pl.String,
+    "healed": pl.String,  # how the `healed` strategy's drop sets were healed; null for the other strategies
     "seed": pl.Int32,
     "dropped": pl.String,
     "perplexity": pl.Float64,
@@ -176,7 +178,7 @@ REQUIRED = {
 (columns added since read as null in older files)."""
 
 
-RECORDED_SINCE = ("source", "calibration_source", "reference", "reference_weights")
+RECORDED_SINCE = ("source", "calibration_source", "reference", "reference_weights", "healed")
 """Columns a frame written from Python may lack (null then), as older files do."""
 
 _WHOLE_SCORES = (*REQUIRED["scores"], "commit", "weights", "step", "tokens", "branch", "n_tokens", "calibration",

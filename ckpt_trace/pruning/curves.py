@@ -128,7 +128,7 @@ def summary(frame: pl.DataFrame) -> pl.DataFrame:
         random_max=pl.col("perplexity").max(), seeds=pl.len())
     intact = frame.filter(pl.col("strategy") == INTACT).select("target", original=pl.col("perplexity"))
     table = fixed.join(spread, on=["target", "k"], how="left").join(intact, on="target")
-    columns = [c for c in ("target", "k", "original", "similarity", "oracle", "last", "random", "random_min",
+    columns = [c for c in ("target", "k", "original", "similarity", "healed", "oracle", "last", "random", "random_min",
                            "random_max", "seeds") if c in table.columns]
     order = pl.col("target").replace_strict({t: i for i, t in enumerate(TARGETS)}, default=len(TARGETS))
     return table.sort(order, "k").select(columns)
