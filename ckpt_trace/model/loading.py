@@ -11,6 +11,7 @@ import torch
 from ..errors import ConfigError, SourceError, one_line
 from ..paths import json_object
 from .adapters import adapter_for_type
+from .portable import stock_config, stock_type
 from .surgery import drop_modules_, layer_list, module_prefixes, pruned_record
 
 DEVICES = "auto, cpu, cuda or cuda:N"
@@ -96,17 +97,19 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", dtyp
     import transformers
     from transformers import AutoModelForCausalLM
 
-    config = read_config(path)
-    adapter = adapter_for_type(config.get("model_type"))
-    record = pruned_record(config)
+    raw = read_config(path)
+    adapter = adapter_for_type(stock_type(raw))
+    record = pruned_record(raw)
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # what transformers would warn of is checked, and raised, below
     try:
-        model_class = _dropping_class(path, record, trust_remote_code) if any(record.values()) else None
+        config = stock_config(path, raw, trust_remote_code)
+        model_class = _dropping_class(config, record, trust_remote_code) if any(record.values()) else None
         mapped = _mapped_safely(path)
         # weights_only: .bin files go through torch's restricted unpickler, which runs no code.
         model, info = (model_class or AutoModelForCausalLM).from_pretrained(
-            path, dtype=dtype, trust_remote_code=trust_remote_code, weights_only=True, output_loading_info=True,
+            path, config=config, dtype=dtype, trust_remote_code=trust_remote_code, weights_only=True,
+            output_loading_info=True,
             device_map=device_map if device_map is not None else str(torch.device(device)),
             disable_mmap=not mapped,
         )
@@ -156,15 +159,13 @@ def _unmap_(model: torch.nn.Module) -> None:
                 tensor.data = tensor.data.clone()
 
 
-def _dropping_class(path: str | os.PathLike, record: dict[str, list[int]], trust_remote_code: bool):
-    """The model class of the checkpoint in `path`, made to drop the recorded attention and MLP layers as it is
+def _dropping_class(config, record: dict[str, list[int]], trust_remote_code: bool):
+    """The model class of a checkpoint's `config`, made to drop the recorded attention and MLP layers as it is
     built: transformers builds a model on the meta device before it reads any weight, so the dropped modules are
     never allocated, never initialized and never placed by a device map. None where the class comes with the
     checkpoint's own code (the model is then loaded whole and its modules dropped after)."""
-    from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     remote = trust_remote_code and "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {})
     if remote or type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
         return None

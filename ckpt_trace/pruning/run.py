@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from ..model.adapters import locate
+from ..model.portable import save
 from ..model.surgery import apply_, pruned_record
 from ..paths import json_object, staged_folder, unmakeable
 from ..scoring.metrics import score
@@ -116,7 +117,7 @@ def prune(config: PruneConfig) -> Path:
         }
         out = Path(config.out)
         with staged_folder(out) as staging:  # an empty `out` (checked above) is replaced
-            model.save_pretrained(staging)
+            save(model, staging)
             tokenizer = load_tokenizer(at.path)
             if tokenizer is not None:
                 tokenizer.save_pretrained(staging)

@@ -16,6 +16,7 @@ from ..calibration.sets import CalibrationSet, CalibrationSpec, fit_seq_len
 from ..errors import CalibrationError, ConfigError
 from ..fetch.sources import Checkpoint, changed_error, changed_since, identified_now, open_source
 from ..model.adapters import adapter_for_type
+from ..model.portable import stock_type
 from ..model.loading import (
     dtype_name,
     load_model,
@@ -103,7 +104,7 @@ def loaded(options: ScoringOptions, source: str | os.PathLike, revision: str | N
 def build_calibration(model_dir, spec: CalibrationSpec) -> CalibrationSet:
     """The scan's one calibration set, tokenized by (and checked against) the model in `model_dir`."""
     config = read_config(model_dir)
-    adapter_for_type(config.get("model_type"))
+    adapter_for_type(stock_type(config))
     limit = max_positions(config)
     spec = fit_seq_len(spec, limit)
     calibration = load_calibration(spec, load_tokenizer(model_dir))
