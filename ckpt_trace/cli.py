@@ -239,14 +239,16 @@ def revisions(source, revisions, branch, cache_dir):
     option(PruneConfig, "strategy", type=click.Choice(STRATEGIES)),
     option(PruneConfig, "out"),
     option(PruneConfig, "random_seed"),
+    option(PruneConfig, "push_to_hub"),
 )
 @CALIBRATION
 @loading()
 def prune(**values):
     """Drop attention layers, MLP layers, whole blocks, or both kinds jointly, and save the pruned model.
 
-    A block-dropped model loads with plain transformers; an attention- or MLP-dropped one
-    with every ckpt-trace command (and ckpt_trace.load_pruned in Python).
+    The folder is ready to ship: a block-dropped model is a plain one of its family; an
+    attention- or MLP-dropped one carries the code that builds it, which plain transformers
+    runs with trust_remote_code=True. Its README.md is a model card.
     """
     from .pruning.run import manifest
     from .pruning.run import prune as run_prune
@@ -262,6 +264,8 @@ def prune(**values):
         dropped = ", ".join(f"{kind} {layers}" for kind, layers in record["dropped"].items() if layers)
         click.echo(f"dropped in all, in the original layer numbering: {dropped}")
     click.echo(f"parameters {record['parameters_before']:,} -> {record['parameters_after']:,}; saved to {out}")
+    if values["push_to_hub"]:
+        click.echo(f"pushed to {values['push_to_hub']}")
 
 
 @cli.command(short_help="Perplexity against the number of modules dropped.")

@@ -36,6 +36,10 @@ class StoreError(CkptTraceError, OSError):
     """The store directory cannot be used as one."""
 
 
+class PushError(CkptTraceError, OSError):
+    """The Hub refused a push: no token, no rights, or a repo id it does not take."""
+
+
 REVISION_ERRORS = (CkptTraceError, OSError, RuntimeError)
 """What scoring one revision may fail with for a reason of its own (bad weights, a download, out of memory): a scan
 records it and, with --keep-going, goes on; anything else is a bug that stops the scan."""

@@ -139,3 +139,111 @@ def test_folder_code_is_never_run_by_ckpt_trace(family, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(after(input_ids=ids).logits, before(input_ids=ids).logits, atol=0, rtol=0)
     assert after.config.model_type == family and not hasattr(after.config, "auto_map")
+
+
+@pytest.fixture
+def loopback(monkeypatch):
+    """A loopback Hub, empty, with the client pointed at it."""
+    from huggingface_hub import constants
+
+    from ckpt_trace.testing.loopback_hub import LoopbackHub
+
+    with LoopbackHub() as server:
+        monkeypatch.setattr(constants, "ENDPOINT", server.url)
+        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE",
+                            server.url + "/{repo_id}/resolve/{revision}/{filename}")
+        yield server
+
+
+def test_prune_pushes_a_folder_that_loads_from_the_hub(loopback, tmp_path, tokenizer_dir, capsys):
+    from huggingface_hub import snapshot_download
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ckpt_trace.cli import main
+
+    source = save_checkpoint(tmp_path / "source", "qwen3", seed=5, tokenizer_dir=tokenizer_dir)
+    out = tmp_path / "pruned"
+    code = main(["prune", str(source), "--target", "mlp", "--drop", "1", "--strategy", "last", "--out", str(out),
+                 "--push-to-hub", "me/qwen3-mlp", "--store", str(tmp_path / "s"), "--device", "cpu"])
+    assert code == 0, capsys.readouterr().err
+    assert "pushed to me/qwen3-mlp" in capsys.readouterr().out
+    repo = loopback.repos["me/qwen3-mlp"]
+    pushed = repo.commits[repo.branches["main"]]
+    local = {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert pushed == local and {"README.md", CODE_FILE, "config.json", MANIFEST} <= set(pushed)
+    card = pushed["README.md"].decode()
+    assert "mlp [1] dropped" in card and "trust_remote_code=True" in card and "- ckpt-trace" in card
+
+    # Anyone downloads it with the real client and loads it with plain transformers.
+    folder = snapshot_download("me/qwen3-mlp", cache_dir=tmp_path / "hf-cache")
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
+    ids = torch.tensor([tokenizer("def f(x): return x").input_ids])
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, load_pruned(out)(input_ids=ids).logits, atol=1e-5,
+                                   rtol=0)
+
+    # Pushed again (a second model into the same repo): a new commit on top of the first.
+    again = tmp_path / "again"
+    assert main(["prune", str(source), "--target", "attention", "--drop", "1", "--strategy", "last", "--out",
+                 str(again), "--push-to-hub", "me/qwen3-mlp", "--store", str(tmp_path / "s"), "--device", "cpu"]) == 0
+    assert repo.commits[repo.branches["main"]]["README.md"] == (again / "README.md").read_bytes() != pushed["README.md"]
+
+
+def test_push_refused_or_misnamed(loopback, tmp_path, capsys):
+    from ckpt_trace.cli import main
+
+    source = save_checkpoint(tmp_path / "source", "llama", seed=5)
+    capsys.readouterr()
+    args = ["prune", str(source), "--target", "mlp", "--drop", "1", "--strategy", "last", "--store",
+            str(tmp_path / "s"), "--device", "cpu"]
+    # A repo id the Hub does not take: one line before any work, nothing made.
+    code = main([*args, "--out", str(tmp_path / "a"), "--push-to-hub", "me/bad name"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "--push-to-hub 'me/bad name' is no Hub repo id" in err[0], err
+    assert not (tmp_path / "a").exists() and not loopback.requests("POST")
+    # The Hub refuses: one line, the folder kept whole.
+    loopback.errors["/api/repos/create"] = 1
+    code = main([*args, "--out", str(tmp_path / "b"), "--push-to-hub", "me/refused"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "cannot push" in err[0] and "the folder is kept" in err[0], err
+    assert load_pruned(tmp_path / "b").config.ckpt_trace_pruned == {"attention": [], "mlp": [1]}
+    assert "me/refused" not in loopback.repos
+
+
+def test_model_card_names_the_drop_its_scores_and_the_evaluations(tmp_path, tokenizer_dir, capsys):
+    import polars as pl
+    from conftest import random_ids, write_jsonl
+    from huggingface_hub import ModelCard
+
+    from ckpt_trace.cli import main
+    from ckpt_trace.store import Store
+
+    source = save_checkpoint(tmp_path / "source", "gpt_neox", seed=6, tokenizer_dir=tokenizer_dir)
+    out, store = tmp_path / "pruned", tmp_path / "store"
+    common = ["--store", str(store), "--device", "cpu", "--samples", "4", "--seq-len", "16"]
+    assert main(["prune", str(source), "--target", "attention", "--drop", "1", "--out", str(out), *common]) == 0
+    record = json.loads((out / MANIFEST).read_text())
+    (dropped,) = record["order"]
+    layer = int(dropped.split()[1])
+    card = (out / "README.md").read_text()
+    importance = next(r["value"] for r in record["scores"]
+                      if (r["module"], r["layer"], r["metric"]) == ("attention", layer, "importance"))
+    assert f"| attention | {layer} | {importance:.4g} |" in card and f"attention [{layer}] dropped" in card
+    assert "None stored yet." in card and ModelCard.load(out / "README.md").data.tags == ["ckpt-trace", "pruned",
+                                                                                          "custom_code"]
+
+    # Evaluated (the pruned model first): the card holds both models' perplexity, as stored.
+    data = write_jsonl(tmp_path / "held-out.jsonl", [{"input_ids": ids} for ids in random_ids(3, 30, seed=2)])
+    assert main(["eval", str(out), str(source), "--perplexity", "--perplexity-data", str(data), *common]) == 0
+    evals = Store(store).evals().filter(pl.col("task") == "perplexity")
+    ours = evals.filter(pl.col("pruning").is_not_null())["value"][0]
+    original = evals.filter(pl.col("pruning").is_null())["value"][0]
+    card = (out / "README.md").read_text()
+    assert f"| perplexity | perplexity | {evals['data'][0]} | float32 | {original:.4f} | {ours:.4f} |" in card
+
+    # A card the user rewrote without ckpt-trace's tag is theirs: evaluating again leaves it as it is.
+    (out / "README.md").write_text("---\ntags:\n- mine\n---\n# My model\n")
+    assert main(["eval", str(out), "--perplexity", "--perplexity-data", str(data), *common]) == 0
+    assert (out / "README.md").read_text() == "---\ntags:\n- mine\n---\n# My model\n"
+    capsys.readouterr()

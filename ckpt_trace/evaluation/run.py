@@ -136,4 +136,18 @@ def evaluate(config: EvalConfig) -> pl.DataFrame:
         store.write_evals(frame)
         frames.append(frame)
         del model
+    _refresh_cards(store, config.models, frames)
     return pl.concat(frames) if frames else pl.DataFrame(schema=EVALS_SCHEMA)
+
+
+def _refresh_cards(store, models: list, frames: list[pl.DataFrame]) -> None:
+    """Write again the model card of each pruned folder evaluated, with every result stored of it and of its source
+    (once all are evaluated, so that an original evaluated after its pruned model is in the card too)."""
+    from ..pruning.card import write_card
+    from ..pruning.run import MANIFEST, manifest
+
+    evals = None
+    for model_dir, frame in zip(map(Path, models), frames):
+        if (model_dir / MANIFEST).is_file() and frame.height:
+            evals = store.evals() if evals is None else evals
+            write_card(model_dir, manifest(model_dir), evals, frame["weights"][0])

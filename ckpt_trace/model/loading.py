@@ -194,6 +194,8 @@ def load_tokenizer(path: str | os.PathLike):
     if not any((Path(path) / name).is_file() for name in names):
         return None
     try:
-        return AutoTokenizer.from_pretrained(path)
+        # A pruned folder's config is read as its family's, so that its own code is never asked for.
+        config = stock_config(path, read_config(path)) if (Path(path) / "config.json").is_file() else None
+        return AutoTokenizer.from_pretrained(path, config=config) if config is not None else AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as err:
         raise SourceError(f"cannot load the tokenizer in {str(path)!r}: {err}") from err

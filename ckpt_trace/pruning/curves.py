@@ -174,6 +174,7 @@ def run_curves(config: CurveConfig) -> pl.DataFrame:
                        progress=config.progress and f"{checkpoint.revision.name}: curves")
         at.check("measured")
     frame = frame.with_columns(
+        *([] if "healed" in frame.columns else [pl.lit(None, pl.String).alias("healed")]),
         model=pl.lit(checkpoint.model), revision=pl.lit(checkpoint.revision.name), source=pl.lit(checkpoint.source),
         weights=pl.lit(checkpoint.weights, pl.String), data=pl.lit(data.id), calibration=pl.lit(calibration.id),
         dtype=pl.lit(dtype_name(dtype)), version=pl.lit(VERSION),

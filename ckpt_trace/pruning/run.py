@@ -16,6 +16,7 @@ from ..paths import json_object, staged_folder, unmakeable
 from ..scoring.metrics import score
 from ..scoring.options import ScoringOptions
 from ..store import VERSION
+from .card import check_repo_id, push, write_card
 from .choice import STRATEGIES, TARGETS, check_drop, choose_iterative, choose_last, choose_random, choose_similarity
 
 MANIFEST = "ckpt_trace_prune.json"
@@ -40,9 +41,14 @@ class PruneConfig(ScoringOptions):
     """Revision to prune; default: the last in training order."""
     random_seed: int = 0
     """Seed of the `random` strategy."""
+    push_to_hub: str | None = None
+    """A Hub model repo (owner/name) to push the pruned folder to, model card included; made where it does not
+    exist (a token with write access is needed: `hf auth login`)."""
 
     def __post_init__(self):
         super().__post_init__()
+        if self.push_to_hub is not None:
+            check_repo_id(self.push_to_hub)
         if self.target not in TARGETS:
             raise ConfigError(f"unknown target {self.target!r}; use one of: {', '.join(TARGETS)}")
         if self.strategy not in STRATEGIES:
@@ -122,8 +128,11 @@ def prune(config: PruneConfig) -> Path:
             if tokenizer is not None:
                 tokenizer.save_pretrained(staging)
             (staging / MANIFEST).write_text(json.dumps(record, indent=2) + "\n")
+            write_card(staging, record, Store(config.store).evals(), name=out.name)
             at.check("pruned")  # nothing is left in `out` then
-        return out
+    if config.push_to_hub:
+        push(out, config.push_to_hub)
+    return out
 
 
 def manifest(path: str | os.PathLike) -> dict:

@@ -3,7 +3,7 @@
 It serves repositories whose files the tests make, through the endpoints that the real
 huggingface_hub client calls, and the datasets library through it: refs, repo and revision
 info, tree listings (a folder level by level, or whole), paths-info, file metadata (HEAD)
-and file downloads with Range. LFS files (``.safetensors``
+and file downloads with Range; and pushes: repo creation and commits of files sent inline. LFS files (``.safetensors``
 and ``.bin``) are redirected to ``localhost`` while the server listens on ``127.0.0.1``,
 which takes the client's CDN path. Every request is logged. Faults can be injected: a
 download cut off half-way, or server errors for the next requests matching a path.
@@ -12,6 +12,7 @@ Downloads can be throttled to a fixed bandwidth shared by all connections.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import threading
@@ -218,14 +219,56 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self):
         self._route()
 
-    def do_POST(self):  # paths-info: the files and folders at the given paths of a revision
-        body = self.rfile.read(int(self.headers.get("Content-Length") or 0)).decode()
-        form = parse_qs(body)
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
         parts = [unquote(p) for p in urlsplit(self.path).path.split("/")[1:]]
+        if self.hub.take_error(self.path):
+            return self._send(500, b'{"error": "injected"}')
+        if parts == ["api", "repos", "create"]:
+            return self._create(json.loads(body))
+        if parts == ["api", "validate-yaml"]:  # a model card's metadata: taken as it is
+            return self._json({"errors": [], "warnings": []})
+        if parts[:1] == ["api"] and len(parts) >= 6 and parts[4] in ("preupload", "commit"):
+            prefix = "" if parts[1] == "models" else f"{parts[1]}/"
+            repo_id, branch = f"{prefix}{parts[2]}/{parts[3]}", "/".join(parts[5:])
+            if repo_id not in self.hub.repos:
+                return self._error("RepoNotFound")
+            if parts[4] == "preupload":  # every file goes inline in the commit
+                files = json.loads(body)["files"]
+                return self._json({"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
+                                             for f in files]})
+            return self._commit_files(repo_id, branch, body)
+        # paths-info: the files and folders at the given paths of a revision
+        form = parse_qs(body.decode())
         if parts[:1] != ["api"] or len(parts) != 6 or parts[4] != "paths-info":
             return self._error("EntryNotFound")
         prefix = "" if parts[1] == "models" else f"{parts[1]}/"
         return self._api(f"{prefix}{parts[2]}/{parts[3]}", "paths-info", [parts[5]], form.get("paths", []))
+
+    def _create(self, payload: dict):
+        """Create an empty repo, as `HfApi.create_repo` asks; 409 where it exists."""
+        repo_id = "/".join(filter(None, (payload.get("organization"), payload["name"])))
+        key = repo_id if payload.get("type", "model") == "model" else f"{payload['type']}s/{repo_id}"
+        url = f"{self.hub.url}/{key}"
+        if key in self.hub.repos:
+            return self._send(409, json.dumps({"error": "You already created this repo", "url": url}).encode())
+        self.hub.repos[key] = Repo()
+        return self._json({"url": url, "name": repo_id})
+
+    def _commit_files(self, repo_id: str, branch: str, body: bytes):
+        """Apply a commit's NDJSON (a header, then files inline in base64 and deletions) on top of the branch."""
+        repo = self.hub.repos[repo_id]
+        files = dict(repo.commits.get(repo.branches.get(branch, ""), {}))
+        for line in body.splitlines():
+            item = json.loads(line)
+            if item["key"] == "file":
+                files[item["value"]["path"]] = base64.b64decode(item["value"]["content"])
+            elif item["key"] == "deletedFile":
+                files.pop(item["value"]["path"], None)
+            elif item["key"] != "header":
+                return self._send(400, json.dumps({"error": f"{item['key']} is not supported here"}).encode())
+        commit = self.hub.add_revision(repo_id, branch, files)
+        return self._json({"commitUrl": f"{self.hub.url}/{repo_id}/commit/{commit}", "commitOid": commit})
 
     def _route(self):
         parts = [unquote(p) for p in urlsplit(self.path).path.split("/")[1:]]
