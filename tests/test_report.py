@@ -310,7 +310,7 @@ def test_the_report_opens_with_findings_for_every_model(tmp_path):
     assert md.index("## Findings") < md.index("## m\n")
     for model in ("m", "n"):
         part = findings.split(f"**{model}**")[1].split("**n**")[0]
-        assert [line[:4] for line in part.strip().splitlines()] == ["- (a", "- (b", "- (c", "- (d"]
+        assert [line[:4] for line in part.strip().splitlines()] == ["- (a", "- (b", "- (c", "- (d", "- (f"]
     # Layers 1 and 3 are the least important attention layers from step 4 on, of steps 0 .. 2000 by step.
     assert "[1, 3] are the least important from step4 on (0% of training by step)" in findings
     assert "(d) importance picks the modules that matter: it ranks them as ablation_loss does: **inconclusive**" in findings

@@ -8,6 +8,11 @@
     loss that removing each module costs, and since when in training.
 (e) A layer becomes redundant once its output has settled: in `ckpt_trace.analysis.dynamics`,
     from the training-dynamics metrics.
+(f) Dropping attention costs more at long range than at short: the excess loss of a model with
+    attention layers dropped, by position, in `ckpt_trace.analysis.positions`.
+
+(a) to (d) are the papers'; (e) and (f) are questions this project adds. The report adds (e) and (f)
+to the four `findings` gives.
 
 Each finding is a verdict (holds, does not hold, inconclusive), by a rule stated in its text,
 with the numbers behind it and what they rest on: the dtype and calibration set of the scores,
@@ -21,6 +26,7 @@ from __future__ import annotations
 import polars as pl
 
 from .payoff import pruning_payoff
+from .positions import long_range_cost  # noqa: F401  (finding (f), beside the others)
 from .statistics import drop_count, drop_set_overlap, drop_set_settled, rank_consistency
 from .verdicts import (
     FAILS,
@@ -177,7 +183,7 @@ def cheap_versus_truth(frame: pl.DataFrame) -> Finding:
                                                     f"{n} modules at {checkpoint_name(final)}", scored_on(frame), rule))
 
 
-def _scanned(frame: pl.DataFrame) -> dict[str, str | None]:
+def weights_by_revision(frame: pl.DataFrame) -> dict[str, str | None]:
     """Each revision's scanned weights (one scan per revision, as `model_scores` gives them)."""
     if "weights" not in frame.columns:
         return {}
@@ -192,4 +198,5 @@ def findings(frame: pl.DataFrame, evals: pl.DataFrame, model: str, curve: pl.Dat
     only where they are of the weights the scores are of."""
     n_layers = frame["layer"].n_unique()
     return [redundancy(frame), persistence(frame),
-            pruning_payoff(evals, model, n_layers, curve, checkpoint, _scanned(frame)), cheap_versus_truth(frame)]
+            pruning_payoff(evals, model, n_layers, curve, checkpoint, weights_by_revision(frame)),
+            cheap_versus_truth(frame)]

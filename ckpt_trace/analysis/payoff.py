@@ -1,5 +1,6 @@
 """Finding (c): dropping half the attention layers costs little quality and speeds decoding (both papers), from the
-model's pruning curve and the evaluations of one pruned model whose source weights are the scanned ones."""
+model's pruning curve and the evaluations of one pruned model whose source weights are the scanned ones; the quality
+that healing (`ckpt-trace heal`) brings back is quoted beside it, never judged."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import math
 
 import polars as pl
 
-from .statistics import pruned_vs_original
+from .statistics import dropped_count, pruned_vs_original
 from .verdicts import FAILS, HOLDS, OPEN, Finding, basis, count, finite, num
 
 KEPT = 0.9
@@ -15,37 +16,30 @@ KEPT = 0.9
 
 EVALUATED = ["model", "path", "weights", "revision", "source_weights", "dtype", "device"]
 """The columns of evals that name one evaluated pruned model, measured alike. Its own weights are among them: a model
-pruned again into the same folder is another model."""
-
-
-def _dropped_attention(pruning: str) -> int | None:
-    """How many attention layers a pruning label (``attention [3, 4, 5] (similarity)``) says were dropped, if only those."""
-    if not pruning.startswith("attention [") or "mlp" in pruning or "block" in pruning:
-        return None
-    return len(pruning.split("[", 1)[1].split("]", 1)[0].split(","))
-
+pruned again into the same folder, or healed into it, is another model."""
 
 _LEFT_OUT = {
     "unknown": "of unknown weights (stored before evaluations recorded them)",
     "unscanned": "of a checkpoint not scanned here",
     "other": "of other weights than the checkpoint's scores here (re-published or retrained since)",
 }
-"""Why an evaluation is not quoted beside the scores, by the `unusable` mark of `_of_scans`."""
+"""Why an evaluation is not quoted beside the scores, by the `unusable` mark of `of_scans`."""
 
 
-def _of_scans(evals: pl.DataFrame, scanned: dict[str, str]) -> pl.DataFrame:
+def of_scans(evals: pl.DataFrame, scanned: dict[str, str]) -> pl.DataFrame:
     """The evaluations, each marked `unusable` with why it cannot stand beside the scores (null where it can): its
     source weights (an original's are its own) unknown, its checkpoint not scanned, or scanned with other weights."""
     scans = pl.DataFrame({"revision": list(scanned), "scanned": list(scanned.values())},
                          schema={"revision": pl.String, "scanned": pl.String})
-    own = pl.when(pl.col("pruning").is_null()).then(pl.col("weights")).otherwise(pl.col("source_weights"))
+    original = pl.col("pruning").is_null() & pl.col("healed").is_null()
+    own = pl.when(original).then(pl.col("weights")).otherwise(pl.col("source_weights"))
     return evals.with_columns(source_weights=own).join(scans, on="revision", how="left").with_columns(
         unusable=pl.when(pl.col("source_weights").is_null()).then(pl.lit("unknown"))
         .when(pl.col("scanned").is_null()).then(pl.lit("unscanned"))
         .when(pl.col("source_weights") != pl.col("scanned")).then(pl.lit("other")))
 
 
-def _left_out(marked: pl.DataFrame) -> str:
+def left_out(marked: pl.DataFrame) -> str:
     """How many evaluations (runs of `ckpt-trace eval` on one model) were left out, and why."""
     runs = dict(marked.filter(pl.col("unusable").is_not_null()).group_by("unusable").agg(
         pl.struct("model", "path", "created").n_unique()).rows())
@@ -77,9 +71,13 @@ def _curve_clause(row: dict, revision: str, half: int, n_layers: int) -> tuple[f
     others = ", ".join(f"{s} {original / row[s]:.0%}" for s in ("oracle", "last", "random")
                        if finite(row.get(s)) and finite(original))
     seeds = f" (geometric mean of {count(row['seeds'], 'seed')})" if row.get("seeds") else ""
+    healed = ""
+    if finite(row.get("healed")) and finite(original):  # the same drop set, healed after it was dropped
+        how = f" ({row['healing']})" if row.get("healing") else ""
+        healed = f"; healed{how} {original / row['healed']:.0%}"
     clause = (f"at {revision}, with {half} of {n_layers} attention layers dropped by similarity, perplexity "
               f"{num(original, '.2f')} -> {num(similarity, '.2f')} ({num(kept, '.0%')} of the original's quality "
-              f"kept" + (f"; {others}{seeds}" if others else "") + ")")
+              f"kept{healed}" + (f"; {others}{seeds}" if others else "") + ")")
     setting = ", ".join(f"{what} `{row[column]}`" if what else str(row[column]) for column, what in (
         ("dtype", ""), ("calibration", "calibration set"), ("data", "perplexity on text")) if row.get(column))
     return kept, clause, f"the pruning curve of {revision}" + (f" ({setting})" if setting else "")
@@ -95,6 +93,20 @@ def _one_pruned_model(usable: pl.DataFrame, originals: pl.DataFrame) -> tuple[di
         "task", "metric").last().select(originals.columns)
     comparison = pruned_vs_original(pl.concat([originals, latest]))
     return (chosen.row(0, named=True) if chosen.height else None), latest, comparison
+
+
+def _healed_clauses(healed: pl.DataFrame, originals: pl.DataFrame, who: dict, latest: pl.DataFrame) -> list[str]:
+    """The quality kept by each healed model of the chosen pruned model's drop set (its pruning label, checkpoint and
+    source weights), measured as it is (dtype, device; perplexity on its text, where it has one)."""
+    text = latest.filter(pl.col("metric") == "perplexity")["data"]
+    same = healed.filter(pl.col("pruning") == latest["pruning"][0], pl.col("metric") == "perplexity",
+                         *(pl.col(c).eq_missing(who[c]) for c in ("revision", "source_weights", "dtype", "device")))
+    if text.len():
+        same = same.filter(pl.col("data").eq_missing(text[0]))
+    comparison = pruned_vs_original(pl.concat([originals, same.select(originals.columns)]))
+    return [f"healed ({row['healed']}), model {row['model']}: perplexity {num(row['original'], '.2f')} -> "
+            f"{num(row['value'], '.2f')} ({num(row['relative'], '.0%')} of the original's quality kept)"
+            for row in comparison.sort("model", "healed").iter_rows(named=True)]
 
 
 def pruning_payoff(evals: pl.DataFrame, model: str, n_layers: int, curve: pl.DataFrame | None = None,
@@ -125,15 +137,18 @@ def pruning_payoff(evals: pl.DataFrame, model: str, n_layers: int, curve: pl.Dat
         rests_on.append(of)
     else:
         point = None
-    mine = _of_scans(evals.filter(pl.col("source_model") == model), scanned)
-    labels = [p for p in mine["pruning"].drop_nulls().unique().to_list() if _dropped_attention(p) == half]
+    mine = of_scans(evals.filter(pl.col("source_model") == model), scanned)
+    labels = [p for p in mine["pruning"].drop_nulls().unique().to_list() if dropped_count(p, "attention") == half]
     candidates = mine.filter(pl.col("pruning").is_in(labels))
     if point is not None:
         candidates = candidates.filter(pl.col("revision") == checkpoint[0])
-    notes.append(_left_out(mine.filter(pl.col("revision").is_in(candidates["revision"].unique().to_list())
-                                       & (pl.col("pruning").is_null() | pl.col("pruning").is_in(labels)))))
-    usable = candidates.filter(pl.col("unusable").is_null())
-    originals = mine.filter(pl.col("pruning").is_null() & pl.col("unusable").is_null()).select(evals.columns)
+    notes.append(left_out(mine.filter(pl.col("revision").is_in(candidates["revision"].unique().to_list())
+                                      & (pl.col("pruning").is_null() | pl.col("pruning").is_in(labels)))))
+    # The verdict is on a model as pruned; a healed one (the same label, its own weights) is quoted beside it.
+    healed = candidates.filter(pl.col("unusable").is_null() & pl.col("healed").is_not_null()).select(evals.columns)
+    usable = candidates.filter(pl.col("unusable").is_null() & pl.col("healed").is_null())
+    originals = mine.filter(pl.col("pruning").is_null() & pl.col("healed").is_null() & pl.col("unusable").is_null()
+                            ).select(evals.columns)
     who, latest, comparison = _one_pruned_model(usable.select(evals.columns), originals)
     if who is not None:
         quality = comparison.filter(pl.col("metric") == "perplexity")
@@ -150,6 +165,7 @@ def pruning_payoff(evals: pl.DataFrame, model: str, n_layers: int, curve: pl.Dat
         if speed.height:
             speedup = speed["relative"][0]
             clauses.append(f"decode {num(speedup, '.2f')}x as fast")
+        clauses += _healed_clauses(healed, originals, who, latest)
         when = f", evaluated {who['created']:%Y-%m-%d}" if who["created"] is not None else ""
         parts.append(f"pruned model {who['model']} ({latest['pruning'][0]}) of {who['revision']}{when}: "
                      + ("; ".join(clauses) or "no result of it beside its original's (the same weights, dtype and "
@@ -179,5 +195,6 @@ def pruning_payoff(evals: pl.DataFrame, model: str, n_layers: int, curve: pl.Dat
             parts.append(f"no {' and no '.join(unmeasured)} of {of} is stored")
     else:
         verdict = HOLDS if speedup > 1 else FAILS
-    rule = f"holds when {KEPT:.0%} of the quality is kept and decoding is faster"
+    rule = (f"holds when {KEPT:.0%} of the quality is kept and decoding is faster, by the model as pruned (a healed "
+            "model's quality is quoted beside it, not judged)")
     return Finding(claim, verdict, "; ".join(parts + notes), basis(" and ".join(rests_on), rule))

@@ -232,13 +232,22 @@ def validation_loss(revisions: pl.DataFrame) -> Figure:
 
 
 def quality_speed(tradeoff: pl.DataFrame) -> Figure:
-    """Quality kept against decode speedup, one point per pruned model and quality metric."""
+    """Quality kept against decode speedup, one point per pruned model and quality metric; healed models (a `healed`
+    column not null) as hollow diamonds in the colour of their metric."""
     figure = Figure(figsize=(6.4, 4.2), layout="constrained")
     ax = figure.subplots()
-    for (task, metric), part in tradeoff.group_by("task", "metric", maintain_order=True):
-        label = task if task == metric else f"{task} {metric}"
+    if "healed" not in tradeoff.columns:
+        tradeoff = tradeoff.with_columns(healed=pl.lit(None, pl.String))
+    metrics = tradeoff.select("task", "metric").unique(maintain_order=True).rows()
+    colours = dict(zip(metrics, sns.color_palette(n_colors=max(len(metrics), 1))))
+    parts = tradeoff.with_columns(is_healed=pl.col("healed").is_not_null()).group_by(
+        "task", "metric", "is_healed", maintain_order=True)
+    for (task, metric, healed), part in sorted(parts, key=lambda item: (metrics.index(item[0][:2]), item[0][2])):
+        label = (task if task == metric else f"{task} {metric}") + (", healed" if healed else "")
         errors = part["quality_kept_stderr"].fill_null(0.0).to_numpy() if "quality_kept_stderr" in part.columns else None
-        ax.errorbar(part["speedup"].to_numpy(), part["quality_kept"].to_numpy(), yerr=errors, fmt="o", capsize=3,
+        style = {"fmt": "D", "mfc": "none", "ms": 7} if healed else {"fmt": "o"}
+        ax.errorbar(part["speedup"].to_numpy(), part["quality_kept"].to_numpy(), yerr=errors, capsize=3,
+                    color=colours[(task, metric)], **style,
                     label=label + (" (±1 standard error)" if errors is not None and errors.any() else ""))
         for x, y, name in part.select("speedup", "quality_kept", "model").rows():
             ax.annotate(name, (x, y), fontsize=7, xytext=(4, 3), textcoords="offset points")
@@ -251,13 +260,18 @@ def quality_speed(tradeoff: pl.DataFrame) -> Figure:
     return figure
 
 
-STRATEGY_STYLE = {"oracle": ("black", "s"), "similarity": ("tab:blue", "o"), "last": ("tab:orange", "^")}
-"""The oracle first, hollow and larger, so that a strategy that picks the same modules shows on top of it."""
+STRATEGY_STYLE = {"oracle": ("black", "s"), "similarity": ("tab:blue", "o"), "healed": ("tab:green", "D"),
+                  "last": ("tab:orange", "^")}
+"""The oracle first, hollow and larger, so that a strategy that picks the same modules shows on top of it; the
+similarity drop sets healed after dropping (`healed`, where stored) beside them."""
+
+STRATEGY_LABELS = {"healed": "similarity, healed"}
 
 
 def pruning_curve(summary: pl.DataFrame, target: str) -> Figure:
-    """Held-out perplexity against the number of modules dropped, one line per strategy; random as its geometric
-    mean over seeds with the band from the lowest to the highest; the intact model as a dashed line."""
+    """Held-out perplexity against the number of modules dropped, one line per strategy (the similarity drop sets
+    healed after dropping too, where the summary has them); random as its geometric mean over seeds with the band
+    from the lowest to the highest; the intact model as a dashed line."""
     part = summary.filter(pl.col("target") == target).sort("k")
     figure = Figure(figsize=(6.4, 4.2), layout="constrained")
     ax = figure.subplots()
@@ -265,7 +279,8 @@ def pruning_curve(summary: pl.DataFrame, target: str) -> Figure:
     for strategy, (colour, marker) in STRATEGY_STYLE.items():
         if strategy in part.columns:
             hollow = {"mfc": "none", "ms": 10, "lw": 2.5} if strategy == "oracle" else {}
-            ax.plot(k, part[strategy].to_numpy(), marker=marker, color=colour, label=strategy, **hollow)
+            ax.plot(k, part[strategy].to_numpy(), marker=marker, color=colour,
+                    label=STRATEGY_LABELS.get(strategy, strategy), **hollow)
     if "random" in part.columns:
         seeds = part["seeds"].max()
         ax.plot(k, part["random"].to_numpy(), marker="v", color="tab:red", label=f"random ({seeds} seeds)")
@@ -323,4 +338,48 @@ def spans(frame: pl.DataFrame, metric: str = "span_distance") -> Figure:
     ax.set_title(f"{metric}: {part['revision'][0]} (circled: the least of each n)" if part.height else metric)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncols=2)
+    return figure
+
+
+POSITION_TARGETS = {"attention": "Attention dropped", "mlp": "MLP dropped", "block": "Blocks dropped",
+                    "joint": "Attention and MLP dropped"}
+
+
+def position_excess(excess: pl.DataFrame) -> Figure:
+    """Excess next-token loss over the original by position bucket (on a log axis at each bucket's last position,
+    labelled with its range), one panel per target, one line per pruned model; a healed model dashed, in the colour
+    of the model of its drop set. `excess` as `ckpt_trace.analysis.positions.position_excess` gives it."""
+    targets = [t for t in POSITION_TARGETS if excess["target"].eq(t).any()]
+    figure = Figure(figsize=(4.6 * len(targets), 4.0), layout="constrained")
+    axes = figure.subplots(1, len(targets), sharey=True, squeeze=False)[0]
+    drop = ["pruning", "revision", "source_weights"]
+    lines = excess.select("target", "model", "healed", *drop).unique().sort("target", "model", "healed",
+                                                                           nulls_last=False)
+    colours = iter(sns.color_palette(n_colors=max(lines.height, 1)))
+    # Each model as pruned its own colour; a healed one that of the first model of its drop set, else one of its own.
+    of_drop_set: dict[tuple, tuple] = {}
+    colour_of = {}
+    for line in lines.sort(pl.col("healed").is_not_null(), maintain_order=True).iter_rows(named=True):
+        key = tuple(line[c] for c in drop)
+        healed_from = of_drop_set.get(key) if line["healed"] is not None else None
+        colour_of[tuple(line.values())] = healed_from or next(colours)
+        if line["healed"] is None:
+            of_drop_set.setdefault(key, colour_of[tuple(line.values())])
+    ticks = excess.select("last", "bucket").unique().sort("last")
+    for ax, target in zip(axes, targets):
+        for line in lines.filter(pl.col("target") == target).iter_rows(named=True):
+            part = excess.filter(*(pl.col(c).eq_missing(v) for c, v in line.items())).sort("last")
+            healed = line["healed"] is not None
+            ax.plot(part["last"].to_numpy(), part["excess"].to_numpy(), marker="o",
+                    color=colour_of[tuple(line.values())], **({"ls": "--", "mfc": "none"} if healed else {}),
+                    label=line["model"] + (", healed" if healed else ""))
+        ax.axhline(0.0, color="grey", lw=0.8, ls=":")
+        ax.set_xscale("log")
+        ax.set_xticks(ticks["last"].to_list(), ticks["bucket"].to_list(), fontsize=7)
+        ax.minorticks_off()
+        ax.set_xlabel("position (tokens of context)")
+        ax.set_title(POSITION_TARGETS[target])
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0].set_ylabel("excess loss over the original (nats)")
     return figure

@@ -20,7 +20,8 @@ from ..pruning.curves import summary as curve_summary
 from ..store import CURVES_SCHEMA, EVALS_SCHEMA, VERSION, Store, path_part
 from . import COLOR_SCALES, plots
 from .dynamics import DynamicsSection, dynamics_section
-from .findings import Finding, agreement, findings
+from .findings import Finding, agreement, findings, long_range_cost, weights_by_revision
+from .positions import excess_table, loss_table, most_measured, of_setting, position_excess
 from .render import figure_entries, table_entries, templates
 from .statistics import (
     DRAWN,
@@ -127,17 +128,22 @@ def build_model_report(scores: pl.DataFrame, revisions: pl.DataFrame, model: str
             measured = measured.head(0)
     curve = curve_summary(measured) if measured.height else None
     first = measured.row(0, named=True) if curve is not None else None
+    healing = measured.filter(pl.col("strategy") == "healed")["healed"].drop_nulls()
+    healing = healing[0] if healing.len() else None  # how the similarity drop sets were healed, where they were
     named = curve.with_columns(dtype=pl.lit(first["dtype"]), calibration=pl.lit(first["calibration"]),
-                               data=pl.lit(first["data"])) if curve is not None else None  # what (c) names
+                               data=pl.lit(first["data"]), healing=pl.lit(healing, pl.String)
+                               ) if curve is not None else None  # what (c) names
     report.findings = findings(frame, evals if evals is not None else pl.DataFrame(schema=EVALS_SCHEMA), model, named,
                                (first["revision"], first["weights"]) if curve is not None else None)
     if curve is not None:
         where = (f"{first['revision']} ({first['dtype']}), perplexity on {first['n_tokens']:,} held-out tokens (set "
                  f"`{first['data']}`)")
+        healed = ("; healed: the similarity drop sets after healing" + (f" ({healing})" if healing else "")
+                  if "healed" in curve.columns else "")
         for target in curve["target"].unique(maintain_order=True):
             report.figures[f"pruning_curve_{target}"] = (
                 f"{plots.MODULE_TITLES[target]} drop: perplexity with k dropped by similarity, oracle (lowest "
-                f"ablation_loss), last and random; {where}", plots.pruning_curve(curve, target))
+                f"ablation_loss), last and random{healed}; {where}", plots.pruning_curve(curve, target))
         report.tables["pruning_curves"] = (f"pruning curves: perplexity with k dropped; {where}", curve)
     truth = agreement(frame)
     compared = n_revisions >= 2 and not from_fork  # across models: whole lines, not a side line from its fork
@@ -231,6 +237,8 @@ def build_model_report(scores: pl.DataFrame, revisions: pl.DataFrame, model: str
     report.dynamics, settled = dynamics_section(frame, color_scale)
     if settled is not None:
         report.findings.append(settled)
+    report.findings.append(long_range_cost(evals if evals is not None else pl.DataFrame(schema=EVALS_SCHEMA), model,
+                                           weights_by_revision(frame)))
     if report.dynamics is not None:
         report.notes += report.dynamics.notes
     scanned = frame.select("revision", "weights").unique()  # the loss of the weights scored, not of others by that name
@@ -253,19 +261,37 @@ def build_model_report(scores: pl.DataFrame, revisions: pl.DataFrame, model: str
 
 
 def build_pruning_report(evals: pl.DataFrame, model: str) -> ModelReport | None:
-    """Pruned models of one source model against the original: the trade-off figure and the relative table."""
-    comparison = pruned_vs_original(evals.filter(pl.col("source_model") == model))
+    """Pruned (and healed) models of one source model against the original: the trade-off figure, the excess loss by
+    position, and the relative table."""
+    mine = evals.filter(pl.col("source_model") == model)
+    comparison = pruned_vs_original(mine)
     if comparison.height == 0:
         return None
     report = ModelReport(f"{model}: pruned models", "")
     points = tradeoff(comparison)
+    healed = " (healed models as hollow diamonds)" if points["healed"].is_not_null().any() else ""
     if points.height:
-        report.figures["tradeoff"] = ("quality kept against decode speedup", plots.quality_speed(points))
+        report.figures["tradeoff"] = (f"quality kept against decode speedup{healed}", plots.quality_speed(points))
     else:
         report.notes.append("no pruned model has both a quality metric and decode speed beside its original's")
+    excess = position_excess(mine)
+    setting, left_out = most_measured(excess, mine)
+    if setting is not None:
+        excess = of_setting(excess, setting)
+        on = f"on text `{setting['data']}`, {setting['dtype']}, {setting['device']}"
+        report.figures["position_excess"] = (
+            f"excess next-token loss over the original by position (tokens of context), one line per pruned model, "
+            f"healed models dashed; {on}", plots.position_excess(excess))
+        report.tables["position_excess"] = (f"excess loss (nats) by position bucket, pruned minus original; {on}",
+                                            excess_table(excess))
+        report.tables["position_loss"] = (f"next-token loss (nats) by position bucket; {on}", loss_table(excess))
+    if left_out:
+        report.notes.append(left_out)
+    relative = comparison.filter(pl.col("task") != "position_loss").drop("source_model").with_columns(
+        pl.col("source_weights").str.slice(0, 12))
     report.tables["relative"] = (
         "each pruned model relative to the original (relative > 1 is better: quality kept, speedup, memory saved)",
-        comparison.drop("source_model").with_columns(pl.col("source_weights").str.slice(0, 12)),
+        relative if relative["healed"].is_not_null().any() else relative.drop("healed"),
     )
     return report
 
@@ -301,8 +327,9 @@ def across_models(reports: list[ModelReport]) -> ModelReport | None:
     return report
 
 
-FINDINGS_INTRO = ("The claims of He et al. and Tyukin et al., checked against each model in the store: a verdict by "
-                  "the rule given with it, the numbers behind it, and what they rest on.")
+FINDINGS_INTRO = ("The claims of He et al. and Tyukin et al., and two that this project adds (that redundancy follows "
+                  "settling, that dropping attention costs more at long range), checked against each model in the "
+                  "store: a verdict by the rule given with it, the numbers behind it, and what they rest on.")
 
 
 def write_report(store: str | os.PathLike = "data", out: str | os.PathLike = "figures", model: str | None = None,

@@ -257,28 +257,53 @@ def pruned_vs_original(evals: pl.DataFrame) -> pl.DataFrame:
     # spread of a timing is no quality of the model, and a ratio of two spreads means nothing.
     comparable = ~((pl.col("metric") == "peak_memory_bytes") & pl.col("device").str.starts_with("cpu")) & \
         ~pl.col("metric").str.ends_with("_spread")
+    if "healed" not in evals.columns:  # a frame of a store written before healing was recorded
+        evals = evals.with_columns(healed=pl.lit(None, pl.String))
     setting = ["task", "metric", "num_fewshot", "data", "dtype", "device"]
     latest = evals.filter(comparable).sort("created").group_by("model", "path", "weights", *setting, "n").last()
     keys = ["source_model", "revision", "source_weights", *setting, "n"]
-    originals = latest.filter(pl.col("pruning").is_null()).sort("created").group_by(keys).agg(
+    # A healed model keeps its pruned model's label: it is no original, and another model than the one it was
+    # healed from (its own weights).
+    original = pl.col("pruning").is_null() & pl.col("healed").is_null()
+    originals = latest.filter(original).sort("created").group_by(keys).agg(
         original=pl.col("value").last(), original_stderr=pl.col("stderr").last())
-    pruned = latest.filter(pl.col("pruning").is_not_null())
+    pruned = latest.filter(~original)
+    lower = pl.col("metric").is_in(list(_LOWER_IS_BETTER)) | (pl.col("task") == "position_loss")
     return (
         pruned.join(originals, on=keys, nulls_equal=True)
-        .with_columns(
-            relative=pl.when(pl.col("metric").is_in(list(_LOWER_IS_BETTER)))
-            .then(pl.col("original") / pl.col("value"))
-            .otherwise(pl.col("value") / pl.col("original"))
-        )
-        .select("source_model", "revision", "source_weights", "model", "pruning", "dtype", "device", "task", "metric", "n", "value",
-                "stderr", "original", "original_stderr", "relative")
-        .sort("source_model", "model", "dtype", "device", "task", "metric")
+        .with_columns(relative=pl.when(lower).then(pl.col("original") / pl.col("value"))
+                      .otherwise(pl.col("value") / pl.col("original")))
+        .select("source_model", "revision", "source_weights", "model", "pruning", "healed", "dtype", "device", "task",
+                "metric", "n", "value", "stderr", "original", "original_stderr", "relative")
+        .sort("source_model", "model", "healed", "dtype", "device", "task", "metric", nulls_last=False)
     )
 
 
-PRUNED_MODEL = ["model", "revision", "source_weights", "dtype", "device"]
+PRUNED_MODEL = ["model", "healed", "revision", "source_weights", "dtype", "device"]
 """The columns of `pruned_vs_original` that name one pruned model, measured alike: its quality and its speed go
-together only within them."""
+together only within them. A healed model is another model than the one it was healed from, whatever its name."""
+
+TARGETS = ("attention", "mlp", "block", "joint")
+"""What a pruned model had dropped, by its pruning label: only attention layers, only MLPs, only whole blocks, or a
+mix (attention and MLP layers, He et al.'s Joint Layer Drop)."""
+
+
+def pruning_target(label: pl.Expr) -> pl.Expr:
+    """The `TARGETS` entry of pruning labels (``attention [1, 3], mlp [4] (similarity)``); null for a null label."""
+    kinds = label.str.extract_all(r"\b(?:attention|mlp|block) \[").list.eval(
+        pl.element().str.strip_suffix(" [")).list.unique()
+    return (pl.when(label.is_null()).then(pl.lit(None, pl.String))
+            .when(kinds.list.len() > 1).then(pl.lit("joint"))
+            .otherwise(kinds.list.first()))
+
+
+def dropped_count(label: str, kind: str) -> int | None:
+    """How many layers of `kind` a pruning label says were dropped, where only layers of that kind were."""
+    frame = pl.DataFrame({"label": [label]}).select(
+        target=pruning_target(pl.col("label")),
+        layers=pl.col("label").str.extract(rf"\b{kind} \[([\d, ]*)\]").str.count_matches(r"\d+"))
+    target, layers = frame.row(0)
+    return layers if target == kind else None
 
 
 def tradeoff(comparison: pl.DataFrame, speed_metric: str = "decode_tokens_per_s") -> pl.DataFrame:
@@ -287,6 +312,6 @@ def tradeoff(comparison: pl.DataFrame, speed_metric: str = "decode_tokens_per_s"
     speed = comparison.filter(pl.col("metric") == speed_metric).select(*PRUNED_MODEL, speedup="relative")
     quality = comparison.filter((pl.col("task") != "speed") & pl.col("metric").is_in(["perplexity", "acc"]))
     return quality.join(speed, on=PRUNED_MODEL, nulls_equal=True).select(
-        "source_model", "model", "pruning", "task", "metric", quality_kept="relative",
+        "source_model", "model", "pruning", "healed", "task", "metric", quality_kept="relative",
         quality_kept_stderr=pl.col("stderr") / pl.col("original"), speedup="speedup",
     )
