@@ -30,6 +30,7 @@ from .evaluation.run import EvalConfig
 from .microsuite.suite import MicroSuiteConfig
 from .pruning.choice import STRATEGIES, TARGETS
 from .pruning.curves import CurveConfig
+from .pruning.heal import HealConfig
 from .pruning.run import PruneConfig
 from .scan.options import TOKENS, ScanConfig, parse_shard
 from .scoring.options import ScoringOptions
@@ -266,6 +267,36 @@ def prune(**values):
     click.echo(f"parameters {record['parameters_before']:,} -> {record['parameters_after']:,}; saved to {out}")
     if values["push_to_hub"]:
         click.echo(f"pushed to {values['push_to_hub']}")
+
+
+@cli.command(short_help="Fine-tune a pruned model's kept modules with LoRA, and save it.")
+@click.argument("pruned")
+@options(
+    option(HealConfig, "out"),
+    option(HealConfig, "data"),
+    option(CalibrationSpec, "samples"),
+    option(CalibrationSpec, "seq_len"),
+    option(HealConfig, "steps", type=click.IntRange(min=1)),
+    option(HealConfig, "rank", type=click.IntRange(min=1)),
+    option(HealConfig, "lr", type=click.FloatRange(min=0, min_open=True)),
+    option(HealConfig, "seed"),
+)
+@loading("cache_dir")  # a pruned folder is local
+def heal(**values):
+    """Heal a PRUNED model folder: a short LoRA fine-tune (peft) of its kept attention and MLP layers on training text,
+    the adapters merged into the saved weights.
+
+    The healed folder loads like any pruned one, and its manifest records the healing under "healed".
+    """
+    from .pruning.heal import heal as run_heal
+
+    spec = CalibrationSpec(samples=values.pop("samples"), seq_len=values.pop("seq_len"), seed=values["seed"])
+    out = run_heal(HealConfig(calibration=spec, **values))
+    from .pruning.run import manifest
+
+    healed = manifest(out)["healed"]
+    click.echo(f"healed on {healed['data_source']} (set {healed['data']}): loss {healed['first_loss']:.4f} at the first "
+               f"step, {healed['final_loss']:.4f} over the last tenth; saved to {out}")
 
 
 @cli.command(short_help="Perplexity against the number of modules dropped.")

@@ -32,7 +32,7 @@ from .speed import measure_speed
 
 
 def describe(path: Path) -> dict:
-    """Who a model directory is: its own name, the model and revision it comes from, its pruning, and the
+    """Who a model directory is: its own name, the model and revision it comes from, its pruning and healing, and the
     fingerprints of its weights and of the unpruned model's (which a pruned model's manifest records; null in
     manifests written before it did)."""
     from ..fetch.identity import local_weights
@@ -47,7 +47,7 @@ def describe(path: Path) -> dict:
             step = step.get("previous")
         return {"model": path.name, "source_model": record["model"], "revision": record["revision"],
                 "pruning": f"{dropped} ({' then '.join(strategies)})", "weights": local_weights(path)[0],
-                "source_weights": record.get("weights")}
+                "source_weights": record.get("weights"), "healed": (record.get("healed") or {}).get("label")}
     checkpoint = single_checkpoint(path)
     return {"model": path.name, "source_model": checkpoint.model, "revision": checkpoint.revision.name, "pruning": None,
             "weights": checkpoint.weights, "source_weights": checkpoint.weights}

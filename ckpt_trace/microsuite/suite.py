@@ -234,6 +234,22 @@ def heldout_set(model_dir: str | os.PathLike, tokenizer) -> CalibrationSet | Non
     return CalibrationSet(tuple(blocks), f"{config.name} held-out documents ({len(blocks)}x{config.seq_len})")
 
 
+def training_set(model_dir: str | os.PathLike, tokenizer) -> CalibrationSet | None:
+    """The text the micro suite behind `model_dir` trained on (see `suite_of`), or None: every training document,
+    streamed as for training and cut into consecutive blocks of its sequence length. No held-out document is in it."""
+    from pydoc_data.topics import topics
+
+    found = suite_of(model_dir)
+    if found is None:
+        return None
+    meta, config = found
+    heldout = meta.get("heldout_topics") or heldout_topics(config.seed, config.holdout)
+    held_texts = {topics[t] for t in heldout if t in topics}
+    stream = _stream(tokenizer, [d for d in _documents()[0] if d not in held_texts])
+    blocks = stream[: len(stream) // config.seq_len * config.seq_len].view(-1, config.seq_len)
+    return CalibrationSet(tuple(blocks), f"{config.name} training documents ({len(blocks)}x{config.seq_len})")
+
+
 def byte_level_bpe(documents: Iterable[str], vocab: int, special_tokens: tuple[str, ...] = (EOS,)):
     """A byte-level BPE tokenizer (the tokenizers library's `Tokenizer`) trained on `documents`."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

@@ -1,0 +1,209 @@
+"""Healing: a short LoRA fine-tune (peft) of a pruned model's kept modules, which recovers some of the quality dropping
+cost.
+
+Every linear layer of the kept attention layers and MLPs gets a LoRA adapter of rank r (alpha = 2r, no dropout);
+embeddings, norms and the output head stay frozen. Each step trains on `batch_size` blocks of the training text drawn
+with the seed, AdamW at a constant learning rate after a linear warm-up over the first tenth of the steps. On the
+CPU the result is the same, bit for bit, for the same seed. `heal` merges the adapters into the weights and saves a
+folder that loads like any pruned one; `lora` keeps them apart, for a caller that measures a drop set healed and then
+takes the adapters out again (`ckpt-trace curves --heal`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..calibration.sets import CalibrationSet
+from ..errors import ConfigError
+from ..paths import staged_folder, unmakeable
+from ..scoring.options import ScoringOptions
+
+WARMUP = 0.1
+"""Share of the steps over which the learning rate rises linearly to `lr`."""
+
+
+@dataclass(frozen=True)
+class Healing:
+    """How a model is healed: every field is recorded with the result."""
+
+    steps: int = 200
+    """Optimizer steps."""
+    rank: int = 8
+    """LoRA rank (alpha is twice the rank)."""
+    lr: float = 2e-3
+    """Learning rate of AdamW, after the warm-up."""
+    seed: int = 0
+    """Seed of the adapters' initialisation and of the order of the training blocks."""
+
+    def __post_init__(self):
+        for name, least in (("steps", 1), ("rank", 1)):
+            if getattr(self, name) < least:
+                raise ConfigError(f"--{name} {getattr(self, name)} is too small; give {least} or more")
+        if not self.lr > 0:
+            raise ConfigError(f"--lr {self.lr} must be greater than 0")
+
+    def label(self, data_id: str) -> str:
+        """How a healed model is named in the store's `healed` column."""
+        return f"LoRA rank {self.rank}, {self.steps} steps, lr {self.lr:g}, seed {self.seed}, on {data_id}"
+
+
+def lora_targets(model: torch.nn.Module) -> list[str]:
+    """The names of the linear layers inside the decoder layers (those of dropped modules are gone already)."""
+    from transformers.pytorch_utils import Conv1D
+
+    from ..model.surgery import layer_list
+
+    parent, name, layers = layer_list(model)
+    prefix = {id(m): n for n, m in model.named_modules()}[id(layers)]
+    return [f"{prefix}.{n}" for n, m in layers.named_modules() if isinstance(m, (torch.nn.Linear, Conv1D))]
+
+
+@contextmanager
+def lora(model: torch.nn.Module, data: CalibrationSet, healing: Healing, batch_size: int = 8,
+         progress: bool | str = True) -> Iterator[tuple[torch.nn.Module, list[float]]]:
+    """The model with LoRA adapters trained on `data` (blocks of equal length), and the loss of every step; the
+    adapters are taken out on exit, leaving the model as it was (also on error). Use ``merge_and_unload()`` on the
+    yielded model to keep them instead."""
+    from peft import LoraConfig, get_peft_model
+
+    lengths = {len(s) for s in data.sequences}
+    if len(lengths) != 1 or lengths == {1}:
+        raise ConfigError(f"healing data {data.source!r} must be blocks of one length of 2 or more tokens; give a text "
+                          "source or a pre-tokenized jsonl of equal-length sequences")
+    blocks = torch.stack(list(data.sequences))
+    device = next(model.parameters()).device
+    torch.manual_seed(healing.seed)
+    config = LoraConfig(r=healing.rank, lora_alpha=2 * healing.rank, lora_dropout=0.0,
+                        target_modules=lora_targets(model), fan_in_fan_out=model.config.model_type == "gpt2")
+    was_training = model.training
+    with warnings.catch_warnings():  # peft asks transformers a deprecated question; nothing for the user to do
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        healed = get_peft_model(model, config)
+    try:
+        params = [p for p in healed.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=healing.lr, weight_decay=0.0)
+        warmup = max(1, round(WARMUP * healing.steps))
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+        generator = torch.Generator().manual_seed(healing.seed)
+        losses = []
+        healed.train()
+        bar = tqdm(range(healing.steps), desc=progress if isinstance(progress, str) else "healing", unit="step",
+                   disable=None if progress else True, leave=False)
+        for _ in bar:
+            batch = blocks[torch.randint(0, len(blocks), (batch_size,), generator=generator)].to(device)
+            loss = healed(input_ids=batch, labels=batch).loss
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+        bar.close()
+        healed.eval()
+        yield healed, losses
+    finally:
+        from peft.tuners.lora import LoraLayer
+
+        if any(isinstance(m, LoraLayer) for m in model.modules()):  # not merged by the caller: taken out
+            healed.unload()
+        model.train(was_training)
+
+
+@dataclass
+class HealConfig(ScoringOptions):
+    """A healing job; the command line only fills this in."""
+
+    pruned: str | os.PathLike
+    """A pruned model folder (made by `ckpt-trace prune`)."""
+    out: str | os.PathLike
+    """Output folder for the healed model; must not exist or be empty."""
+    data: str | None = None
+    """Training text, in the calibration spec syntax (with --samples and --seq-len); None: for a micro-suite model
+    the documents its suite trained on (never the held-out ones), else the default calibration text."""
+    steps: int = Healing.steps
+    """Optimizer steps."""
+    rank: int = Healing.rank
+    """LoRA rank (alpha is twice the rank)."""
+    lr: float = Healing.lr
+    """Learning rate."""
+    seed: int = Healing.seed
+    """Seed of the adapters and of the order of the training blocks."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        from .run import MANIFEST
+
+        self.healing = Healing(self.steps, self.rank, self.lr, self.seed)
+        if not (Path(self.pruned) / MANIFEST).is_file():
+            raise ConfigError(f"{str(self.pruned)!r} is no pruned model folder (it has no {MANIFEST}); prune it first "
+                              "with `ckpt-trace prune`")
+        out = Path(self.out)
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise ConfigError(f"output directory {str(out)!r} exists and is not empty; choose a new --out")
+        if (blocker := unmakeable(out)) is not None:
+            raise ConfigError(f"output folder {str(out)!r} cannot be made: {str(blocker)!r} is a file; choose another --out")
+
+
+def training_data(model_dir: str | os.PathLike, tokenizer, spec, data: str | None) -> CalibrationSet:
+    """What a model is healed on: `data` (a calibration spec) where given, else a micro suite's training documents,
+    else the calibration text."""
+    from dataclasses import replace
+
+    from ..calibration.blocks import load_calibration
+    from ..microsuite.suite import training_set
+
+    if data is None and tokenizer is not None and (found := training_set(model_dir, tokenizer)) is not None:
+        return found
+    return load_calibration(replace(spec, source=data) if data else spec, tokenizer)
+
+
+def heal(config: HealConfig) -> Path:
+    """Heal a pruned folder and save the healed model, its manifest recording how, and its model card; return the
+    output folder."""
+    from ..calibration.sets import fit_seq_len
+    from ..model.loading import load_tokenizer, max_positions, read_config
+    from ..model.portable import save
+    from ..scoring.options import loaded
+    from ..store import VERSION, Store
+    from .card import write_card
+    from .run import MANIFEST, manifest
+
+    record = manifest(config.pruned)
+    if record.get("healed"):
+        raise ConfigError(f"{str(config.pruned)!r} is healed already; heal the pruned folder it came from, with more "
+                          "--steps if need be")
+    tokenizer = load_tokenizer(config.pruned)
+    spec = fit_seq_len(config.calibration, max_positions(read_config(config.pruned)))
+    data = training_data(config.pruned, tokenizer, spec, config.data)
+    if isinstance(vocab := read_config(config.pruned).get("vocab_size"), int):
+        data.check_vocab(vocab)
+    with loaded(config, config.pruned, None) as at:
+        with lora(at.model, data, config.healing, config.batch_size, config.progress and "healing") as (healed, losses):
+            model = healed.merge_and_unload()
+        at.check("healed")
+        tail = losses[-max(1, len(losses) // 10):]
+        record = {**record, "healed": {
+            "data": data.id, "data_source": data.source, "steps": config.steps, "rank": config.rank,
+            "alpha": 2 * config.rank, "lr": config.lr, "seed": config.seed, "batch_size": config.batch_size,
+            "first_loss": losses[0], "final_loss": sum(tail) / len(tail), "label": config.healing.label(data.id),
+            "from": str(Path(config.pruned).resolve()), "from_weights": at.checkpoint.weights,
+            "dtype": str(at.dtype).removeprefix("torch."), "version": VERSION,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}}
+        out = Path(config.out)
+        with staged_folder(out) as staging:
+            save(model, staging)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(staging)
+            (staging / MANIFEST).write_text(json.dumps(record, indent=2) + "\n")
+            write_card(staging, record, Store(config.store).evals(), name=out.name)
+    return out
