@@ -305,6 +305,7 @@ def heal(**values):
     option(CurveConfig, "revision"),
     option(CurveConfig, "targets", type=Listed(), default=",".join(CurveConfig.targets), show_default=True),
     option(CurveConfig, "seeds"),
+    option(CurveConfig, "heal", type=click.IntRange(min=1), metavar="STEPS"),
     option(CurveConfig, "perplexity_data"),
 )
 @CALIBRATION

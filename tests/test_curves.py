@@ -62,6 +62,41 @@ def test_every_point_is_the_perplexity_of_the_pruned_model(family, tmp_path):
     assert perplexity(model, data)[0] == intact  # every module is back in place
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_a_healed_point_is_the_perplexity_of_the_pruned_model_healed(family, monkeypatch):
+    from ckpt_trace.pruning import curves as curves_module
+    from ckpt_trace.pruning.heal import Healing, lora
+
+    model = make_model(family, seed=3)
+    calibration = CalibrationSet.from_ids(random_ids(4, 12, seed=1))
+    data = CalibrationSet.from_ids(random_ids(3, 14, seed=2))
+    train = CalibrationSet.from_ids(random_ids(6, 10, seed=4))
+    scores = pl.concat([score(model, calibration), ablation_losses(model, calibration)])
+    healing = Healing(steps=5, rank=2, lr=1e-2)
+    trained = []
+    counted = lambda *args, **kwargs: (trained.append(1), lora(*args, **kwargs))[1]  # noqa: E731
+    monkeypatch.setattr(curves_module, "lora", counted)
+    frame = curves(model, scores, data, targets=("attention", "block"), seeds=1, batch_size=2, healing=healing,
+                   heal_data=train)
+    healed = frame.filter(pl.col("strategy") == "healed")
+    similarity = frame.filter(pl.col("strategy") == "similarity")
+    assert healed.select("target", "k", "dropped").rows() == similarity.select("target", "k", "dropped").rows()
+    assert set(healed["healed"]) == {healing.label(train.id)} and frame.filter(
+        pl.col("strategy") != "healed")["healed"].null_count() == frame.height - healed.height
+    assert len(trained) == healed.select("dropped").n_unique()  # each distinct drop set healed once
+
+    for dropped, value in healed.select("dropped", "perplexity").rows():
+        chosen = [(m, int(layer)) for m, layer in (part.split(" ") for part in dropped.split(", "))]
+        pruned = apply_(copy.deepcopy(model), chosen)
+        with lora(pruned, train, healing, batch_size=2, progress=False) as (adapted, _):
+            expected, _ = perplexity(adapted, data)
+        assert value == pytest.approx(expected, rel=1e-4), dropped
+        unhealed = similarity.filter(pl.col("dropped") == dropped)["perplexity"][0]
+        assert value != unhealed
+    assert not any("lora" in name for name, _ in model.named_parameters())
+    assert perplexity(model, data)[0] == frame.filter(pl.col("strategy") == "intact")["perplexity"][0]
+
+
 def test_summary_takes_the_geometric_mean_of_random_drops():
     rows = [("attention", 0, "intact", None, 10.0), ("attention", 1, "similarity", None, 11.0),
             ("attention", 1, "oracle", None, 10.5), ("attention", 1, "last", None, 12.0),

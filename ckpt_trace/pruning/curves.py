@@ -26,6 +26,7 @@ from datetime import datetime, timezone
 import polars as pl
 from tqdm.auto import tqdm
 
+from ..calibration.sets import CalibrationSet
 from ..errors import ConfigError
 from ..model.adapters import locate
 from ..model.surgery import dropped, pruned_record
@@ -33,6 +34,7 @@ from ..scoring.loss import perplexity
 from ..scoring.options import ScoringOptions
 from ..store import CURVES_SCHEMA, VERSION
 from .choice import choose_last, choose_oracle, choose_random, choose_similarity, most_droppable
+from .heal import Healing, lora, training_data
 
 TARGETS = ("attention", "mlp", "block")
 STRATEGIES = ("similarity", "last", "random", "oracle")
@@ -52,6 +54,9 @@ class CurveConfig(ScoringOptions):
     """Which of attention, mlp and block to draw curves for."""
     seeds: int = 5
     """Random drop sets per k (seeds 0 .. seeds-1)."""
+    heal: int | None = None
+    """Also heal each drop set of the similarity strategy with this many LoRA steps (the other settings of
+    `ckpt-trace heal`, on its default text) and draw it as a line; None: no healed line."""
     perplexity_data: str | None = None
     """Any calibration spec; default: as `ckpt-trace eval --perplexity` (a micro suite's held-out documents)."""
 
@@ -62,6 +67,8 @@ class CurveConfig(ScoringOptions):
             raise ConfigError(f"unknown target {', '.join(map(repr, unknown)) or repr('')}; use some of: {', '.join(TARGETS)}")
         if self.seeds < 1:
             raise ConfigError(f"seeds must be at least 1, got {self.seeds}")
+        if self.heal is not None and self.heal < 1:
+            raise ConfigError(f"--heal {self.heal} heals nothing; give 1 or more steps, or leave it out")
 
 
 def drop_sets(scores: pl.DataFrame, target: str, n_layers: int, seeds: int,
@@ -84,11 +91,14 @@ def _modules(chosen: list[tuple[str, int]]) -> tuple[list[int], list[int]]:
 
 
 def curves(model, scores: pl.DataFrame, data, targets: tuple[str, ...] = TARGETS, seeds: int = 5,
-           batch_size: int = 8, progress: bool | str = False) -> pl.DataFrame:
+           batch_size: int = 8, progress: bool | str = False, healing: Healing | None = None,
+           heal_data: CalibrationSet | None = None) -> pl.DataFrame:
     """Perplexity on `data` of the model with k modules dropped, for every target, k, strategy (and seed).
 
-    Returns columns target, k, strategy, seed, dropped, perplexity, n_tokens, with a k = 0 row per
-    target (strategy ``intact``). `scores` must hold `importance` and `ablation_loss` of this model.
+    Returns columns target, k, strategy, seed, dropped, perplexity, n_tokens, healed, with a k = 0 row per
+    target (strategy ``intact``). `scores` must hold `importance` and `ablation_loss` of this model. With `healing`,
+    each drop set of the similarity strategy is also healed on `heal_data` (LoRA adapters trained, measured, taken
+    out again; each distinct set once): strategy ``healed``, its `healed` column saying how.
     """
     missing = {"importance", "ablation_loss"} - set(scores["metric"].unique())
     if missing:
@@ -96,25 +106,33 @@ def curves(model, scores: pl.DataFrame, data, targets: tuple[str, ...] = TARGETS
     n_layers = len(locate(model).layers)
     already = pruned_record(model.config)
     plan = [(target, *row) for target in targets for row in drop_sets(scores, target, n_layers, seeds, already)]
-    measured: dict[tuple[tuple[int, ...], tuple[int, ...]], tuple[float, int]] = {}
+    measured: dict[tuple[tuple[int, ...], tuple[int, ...], bool], tuple[float, int]] = {}
+    if healing is not None:
+        plan += [(target, k, "healed", None, chosen) for target, k, strategy, _, chosen in plan if strategy == "similarity"]
+    label = healing.label(heal_data.id) if healing is not None else None
     bar = tqdm(total=len(plan) + 1, desc=progress if isinstance(progress, str) else "curves", unit="model",
                disable=None if progress else True, leave=False)
     try:
         intact = perplexity(model, data, batch_size)
         bar.update()
-        rows = [(target, 0, INTACT, None, "", *intact) for target in targets]
+        rows = [(target, 0, INTACT, None, "", *intact, None) for target in targets]
         for target, k, strategy, seed, chosen in plan:
             attention, mlp = _modules(chosen)
-            key = (tuple(attention), tuple(mlp))
+            key = (tuple(attention), tuple(mlp), strategy == "healed")
             if key not in measured:
                 with dropped(model, attention, mlp):
-                    measured[key] = perplexity(model, data, batch_size)
+                    if strategy != "healed":
+                        measured[key] = perplexity(model, data, batch_size)
+                    else:
+                        with lora(model, heal_data, healing, batch_size, progress=False) as (adapted, _):
+                            measured[key] = perplexity(adapted, data, batch_size)
             bar.update()
-            label = ", ".join(f"{module} {layer}" for module, layer in sorted(chosen, key=lambda c: (c[1], c[0])))
-            rows.append((target, k, strategy, seed, label, *measured[key]))
+            names = ", ".join(f"{module} {layer}" for module, layer in sorted(chosen, key=lambda c: (c[1], c[0])))
+            rows.append((target, k, strategy, seed, names, *measured[key], label if strategy == "healed" else None))
     finally:
         bar.close()
-    schema = {c: CURVES_SCHEMA[c] for c in ("target", "k", "strategy", "seed", "dropped", "perplexity", "n_tokens")}
+    schema = {c: CURVES_SCHEMA[c] for c in ("target", "k", "strategy", "seed", "dropped", "perplexity", "n_tokens",
+                                            "healed")}
     return pl.DataFrame(rows, schema=schema, orient="row")
 
 
@@ -170,11 +188,13 @@ def run_curves(config: CurveConfig) -> pl.DataFrame:
             scores = pl.concat([score(model, calibration, config.batch_size, progress=label),
                                 ablation_losses(model, calibration, config.batch_size, progress=label)])
         data = perplexity_set(at.path, model, load_tokenizer(at.path), config.calibration, config.perplexity_data)
+        healing = Healing(steps=config.heal) if config.heal else None
+        heal_data = training_data(at.path, load_tokenizer(at.path), config.calibration, None) if healing else None
         frame = curves(model, scores, data, config.targets, config.seeds, config.batch_size,
-                       progress=config.progress and f"{checkpoint.revision.name}: curves")
+                       progress=config.progress and f"{checkpoint.revision.name}: curves", healing=healing,
+                       heal_data=heal_data)
         at.check("measured")
     frame = frame.with_columns(
-        *([] if "healed" in frame.columns else [pl.lit(None, pl.String).alias("healed")]),
         model=pl.lit(checkpoint.model), revision=pl.lit(checkpoint.revision.name), source=pl.lit(checkpoint.source),
         weights=pl.lit(checkpoint.weights, pl.String), data=pl.lit(data.id), calibration=pl.lit(calibration.id),
         dtype=pl.lit(dtype_name(dtype)), version=pl.lit(VERSION),

@@ -71,9 +71,9 @@ def lora_targets(model: torch.nn.Module) -> list[str]:
 @contextmanager
 def lora(model: torch.nn.Module, data: CalibrationSet, healing: Healing, batch_size: int = 8,
          progress: bool | str = True) -> Iterator[tuple[torch.nn.Module, list[float]]]:
-    """The model with LoRA adapters trained on `data` (blocks of equal length), and the loss of every step; the
-    adapters are taken out on exit, leaving the model as it was (also on error). Use ``merge_and_unload()`` on the
-    yielded model to keep them instead."""
+    """The model itself with LoRA adapters trained on `data` (blocks of equal length) in its linear layers, and the
+    loss of every step. On exit the adapters are taken out, which leaves the model as it was (also on error), unless
+    `merge_adapters` merged them into its weights first."""
     from peft import LoraConfig, get_peft_model
 
     lengths = {len(s) for s in data.sequences}
@@ -109,14 +109,21 @@ def lora(model: torch.nn.Module, data: CalibrationSet, healing: Healing, batch_s
             losses.append(loss.item())
             bar.set_postfix(loss=f"{loss.item():.4f}")
         bar.close()
-        healed.eval()
-        yield healed, losses
+        model.eval()
+        yield model, losses
     finally:
-        from peft.tuners.lora import LoraLayer
-
-        if any(isinstance(m, LoraLayer) for m in model.modules()):  # not merged by the caller: taken out
-            healed.unload()
+        healed.unload()
         model.train(was_training)
+
+
+def merge_adapters(model: torch.nn.Module) -> None:
+    """Merge the LoRA adapters of a model inside `lora` into the weights they adapt, which keep them on exit."""
+    from peft.tuners.lora import LoraLayer
+
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, LoraLayer):
+                module.merge()
 
 
 @dataclass
@@ -155,23 +162,29 @@ class HealConfig(ScoringOptions):
 
 
 def training_data(model_dir: str | os.PathLike, tokenizer, spec, data: str | None) -> CalibrationSet:
-    """What a model is healed on: `data` (a calibration spec) where given, else a micro suite's training documents,
-    else the calibration text."""
+    """What a model is healed on: `data` (a calibration spec, cut to the model's positions) where given, else a micro
+    suite's training documents, else the calibration text; checked against the model's vocabulary."""
     from dataclasses import replace
 
     from ..calibration.blocks import load_calibration
+    from ..calibration.sets import fit_seq_len
     from ..microsuite.suite import training_set
+    from ..model.loading import max_positions, read_config
 
-    if data is None and tokenizer is not None and (found := training_set(model_dir, tokenizer)) is not None:
-        return found
-    return load_calibration(replace(spec, source=data) if data else spec, tokenizer)
+    config = read_config(model_dir)
+    found = training_set(model_dir, tokenizer) if data is None and tokenizer is not None else None
+    if found is None:
+        spec = fit_seq_len(replace(spec, source=data) if data else spec, max_positions(config))
+        found = load_calibration(spec, tokenizer)
+    if isinstance(config.get("vocab_size"), int):
+        found.check_vocab(config["vocab_size"])
+    return found
 
 
 def heal(config: HealConfig) -> Path:
     """Heal a pruned folder and save the healed model, its manifest recording how, and its model card; return the
     output folder."""
-    from ..calibration.sets import fit_seq_len
-    from ..model.loading import load_tokenizer, max_positions, read_config
+    from ..model.loading import load_tokenizer
     from ..model.portable import save
     from ..scoring.options import loaded
     from ..store import VERSION, Store
@@ -183,13 +196,11 @@ def heal(config: HealConfig) -> Path:
         raise ConfigError(f"{str(config.pruned)!r} is healed already; heal the pruned folder it came from, with more "
                           "--steps if need be")
     tokenizer = load_tokenizer(config.pruned)
-    spec = fit_seq_len(config.calibration, max_positions(read_config(config.pruned)))
-    data = training_data(config.pruned, tokenizer, spec, config.data)
-    if isinstance(vocab := read_config(config.pruned).get("vocab_size"), int):
-        data.check_vocab(vocab)
+    data = training_data(config.pruned, tokenizer, config.calibration, config.data)
     with loaded(config, config.pruned, None) as at:
-        with lora(at.model, data, config.healing, config.batch_size, config.progress and "healing") as (healed, losses):
-            model = healed.merge_and_unload()
+        model = at.model
+        with lora(model, data, config.healing, config.batch_size, config.progress and "healing") as (_, losses):
+            merge_adapters(model)
         at.check("healed")
         tail = losses[-max(1, len(losses) // 10):]
         record = {**record, "healed": {
