@@ -108,7 +108,8 @@ def curves(model, scores: pl.DataFrame, data, targets: tuple[str, ...] = TARGETS
     plan = [(target, *row) for target in targets for row in drop_sets(scores, target, n_layers, seeds, already)]
     measured: dict[tuple[tuple[int, ...], tuple[int, ...], bool], tuple[float, int]] = {}
     if healing is not None:
-        plan += [(target, k, "healed", None, chosen) for target, k, strategy, _, chosen in plan if strategy == "similarity"]
+        plan += [(target, k, "healed", None, chosen) for target, k, strategy, _, chosen in plan
+                 if strategy == "similarity"]
     label = healing.label(heal_data.id) if healing is not None else None
     bar = tqdm(total=len(plan) + 1, desc=progress if isinstance(progress, str) else "curves", unit="model",
                disable=None if progress else True, leave=False)

@@ -158,7 +158,8 @@ class HealConfig(ScoringOptions):
         if out.exists() and (not out.is_dir() or any(out.iterdir())):
             raise ConfigError(f"output directory {str(out)!r} exists and is not empty; choose a new --out")
         if (blocker := unmakeable(out)) is not None:
-            raise ConfigError(f"output folder {str(out)!r} cannot be made: {str(blocker)!r} is a file; choose another --out")
+            raise ConfigError(f"output folder {str(out)!r} cannot be made: {str(blocker)!r} is a file; choose another "
+                              "--out")
 
 
 def training_data(model_dir: str | os.PathLike, tokenizer, spec, data: str | None) -> CalibrationSet:
