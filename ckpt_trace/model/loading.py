@@ -11,7 +11,7 @@ import torch
 from ..errors import ConfigError, SourceError, one_line
 from ..paths import json_object
 from .adapters import adapter_for_type
-from .portable import stock_config, stock_type
+from .portable import PREFIX, stock_config, stock_type
 from .surgery import drop_modules_, layer_list, module_prefixes, pruned_record
 
 DEVICES = "auto, cpu, cuda or cuda:N"
@@ -195,7 +195,8 @@ def load_tokenizer(path: str | os.PathLike):
         return None
     try:
         # A pruned folder's config is read as its family's, so that its own code is never asked for.
-        config = stock_config(path, read_config(path)) if (Path(path) / "config.json").is_file() else None
-        return AutoTokenizer.from_pretrained(path, config=config) if config is not None else AutoTokenizer.from_pretrained(path)
+        raw = read_config(path) if (Path(path) / "config.json").is_file() else {}
+        given = {"config": stock_config(path, raw)} if str(raw.get("model_type", "")).startswith(PREFIX) else {}
+        return AutoTokenizer.from_pretrained(path, **given)
     except (OSError, ValueError) as err:
         raise SourceError(f"cannot load the tokenizer in {str(path)!r}: {err}") from err
