@@ -290,7 +290,9 @@ def heal(**values):
     """
     from .pruning.heal import heal as run_heal
 
-    spec = CalibrationSpec(samples=values.pop("samples"), seq_len=values.pop("seq_len"), seed=values["seed"])
+    # The blocks drawn do not depend on the LoRA seed: by default, those of the calibration set, which the held-out
+    # text of `eval --perplexity` leaves out.
+    spec = CalibrationSpec(samples=values.pop("samples"), seq_len=values.pop("seq_len"))
     out = run_heal(HealConfig(calibration=spec, **values))
     from .pruning.run import manifest
 

@@ -81,7 +81,7 @@ def test_a_healed_point_is_the_perplexity_of_the_pruned_model_healed(family, mon
     healed = frame.filter(pl.col("strategy") == "healed")
     similarity = frame.filter(pl.col("strategy") == "similarity")
     assert healed.select("target", "k", "dropped").rows() == similarity.select("target", "k", "dropped").rows()
-    assert set(healed["healed"]) == {healing.label(train.id)} and frame.filter(
+    assert set(healed["healed"]) == {healing.label(train.id, 2)} and frame.filter(
         pl.col("strategy") != "healed")["healed"].null_count() == frame.height - healed.height
     assert len(trained) == healed.select("dropped").n_unique()  # each distinct drop set healed once
 

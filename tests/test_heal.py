@@ -55,7 +55,7 @@ def test_heal_lowers_the_loss_is_deterministic_and_records_itself(family, tmp_pa
     assert steps["data"] == data.id and (steps["steps"], steps["rank"], steps["alpha"], steps["lr"], steps["seed"]) == (
         30, 4, 8, 0.01, 0)
     assert steps["final_loss"] < 0.95 * steps["first_loss"]
-    assert steps["label"] == f"LoRA rank 4, 30 steps, lr 0.01, seed 0, on {data.id}"
+    assert steps["label"] == f"LoRA rank 4, 30 steps of 4, lr 0.01, seed 0, on {data.id}"
 
     # The same seed heals to the same bytes; another seed to other weights.
     again = heal(tmp_path, pruned, "again")
@@ -77,6 +77,24 @@ def test_heal_lowers_the_loss_is_deterministic_and_records_itself(family, tmp_pa
         # ... and taking the adapters out leaves the pruned model as it was, bit for bit.
         torch.testing.assert_close(model(input_ids=ids).logits, plain, atol=0, rtol=0)
     assert not any("lora" in name for name, _ in model.named_parameters())
+
+
+def test_lora_gives_the_model_back_as_it_was():
+    from conftest import make_model
+
+    model = make_model("llama").train()
+    model.model.embed_tokens.weight.requires_grad_(False)
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    torch.manual_seed(123)
+    state = torch.random.get_rng_state()
+    data = CalibrationSet.from_ids(random_ids(4, 8, seed=1))
+    with lora(model, data, Healing(steps=3, rank=2), batch_size=2, progress=False) as (adapted, losses):
+        assert adapted is model and len(losses) == 3 and model.training is False
+        assert all(not p.requires_grad for name, p in model.named_parameters() if "lora" not in name)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert {name: p.requires_grad for name, p in model.named_parameters()} == flags and model.training
+    assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
 
 
 def test_lora_adapts_only_the_kept_linear_layers_of_the_decoder():
@@ -128,6 +146,8 @@ def test_bad_heal_input_is_one_line(tmp_path, capsys):
     cases = [
         ([str(pruned), "--steps", "0"], "Invalid value for '--steps'"),
         ([str(pruned), "--lr", "0"], "Invalid value for '--lr'"),
+        ([str(pruned), "--lr", "inf"], "--lr inf must be a number greater than 0"),
+        ([str(pruned), "--lr", "1e9", "--data", str(training_file(tmp_path)), "--steps", "5"], "healing diverged"),
         ([str(source)], "is no pruned model folder (it has no ckpt_trace_prune.json); prune it first"),
         ([str(healed)], "is healed already"),
         ([str(pruned), "--data", str(tmp_path / "missing.jsonl")], "missing.jsonl"),

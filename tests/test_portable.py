@@ -14,14 +14,14 @@ import textwrap
 
 import pytest
 import torch
-from conftest import FAMILIES, save_checkpoint
+from conftest import FAMILIES, random_ids, save_checkpoint
 from test_pruning import zeroed
 
 from ckpt_trace.model.loading import load_pruned, read_config
 from ckpt_trace.model.portable import CODE_FILE, PREFIX
 from ckpt_trace.pruning.run import MANIFEST, PruneConfig, prune
 
-IDS = [[5, 17, 250, 3, 99, 140, 7, 61, 300, 12, 44, 2], [201, 9, 18, 77, 150, 33, 260, 4, 91, 123, 8, 310]]
+IDS = random_ids(2, 24, seed=21)  # longer than the sliding windows of the Gemma configurations (16)
 PROMPT = [[5, 17, 250, 3, 99]]
 NEW_TOKENS = 8
 
@@ -170,7 +170,8 @@ def test_prune_pushes_a_folder_that_loads_from_the_hub(loopback, tmp_path, token
     repo = loopback.repos["me/qwen3-mlp"]
     pushed = repo.commits[repo.branches["main"]]
     local = {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*") if p.is_file()}
-    assert pushed == local and {"README.md", CODE_FILE, "config.json", MANIFEST} <= set(pushed)
+    assert pushed == {**local, ".gitattributes": pushed[".gitattributes"]}
+    assert {"README.md", CODE_FILE, "config.json", MANIFEST} <= set(pushed)
     card = pushed["README.md"].decode()
     assert "mlp [1] dropped" in card and "trust_remote_code=True" in card and "- ckpt-trace" in card
 
@@ -183,11 +184,14 @@ def test_prune_pushes_a_folder_that_loads_from_the_hub(loopback, tmp_path, token
         torch.testing.assert_close(model(input_ids=ids).logits, load_pruned(out)(input_ids=ids).logits, atol=1e-5,
                                    rtol=0)
 
-    # Pushed again (a second model into the same repo): a new commit on top of the first.
+    # Another model pushed to the same repo (a block drop, a plain model): the repo holds it alone, no code left over.
     again = tmp_path / "again"
-    assert main(["prune", str(source), "--target", "attention", "--drop", "1", "--strategy", "last", "--out",
+    assert main(["prune", str(source), "--target", "block", "--drop", "1", "--strategy", "last", "--out",
                  str(again), "--push-to-hub", "me/qwen3-mlp", "--store", str(tmp_path / "s"), "--device", "cpu"]) == 0
-    assert repo.commits[repo.branches["main"]]["README.md"] == (again / "README.md").read_bytes() != pushed["README.md"]
+    now = repo.commits[repo.branches["main"]]
+    assert now == {p.relative_to(again).as_posix(): p.read_bytes() for p in again.rglob("*") if p.is_file()} | {
+        ".gitattributes": pushed[".gitattributes"]}
+    assert CODE_FILE not in now and now["README.md"] != pushed["README.md"]
 
 
 def test_push_refused_or_misnamed(loopback, tmp_path, capsys):
@@ -240,10 +244,47 @@ def test_model_card_names_the_drop_its_scores_and_the_evaluations(tmp_path, toke
     ours = evals.filter(pl.col("pruning").is_not_null())["value"][0]
     original = evals.filter(pl.col("pruning").is_null())["value"][0]
     card = (out / "README.md").read_text()
-    assert f"| perplexity | perplexity | {evals['data'][0]} | float32 | {original:.4f} | {ours:.4f} |" in card
+    n = evals["n"][0]
+    assert f"| perplexity | perplexity | {evals['data'][0]} |  | {n} | float32 | cpu | {original:.4f} | {ours:.4f} |" in card
 
     # A card the user rewrote without ckpt-trace's tag is theirs: evaluating again leaves it as it is.
     (out / "README.md").write_text("---\ntags:\n- mine\n---\n# My model\n")
     assert main(["eval", str(out), "--perplexity", "--perplexity-data", str(data), *common]) == 0
     assert (out / "README.md").read_text() == "---\ntags:\n- mine\n---\n# My model\n"
     capsys.readouterr()
+
+
+def test_card_of_an_iterative_prune_quotes_each_pick_by_its_round(tmp_path, tokenizer_dir, capsys):
+    source = save_checkpoint(tmp_path / "source", "llama", seed=8, tokenizer_dir=tokenizer_dir)
+    out = tmp_path / "pruned"
+    from ckpt_trace.cli import main
+
+    assert main(["prune", str(source), "--target", "joint", "--drop", "2", "--strategy", "iterative", "--out",
+                 str(out), "--store", str(tmp_path / "s"), "--device", "cpu", "--samples", "4", "--seq-len", "16"]) == 0
+    record = json.loads((out / MANIFEST).read_text())
+    card = (out / "README.md").read_text()
+    for i, pick in enumerate(record["order"]):
+        module, layer = pick.split()
+        value = next(r["value"] for r in record["scores"] if (r["module"], r["layer"], r["metric"], r["round"]) == (
+            module, int(layer), "importance", i))
+        assert f"| {module} | {layer} | {value:.4g} |" in card
+    assert card.count("\n| attention |") + card.count("\n| mlp |") == 2
+    capsys.readouterr()
+
+
+def test_a_card_that_is_a_link_is_never_written_through(tmp_path, tokenizer_dir):
+    """A pruned model downloaded from the Hub sits in a cache snapshot whose README.md links to a shared blob:
+    evaluating it stores its results and leaves the blob as it is."""
+    from ckpt_trace.pruning.card import write_card
+
+    source = save_checkpoint(tmp_path / "source", "llama", seed=8)
+    out = tmp_path / "pruned"
+    prune(PruneConfig(source=source, target="mlp", drop=1, out=out, strategy="last", device="cpu",
+                      store=tmp_path / "store", progress=False))
+    blob = tmp_path / "blob"
+    blob.write_bytes((out / "README.md").read_bytes())
+    (out / "README.md").unlink()
+    (out / "README.md").symlink_to(blob)
+    record = json.loads((out / MANIFEST).read_text())
+    assert write_card(out, record) is None
+    assert blob.read_bytes() == (out / "README.md").read_bytes() and (out / "README.md").is_symlink()

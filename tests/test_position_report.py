@@ -160,7 +160,7 @@ def test_the_position_figure_has_a_panel_per_target_and_a_dashed_healed_line(tmp
     figure = plots.position_excess(excess)
     axes = [ax for ax in figure.axes if ax.get_title()]
     assert [ax.get_title() for ax in axes] == ["Attention dropped", "MLP dropped", "Blocks dropped",
-                                               "Attention and MLP dropped"]
+                                               "Several kinds dropped (joint)"]
     lines = {line.get_label(): line for line in axes[0].get_lines() if not line.get_label().startswith("_")}
     assert set(lines) == {"attn-2", "attn-2-healed, healed"}
     pruned, healed = lines["attn-2"], lines["attn-2-healed, healed"]

@@ -342,7 +342,7 @@ def spans(frame: pl.DataFrame, metric: str = "span_distance") -> Figure:
 
 
 POSITION_TARGETS = {"attention": "Attention dropped", "mlp": "MLP dropped", "block": "Blocks dropped",
-                    "joint": "Attention and MLP dropped"}
+                    "joint": "Several kinds dropped (joint)"}
 
 
 def position_excess(excess: pl.DataFrame) -> Figure:

@@ -285,7 +285,7 @@ together only within them. A healed model is another model than the one it was h
 
 TARGETS = ("attention", "mlp", "block", "joint")
 """What a pruned model had dropped, by its pruning label: only attention layers, only MLPs, only whole blocks, or a
-mix (attention and MLP layers, He et al.'s Joint Layer Drop)."""
+mix (attention and MLP layers, He et al.'s Joint Layer Drop, or blocks beside either)."""
 
 
 def pruning_target(label: pl.Expr) -> pl.Expr:

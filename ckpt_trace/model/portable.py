@@ -31,10 +31,18 @@ CODE_FILE = "modeling_ckpt_trace_pruned.py"
 CONFIG_CLASS = "CkptTracePrunedConfig"
 MODEL_CLASS = "CkptTracePrunedForCausalLM"
 
+TRANSFORMERS = 5
+"""The transformers major version the folder's code needs (its cache layers and weight names are those of 5.x)."""
+
 _CLASSES = Template('''
 
 # The model of this folder: a $family model whose attention layers and MLPs listed under
-# "ckpt_trace_pruned" in config.json are dropped (written by ckpt-trace $version).
+# "ckpt_trace_pruned" in config.json are dropped (written by ckpt-trace $version with transformers $written_with).
+
+import transformers as _transformers  # noqa: E402
+
+if int(_transformers.__version__.split(".")[0]) < $major:
+    raise ImportError(f"this pruned model needs transformers $major or later; this is {_transformers.__version__}")
 
 from transformers import $stock_config as _StockConfig  # noqa: E402
 from transformers import $stock_model as _StockModel  # noqa: E402
@@ -71,12 +79,15 @@ def stock_classes(model_type: str) -> tuple[type, type]:
 
 def modeling_code(model_type: str) -> str:
     """The modeling code a pruned folder of this family ships."""
+    import transformers
+
     from ..store import VERSION
 
     adapter = adapter_for_type(model_type)
     stock_config, stock_model = stock_classes(model_type)
     return Path(dropped.__file__).read_text(encoding="utf-8") + _CLASSES.substitute(
-        family=adapter.name, version=VERSION, stock_config=stock_config.__name__, stock_model=stock_model.__name__,
+        family=adapter.name, version=VERSION, written_with=transformers.__version__, major=TRANSFORMERS,
+        stock_config=stock_config.__name__, stock_model=stock_model.__name__,
         config_class=CONFIG_CLASS, model_class=MODEL_CLASS, model_type=PREFIX + model_type, layers=adapter.layers,
         attention=adapter.module_path("attention"), mlp=adapter.module_path("mlp"))
 

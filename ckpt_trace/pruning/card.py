@@ -16,7 +16,8 @@ import polars as pl
 from ..errors import ConfigError, PushError, one_line
 from ..model.adapters import adapter_for_type
 from ..model.loading import read_config
-from ..model.portable import CODE_FILE, PREFIX, stock_type
+from ..model.portable import CODE_FILE, PREFIX, TRANSFORMERS, stock_type
+from ..paths import atomic_write_bytes
 
 CARD = "README.md"
 TAG = "ckpt-trace"
@@ -42,15 +43,18 @@ def _steps(record: dict) -> list[str]:
 
 
 def _scores(record: dict) -> tuple[list[str], list[dict]]:
-    """The dropped modules' scores of the last step, one row per module, one column per metric."""
+    """The scores by which the last step picked each module it dropped (for `iterative`, those of the round that picked
+    it), one row per module, one column per metric."""
     if not record.get("scores"):
         return [], []
     numbering = record.get("previous") and (record["previous"].get("layers"))
-    chosen = {(module, int(layer)) for module, layer in (o.split() for o in record["order"])}
+    picks = [(module, int(layer), i) for i, (module, layer) in enumerate(o.split() for o in record["order"])]
     if numbering:  # the order is in the original numbering, the scores in that of the model this step pruned
-        chosen = {(module, numbering.index(layer)) for module, layer in chosen if layer in numbering}
-    frame = pl.DataFrame(record["scores"]).filter(pl.struct("module", "layer").map_elements(
-        lambda r: (r["module"], r["layer"]) in chosen, return_dtype=pl.Boolean))
+        picks = [(module, numbering.index(layer), i) for module, layer, i in picks if layer in numbering]
+    frame = pl.DataFrame(record["scores"])
+    on = ["module", "layer", "round"] if "round" in frame.columns else ["module", "layer"]
+    wanted = pl.DataFrame(picks, schema=["module", "layer", "round"], orient="row").select(on)
+    frame = frame.join(wanted.cast({c: frame.schema[c] for c in on}), on=on)
     if frame.height == 0:
         return [], []
     wide = frame.pivot(on="metric", index=["module", "layer"], values="value").sort("module", "layer")
@@ -63,7 +67,7 @@ def _evaluations(evals: pl.DataFrame | None, weights: str | None, source_weights
     evaluated) beside its unpruned source's."""
     if evals is None or evals.height == 0:
         return []
-    keys = ["task", "metric", "data", "dtype"]
+    keys = ["task", "metric", "data", "num_fewshot", "n", "dtype", "device"]  # measured alike
     latest = evals.sort("created")
     of = lambda w: pl.col("weights") == w if w is not None else pl.lit(False)  # noqa: E731
     this = latest.filter(of(weights)).unique(keys, keep="last", maintain_order=True).select(*keys, this="value")
@@ -71,28 +75,30 @@ def _evaluations(evals: pl.DataFrame | None, weights: str | None, source_weights
         keys, keep="last", maintain_order=True).select(*keys, original="value")
     table = this.join(original, on=keys, how="full", coalesce=True, nulls_equal=True, maintain_order="left_right")
     shown = lambda v: "" if v is None else f"{v:.4f}"  # noqa: E731
-    return [{**row, "data": row["data"] or "", "this": shown(row["this"]), "original": shown(row["original"])}
-            for row in table.to_dicts()]
+    return [{**row, "data": row["data"] or "", "shots": "" if row["num_fewshot"] is None else row["num_fewshot"],
+             "this": shown(row["this"]), "original": shown(row["original"])} for row in table.to_dicts()]
 
 
 def write_card(folder: str | os.PathLike, record: dict, evals: pl.DataFrame | None = None,
                weights: str | None = None, name: str | None = None) -> Path | None:
     """Write the model card of a pruned folder from its manifest `record` and the stored `evals` (those of this
     model's `weights` and of its source's); `name` is the folder's own (where it is written in a staging folder).
-    A README.md that ckpt-trace did not write is left as it is (None)."""
+    A README.md that ckpt-trace did not write is left as it is (None), and so is one that is a link (a Hugging Face
+    cache snapshot's, whose blob other snapshots share)."""
     from huggingface_hub import ModelCard, ModelCardData
 
     folder = Path(folder)
     path = folder / CARD
-    if path.is_file() and TAG not in (ModelCard.load(path).data.tags or []):
+    if path.is_symlink() or (path.is_file() and TAG not in (ModelCard.load(path).data.tags or [])):
         return None
     config = read_config(folder)
     family = adapter_for_type(stock_type(config)).name
     portable = str(config.get("model_type", "")).startswith(PREFIX)
-    source = str(record.get("source", ""))
-    is_repo = source.count("/") == 1 and not Path(source).exists()  # a Hub repo id, not a local folder
+    first = record
+    while first.get("previous"):
+        first = first["previous"]
     data = ModelCardData(library_name="transformers", pipeline_tag="text-generation",
-                         base_model=source if is_repo else None,
+                         base_model=record["model"] if record.get("commit") else None,  # a Hub repo's commit
                          tags=[TAG, "pruned", *(["healed"] if record.get("healed") else []),
                                *(["custom_code"] if portable else [])])
     dropped = ", ".join(f"{kind} {layers}" for kind, layers in record["dropped"].items() if layers)
@@ -101,10 +107,11 @@ def write_card(folder: str | os.PathLike, record: dict, evals: pl.DataFrame | No
         data, template_path=str(_TEMPLATE), title=f"{record['model']} at {record['revision']}, pruned",
         summary=f"{record['model']} ({record['revision']}) with {dropped} dropped by ckpt-trace"
                 + (", then healed with LoRA." if record.get("healed") else "."),
-        name=name or folder.name, family=family, portable=portable, code_file=CODE_FILE, record=record, steps=_steps(record),
-        score_metrics=metrics, scores=scores, healed=record.get("healed"),
-        evaluations=_evaluations(evals, weights, record.get("weights")))
-    card.save(path)
+        name=name or folder.name, family=family, portable=portable, code_file=CODE_FILE, record=record,
+        parameters_before=first["parameters_before"], steps=_steps(record), score_metrics=metrics, scores=scores,
+        healed=record.get("healed"), evaluations=_evaluations(evals, weights, record.get("weights")),
+        transformers=TRANSFORMERS)
+    atomic_write_bytes(path, str(card).encode())
     return path
 
 
@@ -131,8 +138,10 @@ def push(folder: str | os.PathLike, repo_id: str, private: bool = False) -> str:
     api = HfApi()
     try:
         api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+        # Weights, code and configs of a model pushed there before go: the repo holds this model only.
         commit = api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model",
-                                   commit_message=f"ckpt-trace: {Path(folder).name}")
+                                   commit_message=f"ckpt-trace: {Path(folder).name}",
+                                   delete_patterns=["*.safetensors", "*.bin", "*.py", "*.json"])
     except (HfHubHTTPError, HFValidationError, *hub_errors()) as err:
         raise PushError(f"cannot push {str(folder)!r} to {repo_id!r} on {api.endpoint}: {one_line(err, 200)}; the "
                         "folder is kept, push it again with `hf upload`") from err

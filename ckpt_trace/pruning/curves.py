@@ -110,7 +110,7 @@ def curves(model, scores: pl.DataFrame, data, targets: tuple[str, ...] = TARGETS
     if healing is not None:
         plan += [(target, k, "healed", None, chosen) for target, k, strategy, _, chosen in plan
                  if strategy == "similarity"]
-    label = healing.label(heal_data.id) if healing is not None else None
+    label = healing.label(heal_data.id, batch_size) if healing is not None else None
     bar = tqdm(total=len(plan) + 1, desc=progress if isinstance(progress, str) else "curves", unit="model",
                disable=None if progress else True, leave=False)
     try:

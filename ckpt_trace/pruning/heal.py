@@ -12,10 +12,11 @@ takes the adapters out again (`ckpt-trace curves --heal`).
 from __future__ import annotations
 
 import json
+import math
 import os
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -49,12 +50,13 @@ class Healing:
         for name, least in (("steps", 1), ("rank", 1)):
             if getattr(self, name) < least:
                 raise ConfigError(f"--{name} {getattr(self, name)} is too small; give {least} or more")
-        if not self.lr > 0:
-            raise ConfigError(f"--lr {self.lr} must be greater than 0")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ConfigError(f"--lr {self.lr} must be a number greater than 0")
 
-    def label(self, data_id: str) -> str:
+    def label(self, data_id: str, batch_size: int) -> str:
         """How a healed model is named in the store's `healed` column."""
-        return f"LoRA rank {self.rank}, {self.steps} steps, lr {self.lr:g}, seed {self.seed}, on {data_id}"
+        return (f"LoRA rank {self.rank}, {self.steps} steps of {batch_size}, lr {self.lr:g}, seed {self.seed}, "
+                f"on {data_id}")
 
 
 def lora_targets(model: torch.nn.Module) -> list[str]:
@@ -72,8 +74,9 @@ def lora_targets(model: torch.nn.Module) -> list[str]:
 def lora(model: torch.nn.Module, data: CalibrationSet, healing: Healing, batch_size: int = 8,
          progress: bool | str = True) -> Iterator[tuple[torch.nn.Module, list[float]]]:
     """The model itself with LoRA adapters trained on `data` (blocks of equal length) in its linear layers, and the
-    loss of every step. On exit the adapters are taken out, which leaves the model as it was (also on error), unless
-    `merge_adapters` merged them into its weights first."""
+    loss of every step. On exit the adapters are taken out, which leaves the model as it was, trainable parameters
+    and the global random state included (also on error), unless `merge_adapters` merged them into its weights
+    first. Raises `ConfigError` where the loss stops being finite (the learning rate is too high)."""
     from peft import LoraConfig, get_peft_model
 
     lengths = {len(s) for s in data.sequences}
@@ -82,38 +85,53 @@ def lora(model: torch.nn.Module, data: CalibrationSet, healing: Healing, batch_s
                           "source or a pre-tokenized jsonl of equal-length sequences")
     blocks = torch.stack(list(data.sequences))
     device = next(model.parameters()).device
-    torch.manual_seed(healing.seed)
     config = LoraConfig(r=healing.rank, lora_alpha=2 * healing.rank, lora_dropout=0.0,
                         target_modules=lora_targets(model), fan_in_fan_out=model.config.model_type == "gpt2")
     was_training = model.training
-    with warnings.catch_warnings():  # peft asks transformers a deprecated question; nothing for the user to do
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        healed = get_peft_model(model, config)
-    try:
-        params = [p for p in healed.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=healing.lr, weight_decay=0.0)
-        warmup = max(1, round(WARMUP * healing.steps))
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
-        generator = torch.Generator().manual_seed(healing.seed)
-        losses = []
-        healed.train()
-        bar = tqdm(range(healing.steps), desc=progress if isinstance(progress, str) else "healing", unit="step",
-                   disable=None if progress else True, leave=False)
-        for _ in bar:
+    trainable = {name: p.requires_grad for name, p in model.named_parameters()}
+    with ExitStack() as scope:
+        scope.enter_context(torch.random.fork_rng(devices=[device] if device.type == "cuda" else []))
+        torch.manual_seed(healing.seed)
+        with warnings.catch_warnings():  # peft asks transformers a deprecated question; nothing for the user to do
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            healed = get_peft_model(model, config)
+        scope.callback(_restore, model, healed, trainable, was_training)
+        losses = _train(healed, blocks, device, healing, batch_size, progress)
+        model.eval()
+        yield model, losses
+
+
+def _restore(model, healed, trainable: dict[str, bool], was_training: bool) -> None:
+    """Take the adapters out and give every parameter back the trainability it had."""
+    healed.unload()
+    for name, param in model.named_parameters():
+        param.requires_grad_(trainable.get(name, param.requires_grad))
+    model.train(was_training)
+
+
+def _train(healed, blocks: torch.Tensor, device, healing: Healing, batch_size: int, progress) -> list[float]:
+    """The optimizer steps; the loss of each."""
+    optimizer = torch.optim.AdamW([p for p in healed.parameters() if p.requires_grad], lr=healing.lr, weight_decay=0.0)
+    warmup = max(1, round(WARMUP * healing.steps))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+    generator = torch.Generator().manual_seed(healing.seed)
+    losses = []
+    healed.train()
+    with tqdm(range(healing.steps), desc=progress if isinstance(progress, str) else "healing", unit="step",
+              disable=None if progress else True, leave=False) as bar:
+        for step in bar:
             batch = blocks[torch.randint(0, len(blocks), (batch_size,), generator=generator)].to(device)
             loss = healed(input_ids=batch, labels=batch).loss
+            if not torch.isfinite(loss):
+                raise ConfigError(f"healing diverged: the loss is {loss.item()} at step {step + 1} of {healing.steps}; "
+                                  f"give a lower --lr than {healing.lr:g}")
             loss.backward()
             optimizer.step()
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(loss.item())
             bar.set_postfix(loss=f"{loss.item():.4f}")
-        bar.close()
-        model.eval()
-        yield model, losses
-    finally:
-        healed.unload()
-        model.train(was_training)
+    return losses
 
 
 def merge_adapters(model: torch.nn.Module) -> None:
@@ -202,12 +220,14 @@ def heal(config: HealConfig) -> Path:
         model = at.model
         with lora(model, data, config.healing, config.batch_size, config.progress and "healing") as (_, losses):
             merge_adapters(model)
+        if not all(torch.isfinite(p).all() for p in model.parameters()):
+            raise ConfigError(f"healing diverged: the merged weights are not finite; give a lower --lr than {config.lr:g}")
         at.check("healed")
         tail = losses[-max(1, len(losses) // 10):]
         record = {**record, "healed": {
             "data": data.id, "data_source": data.source, "steps": config.steps, "rank": config.rank,
             "alpha": 2 * config.rank, "lr": config.lr, "seed": config.seed, "batch_size": config.batch_size,
-            "first_loss": losses[0], "final_loss": sum(tail) / len(tail), "label": config.healing.label(data.id),
+            "first_loss": losses[0], "final_loss": sum(tail) / len(tail), "label": config.healing.label(data.id, config.batch_size),
             "from": str(Path(config.pruned).resolve()), "from_weights": at.checkpoint.weights,
             "dtype": str(at.dtype).removeprefix("torch."), "version": VERSION,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}}

@@ -23,6 +23,7 @@ from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
 
 LFS_SUFFIXES = (".safetensors", ".bin")
+GITATTRIBUTES = b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n*.bin filter=lfs diff=lfs merge=lfs -text\n"
 
 
 _DIGESTS: dict[int, tuple[bytes, str, str, bytes]] = {}  # id(content) -> (content, sha256, git blob id, LFS pointer)
@@ -246,13 +247,15 @@ class _Handler(BaseHTTPRequestHandler):
         return self._api(f"{prefix}{parts[2]}/{parts[3]}", "paths-info", [parts[5]], form.get("paths", []))
 
     def _create(self, payload: dict):
-        """Create an empty repo, as `HfApi.create_repo` asks; 409 where it exists."""
+        """Create a repo, as `HfApi.create_repo` asks, holding what the Hub puts in a new one (a `.gitattributes` on
+        main); 409 where it exists."""
         repo_id = "/".join(filter(None, (payload.get("organization"), payload["name"])))
         key = repo_id if payload.get("type", "model") == "model" else f"{payload['type']}s/{repo_id}"
         url = f"{self.hub.url}/{key}"
         if key in self.hub.repos:
             return self._send(409, json.dumps({"error": "You already created this repo", "url": url}).encode())
-        self.hub.repos[key] = Repo()
+        self.hub.add_revision(repo_id, "main", {".gitattributes": GITATTRIBUTES},
+                              repo_type=payload.get("type", "model"))
         return self._json({"url": url, "name": repo_id})
 
     def _commit_files(self, repo_id: str, branch: str, body: bytes):
