@@ -228,7 +228,7 @@ def heal(config: HealConfig) -> Path:
             "data": data.id, "data_source": data.source, "steps": config.steps, "rank": config.rank,
             "alpha": 2 * config.rank, "lr": config.lr, "seed": config.seed, "batch_size": config.batch_size,
             "first_loss": losses[0], "final_loss": sum(tail) / len(tail), "label": config.healing.label(data.id, config.batch_size),
-            "from": str(Path(config.pruned).resolve()), "from_weights": at.checkpoint.weights,
+            "from": str(config.pruned), "from_weights": at.checkpoint.weights,
             "dtype": str(at.dtype).removeprefix("torch."), "version": VERSION,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}}
         out = Path(config.out)
