@@ -36,15 +36,13 @@ def describe(path: Path) -> dict:
     fingerprints of its weights and of the unpruned model's (which a pruned model's manifest records; null in
     manifests written before it did)."""
     from ..fetch.identity import local_weights
+    from ..pruning.card import steps
     from ..pruning.run import MANIFEST, manifest
 
     if (path / MANIFEST).is_file():
         record = manifest(path)
         dropped = ", ".join(f"{kind} {layers}" for kind, layers in record["dropped"].items() if layers)
-        strategies, step = [], record
-        while step:  # a model pruned again lists every step, earliest first
-            strategies.insert(0, step["strategy"])
-            step = step.get("previous")
+        strategies = [step["strategy"] for step in steps(record)]  # a model pruned again: every step, earliest first
         return {"model": path.name, "source_model": record["model"], "revision": record["revision"],
                 "pruning": f"{dropped} ({' then '.join(strategies)})", "weights": local_weights(path)[0],
                 "source_weights": record.get("weights"), "healed": (record.get("healed") or {}).get("label")}

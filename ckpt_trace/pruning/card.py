@@ -25,6 +25,16 @@ TAG = "ckpt-trace"
 _TEMPLATE = Path(__file__).parent / "templates" / "model_card.md.j2"
 
 
+def steps(record: dict) -> list[dict]:
+    """Every pruning step of a manifest, earliest first (a model pruned again holds the earlier one's under
+    `previous`)."""
+    found = []
+    while record:
+        found.insert(0, record)
+        record = record.get("previous")
+    return found
+
+
 def _step(record: dict) -> str:
     how = {"similarity": "the least important by importance, in one shot",
            "iterative": "the least important, scored again after each drop",
@@ -32,14 +42,6 @@ def _step(record: dict) -> str:
     calibration = f" on calibration set `{record['calibration']}`" if record.get("calibration") else ""
     return (f"{record['drop']} {record['target']} module{'s' if record['drop'] != 1 else ''} by {record['strategy']} "
             f"({how.get(record['strategy'], record['strategy'])}){calibration}: {', '.join(record['order'])}")
-
-
-def _steps(record: dict) -> list[str]:
-    steps, step = [], record
-    while step:
-        steps.insert(0, _step(step))
-        step = step.get("previous")
-    return steps
 
 
 def _scores(record: dict) -> tuple[list[str], list[dict]]:
@@ -94,9 +96,7 @@ def write_card(folder: str | os.PathLike, record: dict, evals: pl.DataFrame | No
     config = read_config(folder)
     family = adapter_for_type(stock_type(config)).name
     portable = str(config.get("model_type", "")).startswith(PREFIX)
-    first = record
-    while first.get("previous"):
-        first = first["previous"]
+    every = steps(record)
     data = ModelCardData(library_name="transformers", pipeline_tag="text-generation",
                          base_model=record["model"] if record.get("commit") else None,  # a Hub repo's commit
                          tags=[TAG, "pruned", *(["healed"] if record.get("healed") else []),
@@ -108,7 +108,8 @@ def write_card(folder: str | os.PathLike, record: dict, evals: pl.DataFrame | No
         summary=f"{record['model']} ({record['revision']}) with {dropped} dropped by ckpt-trace"
                 + (", then healed with LoRA." if record.get("healed") else "."),
         name=name or folder.name, family=family, portable=portable, code_file=CODE_FILE, record=record,
-        parameters_before=first["parameters_before"], steps=_steps(record), score_metrics=metrics, scores=scores,
+        parameters_before=every[0]["parameters_before"], steps=[_step(s) for s in every], score_metrics=metrics,
+        scores=scores,
         healed=record.get("healed"), evaluations=_evaluations(evals, weights, record.get("weights")),
         transformers=TRANSFORMERS)
     atomic_write_bytes(path, str(card).encode())

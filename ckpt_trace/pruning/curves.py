@@ -188,9 +188,10 @@ def run_curves(config: CurveConfig) -> pl.DataFrame:
             label = config.progress and f"{checkpoint.revision.name}: scoring"
             scores = pl.concat([score(model, calibration, config.batch_size, progress=label),
                                 ablation_losses(model, calibration, config.batch_size, progress=label)])
-        data = perplexity_set(at.path, model, load_tokenizer(at.path), config.calibration, config.perplexity_data)
+        tokenizer = load_tokenizer(at.path)
+        data = perplexity_set(at.path, model, tokenizer, config.calibration, config.perplexity_data)
         healing = Healing(steps=config.heal) if config.heal else None
-        heal_data = training_data(at.path, load_tokenizer(at.path), config.calibration, None) if healing else None
+        heal_data = training_data(at.path, tokenizer, config.calibration, None) if healing else None
         frame = curves(model, scores, data, config.targets, config.seeds, config.batch_size,
                        progress=config.progress and f"{checkpoint.revision.name}: curves", healing=healing,
                        heal_data=heal_data)

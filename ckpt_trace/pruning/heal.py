@@ -11,7 +11,6 @@ takes the adapters out again (`ckpt-trace curves --heal`).
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import warnings
@@ -26,7 +25,7 @@ from tqdm.auto import tqdm
 
 from ..calibration.sets import CalibrationSet
 from ..errors import ConfigError
-from ..paths import staged_folder, unmakeable
+from ..paths import staged_folder
 from ..scoring.options import ScoringOptions
 
 WARMUP = 0.1
@@ -166,18 +165,13 @@ class HealConfig(ScoringOptions):
 
     def __post_init__(self):
         super().__post_init__()
-        from .run import MANIFEST
+        from .run import MANIFEST, check_out
 
         self.healing = Healing(self.steps, self.rank, self.lr, self.seed)
         if not (Path(self.pruned) / MANIFEST).is_file():
             raise ConfigError(f"{str(self.pruned)!r} is no pruned model folder (it has no {MANIFEST}); prune it first "
                               "with `ckpt-trace prune`")
-        out = Path(self.out)
-        if out.exists() and (not out.is_dir() or any(out.iterdir())):
-            raise ConfigError(f"output directory {str(out)!r} exists and is not empty; choose a new --out")
-        if (blocker := unmakeable(out)) is not None:
-            raise ConfigError(f"output folder {str(out)!r} cannot be made: {str(blocker)!r} is a file; choose another "
-                              "--out")
+        check_out(self.out)
 
 
 def training_data(model_dir: str | os.PathLike, tokenizer, spec, data: str | None) -> CalibrationSet:
@@ -203,12 +197,10 @@ def training_data(model_dir: str | os.PathLike, tokenizer, spec, data: str | Non
 def heal(config: HealConfig) -> Path:
     """Heal a pruned folder and save the healed model, its manifest recording how, and its model card; return the
     output folder."""
-    from ..model.loading import load_tokenizer
-    from ..model.portable import save
+    from ..model.loading import dtype_name, load_tokenizer
     from ..scoring.options import loaded
     from ..store import VERSION, Store
-    from .card import write_card
-    from .run import MANIFEST, manifest
+    from .run import manifest, write_folder
 
     record = manifest(config.pruned)
     if record.get("healed"):
@@ -221,21 +213,19 @@ def heal(config: HealConfig) -> Path:
         with lora(model, data, config.healing, config.batch_size, config.progress and "healing") as (_, losses):
             merge_adapters(model)
         if not all(torch.isfinite(p).all() for p in model.parameters()):
-            raise ConfigError(f"healing diverged: the merged weights are not finite; give a lower --lr than {config.lr:g}")
+            raise ConfigError(f"healing diverged: the merged weights are not finite; give a lower --lr than "
+                              f"{config.lr:g}")
         at.check("healed")
         tail = losses[-max(1, len(losses) // 10):]
         record = {**record, "healed": {
             "data": data.id, "data_source": data.source, "steps": config.steps, "rank": config.rank,
             "alpha": 2 * config.rank, "lr": config.lr, "seed": config.seed, "batch_size": config.batch_size,
-            "first_loss": losses[0], "final_loss": sum(tail) / len(tail), "label": config.healing.label(data.id, config.batch_size),
+            "first_loss": losses[0], "final_loss": sum(tail) / len(tail),
+            "label": config.healing.label(data.id, config.batch_size),
             "from": str(config.pruned), "from_weights": at.checkpoint.weights,
-            "dtype": str(at.dtype).removeprefix("torch."), "version": VERSION,
+            "dtype": dtype_name(at.dtype), "version": VERSION,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}}
         out = Path(config.out)
         with staged_folder(out) as staging:
-            save(model, staging)
-            if tokenizer is not None:
-                tokenizer.save_pretrained(staging)
-            (staging / MANIFEST).write_text(json.dumps(record, indent=2) + "\n")
-            write_card(staging, record, Store(config.store).evals(), name=out.name)
+            write_folder(staging, model, tokenizer, record, Store(config.store), out.name)
     return out

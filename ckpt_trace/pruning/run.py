@@ -53,11 +53,7 @@ class PruneConfig(ScoringOptions):
             raise ConfigError(f"unknown target {self.target!r}; use one of: {', '.join(TARGETS)}")
         if self.strategy not in STRATEGIES:
             raise ConfigError(f"unknown strategy {self.strategy!r}; use one of: {', '.join(STRATEGIES)}")
-        out = Path(self.out)
-        if out.exists() and (not out.is_dir() or any(out.iterdir())):
-            raise ConfigError(f"output directory {str(out)!r} exists and is not empty; choose a new --out")
-        if (blocker := unmakeable(out)) is not None:
-            raise ConfigError(f"output folder {str(out)!r} cannot be made: {str(blocker)!r} is a file; choose another --out")
+        check_out(self.out)
 
 
 def prune(config: PruneConfig) -> Path:
@@ -123,16 +119,32 @@ def prune(config: PruneConfig) -> Path:
         }
         out = Path(config.out)
         with staged_folder(out) as staging:  # an empty `out` (checked above) is replaced
-            save(model, staging)
-            tokenizer = load_tokenizer(at.path)
-            if tokenizer is not None:
-                tokenizer.save_pretrained(staging)
-            (staging / MANIFEST).write_text(json.dumps(record, indent=2) + "\n")
-            write_card(staging, record, Store(config.store).evals(), name=out.name)
+            write_folder(staging, model, load_tokenizer(at.path), record, Store(config.store), out.name)
             at.check("pruned")  # nothing is left in `out` then
     if config.push_to_hub:
         push(out, config.push_to_hub)
     return out
+
+
+def check_out(out: str | os.PathLike) -> None:
+    """Raise `ConfigError` for an output folder that exists and is not empty, or cannot be made."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"output directory {str(out)!r} exists and is not empty; choose a new --out")
+    if (blocker := unmakeable(out)) is not None:
+        raise ConfigError(f"output folder {str(out)!r} cannot be made: {str(blocker)!r} is a file; choose another "
+                          "--out")
+
+
+def write_folder(folder: Path, model, tokenizer, record: dict, store, name: str) -> None:
+    """Write a pruned (or healed) model folder: the model as plain transformers loads it right, its tokenizer, its
+    manifest `record`, and its model card with what `store` holds of it (`name`: the folder's own, where `folder`
+    is a staging folder)."""
+    save(model, folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    (folder / MANIFEST).write_text(json.dumps(record, indent=2) + "\n")
+    write_card(folder, record, store.evals(), name=name)
 
 
 def manifest(path: str | os.PathLike) -> dict:
